@@ -1,0 +1,1151 @@
+// SPDX-License-Identifier: GPL-2.0
+/*
+ * vmlab-guest-agent: runs inside the KVM guest, maps BAR2 of the ivshmem
+ * device (or a regular file with --path) and reads / writes / watches the
+ * vmlab page stamps (vmlab_stamp.h).  Every command prints exactly one JSON
+ * object on stdout (watch: one per line).
+ *
+ * Exit status: 0 ok, 1 error (one line on stderr), 2 usage error,
+ * 3 SIGBUS/SIGSEGV while touching the mapping ({"error": "SIGBUS", ...}).
+ *
+ * Build: gcc -static -O2 -Wall -Wextra -Werror \
+ *          -I host-tools/vmlab-exporter/include/uapi \
+ *          -o vmlab-guest-agent guest-images/agent/vmlab-guest-agent.c
+ */
+#define _GNU_SOURCE
+#include <dirent.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <inttypes.h>
+#include <setjmp.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/mount.h>
+#include <sys/stat.h>
+#include <sys/types.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "vmlab_stamp.h"
+
+#define AGENT_VERSION 1
+#define PAGE VMLAB_STAMP_PAGE_SIZE
+#define PCI_DIR "/sys/bus/pci/devices"
+#define DEBUGFS "/sys/kernel/debug"
+#define PAT_LIST DEBUGFS "/x86/pat_memtype_list"
+#define IVSHMEM_VENDOR 0x1af4
+#define IVSHMEM_DEVICE 0x1110
+
+/* ------------------------------------------------------------------ */
+/* errors and JSON helpers                                             */
+
+static const char *g_cmd = "";
+
+static void __attribute__((noreturn, format(printf, 1, 2))) die(const char *fmt, ...)
+{
+	va_list ap;
+	char buf[1024];
+	char *p;
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	for (p = buf; *p; p++) /* keep it one line */
+		if (*p == '\n' || *p == '\r')
+			*p = ' ';
+	fflush(stdout);
+	fprintf(stderr, "vmlab-guest-agent: %s\n", buf);
+	exit(1);
+}
+
+static void __attribute__((noreturn, format(printf, 1, 2))) usage(const char *fmt, ...)
+{
+	va_list ap;
+	char buf[1024];
+
+	va_start(ap, fmt);
+	vsnprintf(buf, sizeof(buf), fmt, ap);
+	va_end(ap);
+	fprintf(stderr, "vmlab-guest-agent: usage: %s (commands: find map read write watch "
+		"vectors pat version; options: --path FILE --device BDF --caching wb|wc|uc "
+		"--first I --count N --tag T --duration S --interval-us U --pages I,J; pat: --phys ADDR --pat-file FILE)\n", buf);
+	exit(2);
+}
+
+static void json_str(FILE *f, const char *s)
+{
+	const unsigned char *p = (const unsigned char *)s;
+
+	if (!s) {
+		fputs("null", f);
+		return;
+	}
+	fputc('"', f);
+	for (; *p; p++) {
+		switch (*p) {
+		case '"': fputs("\\\"", f); break;
+		case '\\': fputs("\\\\", f); break;
+		case '\n': fputs("\\n", f); break;
+		case '\r': fputs("\\r", f); break;
+		case '\t': fputs("\\t", f); break;
+		default:
+			if (*p < 0x20)
+				fprintf(f, "\\u%04x", *p);
+			else
+				fputc(*p, f);
+		}
+	}
+	fputc('"', f);
+}
+
+static uint64_t now_ns(void)
+{
+	struct timespec ts;
+
+	clock_gettime(CLOCK_MONOTONIC, &ts);
+	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+}
+
+/* ------------------------------------------------------------------ */
+/* SIGBUS / SIGSEGV while touching the mapping                         */
+
+static sigjmp_buf g_fault_jb;
+static volatile sig_atomic_t g_fault_armed;
+static volatile sig_atomic_t g_fault_sig;
+static volatile long g_cur_page = -1;
+
+static void fault_handler(int sig)
+{
+	if (g_fault_armed) {
+		g_fault_sig = sig;
+		siglongjmp(g_fault_jb, 1);
+	}
+	signal(sig, SIG_DFL);
+	raise(sig);
+}
+
+static void install_fault_handler(void)
+{
+	struct sigaction sa;
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = fault_handler;
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGBUS, &sa, NULL);
+	sigaction(SIGSEGV, &sa, NULL);
+}
+
+/* Called after siglongjmp: report the fault as the command's JSON result. */
+static void __attribute__((noreturn)) report_fault(int with_time)
+{
+	g_fault_armed = 0;
+	printf("{\"error\": \"%s\", \"page\": %ld", g_fault_sig == SIGSEGV ? "SIGSEGV" : "SIGBUS",
+	       (long)g_cur_page);
+	if (with_time)
+		printf(", \"t_ns\": %" PRIu64, now_ns());
+	printf("}\n");
+	fflush(stdout);
+	exit(3);
+}
+
+/*
+ * Run fn(arg) with the fault handler armed.  The work happens in fn, so no
+ * local of this frame changes after sigsetjmp (nothing for longjmp to clobber);
+ * a fault ends the program through report_fault().
+ */
+static void run_guarded(void (*fn)(void *), void *arg, int with_time)
+{
+	if (sigsetjmp(g_fault_jb, 1))
+		report_fault(with_time);
+	g_fault_armed = 1;
+	fn(arg);
+	g_fault_armed = 0;
+}
+
+/* ------------------------------------------------------------------ */
+/* options                                                             */
+
+enum caching { CACHE_UC, CACHE_WC, CACHE_WB };
+static const char *const caching_names[] = { "uc", "wc", "wb" };
+
+struct opts {
+	const char *path;
+	const char *device;
+	enum caching caching;
+	int have_first, have_count, have_tag, have_duration, have_interval;
+	uint64_t first, count, tag, interval_us;
+	double duration;
+	const char *pages;
+	const char *vector_file;
+	int have_phys;          /* pat --phys ADDR: also show the matching line */
+	uint64_t phys;
+	const char *pat_file;   /* pat --pat-file FILE: parse FILE (tests) */
+};
+
+static uint64_t parse_u64(const char *opt, const char *s)
+{
+	char *end;
+	unsigned long long v;
+
+	if (!s || !*s || *s == '-')
+		usage("%s needs a non-negative integer", opt);
+	errno = 0;
+	v = strtoull(s, &end, 0);
+	if (errno || *end)
+		usage("bad value for %s: '%s'", opt, s);
+	return v;
+}
+
+static void parse_opts(int argc, char **argv, struct opts *o)
+{
+	int i;
+
+	memset(o, 0, sizeof(*o));
+	o->caching = CACHE_UC;
+	o->interval_us = 1000;
+	for (i = 2; i < argc; i++) {
+		const char *a = argv[i];
+		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
+
+		if (a[0] != '-' || a[1] != '-') {
+			if (!strcmp(g_cmd, "vectors") && !o->vector_file) {
+				o->vector_file = a;
+				continue;
+			}
+			usage("unexpected argument '%s'", a);
+		}
+		{
+			static const char *const known[] = {
+				"--path", "--device", "--caching", "--first", "--count", "--tag",
+				"--interval-us", "--duration", "--pages", "--phys", "--pat-file",
+			};
+			size_t k;
+
+			for (k = 0; k < sizeof(known) / sizeof(known[0]); k++)
+				if (!strcmp(a, known[k]))
+					break;
+			if (k == sizeof(known) / sizeof(known[0]))
+				usage("unknown option '%s'", a);
+		}
+		if (!v)
+			usage("option %s needs a value", a);
+		if (!strcmp(a, "--path")) {
+			o->path = v;
+		} else if (!strcmp(a, "--device")) {
+			o->device = v;
+		} else if (!strcmp(a, "--caching")) {
+			if (!strcmp(v, "uc"))
+				o->caching = CACHE_UC;
+			else if (!strcmp(v, "wc"))
+				o->caching = CACHE_WC;
+			else if (!strcmp(v, "wb"))
+				o->caching = CACHE_WB;
+			else
+				usage("--caching must be wb, wc or uc, not '%s'", v);
+		} else if (!strcmp(a, "--first")) {
+			o->first = parse_u64(a, v);
+			o->have_first = 1;
+		} else if (!strcmp(a, "--count")) {
+			o->count = parse_u64(a, v);
+			o->have_count = 1;
+		} else if (!strcmp(a, "--tag")) {
+			o->tag = parse_u64(a, v);
+			o->have_tag = 1;
+		} else if (!strcmp(a, "--interval-us")) {
+			o->interval_us = parse_u64(a, v);
+			o->have_interval = 1;
+		} else if (!strcmp(a, "--duration")) {
+			char *end;
+
+			errno = 0;
+			o->duration = strtod(v, &end);
+			if (errno || *end || !*v || !(o->duration >= 0) || o->duration > 1e7)
+				usage("bad value for --duration: '%s'", v);
+			o->have_duration = 1;
+		} else if (!strcmp(a, "--pages")) {
+			o->pages = v;
+		} else if (!strcmp(a, "--phys")) {
+			o->phys = parse_u64(a, v);
+			o->have_phys = 1;
+		} else if (!strcmp(a, "--pat-file")) {
+			o->pat_file = v;
+		} else {
+			usage("unknown option '%s'", a);
+		}
+		i++;
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* sysfs / PCI                                                         */
+
+static int read_file_str(const char *path, char *buf, size_t n)
+{
+	int fd = open(path, O_RDONLY | O_CLOEXEC);
+	ssize_t r;
+
+	if (fd < 0)
+		return -1;
+	r = read(fd, buf, n - 1);
+	close(fd);
+	if (r < 0)
+		return -1;
+	buf[r] = 0;
+	return 0;
+}
+
+static int read_hex_file(const char *path, unsigned long *v)
+{
+	char buf[64];
+
+	if (read_file_str(path, buf, sizeof(buf)))
+		return -1;
+	*v = strtoul(buf, NULL, 0);
+	return 0;
+}
+
+struct dev {
+	char bdf[256];
+	uint64_t phys, size;
+	int has_wc;
+};
+
+static int is_ivshmem(const char *bdf)
+{
+	char p[512];
+	unsigned long ven, dev;
+
+	snprintf(p, sizeof(p), PCI_DIR "/%s/vendor", bdf);
+	if (read_hex_file(p, &ven))
+		return 0;
+	snprintf(p, sizeof(p), PCI_DIR "/%s/device", bdf);
+	if (read_hex_file(p, &dev))
+		return 0;
+	return ven == IVSHMEM_VENDOR && dev == IVSHMEM_DEVICE;
+}
+
+static int cmp_str(const void *a, const void *b)
+{
+	return strcmp(*(char *const *)a, *(char *const *)b);
+}
+
+static void find_device(const struct opts *o, struct dev *d)
+{
+	char p[512], line[512];
+	FILE *f;
+	int i;
+	unsigned long long start = 0, end = 0, flags = 0;
+
+	memset(d, 0, sizeof(*d));
+	if (o->device) {
+		struct stat st;
+
+		if (strchr(o->device, '/'))
+			die("bad --device '%s' (want a PCI address like 0000:00:04.0)", o->device);
+		snprintf(d->bdf, sizeof(d->bdf), "%s", o->device);
+		snprintf(p, sizeof(p), PCI_DIR "/%s", d->bdf);
+		if (stat(p, &st))
+			die("PCI device %s: %s", p, strerror(errno));
+	} else {
+		DIR *dir = opendir(PCI_DIR);
+		struct dirent *de;
+		char *names[1024];
+		int n = 0, found = 0;
+
+		if (!dir)
+			die("cannot open %s: %s", PCI_DIR, strerror(errno));
+		while ((de = readdir(dir)) && n < 1024) {
+			if (de->d_name[0] == '.')
+				continue;
+			names[n++] = strdup(de->d_name);
+		}
+		closedir(dir);
+		qsort(names, n, sizeof(names[0]), cmp_str);
+		for (i = 0; i < n; i++) {
+			if (!found && is_ivshmem(names[i])) {
+				snprintf(d->bdf, sizeof(d->bdf), "%s", names[i]);
+				found = 1;
+			}
+			free(names[i]);
+		}
+		if (!found)
+			die("no ivshmem device (%04x:%04x) in %s", IVSHMEM_VENDOR, IVSHMEM_DEVICE,
+			    PCI_DIR);
+	}
+	snprintf(p, sizeof(p), PCI_DIR "/%s/resource", d->bdf);
+	f = fopen(p, "re");
+	if (!f)
+		die("cannot open %s: %s", p, strerror(errno));
+	for (i = 0; i < 3; i++) {
+		if (!fgets(line, sizeof(line), f)) {
+			fclose(f);
+			die("%s has no line for BAR2", p);
+		}
+	}
+	fclose(f);
+	if (sscanf(line, "%llx %llx %llx", &start, &end, &flags) != 3)
+		die("cannot parse BAR2 line of %s: '%s'", p, line);
+	if (!start || end < start)
+		die("BAR2 of %s is not assigned (resource line '%.60s')", d->bdf, line);
+	d->phys = start;
+	d->size = end - start + 1;
+	snprintf(p, sizeof(p), PCI_DIR "/%s/resource2_wc", d->bdf);
+	d->has_wc = access(p, F_OK) == 0;
+}
+
+static void enable_device(const struct dev *d)
+{
+	char p[512], buf[16];
+	int fd;
+
+	snprintf(p, sizeof(p), PCI_DIR "/%s/enable", d->bdf);
+	if (read_file_str(p, buf, sizeof(buf)))
+		die("cannot read %s: %s", p, strerror(errno));
+	if (buf[0] != '0')
+		return;
+	fd = open(p, O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("cannot open %s to enable the device: %s", p, strerror(errno));
+	if (write(fd, "1", 1) != 1) {
+		int e = errno;
+
+		close(fd);
+		die("cannot write 1 to %s: %s", p, strerror(e));
+	}
+	close(fd);
+}
+
+/* ------------------------------------------------------------------ */
+/* mapping                                                             */
+
+struct mapping {
+	volatile uint8_t *base;
+	uint64_t size, pages;
+	int is_file;
+	struct dev dev;
+	const char *what; /* file that was mapped */
+	char what_buf[512];
+};
+
+static void map_buffer(const struct opts *o, struct mapping *m)
+{
+	int fd;
+	void *p;
+	off_t off = 0;
+
+	memset(m, 0, sizeof(*m));
+	if (o->path) {
+		struct stat st;
+
+		m->is_file = 1;
+		m->what = o->path;
+		fd = open(o->path, O_RDWR | O_CLOEXEC);
+		if (fd < 0)
+			die("cannot open %s: %s", o->path, strerror(errno));
+		if (fstat(fd, &st))
+			die("fstat %s: %s", o->path, strerror(errno));
+		if (st.st_size <= 0 || st.st_size % PAGE)
+			die("%s: size %lld is not a positive multiple of %u", o->path,
+			    (long long)st.st_size, PAGE);
+		m->size = (uint64_t)st.st_size;
+	} else {
+		find_device(o, &m->dev);
+		m->size = m->dev.size;
+		if (m->size < PAGE || m->size % PAGE)
+			die("BAR2 of %s has size %" PRIu64 ", not a multiple of %u", m->dev.bdf,
+			    m->size, PAGE);
+		enable_device(&m->dev);
+		switch (o->caching) {
+		case CACHE_UC:
+			snprintf(m->what_buf, sizeof(m->what_buf), PCI_DIR "/%s/resource2",
+				 m->dev.bdf);
+			break;
+		case CACHE_WC:
+			snprintf(m->what_buf, sizeof(m->what_buf), PCI_DIR "/%s/resource2_wc",
+				 m->dev.bdf);
+			if (access(m->what_buf, F_OK))
+				die("%s does not exist (BAR2 not prefetchable?): wc mapping "
+				    "impossible", m->what_buf);
+			break;
+		case CACHE_WB:
+			snprintf(m->what_buf, sizeof(m->what_buf), "/dev/mem");
+			off = (off_t)m->dev.phys;
+			break;
+		}
+		m->what = m->what_buf;
+		/* /dev/mem deliberately without O_SYNC: x86 then gives WB for non-RAM */
+		fd = open(m->what, O_RDWR | O_CLOEXEC);
+		if (fd < 0)
+			die("cannot open %s: %s", m->what, strerror(errno));
+	}
+	m->pages = m->size / PAGE;
+	p = mmap(NULL, m->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off);
+	if (p == MAP_FAILED) {
+		int e = errno;
+
+		if (o->caching == CACHE_WB && !m->is_file)
+			die("mmap /dev/mem at 0x%" PRIx64 " size %" PRIu64 " failed: errno %d (%s)",
+			    m->dev.phys, m->size, e, strerror(e));
+		die("mmap %s size %" PRIu64 " failed: errno %d (%s)", m->what, m->size, e,
+		    strerror(e));
+	}
+	close(fd);
+	m->base = (volatile uint8_t *)p;
+}
+
+static void unmap_buffer(struct mapping *m)
+{
+	if (m->base)
+		munmap((void *)m->base, m->size);
+	m->base = NULL;
+}
+
+/* 8-byte volatile loads only: no SSE/AVX string ops on UC/WC memory. */
+static void copy_words(void *dst, const volatile uint8_t *src, size_t bytes)
+{
+	const volatile uint64_t *s = (const volatile uint64_t *)src;
+	uint8_t *d = (uint8_t *)dst;
+	size_t i;
+
+	/* memcpy of each word: the store may alias any type (no TBAA surprises) */
+	for (i = 0; i < bytes / 8; i++) {
+		uint64_t v = s[i];
+
+		memcpy(d + 8 * i, &v, 8);
+	}
+}
+
+/* ------------------------------------------------------------------ */
+/* PAT memtype list                                                    */
+
+static void ensure_debugfs(void)
+{
+	if (access(PAT_LIST, F_OK) == 0)
+		return;
+	if (mount("debugfs", DEBUGFS, "debugfs", 0, NULL) && errno != EBUSY)
+		die("mount debugfs at %s: %s", DEBUGFS, strerror(errno));
+}
+
+struct memtype {
+	char type[64];
+	char line[256];
+	int found;
+};
+
+/* Parse "PAT: [mem 0x...-0x...] type" */
+static int parse_pat_line(const char *line, unsigned long long *s, unsigned long long *e,
+			  const char **type)
+{
+	const char *p = strstr(line, "[mem ");
+	const char *q;
+	char *end;
+
+	if (!p)
+		return -1;
+	p += 5;
+	*s = strtoull(p, &end, 16);
+	if (*end != '-')
+		return -1;
+	*e = strtoull(end + 1, &end, 16);
+	if (*end != ']')
+		return -1;
+	q = end + 1;
+	while (*q == ' ' || *q == '\t')
+		q++;
+	*type = q;
+	return 0;
+}
+
+static void chomp(char *s)
+{
+	size_t n = strlen(s);
+
+	while (n && (s[n - 1] == '\n' || s[n - 1] == '\r' || s[n - 1] == ' '))
+		s[--n] = 0;
+}
+
+static void lookup_memtype(uint64_t phys, struct memtype *mt, const char *list)
+{
+	FILE *f;
+	char line[256];
+
+	memset(mt, 0, sizeof(*mt));
+	snprintf(mt->type, sizeof(mt->type), "unknown");
+	if (!list) {
+		ensure_debugfs();
+		list = PAT_LIST;
+	}
+	f = fopen(list, "re");
+	if (!f)
+		die("cannot open %s: %s", list, strerror(errno));
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long long s, e;
+		const char *type;
+
+		chomp(line);
+		if (parse_pat_line(line, &s, &e, &type))
+			continue;
+		/* the kernel prints [start-end) with end exclusive */
+		if (phys >= s && (phys < e || (e == s && phys == s))) {
+			snprintf(mt->type, sizeof(mt->type), "%s", type);
+			snprintf(mt->line, sizeof(mt->line), "%s", line);
+			mt->found = 1;
+			break;
+		}
+	}
+	fclose(f);
+}
+
+/* memtype for the JSON: "n/a" for --path, else from the PAT list (while mapped). */
+static void mapping_memtype(const struct mapping *m, struct memtype *mt)
+{
+	if (m->is_file) {
+		memset(mt, 0, sizeof(*mt));
+		snprintf(mt->type, sizeof(mt->type), "n/a");
+		return;
+	}
+	lookup_memtype(m->dev.phys, mt, NULL);
+}
+
+/* ------------------------------------------------------------------ */
+/* commands                                                            */
+
+static const char *status_name(int st)
+{
+	switch (st) {
+	case VMLAB_STAMP_OK: return "ok";
+	case VMLAB_STAMP_BAD_MAGIC: return "bad_magic";
+	case VMLAB_STAMP_BAD_CSUM: return "bad_csum";
+	case VMLAB_STAMP_BAD_PATTERN: return "bad_pattern";
+	}
+	return "unknown";
+}
+
+static void page_range(const struct opts *o, const struct mapping *m, uint64_t *first,
+		       uint64_t *count)
+{
+	*first = o->have_first ? o->first : 0;
+	if (*first >= m->pages)
+		die("--first %" PRIu64 " is beyond the last page (%" PRIu64 " pages)", *first,
+		    m->pages);
+	*count = o->have_count ? o->count : m->pages - *first;
+	if (*count > m->pages - *first)
+		die("--first %" PRIu64 " --count %" PRIu64 " exceeds %" PRIu64 " pages", *first,
+		    *count, m->pages);
+}
+
+static int cmd_version(const struct opts *o)
+{
+	(void)o;
+	printf("{\"agent\": \"vmlab-guest-agent\", \"version\": %d}\n", AGENT_VERSION);
+	return 0;
+}
+
+static int cmd_find(const struct opts *o)
+{
+	struct dev d;
+
+	if (o->path)
+		usage("find looks for the PCI device; --path makes no sense here");
+	find_device(o, &d);
+	printf("{\"bdf\": ");
+	json_str(stdout, d.bdf);
+	printf(", \"bar2_phys\": \"0x%" PRIx64 "\", \"bar2_size\": %" PRIu64
+	       ", \"resource2_wc\": %s}\n", d.phys, d.size, d.has_wc ? "true" : "false");
+	return 0;
+}
+
+static void print_phys(const struct mapping *m)
+{
+	if (m->is_file)
+		printf("null");
+	else
+		printf("\"0x%" PRIx64 "\"", m->dev.phys);
+}
+
+static void touch_first(void *arg)
+{
+	const struct mapping *m = arg;
+	uint64_t w;
+
+	g_cur_page = 0;
+	w = *(const volatile uint64_t *)m->base;
+	(void)w;
+}
+
+static int cmd_map(const struct opts *o)
+{
+	struct mapping m;
+	struct memtype mt;
+
+	map_buffer(o, &m);
+	install_fault_handler();
+	run_guarded(touch_first, &m, 0);
+	mapping_memtype(&m, &mt);
+	printf("{\"caching\": \"%s\", \"memtype\": ", caching_names[o->caching]);
+	json_str(stdout, mt.type);
+	printf(", \"pat_line\": ");
+	json_str(stdout, mt.found ? mt.line : NULL);
+	printf(", \"bar2_phys\": ");
+	print_phys(&m);
+	printf(", \"size\": %" PRIu64, m.size);
+	if (m.is_file) {
+		printf(", \"path\": ");
+		json_str(stdout, m.what);
+	} else {
+		printf(", \"bdf\": ");
+		json_str(stdout, m.dev.bdf);
+	}
+	printf("}\n");
+	unmap_buffer(&m);
+	return 0;
+}
+
+struct record {
+	uint64_t index, buffer_id, generation, page_index, tag;
+	int status;
+	unsigned state;
+};
+
+struct sum_entry {
+	int status;
+	uint64_t generation;
+	unsigned state;
+	uint64_t count;
+};
+
+struct read_ctx {
+	const struct mapping *m;
+	uint64_t first, count, read_ns;
+	struct record *rec;
+};
+
+static void read_pages(void *arg)
+{
+	static uint64_t page[PAGE / 8];
+	struct read_ctx *c = arg;
+	const struct mapping *m = c->m;
+	struct record *rec = c->rec;
+	uint64_t first = c->first, i, read_ns = 0;
+
+	for (i = 0; i < c->count; i++) {
+		struct vmlab_stamp_hdr hh;
+		uint64_t t0, t1;
+
+		g_cur_page = (long)(first + i);
+		t0 = now_ns();
+		copy_words(page, m->base + (first + i) * PAGE, PAGE);
+		t1 = now_ns();
+		read_ns += t1 - t0;
+		rec[i].index = first + i;
+		rec[i].status = vmlab_stamp_check(page);
+		memcpy(&hh, page, sizeof(hh));
+		rec[i].buffer_id = hh.buffer_id;
+		rec[i].generation = hh.generation;
+		rec[i].page_index = hh.page_index;
+		rec[i].state = hh.state;
+		memcpy(&rec[i].tag, (const uint8_t *)page + VMLAB_STAMP_GUEST_OFF, 8);
+	}
+	c->read_ns = read_ns;
+}
+
+static int cmd_read(const struct opts *o)
+{
+	struct mapping m;
+	struct memtype mt;
+	struct record *rec;
+	struct sum_entry *sum = NULL;
+	size_t nsum = 0, capsum = 0, j;
+	uint64_t first, count, i;
+	struct read_ctx c;
+
+	map_buffer(o, &m);
+	page_range(o, &m, &first, &count);
+	rec = calloc(count ? count : 1, sizeof(*rec));
+	if (!rec)
+		die("out of memory for %" PRIu64 " records", count);
+	install_fault_handler();
+	c.m = &m;
+	c.first = first;
+	c.count = count;
+	c.rec = rec;
+	c.read_ns = 0;
+	run_guarded(read_pages, &c, 0);
+	mapping_memtype(&m, &mt);
+
+	for (i = 0; i < count; i++) {
+		for (j = 0; j < nsum; j++)
+			if (sum[j].status == rec[i].status &&
+			    sum[j].generation == rec[i].generation && sum[j].state == rec[i].state)
+				break;
+		if (j == nsum) {
+			if (nsum == capsum) {
+				capsum = capsum ? 2 * capsum : 16;
+				sum = realloc(sum, capsum * sizeof(*sum));
+				if (!sum)
+					die("out of memory");
+			}
+			sum[nsum].status = rec[i].status;
+			sum[nsum].generation = rec[i].generation;
+			sum[nsum].state = rec[i].state;
+			sum[nsum].count = 0;
+			nsum++;
+		}
+		sum[j].count++;
+	}
+
+	printf("{\"caching\": \"%s\", \"memtype\": ", caching_names[o->caching]);
+	json_str(stdout, mt.type);
+	printf(", \"bar2_phys\": ");
+	print_phys(&m);
+	printf(", \"first\": %" PRIu64 ", \"pages\": %" PRIu64 ", \"records\": [", first, count);
+	for (i = 0; i < count; i++)
+		printf("%s[%" PRIu64 ", \"%s\", %" PRIu64 ", %" PRIu64 ", %" PRIu64 ", %u, %" PRIu64
+		       "]", i ? ", " : "", rec[i].index, status_name(rec[i].status),
+		       rec[i].buffer_id, rec[i].generation, rec[i].page_index, rec[i].state,
+		       rec[i].tag);
+	printf("], \"summary\": {");
+	for (j = 0; j < nsum; j++)
+		printf("%s\"%s/%" PRIu64 "/%u\": %" PRIu64, j ? ", " : "",
+		       status_name(sum[j].status), sum[j].generation, sum[j].state, sum[j].count);
+	printf("}, \"read_ns\": %" PRIu64 "}\n", c.read_ns);
+	free(rec);
+	free(sum);
+	unmap_buffer(&m);
+	return 0;
+}
+
+struct write_ctx {
+	const struct mapping *m;
+	uint64_t first, count, tag, bad;
+};
+
+static void write_pages(void *arg)
+{
+	struct write_ctx *c = arg;
+	volatile uint8_t *base = c->m->base;
+	uint64_t i, bad = 0;
+
+	for (i = c->first; i < c->first + c->count; i++) {
+		g_cur_page = (long)i;
+		*(volatile uint64_t *)(base + i * PAGE + VMLAB_STAMP_GUEST_OFF) = c->tag;
+	}
+	__sync_synchronize();
+	for (i = c->first; i < c->first + c->count; i++) {
+		g_cur_page = (long)i;
+		if (*(const volatile uint64_t *)(base + i * PAGE + VMLAB_STAMP_GUEST_OFF) != c->tag)
+			bad++;
+	}
+	c->bad = bad;
+}
+
+static int cmd_write(const struct opts *o)
+{
+	struct mapping m;
+	uint64_t first, count, bad;
+	struct write_ctx c;
+
+	if (!o->have_tag)
+		usage("write needs --tag T");
+	map_buffer(o, &m);
+	page_range(o, &m, &first, &count);
+	install_fault_handler();
+	c.m = &m;
+	c.first = first;
+	c.count = count;
+	c.tag = o->tag;
+	c.bad = 0;
+	run_guarded(write_pages, &c, 0);
+	bad = c.bad;
+	if (m.is_file && msync((void *)m.base, m.size, MS_SYNC))
+		die("msync %s: %s", m.what, strerror(errno));
+	printf("{\"written\": %" PRIu64 ", \"tag\": %" PRIu64 ", \"readback_ok\": %s", count,
+	       o->tag, bad ? "false" : "true");
+	if (bad)
+		printf(", \"readback_bad\": %" PRIu64, bad);
+	printf("}\n");
+	unmap_buffer(&m);
+	return 0;
+}
+
+static volatile sig_atomic_t g_stop;
+
+static void stop_handler(int sig)
+{
+	(void)sig;
+	g_stop = 1;
+}
+
+struct watched {
+	uint64_t page;
+	int seen;
+	uint64_t hdr[8];
+	uint64_t generation;
+	unsigned state;
+	int status;
+};
+
+struct watch_ctx {
+	const struct mapping *m;
+	struct watched *w;
+	size_t nw;
+	struct timespec iv;
+	uint64_t interval_us, t_end, reads;
+};
+
+static void watch_loop(void *arg)
+{
+	static uint64_t full[PAGE / 8];
+	struct watch_ctx *c = arg;
+	const struct mapping *m = c->m;
+	size_t k;
+
+	for (;;) {
+		for (k = 0; k < c->nw && !g_stop; k++) {
+			struct watched *x = &c->w[k];
+			const volatile uint8_t *pg = m->base + x->page * PAGE;
+			struct vmlab_stamp_hdr hh, *h = &hh;
+			uint64_t hdr[8], t;
+			int status;
+
+			g_cur_page = (long)x->page;
+			copy_words(hdr, pg, sizeof(hdr));
+			t = now_ns();
+			c->reads++;
+			/*
+			 * The full check (checksum + pattern) reruns only when the header
+			 * changed or the last status was not ok, so a torn rewrite is
+			 * followed until it settles.
+			 */
+			if (x->seen && !memcmp(hdr, x->hdr, sizeof(hdr)) &&
+			    x->status == VMLAB_STAMP_OK)
+				continue;
+			copy_words(full, pg, PAGE);
+			memcpy(full, hdr, sizeof(hdr)); /* status describes this header */
+			status = vmlab_stamp_check(full);
+			memcpy(x->hdr, hdr, sizeof(hdr));
+			memcpy(&hh, hdr, sizeof(hh));
+			if (x->seen && h->generation == x->generation && h->state == x->state &&
+			    status == x->status)
+				continue;
+			x->seen = 1;
+			x->generation = h->generation;
+			x->state = h->state;
+			x->status = status;
+			printf("{\"t_ns\": %" PRIu64 ", \"page\": %" PRIu64 ", \"generation\": %" PRIu64
+			       ", \"state\": %u, \"status\": \"%s\"}\n", t, x->page, x->generation,
+			       x->state, status_name(status));
+			fflush(stdout);
+		}
+		if (g_stop || now_ns() >= c->t_end)
+			break;
+		if (c->interval_us)
+			nanosleep(&c->iv, NULL);
+		if (g_stop || now_ns() >= c->t_end)
+			break;
+	}
+}
+
+static int cmd_watch(const struct opts *o)
+{
+	struct mapping m;
+	struct watched *w;
+	size_t nw = 0;
+	uint64_t t_start, t_end;
+	struct sigaction sa;
+	struct timespec iv;
+	struct watch_ctx c;
+
+	if (!o->have_duration)
+		usage("watch needs --duration SECONDS");
+	map_buffer(o, &m);
+	w = calloc(m.pages + 2, sizeof(*w));
+	if (!w)
+		die("out of memory");
+	if (o->pages) {
+		const char *p = o->pages;
+
+		while (*p) {
+			char *end;
+			unsigned long long v;
+
+			errno = 0;
+			if (*p < '0' || *p > '9')
+				usage("bad --pages '%s' (want I,J,K)", o->pages);
+			v = strtoull(p, &end, 0);
+			if (errno || (*end && *end != ','))
+				usage("bad --pages '%s' (want I,J,K)", o->pages);
+			if (v >= m.pages)
+				die("--pages: page %llu is beyond the last page (%" PRIu64 " pages)",
+				    v, m.pages);
+			if (nw >= m.pages + 2)
+				die("--pages: too many pages");
+			w[nw++].page = v;
+			p = *end ? end + 1 : end;
+		}
+		if (!nw)
+			usage("--pages is empty");
+	} else {
+		w[nw++].page = 0;
+		if (m.pages > 1)
+			w[nw++].page = m.pages - 1;
+	}
+
+	memset(&sa, 0, sizeof(sa));
+	sa.sa_handler = stop_handler; /* no SA_RESTART: nanosleep returns early */
+	sigemptyset(&sa.sa_mask);
+	sigaction(SIGTERM, &sa, NULL);
+	sigaction(SIGINT, &sa, NULL);
+	install_fault_handler();
+
+	iv.tv_sec = (time_t)(o->interval_us / 1000000u);
+	iv.tv_nsec = (long)(o->interval_us % 1000000u) * 1000;
+	t_start = now_ns();
+	t_end = t_start + (uint64_t)(o->duration * 1e9);
+	c.m = &m;
+	c.w = w;
+	c.nw = nw;
+	c.iv = iv;
+	c.interval_us = o->interval_us;
+	c.t_end = t_end;
+	c.reads = 0;
+	run_guarded(watch_loop, &c, 1);
+	printf("{\"done\": true, \"reads\": %" PRIu64 ", \"duration_ns\": %" PRIu64 "%s}\n", c.reads,
+	       now_ns() - t_start, g_stop ? ", \"signal\": true" : "");
+	fflush(stdout);
+	free(w);
+	unmap_buffer(&m);
+	return 0;
+}
+
+static int cmd_pat(const struct opts *o)
+{
+	const char *list = o->pat_file ? o->pat_file : PAT_LIST;
+	FILE *f;
+	char line[256];
+	int n = 0;
+
+	if (!o->pat_file)
+		ensure_debugfs();
+	f = fopen(list, "re");
+	if (!f)
+		die("cannot open %s: %s", list, strerror(errno));
+	if (o->have_phys) {
+		struct memtype mt;
+
+		lookup_memtype(o->phys, &mt, list);
+		printf("{\"phys\": \"0x%" PRIx64 "\", \"memtype\": ", o->phys);
+		json_str(stdout, mt.type);
+		printf(", \"pat_line\": ");
+		json_str(stdout, mt.found ? mt.line : NULL);
+		printf(", \"lines\": [");
+	} else {
+		printf("{\"lines\": [");
+	}
+	while (fgets(line, sizeof(line), f)) {
+		chomp(line);
+		if (!*line)
+			continue;
+		printf("%s", n++ ? ", " : "");
+		json_str(stdout, line);
+	}
+	fclose(f);
+	printf("]}\n");
+	return 0;
+}
+
+static uint64_t fnv1a64(const void *p, size_t n)
+{
+	const uint8_t *b = p;
+	uint64_t h = 0xcbf29ce484222325ull;
+
+	while (n--) {
+		h ^= *b++;
+		h *= 0x100000001b3ull;
+	}
+	return h;
+}
+
+static int cmd_vectors(const struct opts *o)
+{
+	static uint64_t page[PAGE / 8];
+	FILE *f;
+	char line[512];
+	unsigned long n = 0, failed = 0, lineno = 0;
+	unsigned long fl[64];
+	unsigned nfl = 0, i;
+
+	if (!o->vector_file)
+		usage("vectors needs FILE");
+	f = fopen(o->vector_file, "re");
+	if (!f)
+		die("cannot open %s: %s", o->vector_file, strerror(errno));
+	while (fgets(line, sizeof(line), f)) {
+		unsigned long long id, gen, idx, state, csum, h64;
+		char *p = line;
+		int ok;
+
+		lineno++;
+		while (*p == ' ' || *p == '\t')
+			p++;
+		if (*p == '#' || *p == '\n' || *p == '\r' || !*p)
+			continue;
+		n++;
+		memset(page, 0, sizeof(page));
+		if (sscanf(p, "%llx %llx %llx %llx %llx %llx", &id, &gen, &idx, &state, &csum,
+			   &h64) != 6 || state > 0xffff) {
+			ok = 0;
+		} else {
+			vmlab_stamp_page(page, id, gen, idx, (vmlab_u16)state);
+			ok = vmlab_stamp_checksum(page) == csum &&
+			     ((const struct vmlab_stamp_hdr *)page)->checksum == csum &&
+			     fnv1a64(page, VMLAB_STAMP_GUEST_OFF) == h64 &&
+			     vmlab_stamp_check(page) == VMLAB_STAMP_OK;
+		}
+		if (!ok) {
+			failed++;
+			if (nfl < 64)
+				fl[nfl++] = lineno;
+		}
+	}
+	fclose(f);
+	printf("{\"vectors\": %lu, \"failed\": %lu, \"failed_lines\": [", n, failed);
+	for (i = 0; i < nfl; i++)
+		printf("%s%lu", i ? ", " : "", fl[i]);
+	printf("]}\n");
+	if (!n)
+		die("no vectors in %s", o->vector_file);
+	if (failed)
+		die("%lu of %lu vectors failed in %s", failed, n, o->vector_file);
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	struct opts o;
+	static const struct {
+		const char *name;
+		int (*fn)(const struct opts *);
+	} cmds[] = {
+		{ "find", cmd_find }, { "map", cmd_map }, { "read", cmd_read },
+		{ "write", cmd_write }, { "watch", cmd_watch }, { "vectors", cmd_vectors },
+		{ "pat", cmd_pat }, { "version", cmd_version },
+	};
+	size_t i;
+
+	if (argc < 2)
+		usage("missing command");
+	g_cmd = argv[1];
+	for (i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
+		if (!strcmp(argv[1], cmds[i].name)) {
+			parse_opts(argc, argv, &o);
+			return cmds[i].fn(&o);
+		}
+	}
+	usage("unknown command '%s'", argv[1]);
+}

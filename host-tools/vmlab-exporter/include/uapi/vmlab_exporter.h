@@ -1,0 +1,127 @@
+/* SPDX-License-Identifier: GPL-2.0 WITH Linux-syscall-note */
+/*
+ * /dev/vmlab-exporter: a dma-buf exporter that can be told to move a live
+ * buffer.  Every ioctl, struct and constant of the interface is here and only
+ * here; vmlab/exporter_uapi.py mirrors it and a test compares the two.
+ *
+ * All structs are fixed-size, naturally aligned, without implicit padding.
+ * Every "flags"/"pad" field must be zero on input (-EINVAL otherwise) so it
+ * can gain meaning later.
+ */
+#ifndef _UAPI_VMLAB_EXPORTER_H
+#define _UAPI_VMLAB_EXPORTER_H
+
+#include <linux/ioctl.h>
+#include <linux/types.h>
+
+#define VMLAB_EXPORTER_ABI_VERSION 1
+
+/* caching */
+#define VMLAB_CACHING_WB   0
+#define VMLAB_CACHING_WC   1
+#define VMLAB_CACHING_UC   2
+#define VMLAB_CACHING_KEEP 0xffffffffu  /* MOVE: keep the current caching */
+
+/* VM_PROT values of the 2022 DMA_BUF_IOCTL_INFO / DMA_BUF_INFO_VM_PROT proposal, plus UC */
+#define VMLAB_VM_PROT_WC     0
+#define VMLAB_VM_PROT_CACHED 1
+#define VMLAB_VM_PROT_UC     2
+
+/* alloc */
+#define VMLAB_ALLOC_ORDER0      0  /* one order-0 page at a time */
+#define VMLAB_ALLOC_COMPOUND    1  /* high-order, __GFP_COMP (folios) */
+#define VMLAB_ALLOC_NONCOMPOUND 2  /* high-order without __GFP_COMP, as TTM pools */
+
+/* move modes */
+#define VMLAB_MOVE_MIGRATE        1  /* new pages, copy, gen+1, zap, quarantine old */
+#define VMLAB_MOVE_MIGRATE_NO_ZAP 2  /* the same without the zap: negative control */
+#define VMLAB_MOVE_ZAP_ONLY       3  /* zap every mapping, keep the pages */
+
+/* page_cache_mode values as reported in memtype fields (x86 enum page_cache_mode) */
+#define VMLAB_MEMTYPE_WB       0
+#define VMLAB_MEMTYPE_WC       1
+#define VMLAB_MEMTYPE_UC_MINUS 2
+#define VMLAB_MEMTYPE_UC       3
+#define VMLAB_MEMTYPE_WT       4
+#define VMLAB_MEMTYPE_WP       5
+#define VMLAB_MEMTYPE_UNKNOWN  0xffffffffu
+
+/* create flags */
+#define VMLAB_CREATE_CLOEXEC 0x1u  /* dma-buf fd gets O_CLOEXEC */
+#define VMLAB_CREATE_FLAGS_ALL (VMLAB_CREATE_CLOEXEC)
+
+struct vmlab_create {
+	__u64 size;     /* in: bytes, power of two, multiple of PAGE_SIZE, <= max_buffer_mb */
+	__u32 caching;  /* in: VMLAB_CACHING_{WB,WC,UC} */
+	__u32 alloc;    /* in: VMLAB_ALLOC_* */
+	__u32 flags;    /* in: VMLAB_CREATE_* */
+	__s32 fd;       /* out: dma-buf fd */
+	__u64 id;       /* out: buffer id (> 0) */
+};
+
+struct vmlab_info {
+	__u64 id;          /* in */
+	__u64 pfns_ptr;    /* in: user pointer to __u64[pfns_count], or 0 */
+	__u64 pfns_count;  /* in: capacity of pfns_ptr; out: pages in the buffer */
+	__u32 flags;       /* in: must be 0 */
+	__u32 caching;     /* out: VMLAB_CACHING_* */
+	__u32 vm_prot;     /* out: VMLAB_VM_PROT_* */
+	__u32 alloc;       /* out: VMLAB_ALLOC_* */
+	__u64 size;        /* out */
+	__u64 generation;  /* out: starts at 1 */
+	__u64 faults;      /* out: fault-handler insertions */
+	__u64 zaps;        /* out: unmap_mapping_range calls */
+	__u64 moves;       /* out: completed MOVE ioctls of any mode */
+	__u64 mmaps;       /* out: mmap calls ever */
+	__u64 live_mappings;     /* out: VMAs currently open */
+	__u64 quarantined_pages; /* out: retired pages not yet freed */
+	__u64 stale_mapped;      /* out: 1 while a NO_ZAP move left old pages mapped */
+	__u64 module_pages;      /* out: pages the module holds, all buffers */
+};
+
+struct vmlab_move {
+	__u64 id;          /* in */
+	__u32 mode;        /* in: VMLAB_MOVE_* */
+	__u32 caching;     /* in: new caching for MIGRATE*, or VMLAB_CACHING_KEEP */
+	__u32 flags;       /* in: must be 0 */
+	__u32 pad;         /* in: must be 0 */
+	__u64 generation;  /* out: generation after the move */
+};
+
+struct vmlab_release_quarantine {
+	__u64 id;          /* in */
+	__u64 freed_pages; /* out */
+};
+
+/*
+ * Look up the PTE of a user address in the caller's own mm (a VM_PFNMAP
+ * mapping of a vmlab buffer), so the memtype the lab kernel really gave a
+ * host process's mapping is read, not assumed.
+ */
+struct vmlab_pte {
+	__u64 addr;     /* in: user virtual address in the caller */
+	__u32 flags;    /* in: must be 0 */
+	__u32 memtype;  /* out: VMLAB_MEMTYPE_* from the PTE's PAT bits */
+	__u64 pfn;      /* out */
+	__u64 pte;      /* out: raw PTE value */
+	__u64 pat_msr;  /* out: IA32_PAT of the CPU that answered */
+	__u64 page_memtype; /* out: memtype of the backing RAM page (linear map), VMLAB_MEMTYPE_* */
+};
+
+struct vmlab_abi {
+	__u32 abi_version;   /* out: VMLAB_EXPORTER_ABI_VERSION */
+	__u32 page_size;     /* out */
+	__u64 max_buffer_bytes; /* out: current module parameter limit */
+	__u32 sizeof_create, sizeof_info, sizeof_move, sizeof_release, sizeof_pte, sizeof_abi;
+};
+
+#define VMLAB_IOC_MAGIC 0xb7
+
+#define VMLAB_IOC_ABI                _IOR(VMLAB_IOC_MAGIC, 0x00, struct vmlab_abi)
+#define VMLAB_IOC_CREATE             _IOWR(VMLAB_IOC_MAGIC, 0x01, struct vmlab_create)
+#define VMLAB_IOC_INFO               _IOWR(VMLAB_IOC_MAGIC, 0x02, struct vmlab_info)
+#define VMLAB_IOC_MOVE               _IOWR(VMLAB_IOC_MAGIC, 0x03, struct vmlab_move)
+#define VMLAB_IOC_RELEASE_QUARANTINE _IOWR(VMLAB_IOC_MAGIC, 0x04, struct vmlab_release_quarantine)
+#define VMLAB_IOC_PTE                _IOWR(VMLAB_IOC_MAGIC, 0x05, struct vmlab_pte)
+
+#endif /* _UAPI_VMLAB_EXPORTER_H */

@@ -1,0 +1,325 @@
+"""vmlab command line. Only ``main`` turns errors into exit codes:
+UserError -> 2 (one line), InfraError -> 1 (traceback in the log), Ctrl-C -> 130, SIGTERM -> 143."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from . import __version__
+from .errors import UserError, VmlabError
+
+log = logging.getLogger("vmlab")
+_T0 = time.monotonic()
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread so every ``finally`` and ``__exit__`` runs."""
+
+
+def progress(msg: str) -> None:
+    print(f"[vmlab {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _lab_opts(a):
+    from .lab import LabOptions
+    return LabOptions(accel=a.accel, kernel=a.kernel, kernel_image=a.kernel_image,
+                      memory_mb=a.lab_memory, boot_timeout=a.boot_timeout,
+                      extra_qemu_args=tuple(a.lab_qemu_arg or ()))
+
+
+def _images(a, need_guest=True):
+    from . import images
+    get = images.require if a.no_build else (lambda r: images.ensure(r, progress)[0])
+    lab_img = get(images.recipe("lab", a.kernel))
+    guest_img = get(images.recipe("guest", a.guest_kernel or a.kernel)) if need_guest else None
+    return lab_img, guest_img
+
+
+def _state():
+    from .paths import state_dir
+    return state_dir() / "lab"
+
+
+# --- commands -------------------------------------------------------------------------
+def cmd_images(a) -> int:
+    from . import images
+    if a.action == "list":
+        for img in images.list_images():
+            m = img.manifest
+            print(f"{img.kind:6} {m.get('kernel_suite', '?'):20} {m.get('kernel_release', '?'):28} "
+                  f"{m.get('build_seconds', '?'):>7}s  {img.path}")
+        return 0
+    kinds = ["lab", "guest"] if a.which == "all" else [a.which]
+    for kind in kinds:
+        images.ensure(images.recipe(kind, a.kernel), progress)
+    return 0
+
+
+def cmd_lab(a) -> int:
+    from .lab import NestedLab
+    st = _state()
+    if a.action == "up":
+        if (st / "state.json").exists():
+            try:
+                lab = NestedLab.attach(st)
+                progress(f"a lab is already up (pid {lab.machine.pid}); 'vmlab lab down' first")
+                lab.session.close()
+                return 0
+            except UserError:
+                pass
+        lab_img, guest_img = _images(a)
+        lab = NestedLab(st, _lab_opts(a), detach=True)
+        lab.up(lab_img, guest_img, progress)
+        lab.session.close()
+        progress(f"lab is up; console {st}/lab-console.log; stop with 'vmlab lab down'")
+        return 0
+    if a.action == "status":
+        lab = NestedLab.attach(st)
+        try:
+            status = lab.machine.cmd("query-status")
+            info = {"pid": lab.machine.pid, "accel": lab.accel, "status": status.get("status"),
+                    "kernel": lab.kernel_release(), "ssh_port": lab.ssh_port,
+                    "console": lab.machine.spec.console_log}
+            print(json.dumps(info, indent=2) if a.json else
+                  "\n".join(f"{k}: {v}" for k, v in info.items()))
+        finally:
+            lab.session.close()
+        return 0
+    if a.action == "down":
+        try:
+            lab = NestedLab.attach(st)
+        except UserError as e:
+            progress(str(e))
+            return 0
+        _guest_down(lab)
+        lab.down()
+        progress("lab is down")
+        return 0
+    if a.action == "exec":
+        lab = NestedLab.attach(st)
+        try:
+            rc, out, err = lab.run(" ".join(a.cmd), timeout=a.timeout, check=False)
+        finally:
+            lab.session.close()
+        sys.stdout.write(out)
+        sys.stderr.write(err)
+        return rc
+    raise UserError(f"unknown lab action {a.action}")
+
+
+def _guest_state(st: Path) -> Path:
+    return st / "guest.json"
+
+
+def _guest_attach(lab):
+    from .guest import Guest, GuestOptions
+    gs = _guest_state(lab.workdir)
+    if not gs.exists():
+        raise UserError("no guest is up; start one with 'vmlab guest up'")
+    g = Guest(lab, GuestOptions(**json.loads(gs.read_text())["opts"]), lab.workdir)
+    g.pid = json.loads(gs.read_text())["pid"]
+    return g
+
+
+def _guest_down(lab) -> None:
+    try:
+        g = _guest_attach(lab)
+    except UserError:
+        return
+    g.down()
+    _guest_state(lab.workdir).unlink(missing_ok=True)
+
+
+def cmd_guest(a) -> int:
+    from dataclasses import asdict
+    from .guest import Guest, GuestOptions
+    from .lab import NestedLab
+    lab = NestedLab.attach(_state())
+    try:
+        if a.action == "up":
+            if _guest_state(lab.workdir).exists():
+                progress("a guest is already up; 'vmlab guest down' first")
+                return 0
+            g = Guest(lab, GuestOptions(), lab.workdir)
+            g.up(progress)
+            _guest_state(lab.workdir).write_text(json.dumps({"pid": g.pid, "opts": asdict(g.opts)}))
+            kvm = g.cmd("query-kvm")
+            progress(f"guest is up: query-kvm {kvm}")
+            g.session.close()
+            g.qmp.close()
+            return 0
+        if a.action == "down":
+            _guest_down(lab)
+            progress("guest is down")
+            return 0
+        if a.action == "exec":
+            from . import ssh
+            g = _guest_attach(lab)
+            s = ssh.SSHSession.connect("guest", "127.0.0.1", g.opts.ssh_port, lab.key, timeout=30,
+                                       sock_factory=lambda: lab.session.open_tcp("127.0.0.1", g.opts.ssh_port))
+            try:
+                rc, out, err = s.run(" ".join(a.cmd), timeout=a.timeout, check=False)
+            finally:
+                s.close()
+            sys.stdout.write(out)
+            sys.stderr.write(err)
+            return rc
+    finally:
+        if lab.session:
+            lab.session.close()
+    raise UserError(f"unknown guest action {a.action}")
+
+
+def cmd_doctor(a) -> int:
+    from . import doctor
+    from .paths import state_dir
+    rep = {"machine": doctor.machine_facts(), "lab": None, "guest": None}
+    st = _state()
+    if (st / "state.json").exists():
+        from .lab import NestedLab
+        lab = NestedLab.attach(st)
+        try:
+            rep["lab"] = doctor.lab_facts(lab)
+            if _guest_state(st).exists():
+                g = _guest_attach(lab)
+                g._connect_qmp()
+                from . import ssh
+                g.session = ssh.SSHSession.connect("guest", "127.0.0.1", g.opts.ssh_port, lab.key, 30,
+                                                   sock_factory=lambda: lab.session.open_tcp("127.0.0.1", g.opts.ssh_port))
+                try:
+                    rep["guest"] = doctor.guest_facts(g)
+                finally:
+                    g.session.close()
+                    g.qmp.close()
+                    g._fwd.close()
+        finally:
+            lab.session.close()
+    elif not a.no_boot:
+        from .stack import Stack
+        with Stack(a, state_dir() / "doctor", progress) as s:
+            s.up()
+            rep["lab"] = doctor.lab_facts(s.lab)
+            rep["guest"] = doctor.guest_facts(s.guest)
+    print(json.dumps(rep, indent=2, sort_keys=True) if a.json else doctor.render(rep))
+    return 0
+
+
+def cmd_bench(a) -> int:
+    from . import bench
+    res = bench.run(a, progress)
+    print(json.dumps(res, indent=2, sort_keys=True) if a.json else bench.render(res))
+    return 0
+
+
+def cmd_run(a) -> int:
+    from . import experiment
+    return experiment.main(a, progress)
+
+
+# --- parser ---------------------------------------------------------------------------
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
+                   help="lab accelerator (auto: probe /dev/kvm, else TCG with emulated SVM+NPT)")
+    p.add_argument("--kernel", default="trixie", help="lab kernel suite: trixie, trixie-backports, bookworm-backports")
+    p.add_argument("--guest-kernel", default=None, help="guest kernel suite (default: same as --kernel)")
+    p.add_argument("--kernel-image", default=None, help="boot this kernel image as the lab kernel")
+    p.add_argument("--lab-memory", type=int, default=3072, help="lab RAM in MiB")
+    p.add_argument("--boot-timeout", type=float, default=300, help="seconds for the lab to boot")
+    p.add_argument("--lab-qemu-arg", action="append", help="extra QEMU argument for the lab VM")
+    p.add_argument("--no-build", action="store_true", help="fail instead of building missing images")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vmlab", description=__doc__)
+    p.add_argument("--version", action="version", version=f"vmlab {__version__}")
+    p.add_argument("-v", "--verbose", action="store_true")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    im = sub.add_parser("images", help="build or list lab/guest images")
+    ims = im.add_subparsers(dest="action", required=True)
+    b = ims.add_parser("build")
+    b.add_argument("which", nargs="?", default="all", choices=["lab", "guest", "all"])
+    b.add_argument("--kernel", default="trixie")
+    ims.add_parser("list")
+    im.set_defaults(func=cmd_images)
+
+    lab = sub.add_parser("lab", help="the lab host VM: up, status, down, exec")
+    labs = lab.add_subparsers(dest="action", required=True)
+    up = labs.add_parser("up")
+    _common(up)
+    st = labs.add_parser("status")
+    st.add_argument("--json", action="store_true")
+    labs.add_parser("down")
+    ex = labs.add_parser("exec")
+    ex.add_argument("--timeout", type=float, default=300)
+    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    lab.set_defaults(func=cmd_lab)
+
+    g = sub.add_parser("guest", help="a guest inside the lab: up, down, exec")
+    gs = g.add_subparsers(dest="action", required=True)
+    gs.add_parser("up")
+    gs.add_parser("down")
+    gex = gs.add_parser("exec")
+    gex.add_argument("--timeout", type=float, default=300)
+    gex.add_argument("cmd", nargs=argparse.REMAINDER)
+    g.set_defaults(func=cmd_guest)
+
+    d = sub.add_parser("doctor", help="what this machine and the lab can do, and why")
+    d.add_argument("--json", action="store_true")
+    d.add_argument("--no-boot", action="store_true", help="only this machine; boot nothing")
+    _common(d)
+    d.set_defaults(func=cmd_doctor)
+
+    be = sub.add_parser("bench", help="measure boots, builds, moves (JSON)")
+    be.add_argument("--json", action="store_true")
+    be.add_argument("--what", default="boot,build", help="comma list: boot, build, move")
+    be.add_argument("--repeat", type=int, default=1)
+    _common(be)
+    be.set_defaults(func=cmd_bench)
+
+    r = sub.add_parser("run", help="run an experiment (default: configs/experiments/default.yaml)")
+    r.add_argument("config", nargs="?", default=None)
+    r.add_argument("--out", default=None, help="results directory (default results/<UTC>-<name>/)")
+    _common(r)
+    r.set_defaults(func=cmd_run)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    if getattr(args, "cmd", None) and args.cmd[:1] == ["--"]:
+        args.cmd = args.cmd[1:]
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    try:
+        return args.func(args)
+    except UserError as e:
+        print(f"vmlab: error: {e}", file=sys.stderr)
+        return 2
+    except VmlabError as e:
+        log.debug("%s", traceback.format_exc())
+        print(f"vmlab: failed: {e}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("vmlab: interrupted; everything it started was stopped", file=sys.stderr)
+        return 130
+    except Terminated:
+        print("vmlab: terminated; everything it started was stopped", file=sys.stderr)
+        return 143
+
+
+if __name__ == "__main__":
+    sys.exit(main())

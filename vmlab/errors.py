@@ -1,0 +1,68 @@
+"""The one error tree of vmlab.
+
+    VmlabError                 anything vmlab reports as a failure
+    ├── UserError              exit 2, one line, no traceback: the user can fix it
+    │   ├── ConfigError        bad YAML/CLI input (names the file and key path)
+    │   ├── ImageMissing       an image that is not built and may not be built now
+    │   ├── BootFailure        a VM did not come up: names cause and console log
+    │   └── NotRoot            an action needs root
+    └── InfraError             exit 1, with traceback in the log: vmlab or the machine broke
+        ├── CommandFailed      a subprocess exited non-zero (argv, rc, output kept)
+        ├── WaitTimeout        a bounded wait ran out (what was awaited, how long)
+        └── RemoteError        a command on the lab host or guest failed
+
+Only ``vmlab.cli.main`` turns these into exit codes.
+"""
+from __future__ import annotations
+
+
+class VmlabError(Exception):
+    exit_code = 1
+
+
+class UserError(VmlabError):
+    exit_code = 2
+
+
+class ConfigError(UserError):
+    def __init__(self, path: str, key: str, msg: str):
+        self.path, self.key, self.msg = path, key, msg
+        super().__init__(f"{path}: {key}: {msg}" if key else f"{path}: {msg}")
+
+
+class ImageMissing(UserError):
+    pass
+
+
+class BootFailure(UserError):
+    def __init__(self, what: str, cause: str, console: str | None = None):
+        self.what, self.cause, self.console = what, cause, console
+        tail = f" (console log: {console})" if console else ""
+        super().__init__(f"{what} failed to boot: {cause}{tail}")
+
+
+class NotRoot(UserError):
+    pass
+
+
+class InfraError(VmlabError):
+    exit_code = 1
+
+
+class CommandFailed(InfraError):
+    def __init__(self, argv, returncode: int, stdout: str = "", stderr: str = ""):
+        self.argv, self.returncode, self.stdout, self.stderr = argv, returncode, stdout, stderr
+        last = (stderr or stdout).strip().splitlines()[-3:]
+        cmd = argv if isinstance(argv, str) else " ".join(map(str, argv))
+        super().__init__(f"command failed (exit {returncode}): {cmd}: {' | '.join(last)}")
+
+
+class WaitTimeout(InfraError):
+    def __init__(self, what: str, timeout: float, detail: str = ""):
+        self.what, self.timeout = what, timeout
+        super().__init__(f"timed out after {timeout:.0f}s waiting for {what}"
+                         + (f": {detail}" if detail else ""))
+
+
+class RemoteError(InfraError):
+    pass

@@ -1,0 +1,195 @@
+"""A guest: a QEMU process of the lab host, booted with -accel kvm from the guest image.
+
+The controller never runs this QEMU itself: it starts it over the lab's SSH session
+(daemonized, pidfile, console to a file in the lab), reaches its QMP socket through a
+relay channel (local unix socket 0600 -> SSH exec -> lab unix socket 0600) and its SSH
+server through a direct-tcpip channel of the lab session.
+"""
+from __future__ import annotations
+
+import logging
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from . import ssh
+from .errors import BootFailure, RemoteError, WaitTimeout
+from .qemu import VMSpec
+
+log = logging.getLogger("vmlab.guest")
+READY = "VMLAB-GUEST-READY"
+
+
+@dataclass
+class GuestOptions:
+    name: str = "guest"
+    memory_mb: int = 512
+    smp: int = 1
+    boot_timeout: float = 240
+    ssh_port: int = 2222          # lab-local port, bound on the lab's 127.0.0.1
+    extra_qemu_args: list = field(default_factory=list)
+    machine: str = "q35"
+    append: str = ""
+
+
+class Guest:
+    def __init__(self, lab, opts: GuestOptions, workdir: Path):
+        self.lab = lab
+        self.opts = opts
+        self.workdir = Path(workdir)
+        self.dir = f"/run/vmlab/{opts.name}"
+        self.pid: int | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self._fwd: ssh.ChannelForward | None = None
+        self.session: ssh.SSHSession | None = None
+        self.boot_seconds: float | None = None
+        self.events: list[dict] = []
+
+    def spec(self) -> VMSpec:
+        pub = ssh.public_key_b64(self.lab.key)
+        return VMSpec(
+            name=self.opts.name, kernel="/mnt/vmlab/guest/vmlinuz",
+            initrd="/mnt/vmlab/guest/initramfs.img",
+            append=f"console=ttyS0 panic=-1 vmlab.sshkey={pub} {self.opts.append}".strip(),
+            memory_mb=self.opts.memory_mb, accel="kvm", cpu="host", smp=self.opts.smp,
+            machine=self.opts.machine, ssh_forward=self.opts.ssh_port,
+            console_log=f"{self.dir}/console.log", qmp_socket=f"{self.dir}/qmp.sock",
+            pidfile=f"{self.dir}/qemu.pid", daemonize=True, extra=list(self.opts.extra_qemu_args))
+
+    def command_line(self) -> str:
+        return self.spec().command_line()
+
+    def up(self, progress=print) -> None:
+        spec = self.spec()
+        d = shlex.quote(self.dir)
+        progress(f"booting guest '{self.opts.name}' in the lab (-accel kvm); console: lab:{spec.console_log}")
+        start = time.monotonic()
+        (self.workdir / f"{self.opts.name}.cmdline").write_text(spec.command_line() + "\n")
+        rc, out, err = self.lab.run(
+            f"rm -rf {d} && mkdir -p {d} && chmod 700 {d} && umask 077 && "
+            f"{spec.command_line()} > {d}/qemu.log 2>&1; rc=$?; cat {d}/qemu.log; exit $rc",
+            timeout=60, check=False)
+        if rc != 0:
+            last = (out.strip().splitlines() or ["<no output>"])[-1]
+            self.fetch_logs()
+            raise BootFailure(self.opts.name, f"QEMU in the lab exited with status {rc}: {last}",
+                              str(self.workdir / f"{self.opts.name}-console.log"))
+        self.pid = int(self.lab.run(f"cat {d}/qemu.pid", timeout=20)[1].strip())
+        try:
+            self._wait_ready(spec)
+            self._connect_qmp()
+            self.session = ssh.SSHSession.connect(
+                self.opts.name, "127.0.0.1", self.opts.ssh_port, self.lab.key, timeout=60,
+                sock_factory=lambda: self.lab.session.open_tcp("127.0.0.1", self.opts.ssh_port),
+                alive=self.alive)
+        except BaseException:
+            self.down()
+            raise
+        self.boot_seconds = round(time.monotonic() - start, 1)
+        progress(f"guest up in {self.boot_seconds}s")
+
+    def _wait_ready(self, spec: VMSpec) -> None:
+        deadline = time.monotonic() + self.opts.boot_timeout
+        con = shlex.quote(spec.console_log)
+        while True:
+            rc, out, _ = self.lab.run(
+                f"if grep -q {READY} {con}; then echo READY; "
+                f"elif grep -q 'Kernel panic' {con}; then echo PANIC; grep -m1 'Kernel panic' {con}; "
+                f"elif ! kill -0 {self.pid} 2>/dev/null; then echo DEAD; tail -n 3 {self.dir}/qemu.log; "
+                f"else echo WAIT; fi", timeout=30, check=False)
+            state = out.split("\n", 1)[0].strip()
+            if state == "READY":
+                return
+            if state in ("PANIC", "DEAD") or time.monotonic() >= deadline:
+                detail = out.split("\n", 1)[1].strip() if "\n" in out else ""
+                self.fetch_logs()
+                cause = {"PANIC": "guest kernel panic", "DEAD": "guest QEMU exited"}.get(
+                    state, f"not ready within {self.opts.boot_timeout:.0f}s")
+                raise BootFailure(self.opts.name, f"{cause}: {detail.splitlines()[-1] if detail else ''}",
+                                  str(self.workdir / f"{self.opts.name}-console.log"))
+            time.sleep(1.0)
+
+    def _connect_qmp(self) -> None:
+        local = self.workdir / f"{self.opts.name}-qmp.sock"
+        sock = shlex.quote(f"{self.dir}/qmp.sock")
+        self._fwd = ssh.ChannelForward(
+            local, lambda: self.lab.session.open_exec(f"python3 /mnt/vmlab/hostagent.py relay {sock}"),
+            f"{self.opts.name}-qmp")
+        self.qmp = QEMUMonitorProtocol(str(local))
+        self.qmp.connect()
+        self.qmp.settimeout(30)
+
+    def cmd(self, name: str, **args):
+        out = self.qmp.cmd(name, **args)
+        try:
+            self.events += self.qmp.get_events(wait=False)
+        except Exception:
+            pass
+        return out
+
+    def run(self, command: str, **kw):
+        if self.session is None:
+            raise RemoteError(f"{self.opts.name}: not connected")
+        return self.session.run(command, **kw)
+
+    def alive(self) -> bool:
+        if self.pid is None:
+            return False
+        rc, _, _ = self.lab.run(f"kill -0 {self.pid}", timeout=20, check=False)
+        return rc == 0
+
+    def fetch_logs(self) -> None:
+        """Copy the guest's console and QEMU log from the lab into the results directory."""
+        for name, dest in (("console.log", f"{self.opts.name}-console.log"),
+                           ("qemu.log", f"{self.opts.name}.qemu.log")):
+            try:
+                rc, out, _ = self.lab.run(f"cat {self.dir}/{name}", timeout=60, check=False)
+                if rc == 0:
+                    (self.workdir / dest).write_text(out)
+            except Exception as e:  # the lab itself may be gone: keep going, say why
+                log.warning("could not fetch %s of %s: %s", name, self.opts.name, e)
+
+    def down(self, timeout: float = 15) -> None:
+        """quit over QMP, then SIGTERM, then SIGKILL in the lab; logs are fetched first."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.qmp is not None:
+            try:
+                self.events += self.qmp.get_events(wait=False)
+                self.qmp.cmd("quit")
+            except Exception:
+                pass
+            try:
+                self.qmp.close()
+            except Exception:
+                pass
+            self.qmp = None
+        if self._fwd is not None:
+            self._fwd.close()
+            self._fwd = None
+        if self.pid is not None and self.lab.session is not None:
+            try:
+                self.lab.run(
+                    f"p={self.pid}; for s in 0 0 0 0 0 0 0 0 0 0 TERM 0 0 0 0 0 KILL; do "
+                    f"kill -0 $p 2>/dev/null || exit 0; [ $s = 0 ] && sleep 0.5 || kill -$s $p; done",
+                    timeout=timeout + 10, check=False)
+            except (RemoteError, WaitTimeout, OSError) as e:
+                log.warning("stopping guest QEMU pid %s: %s", self.pid, e)
+            self.fetch_logs()
+        if self.events:
+            import json
+            with open(self.workdir / f"{self.opts.name}.qmp-events.jsonl", "a") as f:
+                for ev in self.events:
+                    f.write(json.dumps(ev) + "\n")
+            self.events = []
+        self.pid = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.down()

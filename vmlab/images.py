@@ -1,0 +1,349 @@
+"""Lab-host and guest images, built from Debian packages with mmdebstrap.
+
+An image lives in ``<cache>/vmlab/images/<kind>-<key>/`` where ``key`` hashes the recipe
+and every input file; ``manifest.json`` records sha256 of each artifact, the suite and
+the package versions. A directory that has a manifest is complete (it is renamed into
+place only when finished), so a warm build is a lookup.
+
+    lab:   vmlinuz, initrd.img (tiny, ours), rootfs.img (ext4: kernel, headers, QEMU,
+           python3, dropbear, the vmlab-exporter module built against this kernel)
+    guest: vmlinuz, initramfs.img (busybox, dropbear, virtio modules, guest agent)
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from . import initramfs
+from .errors import CommandFailed, ConfigError, ImageMissing, NotRoot
+from .paths import images_dir, repo_root
+
+log = logging.getLogger("vmlab.images")
+
+# Bump when the way images are assembled changes in a way the inputs below don't show.
+RECIPE_VERSION = 3
+MIRROR = "http://deb.debian.org/debian"
+
+# kernel choice -> (base suite, suite the kernel comes from)
+KERNEL_SUITES = {
+    "trixie": ("trixie", "trixie"),
+    "trixie-backports": ("trixie", "trixie-backports"),
+    "bookworm-backports": ("bookworm", "bookworm-backports"),
+}
+
+LAB_PACKAGES = [
+    "linux-image-amd64", "linux-headers-amd64", "qemu-system-x86", "kmod", "busybox-static",
+    "python3", "dropbear-bin", "gcc", "make", "libc6-dev",
+    # virtio-gpu-gl host blobs: QEMU's OpenGL module, EGL and Mesa's software renderer.
+    "qemu-system-modules-opengl", "libegl1", "libegl-mesa0", "libgl1-mesa-dri", "libgbm1", "libgl1",
+]
+LAB_INITRD_MODULES = ["virtio_pci", "virtio_blk", "ext4", "crc32c_generic", "crc32c_intel"]
+
+GUEST_PACKAGES = ["linux-image-amd64", "busybox-static", "dropbear-bin"]
+GUEST_MODULES = ["virtio_pci", "virtio_net", "virtio_blk", "virtio_console", "virtio_rng",
+                 "virtio_gpu", "drm", "drm_kms_helper"]
+
+LAB_INPUTS = ["guest-images/lab", "host-tools/vmlab-exporter", "vmlab/initramfs.py"]
+GUEST_INPUTS = ["guest-images/guest", "guest-images/agent", "host-tools/vmlab-exporter/include",
+                "vmlab/initramfs.py"]
+_SKIP_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".symvers", ".order", ".pyc")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    kind: str                       # "lab" | "guest"
+    kernel: str = "trixie"          # a KERNEL_SUITES key
+    packages: tuple = ()
+    modules: tuple = ()
+    inputs: tuple = ()
+    mirror: str = MIRROR
+    version: int = RECIPE_VERSION
+
+    @property
+    def suites(self) -> tuple[str, str]:
+        return KERNEL_SUITES[self.kernel]
+
+    def key(self) -> str:
+        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        root = repo_root()
+        for rel in self.inputs:
+            for path in sorted(_walk(root / rel)):
+                h.update(str(path.relative_to(root)).encode() + b"\0")
+                h.update(path.read_bytes())
+        return h.hexdigest()[:16]
+
+
+def _walk(p: Path):
+    if p.is_file():
+        yield p
+        return
+    for dirpath, dirnames, files in os.walk(p):
+        dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        for f in files:
+            if not f.endswith(_SKIP_SUFFIXES) and not f.startswith("."):
+                yield Path(dirpath) / f
+
+
+def recipe(kind: str, kernel: str = "trixie") -> Recipe:
+    if kernel not in KERNEL_SUITES:
+        raise ConfigError("<command line>", "kernel",
+                          f"unknown kernel suite {kernel!r} (choose from {', '.join(KERNEL_SUITES)})")
+    if kind == "lab":
+        return Recipe("lab", kernel, tuple(LAB_PACKAGES), tuple(LAB_INITRD_MODULES), tuple(LAB_INPUTS))
+    if kind == "guest":
+        return Recipe("guest", kernel, tuple(GUEST_PACKAGES), tuple(GUEST_MODULES), tuple(GUEST_INPUTS))
+    raise ConfigError("<command line>", "image", f"unknown image kind {kind!r} (lab or guest)")
+
+
+@dataclass
+class Image:
+    kind: str
+    path: Path
+    manifest: dict = field(default_factory=dict)
+
+    def artifact(self, name: str) -> Path:
+        return self.path / name
+
+    @property
+    def kernel_release(self) -> str:
+        return self.manifest.get("kernel_release", "?")
+
+
+def image_dir(r: Recipe) -> Path:
+    return images_dir() / f"{r.kind}-{r.kernel}-{r.key()}"
+
+
+def find(r: Recipe) -> Image | None:
+    d = image_dir(r)
+    m = d / "manifest.json"
+    if m.exists():
+        return Image(r.kind, d, json.loads(m.read_text()))
+    return None
+
+
+def require(r: Recipe) -> Image:
+    img = find(r)
+    if img is None:
+        raise ImageMissing(f"{r.kind} image ({r.kernel}) is not built: expected {image_dir(r)}; "
+                           f"run 'vmlab images build {r.kind}'")
+    return img
+
+
+def ensure(r: Recipe, progress=print) -> tuple[Image, bool]:
+    """The image for ``r``, building it when missing. Returns (image, built_now)."""
+    img = find(r)
+    if img:
+        progress(f"{r.kind} image up to date: {img.path}")
+        return img, False
+    return build(r, progress), True
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _run_logged(argv: list[str], logf: Path, what: str, progress, timeout: float, env=None) -> None:
+    """Run a long build step with its output in ``logf`` and a progress line every 15 s."""
+    from .proc import popen
+    start = time.monotonic()
+    with open(logf, "ab") as out:
+        out.write(("\n$ " + " ".join(argv) + "\n").encode())
+        out.flush()
+        p = popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+        try:
+            while True:
+                try:
+                    rc = p.wait(timeout=15)
+                    break
+                except subprocess.TimeoutExpired:
+                    el = time.monotonic() - start
+                    if el > timeout:
+                        p.kill()
+                        p.wait()
+                        raise CommandFailed(argv, -9, "", f"{what} exceeded {timeout:.0f}s; log: {logf}")
+                    progress(f"  {what}: {el:.0f}s ... ({_last_line(logf)})")
+        except BaseException:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            raise
+    if rc != 0:
+        raise CommandFailed(argv, rc, "", f"{what} failed; log: {logf}: {_last_line(logf)}")
+
+
+def _last_line(p: Path) -> str:
+    try:
+        with open(p, "rb") as f:
+            f.seek(max(0, os.path.getsize(p) - 400))
+            lines = [ln for ln in f.read().decode(errors="replace").splitlines() if ln.strip()]
+        return lines[-1][:100] if lines else ""
+    except OSError:
+        return ""
+
+
+def _sources(r: Recipe) -> list[str]:
+    base, ksuite = r.suites
+    src = [f"deb {r.mirror} {base} main"]
+    if ksuite != base:
+        src.append(f"deb {r.mirror} {ksuite} main")
+    return src
+
+
+def _pin_hook(r: Recipe) -> list[str]:
+    base, ksuite = r.suites
+    if ksuite == base:
+        return []
+    pin = (f"Package: linux-*\\nPin: release n={ksuite}\\nPin-Priority: 990\\n")
+    return [f"--setup-hook=mkdir -p \"$1/etc/apt/preferences.d\" && "
+            f"printf '{pin}' > \"$1/etc/apt/preferences.d/vmlab-kernel\""]
+
+
+def build(r: Recipe, progress=print) -> Image:
+    if os.geteuid() != 0:
+        raise NotRoot("building images needs root (mmdebstrap --mode=root, mke2fs -d); "
+                      "run as root")
+    for tool in ("mmdebstrap", "mke2fs"):
+        if not shutil.which(tool) and not os.path.exists(f"/usr/sbin/{tool}"):
+            raise ImageMissing(f"{tool} not found: apt-get install mmdebstrap e2fsprogs")
+    final = image_dir(r)
+    images_dir().mkdir(parents=True, exist_ok=True)
+    with open(images_dir() / f".{final.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        img = find(r)
+        if img:  # another vmlab built it while we waited for the lock
+            return img
+        work = images_dir() / f".build-{final.name}-{os.getpid()}"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        start = time.monotonic()
+        progress(f"building {r.kind} image ({r.kernel}) in {work} (log: {work}/build.log)")
+        try:
+            manifest = (_build_lab if r.kind == "lab" else _build_guest)(r, work, progress)
+            manifest.update(kind=r.kind, kernel_suite=r.kernel, suites=list(r.suites), key=r.key(),
+                            recipe=asdict(r), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            build_seconds=round(time.monotonic() - start, 1))
+            manifest["artifacts"] = {p.name: _sha256(p) for p in sorted(work.iterdir())
+                                     if p.is_file() and p.name not in ("build.log", "manifest.json")}
+            (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+            shutil.rmtree(final, ignore_errors=True)
+            work.rename(final)
+        except BaseException:
+            keep = images_dir() / f"failed-{final.name}.log"
+            if (work / "build.log").exists():
+                shutil.copyfile(work / "build.log", keep)
+                progress(f"build log kept at {keep}")
+            shutil.rmtree(work, ignore_errors=True)
+            raise
+        progress(f"{r.kind} image built in {manifest['build_seconds']}s: {final}")
+        return Image(r.kind, final, manifest)
+
+
+def _mmdebstrap(r: Recipe, variant: str, root: Path, logf: Path, progress, hooks: list[str]) -> None:
+    base, _ = r.suites
+    argv = ["mmdebstrap", f"--variant={variant}", "--mode=root", "--format=directory",
+            "--include=" + ",".join(r.packages), *_pin_hook(r), *hooks, base, str(root), *_sources(r)]
+    env = dict(os.environ, VMLAB_SRC=str(repo_root()))
+    _run_logged(argv, logf, "mmdebstrap", progress, timeout=1800, env=env)
+
+
+def _build_lab(r: Recipe, work: Path, progress) -> dict:
+    root = work / "root"
+    logf = work / "build.log"
+    customize = repo_root() / "guest-images/lab/customize.sh"
+    _mmdebstrap(r, "essential", root, logf, progress, [f"--customize-hook=sh {customize} \"$1\""])
+    kver = initramfs.kernel_version(root)
+    shutil.copyfile(root / f"boot/vmlinuz-{kver}", work / "vmlinuz")
+    cpio = initramfs.Cpio()
+    initramfs.add_busybox(cpio, root)
+    loaded = initramfs.add_modules(cpio, root, kver, list(r.modules))
+    cpio.file("etc/vmlab-modules", ("\n".join(loaded) + "\n").encode())
+    cpio.file("init", (repo_root() / "guest-images/lab/initramfs-init").read_bytes(), 0o755)
+    for d in ("proc", "sys", "dev", "newroot"):
+        cpio.mkdir(d)
+    initramfs.write(cpio, work / "initrd.img")
+    packages = dict(line.split("\t", 1) for line in
+                    (root / "usr/lib/vmlab/packages.tsv").read_text().splitlines() if "\t" in line)
+    if not (root / f"lib/modules/{kver}/updates/vmlab_exporter.ko").exists():
+        raise CommandFailed(["vmlab-exporter build"], 1, "", "module not installed in lab image")
+    du = sum(p.stat().st_size for p in root.rglob("*") if p.is_file() and not p.is_symlink())
+    size_mb = int(du * 1.25 / 2**20) + 512
+    progress(f"  making ext4 root filesystem ({size_mb} MiB)")
+    _run_logged(["mke2fs", "-q", "-F", "-t", "ext4", "-L", "vmlab-lab", "-d", str(root),
+                 str(work / "rootfs.img"), f"{size_mb}M"], logf, "mke2fs", progress, timeout=900)
+    shutil.rmtree(root)
+    return {"kernel_release": kver, "packages": packages, "initrd_modules": loaded,
+            "qemu_version": packages.get("qemu-system-x86", "?")}
+
+
+def build_guest_agent(out: Path) -> None:
+    src = repo_root() / "guest-images/agent/vmlab-guest-agent.c"
+    inc = repo_root() / "host-tools/vmlab-exporter/include/uapi"
+    from .proc import run_cmd
+    run_cmd(["gcc", "-static", "-O2", "-Wall", "-Wextra", f"-I{inc}", "-o", str(out), str(src)],
+            timeout=120)
+
+
+def _build_guest(r: Recipe, work: Path, progress) -> dict:
+    root = work / "root"
+    logf = work / "build.log"
+    pkgs = work / "packages.txt"
+    hook = f"--extract-hook=ls \"$1/var/cache/apt/archives\" > {pkgs}"
+    _mmdebstrap(r, "extract", root, logf, progress, [hook])
+    kver = initramfs.kernel_version(root)
+    shutil.copyfile(initramfs._resolve(root, f"boot/vmlinuz-{kver}"), work / "vmlinuz")
+    cpio = initramfs.Cpio()
+    initramfs.add_busybox(cpio, root)
+    initramfs.add_binary(cpio, root, "usr/sbin/dropbear", "bin/dropbear")
+    loaded = initramfs.add_modules(cpio, root, kver, list(r.modules))
+    cpio.file("etc/vmlab-modules", ("\n".join(loaded) + "\n").encode())
+    agent = work / "vmlab-guest-agent"
+    if (repo_root() / "guest-images/agent/vmlab-guest-agent.c").exists():
+        progress("  compiling the guest agent (static)")
+        build_guest_agent(agent)
+        cpio.file("bin/vmlab-guest-agent", agent.read_bytes(), 0o755)
+        agent.unlink()
+    cpio.file("init", (repo_root() / "guest-images/guest/init").read_bytes(), 0o755)
+    cpio.file("etc/inittab", (repo_root() / "guest-images/guest/inittab").read_bytes())
+    cpio.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\n")
+    cpio.file("etc/shadow", b"root:*:19000:0:99999:7:::\n", 0o600)
+    cpio.file("etc/group", b"root:x:0:\n")
+    cpio.file("etc/shells", b"/bin/sh\n")
+    for d in ("proc", "sys", "dev", "run", "tmp", "root", "etc/dropbear"):
+        cpio.mkdir(d)
+    initramfs.write(cpio, work / "initramfs.img")
+    packages = {}
+    for name in pkgs.read_text().split():
+        if name.endswith(".deb"):
+            pkg, ver, _ = name[:-4].split("_", 2)
+            packages[pkg] = ver.replace("%3a", ":")
+    pkgs.unlink()
+    shutil.rmtree(root)
+    return {"kernel_release": kver, "packages": packages, "modules": loaded}
+
+
+def list_images() -> list[Image]:
+    out = []
+    if images_dir().exists():
+        for d in sorted(images_dir().iterdir()):
+            m = d / "manifest.json"
+            if m.exists():
+                man = json.loads(m.read_text())
+                out.append(Image(man.get("kind", "?"), d, man))
+    return out
+
+
+if __name__ == "__main__":  # pragma: no cover - debugging aid
+    build(recipe(sys.argv[1]))

@@ -1,0 +1,224 @@
+"""The lab host: the machine whose kernel is under test (KVM, vmlab-exporter, QEMU).
+
+``NestedLab`` boots it as a VM of this machine from the lab image. The accelerator is
+chosen by a real probe: KVM only when a stock kernel actually boots under this machine's
+/dev/kvm (a PVM /dev/kvm exists but cannot), else TCG emulating AMD SVM with nested
+paging on ONE vCPU (with two, multi-threaded TCG crashed or hung the lab kernel in
+measured runs; see DESIGN.md).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import images, proc, ssh
+from .errors import BootFailure, ConfigError, UserError, WaitTimeout
+from .paths import cache_dir, private_dir, repo_root
+from .qemu import QemuMachine, VMSpec, console_tail, free_port
+
+log = logging.getLogger("vmlab.lab")
+
+TCG_CPU = "EPYC,+svm,+npt"
+READY = "VMLAB-LAB-READY"
+HOSTAGENT = repo_root() / "vmlab" / "hostagent.py"
+
+
+@dataclass
+class LabOptions:
+    accel: str = "auto"          # auto | kvm | tcg
+    kernel: str = "trixie"       # image kernel suite
+    kernel_image: str | None = None  # boot this bzImage instead of the image's kernel
+    memory_mb: int = 3072
+    boot_timeout: float = 300
+    extra_qemu_args: tuple = ()
+
+
+def qemu_version(binary: str = "qemu-system-x86_64") -> str:
+    try:
+        _, out, _ = proc.run_cmd([binary, "--version"], timeout=20)
+    except Exception as e:  # reported by doctor, not fatal here
+        return f"unavailable ({e})"
+    return out.splitlines()[0].replace("QEMU emulator version ", "") if out else "?"
+
+
+def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) -> tuple[str, str]:
+    """("kvm"|"tcg", reason). Boots the lab kernel with vmlab.probe=1 under -accel kvm; the
+    verdict is cached per (QEMU, kernel, host kernel) since a hang costs the full timeout."""
+    if not os.path.exists("/dev/kvm"):
+        return "tcg", "no /dev/kvm on this machine"
+    if not os.access("/dev/kvm", os.R_OK | os.W_OK):
+        return "tcg", "/dev/kvm is not accessible to this user"
+    key = hashlib.sha256(f"{qemu_version()}|{lab_image.manifest.get('artifacts', {}).get('vmlinuz')}|"
+                         f"{os.uname().release}".encode()).hexdigest()[:16]
+    cache = cache_dir() / "accel-probe.json"
+    try:
+        cached = json.loads(cache.read_text())
+        if cached.get("key") == key:
+            return cached["accel"], cached["reason"] + " (cached probe)"
+    except (OSError, ValueError, KeyError):
+        pass
+    progress("probing /dev/kvm: booting the lab kernel under -accel kvm ...")
+    work = private_dir(cache_dir() / "probe")
+    spec = VMSpec(name="kvm-probe", kernel=str(lab_image.artifact("vmlinuz")),
+                  initrd=str(lab_image.artifact("initrd.img")),
+                  append="console=ttyS0 panic=-1 vmlab.probe=1", memory_mb=512, accel="kvm",
+                  cpu="host", console_log=str(work / "console.log"), qmp_socket=str(work / "qmp.sock"))
+    m = QemuMachine(spec, work)
+    try:
+        m.launch(timeout=20)
+        m.wait_console({"VMLAB-PROBE-OK": "ok"}, timeout, "the probe kernel reaching userspace")
+        accel, reason = "kvm", "a stock kernel booted to userspace under /dev/kvm"
+    except (BootFailure, WaitTimeout) as e:
+        accel, reason = "tcg", f"/dev/kvm cannot boot a stock kernel ({str(e)[:200]})"
+    finally:
+        m.shutdown(quick=True)
+    cache.write_text(json.dumps({"key": key, "accel": accel, "reason": reason}))
+    return accel, reason
+
+
+class NestedLab:
+    """A lab host VM on this machine. ``up()`` boots it to SSH; ``down()`` stops it.
+
+    With ``detach`` the QEMU process outlives vmlab (``vmlab lab up``) and ``attach()``
+    finds it again from ``state.json`` in the work directory."""
+
+    kind = "nested"
+
+    def __init__(self, workdir: Path, opts: LabOptions, *, detach: bool = False):
+        self.workdir = private_dir(Path(workdir))
+        self.opts = opts
+        self.detach = detach
+        self.machine: QemuMachine | None = None
+        self.session: ssh.SSHSession | None = None
+        self.key = self.workdir / "id_ed25519"
+        self.accel = opts.accel
+        self.accel_reason = ""
+        self.image: images.Image | None = None
+        self.guest_image: images.Image | None = None
+        self.ssh_port: int | None = None
+        self.boot_seconds: float | None = None
+
+    # --- files shared into the lab (read-only 9p): guest image + host agent
+    def _prepare_share(self) -> Path:
+        share = self.workdir / "share"
+        shutil.rmtree(share, ignore_errors=True)
+        (share / "guest").mkdir(parents=True)
+        if self.guest_image:
+            for name in ("vmlinuz", "initramfs.img"):
+                src = self.guest_image.artifact(name)
+                try:
+                    os.link(src, share / "guest" / name)
+                except OSError:
+                    shutil.copyfile(src, share / "guest" / name)
+        shutil.copyfile(HOSTAGENT, share / "hostagent.py")
+        os.chmod(share, 0o755)
+        return share
+
+    def up(self, lab_image: images.Image, guest_image: images.Image | None, progress=print) -> None:
+        self.image, self.guest_image = lab_image, guest_image
+        kernel = self.opts.kernel_image or str(lab_image.artifact("vmlinuz"))
+        if not os.path.isfile(kernel):
+            raise BootFailure("lab", f"kernel image not found: {kernel}")
+        if self.accel == "auto":
+            self.accel, self.accel_reason = probe_accel(lab_image, progress)
+        elif self.accel not in ("kvm", "tcg"):
+            raise ConfigError("<command line>", "accel", f"must be auto, kvm or tcg, not {self.accel!r}")
+        else:
+            self.accel_reason = "chosen with --accel"
+        pub = ssh.generate_key(self.key)
+        self.ssh_port = free_port()
+        tcg = self.accel == "tcg"
+        spec = VMSpec(
+            name="lab", kernel=kernel, initrd=str(lab_image.artifact("initrd.img")),
+            append=f"console=ttyS0 panic=-1 oops=panic loglevel=6 vmlab.sshkey={pub}",
+            memory_mb=self.opts.memory_mb, accel=self.accel,
+            cpu=TCG_CPU if tcg else "host", smp=1 if tcg else 2, machine="pc",
+            disk=str(lab_image.artifact("rootfs.img")), ssh_forward=self.ssh_port,
+            share=str(self._prepare_share()), console_log=str(self.workdir / "lab-console.log"),
+            qmp_socket=str(self.workdir / "lab-qmp.sock"),
+            extra=list(self.opts.extra_qemu_args))
+        progress(f"booting lab host ({self.accel}: {self.accel_reason}); console: {spec.console_log}")
+        start = time.monotonic()
+        self.machine = QemuMachine(spec, self.workdir, detach=self.detach)
+        try:
+            self.machine.launch(timeout=30)
+            self.machine.wait_console({READY: "ready"}, self.opts.boot_timeout, "lab host ready")
+            self.session = ssh.SSHSession.connect("lab", "127.0.0.1", self.ssh_port, self.key,
+                                                  timeout=60, alive=self.machine.alive)
+        except BaseException:
+            self.down()
+            raise
+        self.boot_seconds = round(time.monotonic() - start, 1)
+        progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release()}")
+        self._save_state()
+
+    # --- persistence for `vmlab lab up|status|down`
+    def _save_state(self) -> None:
+        st = {"pid": self.machine.pid, "ssh_port": self.ssh_port, "accel": self.accel,
+              "accel_reason": self.accel_reason, "qmp": self.machine.spec.qmp_socket,
+              "console": self.machine.spec.console_log, "boot_seconds": self.boot_seconds,
+              "image": str(self.image.path) if self.image else None,
+              "guest_image": str(self.guest_image.path) if self.guest_image else None}
+        (self.workdir / "state.json").write_text(json.dumps(st, indent=2))
+
+    @classmethod
+    def attach(cls, workdir: Path) -> "NestedLab":
+        st_path = Path(workdir) / "state.json"
+        if not st_path.exists():
+            raise UserError(f"no lab is up (no {st_path}); start one with 'vmlab lab up'")
+        st = json.loads(st_path.read_text())
+        lab = cls(workdir, LabOptions(accel=st["accel"]))
+        lab.accel_reason, lab.ssh_port, lab.boot_seconds = st["accel_reason"], st["ssh_port"], st.get("boot_seconds")
+        if st.get("image"):
+            lab.image = images.Image("lab", Path(st["image"]), json.loads((Path(st["image"]) / "manifest.json").read_text()))
+        if st.get("guest_image"):
+            gi = Path(st["guest_image"])
+            lab.guest_image = images.Image("guest", gi, json.loads((gi / "manifest.json").read_text()))
+        spec = VMSpec(name="lab", kernel="", initrd="", append="", console_log=st["console"],
+                      qmp_socket=st["qmp"])
+        lab.machine = QemuMachine(spec, Path(workdir))
+        lab.machine.pid = st["pid"]
+        if not lab.machine.alive():
+            st_path.unlink()
+            raise UserError(f"the lab recorded in {st_path} is no longer running "
+                            f"(console log: {st['console']})")
+        lab.machine.connect_qmp()
+        lab.session = ssh.SSHSession.connect("lab", "127.0.0.1", lab.ssh_port, lab.key, timeout=30,
+                                             alive=lab.machine.alive)
+        return lab
+
+    def ssh(self) -> ssh.SSHSession:
+        return self.session
+
+    def run(self, command: str, **kw):
+        return self.session.run(command, **kw)
+
+    def kernel_release(self) -> str:
+        return self.run("uname -r", timeout=30)[1].strip()
+
+    def down(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.machine is not None:
+            self.machine.shutdown(timeout=10)
+        try:
+            (self.workdir / "state.json").unlink()
+        except FileNotFoundError:
+            pass
+
+    def console_tail(self, n: int = 20) -> str:
+        return console_tail(Path(self.machine.spec.console_log), n) if self.machine else ""
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.down()

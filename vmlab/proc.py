@@ -1,0 +1,94 @@
+"""Processes vmlab starts: one way to run a command, one way to wait, one registry to reap.
+
+Every child is started with PR_SET_PDEATHSIG(SIGKILL) unless it is meant to outlive
+vmlab (``vmlab lab up``), so even a SIGKILLed controller leaves nothing running; the
+registry stops the rest in order on normal exit, SIGINT and SIGTERM.
+"""
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import subprocess
+import time
+from typing import Callable, Sequence
+
+from .errors import CommandFailed, WaitTimeout
+
+log = logging.getLogger("vmlab.proc")
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+    # The child should not get the terminal's SIGINT before vmlab decides how to stop it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def popen(argv: Sequence[str], *, detach: bool = False, **kw) -> subprocess.Popen:
+    """Start a child: tied to vmlab's life unless ``detach`` (then in its own session)."""
+    if detach:
+        kw.setdefault("start_new_session", True)
+    else:
+        kw.setdefault("preexec_fn", _die_with_parent)
+    log.debug("exec: %s", " ".join(map(str, argv)))
+    return subprocess.Popen(list(map(str, argv)), **kw)
+
+
+def run_cmd(argv: Sequence[str], *, timeout: float, check: bool = True, input: str | None = None,
+            env: dict | None = None, cwd: str | None = None) -> tuple[int, str, str]:
+    """Run to completion; on timeout kill the whole process group and raise WaitTimeout."""
+    p = popen(argv, stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
+              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=cwd,
+              start_new_session=True, preexec_fn=None)
+    try:
+        out, err = p.communicate(input=input, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(p)
+        out, err = p.communicate()
+        log.error("timeout after %ss: %s\n%s\n%s", timeout, argv, out[-2000:], err[-2000:])
+        raise WaitTimeout(f"command {argv[0]}", timeout, (err or out).strip()[-300:])
+    except BaseException:
+        _kill_group(p)
+        p.wait()
+        raise
+    if check and p.returncode != 0:
+        raise CommandFailed(argv, p.returncode, out, err)
+    return p.returncode, out, err
+
+
+def _kill_group(p: subprocess.Popen) -> None:
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def wait_until(predicate: Callable[[], object], timeout: float, what: str, *,
+               interval: float = 0.2, detail: Callable[[], str] | None = None):
+    """Poll ``predicate`` until truthy (returned) or ``timeout`` (WaitTimeout, with detail)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() >= deadline:
+            raise WaitTimeout(what, timeout, detail() if detail else "")
+        time.sleep(min(interval, max(0.0, deadline - time.monotonic())))
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # A zombie child of ours still answers kill(0); treat it as gone.
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False

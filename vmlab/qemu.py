@@ -1,0 +1,270 @@
+"""One class owns one QEMU process: argv, launch, console log, QMP, shutdown ladder.
+
+``QemuMachine`` runs QEMU on *this* machine (the nested lab host). Guests inside the lab
+are QEMU processes of the lab host; ``vmlab.guest`` drives them over SSH with the same
+argv builder, so both levels get the same device lines.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from qemu.qmp.legacy import QEMUMonitorProtocol
+
+from . import proc
+from .errors import BootFailure, InfraError
+
+log = logging.getLogger("vmlab.qemu")
+
+
+@dataclass
+class VMSpec:
+    """What a VM is; ``argv()`` turns it into QEMU's command line (pure, unit-tested)."""
+    name: str
+    kernel: str
+    initrd: str
+    append: str
+    memory_mb: int = 1024
+    accel: str = "tcg"                 # "tcg" | "kvm"
+    cpu: str = "max"
+    smp: int = 1
+    machine: str = "q35"
+    binary: str = "qemu-system-x86_64"
+    disk: str | None = None            # raw image, opened with snapshot=on (never modified)
+    ssh_forward: int | None = None     # host port (127.0.0.1 only) -> guest :22
+    share: str | None = None           # directory exported read-only as 9p tag "vmlabshare"
+    console_log: str = "console.log"
+    qmp_socket: str = "qmp.sock"
+    pidfile: str | None = None
+    daemonize: bool = False
+    extra: list[str] = field(default_factory=list)
+
+    def argv(self) -> list[str]:
+        accel = self.accel if self.accel != "tcg" else "tcg,thread=single"
+        a = [self.binary, "-name", self.name, "-machine", self.machine, "-accel", accel,
+             "-cpu", self.cpu, "-smp", str(self.smp), "-m", str(self.memory_mb),
+             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+             "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
+             "-chardev", f"file,id=con0,path={self.console_log}", "-serial", "chardev:con0",
+             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        if self.disk:
+            a += ["-drive", f"file={self.disk},if=virtio,format=raw,snapshot=on"]
+        if self.ssh_forward is not None:
+            a += ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_forward}-:22",
+                  # romfile= : no iPXE ROM needed for -kernel boots (and ipxe-qemu is optional)
+                  "-device", "virtio-net-pci,netdev=n0,romfile="]
+        if self.share:
+            a += ["-virtfs", f"local,path={self.share},mount_tag=vmlabshare,"
+                             "security_model=none,readonly=on"]
+        if self.pidfile:
+            a += ["-pidfile", self.pidfile]
+        if self.daemonize:
+            a += ["-daemonize"]
+        return a + list(self.extra)
+
+    def command_line(self) -> str:
+        return shlex.join(self.argv())
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def console_tail(path: Path, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as f:
+            f.seek(max(0, os.path.getsize(path) - 8192))
+            text = f.read().decode(errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+class QemuMachine:
+    """A QEMU process on this machine. Use as a context manager; ``shutdown`` is a ladder
+    (QMP quit -> SIGTERM -> SIGKILL, each with a timeout) and is safe to call twice."""
+
+    def __init__(self, spec: VMSpec, workdir: Path, *, detach: bool = False):
+        self.spec = spec
+        self.workdir = Path(workdir)
+        self.detach = detach
+        self.proc: subprocess.Popen | None = None
+        self.pid: int | None = None
+        self.qmp: QEMUMonitorProtocol | None = None
+        self.events: list[dict] = []
+        self.stderr_path = self.workdir / f"{spec.name}.qemu.log"
+
+    @property
+    def console_path(self) -> Path:
+        return Path(self.spec.console_log)
+
+    def launch(self, timeout: float = 30) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.workdir, 0o700)
+        Path(self.spec.console_log).write_bytes(b"")
+        argv = self.spec.argv()
+        (self.workdir / f"{self.spec.name}.cmdline").write_text(self.spec.command_line() + "\n")
+        log.info("launching %s: %s", self.spec.name, self.spec.command_line())
+        err = open(self.stderr_path, "wb")
+        try:
+            self.proc = proc.popen(argv, detach=self.detach, stdin=subprocess.DEVNULL,
+                                   stdout=err, stderr=subprocess.STDOUT,
+                                   **({"preexec_fn": _child_setup} if not self.detach else
+                                      {"preexec_fn": _detached_setup}))
+        finally:
+            err.close()
+        self.pid = self.proc.pid
+        try:
+            proc.wait_until(lambda: self._qmp_ready() or self.proc.poll() is not None,
+                            timeout, f"QMP socket of {self.spec.name}")
+            if self.proc.poll() is not None:
+                raise self.failure(f"QEMU exited early with status {self.proc.returncode}")
+            self.connect_qmp()
+        except BaseException:
+            self.shutdown(quick=True)
+            raise
+
+    def _qmp_ready(self) -> bool:
+        return os.path.exists(self.spec.qmp_socket)
+
+    def connect_qmp(self) -> None:
+        os.chmod(self.spec.qmp_socket, 0o600)
+        self.qmp = QEMUMonitorProtocol(self.spec.qmp_socket)
+        self.qmp.connect()
+        self.qmp.settimeout(30)
+
+    def failure(self, cause: str) -> BootFailure:
+        """A BootFailure naming QEMU's last words (stderr) and the console log."""
+        last = ""
+        try:
+            lines = [ln for ln in self.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
+            last = lines[-1] if lines else ""
+        except OSError:
+            pass
+        if last:
+            cause = f"{cause}: {last}"
+        return BootFailure(self.spec.name, cause, str(self.console_path))
+
+    def alive(self) -> bool:
+        if self.proc is not None:
+            return self.proc.poll() is None
+        return self.pid is not None and proc.pid_alive(self.pid)
+
+    def cmd(self, name: str, **args):
+        if self.qmp is None:
+            raise InfraError(f"{self.spec.name}: QMP not connected")
+        out = self.qmp.cmd(name, **args)
+        self.collect_events()
+        return out
+
+    def collect_events(self) -> list[dict]:
+        if self.qmp is not None:
+            try:
+                self.events += self.qmp.get_events(wait=False)
+            except Exception:  # a dead QEMU has no events to give
+                pass
+        return self.events
+
+    def wait_console(self, markers: dict[str, str], timeout: float, what: str) -> str:
+        """Wait for the first of ``markers`` (text -> outcome) in the console log.
+        Fails fast when QEMU exits or the kernel panics; returns the outcome."""
+        deadline = time.monotonic() + timeout
+        while True:
+            text = _read(self.console_path)
+            for marker, outcome in markers.items():
+                if marker in text:
+                    return outcome
+            if "Kernel panic" in text:
+                line = next((ln for ln in text.splitlines() if "Kernel panic" in ln), "")
+                raise self.failure(f"kernel panic: {line.strip()}")
+            if not self.alive():
+                rc = self.proc.returncode if self.proc else "?"
+                raise self.failure(f"QEMU exited (status {rc}) before {what}")
+            if time.monotonic() >= deadline:
+                raise self.failure(f"no '{what}' within {timeout:.0f}s; last console line: "
+                                   f"{(console_tail(self.console_path, 1) or '<empty>')[:160]}")
+            time.sleep(0.25)
+
+    def shutdown(self, timeout: float = 10, quick: bool = False) -> None:
+        try:
+            if self.alive() and not quick and self.qmp is not None:
+                try:
+                    self.qmp.cmd("quit")
+                except Exception:
+                    pass
+                self._wait_gone(timeout)
+            if self.alive():
+                self._signal(signal.SIGTERM)
+                self._wait_gone(5)
+            if self.alive():
+                self._signal(signal.SIGKILL)
+                self._wait_gone(5)
+        finally:
+            self._post_shutdown()
+
+    def _signal(self, sig) -> None:
+        try:
+            os.kill(self.pid, sig)
+        except (ProcessLookupError, TypeError):
+            pass
+
+    def _wait_gone(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while self.alive() and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+    def _post_shutdown(self) -> None:
+        self.collect_events()
+        if self.qmp is not None:
+            try:
+                self.qmp.close()
+            except Exception:
+                pass
+            self.qmp = None
+        if self.proc is not None:
+            try:
+                self.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                pass
+        if self.events:
+            with open(self.workdir / f"{self.spec.name}.qmp-events.jsonl", "a") as f:
+                for ev in self.events:
+                    f.write(json.dumps(ev) + "\n")
+            self.events = []
+        for p in (self.spec.qmp_socket,):
+            try:
+                os.unlink(p)
+            except (FileNotFoundError, TypeError):
+                pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.shutdown()
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _child_setup() -> None:
+    os.umask(0o077)  # QMP socket and logs: owner only
+    proc._die_with_parent()
+
+
+def _detached_setup() -> None:
+    os.umask(0o077)

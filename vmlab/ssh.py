@@ -1,0 +1,206 @@
+"""SSH to the lab host and to guests, with paramiko and generated ed25519 keys only.
+
+A guest is reached through the lab host: a direct-tcpip channel from the lab's SSH
+session to the guest's forwarded port becomes the socket of the guest's session, so no
+ssh binary and no port on the controller are needed.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import select
+import socket
+import threading
+import time
+from pathlib import Path
+
+import paramiko
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from .errors import RemoteError, WaitTimeout
+
+log = logging.getLogger("vmlab.ssh")
+logging.getLogger("paramiko").setLevel(logging.CRITICAL)
+
+
+def generate_key(path: Path) -> str:
+    """Write a new ed25519 private key (0600) at ``path``; return the public key's base64."""
+    key = Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                            serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return public_key_b64(path)
+
+
+def public_key_b64(path: Path) -> str:
+    return paramiko.Ed25519Key.from_private_key_file(str(path)).get_base64()
+
+
+class _AcceptOwnVM(paramiko.MissingHostKeyPolicy):
+    """Our VMs make fresh host keys at every boot and are reached only via 127.0.0.1 or
+    through the lab's own session; the key is recorded in the log, not pinned."""
+
+    def missing_host_key(self, client, hostname, key):
+        log.debug("host key of %s: %s %s", hostname, key.get_name(), key.get_base64()[:24])
+
+
+class SSHSession:
+    """One authenticated SSH session (paramiko client) to a VM."""
+
+    def __init__(self, name: str, client: paramiko.SSHClient):
+        self.name = name
+        self.client = client
+
+    @classmethod
+    def connect(cls, name: str, host: str, port: int, key_path: Path, timeout: float,
+                sock_factory=None, alive=None) -> "SSHSession":
+        """Retry until the server accepts our key or ``timeout``; ``alive`` (callable) aborts
+        the wait early when the VM died."""
+        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            if alive is not None and not alive():
+                raise RemoteError(f"{name}: VM exited while waiting for SSH")
+            client = paramiko.SSHClient()
+            client.set_missing_host_key_policy(_AcceptOwnVM())
+            try:
+                sock = sock_factory() if sock_factory else None
+                client.connect(host, port=port, username="root", pkey=pkey, sock=sock,
+                               timeout=10, banner_timeout=20, auth_timeout=20,
+                               allow_agent=False, look_for_keys=False)
+                client.get_transport().set_keepalive(15)
+                return cls(name, client)
+            except (OSError, paramiko.SSHException, EOFError) as e:
+                last = f"{type(e).__name__}: {e}"
+                client.close()
+            if time.monotonic() >= deadline:
+                raise WaitTimeout(f"SSH to {name} ({host}:{port})", timeout, last)
+            time.sleep(1.0)
+
+    @property
+    def transport(self) -> paramiko.Transport:
+        return self.client.get_transport()
+
+    def run(self, command: str, *, timeout: float = 60, check: bool = True,
+            input: bytes | str | None = None) -> tuple[int, str, str]:
+        """Run a shell command; returns (rc, stdout, stderr). Bounded by ``timeout``."""
+        chan = self.transport.open_session(timeout=10)
+        chan.settimeout(timeout)
+        chan.exec_command(command)
+        if input is not None:
+            chan.sendall(input.encode() if isinstance(input, str) else input)
+        chan.shutdown_write()
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        while True:
+            if chan.recv_ready():
+                out += chan.recv(65536)
+            elif chan.recv_stderr_ready():
+                err += chan.recv_stderr(65536)
+            elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                break
+            else:
+                if time.monotonic() > deadline:
+                    chan.close()
+                    raise WaitTimeout(f"{self.name}: {command[:80]}", timeout,
+                                      (err or out).decode(errors="replace")[-300:])
+                select.select([chan], [], [], 0.2)
+        rc = chan.recv_exit_status()
+        chan.close()
+        o, e = out.decode(errors="replace"), err.decode(errors="replace")
+        if check and rc != 0:
+            raise RemoteError(f"{self.name}: '{command[:120]}' exited {rc}: "
+                              f"{(e or o).strip().splitlines()[-1:] or ''}")
+        return rc, o, e
+
+    def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
+        self.run(f"cat > {path}.tmp && chmod {mode:o} {path}.tmp && mv {path}.tmp {path}",
+                 input=data, timeout=120)
+
+    def open_tcp(self, host: str, port: int, timeout: float = 10) -> paramiko.Channel:
+        """A direct-tcpip channel to host:port as seen from the VM."""
+        return self.transport.open_channel("direct-tcpip", (host, port), ("127.0.0.1", 0),
+                                           timeout=timeout)
+
+    def open_exec(self, command: str) -> paramiko.Channel:
+        chan = self.transport.open_session(timeout=10)
+        chan.exec_command(command)
+        return chan
+
+    def close(self) -> None:
+        self.client.close()
+
+
+class ChannelForward:
+    """A local unix socket (mode 0600) whose connections are piped to channels opened by
+    ``factory`` — how the controller's QMP client reaches a QMP socket inside the lab."""
+
+    def __init__(self, path: Path, factory, name: str):
+        self.path, self.factory, self.name = Path(path), factory, name
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
+        old = os.umask(0o177)
+        try:
+            self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.srv.bind(str(self.path))
+        finally:
+            os.umask(old)
+        self.srv.listen(4)
+        self.srv.settimeout(0.5)
+        t = threading.Thread(target=self._accept, name=f"fwd-{name}", daemon=True)
+        t.start()
+        self._threads.append(t)
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self.srv.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                return
+            try:
+                chan = self.factory()
+            except Exception as e:  # the client sees EOF; the reason goes to the log
+                log.error("%s: cannot open channel: %s", self.name, e)
+                conn.close()
+                continue
+            t = threading.Thread(target=self._pipe, args=(conn, chan), daemon=True)
+            t.start()
+            self._threads.append(t)
+
+    def _pipe(self, conn: socket.socket, chan: paramiko.Channel) -> None:
+        try:
+            while not self._stop.is_set():
+                r, _, _ = select.select([conn, chan], [], [], 0.5)
+                if conn in r:
+                    data = conn.recv(65536)
+                    if not data:
+                        break
+                    chan.sendall(data)
+                if chan in r:
+                    data = chan.recv(65536)
+                    if not data:
+                        break
+                    conn.sendall(data)
+        except OSError:
+            pass
+        finally:
+            chan.close()
+            conn.close()
+
+    def close(self) -> None:
+        self._stop.set()
+        self.srv.close()
+        try:
+            self.path.unlink()
+        except FileNotFoundError:
+            pass
