@@ -32,7 +32,7 @@ def _on_sigterm(signum, frame):
 
 def _lab_opts(a):
     from .lab import LabOptions
-    return LabOptions(accel=a.accel, kernel=a.kernel, kernel_image=a.kernel_image,
+    return LabOptions(accel=a.accel or "auto", kernel=a.kernel or "trixie", kernel_image=a.kernel_image,
                       memory_mb=a.lab_memory, boot_timeout=a.boot_timeout,
                       extra_qemu_args=tuple(a.lab_qemu_arg or ()))
 
@@ -40,8 +40,9 @@ def _lab_opts(a):
 def _images(a, need_guest=True):
     from . import images
     get = images.require if a.no_build else (lambda r: images.ensure(r, progress)[0])
-    lab_img = get(images.recipe("lab", a.kernel))
-    guest_img = get(images.recipe("guest", a.guest_kernel or a.kernel)) if need_guest else None
+    kernel = a.kernel or "trixie"
+    lab_img = get(images.recipe("lab", kernel))
+    guest_img = get(images.recipe("guest", a.guest_kernel or kernel)) if need_guest else None
     return lab_img, guest_img
 
 
@@ -228,9 +229,9 @@ def cmd_run(a) -> int:
 
 # --- parser ---------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--accel", default="auto", choices=["auto", "kvm", "tcg"],
+    p.add_argument("--accel", default=None, choices=["auto", "kvm", "tcg"],
                    help="lab accelerator (auto: probe /dev/kvm, else TCG with emulated SVM+NPT)")
-    p.add_argument("--kernel", default="trixie", help="lab kernel suite: trixie, trixie-backports, bookworm-backports")
+    p.add_argument("--kernel", default=None, help="lab kernel suite: trixie, trixie-backports, bookworm-backports")
     p.add_argument("--guest-kernel", default=None, help="guest kernel suite (default: same as --kernel)")
     p.add_argument("--kernel-image", default=None, help="boot this kernel image as the lab kernel")
     p.add_argument("--lab-memory", type=int, default=3072, help="lab RAM in MiB")

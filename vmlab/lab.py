@@ -27,7 +27,8 @@ log = logging.getLogger("vmlab.lab")
 
 TCG_CPU = "EPYC,+svm,+npt"
 READY = "VMLAB-LAB-READY"
-HOSTAGENT = repo_root() / "vmlab" / "hostagent.py"
+# The host agent and the stdlib-only modules it imports, shipped through the share.
+HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py")]
 
 
 @dataclass
@@ -117,7 +118,8 @@ class NestedLab:
                     os.link(src, share / "guest" / name)
                 except OSError:
                     shutil.copyfile(src, share / "guest" / name)
-        shutil.copyfile(HOSTAGENT, share / "hostagent.py")
+        for src in HOSTAGENT_FILES:
+            shutil.copyfile(src, share / src.name)
         os.chmod(share, 0o755)
         return share
 
