@@ -69,12 +69,15 @@ def load(path: str | Path) -> Experiment:
         text = Path(p).read_text()
     except OSError as e:
         raise ConfigError(p, "", f"cannot read: {e.strerror}")
+    except UnicodeDecodeError as e:
+        raise ConfigError(p, "", f"not UTF-8 text (byte {e.start})")
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"line {mark.line + 1}" if mark else ""
-        raise ConfigError(p, where, f"not valid YAML: {getattr(e, 'problem', e)}")
+        what = str(getattr(e, "problem", None) or getattr(e, "reason", None) or e).splitlines()[0]
+        raise ConfigError(p, where, f"not valid YAML: {what}")
     if not isinstance(raw, dict):
         raise ConfigError(p, "", "must be a mapping with version, name, exporter, moves")
     errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(raw),

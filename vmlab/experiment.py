@@ -67,6 +67,7 @@ class Run:
         self.stack: Stack | None = None
         self.agent: HostAgent | None = None
         self.buf: dict = {}
+        self.watch: Watch | None = None
         self.mapping = exp.section("guest").get("mapping", "uc")
 
     # --- helpers ------------------------------------------------------------------------
@@ -80,7 +81,7 @@ class Run:
         died or stopped, so the caller records VMM_FAULT instead of hanging."""
         g = self.stack.guest
         try:
-            rc, out, err = g.run(f"{AGENT} {cmd}", timeout=timeout, check=False)
+            rc, out, err = self._guest_exec(f"{AGENT} {cmd}", timeout)
         except (WaitTimeout, OSError, EOFError, RemoteError) as e:
             self.check_vmm()
             raise RemoteError(f"guest agent '{cmd}' did not answer: {e}")
@@ -90,6 +91,30 @@ class Run:
             self.check_vmm()
             raise RemoteError(f"guest agent '{cmd}' exited {rc}: {err.strip() or out.strip()}")
         return json.loads(out)
+
+    def _guest_exec(self, command: str, timeout: float) -> tuple[int, str, str]:
+        """Run in the guest while watching its VMM: a vCPU stopped by KVM_RUN failing
+        would otherwise look like a slow guest until the timeout."""
+        chan = self.stack.guest.session.open_exec(command)
+        out, err = bytearray(), bytearray()
+        deadline = time.monotonic() + timeout
+        next_check = time.monotonic() + 3
+        try:
+            while True:
+                while chan.recv_ready():
+                    out += chan.recv(1 << 20)
+                while chan.recv_stderr_ready():
+                    err += chan.recv_stderr(65536)
+                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
+                    return chan.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace")
+                if time.monotonic() > next_check:
+                    self.check_vmm()
+                    next_check = time.monotonic() + 3
+                if time.monotonic() > deadline:
+                    raise WaitTimeout(f"guest: {command[:60]}", timeout)
+                time.sleep(0.01)
+        finally:
+            chan.close()
 
     def check_vmm(self) -> None:
         g = self.stack.guest
@@ -102,10 +127,11 @@ class Run:
                 status = f"qmp-error: {e}"
         if not alive or status in ("internal-error", "shutdown", "guest-panicked") or \
                 (status and status.startswith("qmp-error")):
-            _, qlog, _ = self.stack.lab.run(f"tail -n 20 {g.dir}/qemu.log", timeout=30, check=False)
+            _, qlog, _ = self.stack.lab.run(
+                f"grep -i -m 3 -e 'error' -e 'failed' {g.dir}/qemu.log; tail -n 1 {g.dir}/qemu.log",
+                timeout=30, check=False)
             words = [ln for ln in qlog.splitlines() if ln.strip()]
-            last = next((ln for ln in words if "kvm run failed" in ln.lower() or "KVM_RUN" in ln or
-                         "error" in ln.lower()), words[-1] if words else "")
+            last = words[0] if words else ""
             raise VMMDied(f"guest QEMU {'exited' if not alive else 'stopped: ' + str(status)}; "
                           f"last words: {last.strip()}")
 
@@ -145,7 +171,12 @@ class Run:
                                     "boot_seconds": guest.boot_seconds}
             self.result["caching_chain"] = self.caching_chain()
             self.save()
-            self.baseline()
+            try:
+                self.baseline()
+            except VMMDied as e:
+                self.progress(f"VMM fault during the baseline read: {e}")
+                self.result["vmm_fault"] = str(e)
+                self.result["baseline"] = {"verdict": "VMM_FAULT", "detail": str(e)}
             self.moves()
         except VMMDied as e:
             self.progress(f"VMM fault: {e}")
@@ -196,6 +227,7 @@ class Run:
         return j
 
     def baseline(self) -> None:
+        self.check_vmm()
         j = self.read_and_judge(1, None)
         self.result["baseline"] = j
         ok = j["verdict"] == "REFAULTED"
@@ -210,21 +242,20 @@ class Run:
             self.result["moves"].append(rec)
             tag = None
             if self.result.get("vmm_fault"):
-                rec.update(verdict="VMM_FAULT", pages={}, detail="not run: the VMM died earlier")
+                rec.update(verdict="VMM_FAULT", pages={}, detail="not run: the VMM died earlier",
+                           passed="VMM_FAULT" in mv["expect"])
                 continue
             try:
                 if mv["guest_write"]:
                     tag = TAG_BASE | mv["n"]
                     w = self.guest_agent(f"write --tag {tag} --caching {self.mapping}")
                     rec["guest_write"] = {"tag": hex(tag), "readback_ok": w.get("readback_ok")}
-                watch = None
-                if mv["concurrent"]:
-                    watch = self.stack.guest.session.open_exec(
-                        f"{AGENT} watch --duration 5 --interval-us 200 --caching {self.mapping}")
-                    time.sleep(0.5)
+                if mv["concurrent"] and self.watch is None:
+                    self.watch = Watch(self.stack.guest, self.mapping)
                 if mv["inject"] == "kill-vmm":
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
+                t_sent = time.monotonic()
                 try:
                     mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
                                               caching=mv["caching"])
@@ -238,8 +269,8 @@ class Run:
                 rec["exporter_note"] = mres.get("what")
                 if mv["interval_ms"]:
                     time.sleep(mv["interval_ms"] / 1000)
-                if watch is not None:
-                    rec["watch"] = self.collect_watch(watch, mres)
+                if mv["concurrent"]:
+                    rec["watch"] = self.watch.wait_generation(generation, t_sent, timeout=30)
                 self.check_vmm()
                 j = self.read_and_judge(generation, tag)
                 rec.update(j)
@@ -254,30 +285,21 @@ class Run:
                               f"expected {'/'.join(mv['expect'])} {rec.get('pages', '')}")
                 self.save()
 
-    def collect_watch(self, chan, mres: dict) -> dict:
-        out = b""
-        deadline = time.monotonic() + 30
-        while not chan.exit_status_ready() and time.monotonic() < deadline:
-            while chan.recv_ready():
-                out += chan.recv(65536)
-            time.sleep(0.1)
-        while chan.recv_ready():
-            out += chan.recv(65536)
-        chan.close()
-        events = [json.loads(ln) for ln in out.decode(errors="replace").splitlines() if ln.startswith("{")]
-        changes = [e for e in events if "generation" in e]
-        first_new = [e for e in changes if e.get("generation") == mres["generation"]]
-        res = {"events": len(changes), "done": next((e for e in events if e.get("done")), None)}
-        if first_new:
-            # guest and lab share no clock: latency is bounded by the guest's own view
-            res["first_new_generation_t_ns"] = min(e["t_ns"] for e in first_new)
-        return res
-
     def finish(self) -> None:
         moves = self.result["moves"]
-        self.result["passed"] = bool(moves) and all(m.get("passed") for m in moves) \
-            and self.result.get("baseline", {}).get("verdict") == "REFAULTED"
+        base = self.result.get("baseline", {}).get("verdict")
+        self.result["passed"] = bool(moves) and all(m.get("passed") for m in moves) and (
+            base == "REFAULTED" or (base == "VMM_FAULT" and all("VMM_FAULT" in m["expected"] for m in moves)))
         self.result["status"] = "finished"
+        if self.watch is not None:
+            self.result["watch"] = self.watch.close()
+            lat = sorted(m["watch"]["latency_s"] for m in moves
+                         if m.get("watch", {}).get("latency_s") is not None)
+            if lat:
+                self.result["watch"]["move_to_guest_latency_s"] = {
+                    "n": len(lat), "p50": lat[len(lat) // 2], "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+                    "note": "controller clock, from sending MOVE to receiving the guest's watch line "
+                            "(an upper bound: includes SSH transport both ways)"}
         self.result["ended"] = datetime.now(timezone.utc).isoformat()
         try:
             if self.agent is not None and self.exp.section("exporter")["kind"] == "vmlab" and self.buf:
@@ -297,6 +319,61 @@ class Run:
             finally:
                 self.save()
                 write_junit(self.out / "junit.xml", self.result)
+                # per-run secrets and the share are worthless once the VMs are gone
+                (self.out / "id_ed25519").unlink(missing_ok=True)
+                shutil.rmtree(self.out / "share", ignore_errors=True)
+
+
+class Watch:
+    """The guest agent in watch mode on pages 0 and last, read live over one SSH channel."""
+
+    def __init__(self, guest, mapping: str):
+        self.chan = guest.session.open_exec(
+            f"{AGENT} watch --duration 3600 --interval-us 100 --caching {mapping}")
+        self.buf = b""
+        self.events: list[dict] = []
+        self.seen_gen = 0
+        self._pump(0.5)
+
+    def _pump(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while True:
+            while self.chan.recv_ready():
+                self.buf += self.chan.recv(65536)
+            while b"\n" in self.buf:
+                line, self.buf = self.buf.split(b"\n", 1)
+                try:
+                    ev = json.loads(line)
+                except ValueError:
+                    continue
+                ev["rx"] = time.monotonic()
+                self.events.append(ev)
+                if "generation" in ev and ev.get("status") == "ok":
+                    self.seen_gen = max(self.seen_gen, ev["generation"])
+            if time.monotonic() >= end or self.chan.exit_status_ready():
+                return
+            time.sleep(0.002)
+
+    def wait_generation(self, gen: int, t_sent: float, timeout: float) -> dict:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            hit = next((e for e in self.events if e.get("generation") == gen and e.get("status") == "ok"
+                        and e["rx"] >= t_sent), None)
+            if hit:
+                return {"seen": True, "latency_s": round(hit["rx"] - t_sent, 6)}
+            if self.chan.exit_status_ready():
+                break
+            self._pump(0.05)
+        return {"seen": False, "latency_s": None}
+
+    def close(self) -> dict:
+        try:
+            self.chan.close()
+        except Exception:
+            pass
+        changes = [e for e in self.events if "generation" in e]
+        return {"events": len(changes), "stale_observations":
+                sum(1 for e in changes if e.get("state") == 2)}
 
 
 def write_junit(path: Path, res: dict) -> None:

@@ -243,6 +243,10 @@ class IvshmemServer:
                 c.close()
 
     def close(self):
+        try:
+            self.sock.shutdown(socket.SHUT_RDWR)  # wakes the thread blocked in accept()
+        except OSError:
+            pass
         self.sock.close()
         for c in self.clients:
             c.close()
@@ -257,12 +261,14 @@ def log(msg):
     sys.stderr.flush()
 
 
-def read_stamps(fd, size, first=0, count=None, full=False):
-    """Map the buffer in this host process and read every page's header."""
+def read_stamps(fd, size, first=0, count=None, full=False, kept=None):
+    """Read every page's header through ``kept`` or a fresh mapping of the buffer."""
     n = size // PAGE
     count = n - first if count is None else count
     recs = []
-    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+    import contextlib
+    ctx = contextlib.nullcontext(kept) if kept is not None else mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ)
+    with ctx as m:
         for i in range(first, first + count):
             page = m[i * PAGE:(i + 1) * PAGE] if full else m[i * PAGE:i * PAGE + stamp.GUEST_OFF + 8]
             if full:
@@ -397,6 +403,7 @@ class Agent:
         self.ctl = None
         self.buffers = {}
         self.servers = {}
+        self.maps = {}
         self.next = 1
 
     def control(self):
@@ -459,9 +466,24 @@ class Agent:
         out["t_start_ns"], out["t_end_ns"] = t0, time.monotonic_ns()
         return out
 
-    def op_host_read(self, req):
+    def op_host_map(self, req):
+        """Keep a host mapping of the buffer open (as a VMM would) until host_unmap."""
         b = self.buf(req)
-        recs = read_stamps(b.fd, b.size, req.get("first", 0), req.get("count"), req.get("full", False))
+        self.maps[req["buf"]] = mmap.mmap(b.fd, b.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        return {}
+
+    def op_host_unmap(self, req):
+        m = self.maps.pop(req["buf"], None)
+        if m is not None:
+            m.close()
+        return {}
+
+    def op_host_read(self, req):
+        """Stamps as a host process sees them: through the kept mapping if there is one
+        (what a stale mapping shows), else through a fresh one."""
+        b = self.buf(req)
+        recs = read_stamps(b.fd, b.size, req.get("first", 0), req.get("count"), req.get("full", False),
+                           self.maps.get(req["buf"]))
         return {"records": recs}
 
     def op_host_pte(self, req):
@@ -485,6 +507,7 @@ class Agent:
         return b.release_quarantine()
 
     def op_close(self, req):
+        self.op_host_unmap(req)
         b = self.buffers.pop(req["buf"], None)
         srv = self.servers.pop(req["buf"], None)
         if srv:
@@ -504,6 +527,27 @@ class Agent:
 
     def op_fuzz(self, req):
         return {"errnos": fuzz(self.control(), int(req.get("count", 10000)), int(req.get("seed", 1)))}
+
+    def op_raw(self, req):
+        """One ioctl with caller-chosen struct fields and pointer (negative tests):
+        {"cmd": "CREATE"|"INFO"|"MOVE"|"RELEASE_QUARANTINE"|"PTE"|"ABI", "fields": [...],
+         "ptr": null (a valid buffer) or an integer address}. Returns rc, errname, fields out."""
+        import ctypes
+        st = {"CREATE": U.CREATE, "INFO": U.INFO, "MOVE": U.MOVE_S, "RELEASE_QUARANTINE": U.RELEASE,
+              "PTE": U.PTE, "ABI": U.ABI}[req["cmd"]]
+        cmd = getattr(U, "IOC_" + req["cmd"])
+        buf = ctypes.create_string_buffer(st.size)
+        if req.get("fields"):
+            st.pack_into(buf, 0, *req["fields"])
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+        ptr = req.get("ptr")
+        rc = libc.ioctl(self.control(), cmd, ctypes.addressof(buf) if ptr is None else ptr)
+        e = ctypes.get_errno() if rc < 0 else 0
+        out = list(st.unpack_from(buf.raw))
+        if rc >= 0 and req["cmd"] == "CREATE" and out[4] > 2:
+            os.close(out[4])  # a negative test that unexpectedly succeeded must not leak
+        return {"rc": rc, "errname": errno.errorcode.get(e, "") if e else "", "fields": out}
 
     def op_ping(self, req):
         return {}

@@ -1,0 +1,101 @@
+"""`vmlab` command line without a lab: help, status of no lab, images list, doctor --no-boot."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def vmlab(args, tmp_path, timeout=60):
+    env = dict(os.environ, VMLAB_STATE_DIR=str(tmp_path / "state"),
+               VMLAB_CACHE_DIR=str(tmp_path / "cache"),
+               PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "vmlab.cli", *args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_help(tmp_path):
+    r = vmlab(["--help"], tmp_path)
+    assert r.returncode == 0
+    for cmd in ("images", "lab", "guest", "doctor", "bench", "run"):
+        assert cmd in r.stdout
+
+
+def test_version(tmp_path):
+    from vmlab import __version__
+    r = vmlab(["--version"], tmp_path)
+    assert r.returncode == 0 and r.stdout.strip() == f"vmlab {__version__}"
+
+
+def test_no_command_is_usage_error(tmp_path):
+    r = vmlab([], tmp_path)
+    assert r.returncode == 2 and "usage" in r.stderr
+
+
+def test_lab_status_without_lab(tmp_path):
+    r = vmlab(["lab", "status"], tmp_path)
+    assert r.returncode == 2
+    assert r.stdout == ""
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1, r.stderr
+    assert lines[0].startswith("vmlab: error: no lab is up")
+    assert str(tmp_path / "state") in lines[0]
+
+
+def test_lab_down_without_lab(tmp_path):
+    r = vmlab(["lab", "down"], tmp_path)
+    assert r.returncode == 0
+    assert "no lab is up" in r.stderr
+
+
+def test_guest_exec_without_lab(tmp_path):
+    r = vmlab(["guest", "exec", "true"], tmp_path)
+    assert r.returncode == 2 and len(r.stderr.splitlines()) == 1
+
+
+def test_images_list_empty(tmp_path):
+    r = vmlab(["images", "list"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == ""
+
+
+def test_images_list_one(tmp_path):
+    d = tmp_path / "cache" / "images" / "lab-x"
+    d.mkdir(parents=True)
+    (d / "manifest.json").write_text(json.dumps({"kind": "lab", "kernel_suite": "trixie",
+                                                 "kernel_release": "6.12.0-1-amd64",
+                                                 "build_seconds": 42}))
+    r = vmlab(["images", "list"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert len(lines) == 1
+    assert lines[0].split() == ["lab", "trixie", "6.12.0-1-amd64", "42s", str(d)]
+
+
+def test_doctor_no_boot_json(tmp_path):
+    r = vmlab(["doctor", "--no-boot", "--json"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    rep = json.loads(r.stdout)
+    assert rep["lab"] is None and rep["guest"] is None
+    m = rep["machine"]
+    assert m["kernel"] == os.uname().release
+    assert m["cpus"] == os.cpu_count()
+    assert m["dev_kvm"] == os.path.exists("/dev/kvm")
+    v = m["qemu_version"]
+    assert isinstance(v, str) and v and not v.startswith("unavailable"), v
+    assert v[0].isdigit(), v
+    real = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True,
+                          timeout=20).stdout.splitlines()[0]
+    assert v in real
+    assert not (tmp_path / "state" / "doctor").exists()  # nothing was booted
+
+
+def test_doctor_no_boot_text(tmp_path):
+    r = vmlab(["doctor", "--no-boot"], tmp_path)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("machine: kernel ")
+    assert "QEMU" in r.stdout

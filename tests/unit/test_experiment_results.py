@@ -1,0 +1,103 @@
+"""vmlab/experiment.py result writers: junit.xml, the table, the reproducer (no VM)."""
+from __future__ import annotations
+
+import os
+import shlex
+import stat
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from vmlab import config, experiment
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def fake_result() -> dict:
+    return {"experiment": "demo", "status": "finished", "passed": False, "moves": [
+        {"n": 1, "mode": "MIGRATE", "expected": ["REFAULTED"], "verdict": "REFAULTED",
+         "pages": {"REFAULTED": 256}, "passed": True},
+        {"n": 2, "mode": "MIGRATE_NO_ZAP", "expected": ["STALE", "TORN"], "verdict": "REFAULTED",
+         "pages": {"REFAULTED": 256}, "passed": False, "detail": "<&\"'> odd chars"},
+    ]}
+
+
+def test_write_junit(tmp_path):
+    p = tmp_path / "junit.xml"
+    experiment.write_junit(p, fake_result())
+    root = ET.parse(p).getroot()
+    assert root.tag == "testsuite"
+    assert root.get("name") == "vmlab.demo"
+    assert root.get("tests") == "2"
+    assert root.get("failures") == "1"
+    cases = root.findall("testcase")
+    assert [c.get("name") for c in cases] == ["move001-MIGRATE", "move002-MIGRATE_NO_ZAP"]
+    assert all(c.get("classname") == "vmlab.demo" for c in cases)
+    assert cases[0].find("failure") is None
+    f = cases[1].find("failure")
+    assert f is not None
+    msg = f.get("message")
+    assert "REFAULTED" in msg and "STALE/TORN" in msg
+    assert msg == "verdict REFAULTED expected STALE/TORN"
+    assert "<&\\\"'> odd chars" in f.text  # escaped in XML, intact after parsing
+
+
+def test_write_junit_all_pass_and_missing_verdict(tmp_path):
+    res = fake_result()
+    res["moves"][1]["passed"] = True
+    experiment.write_junit(tmp_path / "a.xml", res)
+    root = ET.parse(tmp_path / "a.xml").getroot()
+    assert (root.get("tests"), root.get("failures")) == ("2", "0")
+    assert root.find("testcase/failure") is None
+    res = {"experiment": "x", "moves": [{"n": 1, "mode": "ZAP_ONLY", "expected": ["STALE"]}]}
+    experiment.write_junit(tmp_path / "b.xml", res)
+    root = ET.parse(tmp_path / "b.xml").getroot()
+    assert (root.get("tests"), root.get("failures")) == ("1", "1")
+    assert root.find("testcase/failure").get("message") == "verdict None expected STALE"
+
+
+def test_write_junit_no_moves(tmp_path):
+    experiment.write_junit(tmp_path / "j.xml", {"experiment": "e", "moves": []})
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    assert (root.get("tests"), root.get("failures")) == ("0", "0")
+
+
+def test_table_marks_mismatch():
+    lines = experiment.table(fake_result()).splitlines()
+    assert len(lines) == 3
+    assert lines[0].split() == ["move", "mode", "verdict", "expected", "pages"]
+    assert "MISMATCH" not in lines[1]
+    assert lines[1].split()[:4] == ["1", "MIGRATE", "REFAULTED", "REFAULTED"]
+    assert lines[2].rstrip().endswith("<-- MISMATCH")
+    assert lines[2].split()[:4] == ["2", "MIGRATE_NO_ZAP", "REFAULTED", "STALE/TORN"]
+    assert '{"REFAULTED": 256}' in lines[2]
+
+
+def test_write_reproducer(tmp_path):
+    src = tmp_path / "my exp.yaml"
+    src.write_text((ROOT / "configs/experiments/default.yaml").read_text())
+    exp = config.load(src)
+    out = tmp_path / "out"
+    out.mkdir()
+    experiment.write_reproducer(out, exp, ["--accel=tcg"])
+    assert (out / "config.yaml").read_text() == src.read_text()
+    sh = out / "reproduce.sh"
+    mode = stat.S_IMODE(sh.stat().st_mode)
+    assert mode & stat.S_IXUSR and mode == 0o755
+    text = sh.read_text()
+    assert text.startswith("#!/bin/sh\n")
+    assert f"cd {shlex.quote(str(ROOT))} || exit 1" in text
+    last = text.strip().splitlines()[-1]
+    assert last.startswith("exec vmlab run ")
+    assert "config.yaml" in last and "--accel=tcg" in last and last.endswith('"$@"')
+    assert os.access(sh, os.X_OK)
+
+
+def test_results_dir(tmp_path, monkeypatch):
+    exp = config.load(ROOT / "configs/experiments/default.yaml")
+    d = experiment.results_dir(exp, str(tmp_path / "given"))
+    assert d == tmp_path / "given" and d.is_dir()
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    monkeypatch.chdir(tmp_path)
+    d = experiment.results_dir(exp, None)
+    assert d.parent == tmp_path / "results"
+    assert d.name.endswith("-default") and d.name[:8].isdigit()
