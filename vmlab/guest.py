@@ -73,7 +73,7 @@ class Guest:
         rc, out, err = self.lab.run(
             f"rm -rf {d} && mkdir -p {d} && chmod 700 {d} && umask 077 && "
             f"(setsid {spec.command_line()} > {d}/qemu.log 2>&1 < /dev/null & echo $! > {d}/qemu.pid) && "
-            f"for i in $(seq 100); do [ -S {d}/qmp.sock ] && exit 0; "
+            f"for i in $(seq 100); do [ -S {d}/qmp.sock ] && chmod 600 {d}/qmp.sock && exit 0; "
             f"kill -0 $(cat {d}/qemu.pid) 2>/dev/null || {{ cat {d}/qemu.log; exit 1; }}; sleep 0.2; done; "
             f"echo 'no QMP socket after 20s'; exit 1", timeout=60, check=False)
         if rc != 0:

@@ -125,9 +125,10 @@ class NestedLab:
 
     def up(self, lab_image: images.Image, guest_image: images.Image | None, progress=print) -> None:
         self.image, self.guest_image = lab_image, guest_image
+        # A wrong --kernel-image is left to QEMU: its own error names the file, and the
+        # failure path (early exit -> BootFailure with the console log) is the same one
+        # every other broken boot takes.
         kernel = self.opts.kernel_image or str(lab_image.artifact("vmlinuz"))
-        if not os.path.isfile(kernel):
-            raise BootFailure("lab", f"kernel image not found: {kernel}")
         if self.accel == "auto":
             self.accel, self.accel_reason = probe_accel(lab_image, progress)
         elif self.accel not in ("kvm", "tcg"):
