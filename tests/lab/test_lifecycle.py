@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -13,26 +14,31 @@ import pytest
 from .conftest import ROOT, qemu_pids, vmlab_cmd
 
 
-def _start(state, *args):
-    env = dict(os.environ, VMLAB_STATE_DIR=str(state))
-    return subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=env,
-                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+class _Proc:
+    """vmlab in its own process group (as a shell runs it), stderr collected on a thread."""
 
+    def __init__(self, state, *args):
+        env = dict(os.environ, VMLAB_STATE_DIR=str(state))
+        self.p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=env,
+                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
+        self.err = []
+        self.t = threading.Thread(target=lambda: self.err.extend(iter(self.p.stderr.readline, "")),
+                                  daemon=True)
+        self.t.start()
 
-def _wait_for(p, text, timeout):
-    seen = ""
-    end = time.monotonic() + timeout
-    os.set_blocking(p.stderr.fileno(), False)
-    while time.monotonic() < end:
-        chunk = p.stderr.read() or ""
-        seen += chunk
-        if text in seen:
-            return seen
-        if p.poll() is not None:
-            break
-        time.sleep(0.2)
-    pytest.fail(f"never saw {text!r}; stderr so far:\n{seen}")
+    def stderr(self) -> str:
+        return "".join(self.err)
+
+    def wait_for(self, text, timeout):
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            if text in self.stderr():
+                return
+            if self.p.poll() is not None:
+                break
+            time.sleep(0.2)
+        pytest.fail(f"never saw {text!r}; stderr so far:\n{self.stderr()}")
 
 
 @pytest.mark.parametrize("sig,phase,code", [
@@ -40,9 +46,10 @@ def _wait_for(p, text, timeout):
     (signal.SIGTERM, "booting guest", 143),
 ], ids=["sigint-during-lab-boot", "sigterm-during-guest-boot"])
 def test_interrupt_leaves_nothing_running(images_ready, tmp_path, sig, phase, code):
-    p = _start(tmp_path, "doctor", "--json")
+    v = _Proc(tmp_path, "doctor", "--json")
+    p = v.p
     try:
-        _wait_for(p, phase, 600)
+        v.wait_for(phase, 600)
         time.sleep(2)
         assert qemu_pids(str(tmp_path)), "the lab QEMU should be running at this point"
         os.killpg(p.pid, sig)  # like the terminal's Ctrl-C: the whole process group
@@ -51,8 +58,8 @@ def test_interrupt_leaves_nothing_running(images_ready, tmp_path, sig, phase, co
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    err = p.stderr.read() or ""
-    assert rc == code, err
+    v.t.join(5)
+    assert rc == code, v.stderr()
     deadline = time.monotonic() + 10
     while qemu_pids(str(tmp_path)) and time.monotonic() < deadline:
         time.sleep(0.2)

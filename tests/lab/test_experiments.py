@@ -1,0 +1,116 @@
+"""Issue: refault experiment. Each test is a real `vmlab run` (lab + guest + exporter +
+guest agent) and reads its results directory."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from .conftest import ROOT, qemu_pids, results_dir, vmlab_cmd
+
+EXP = ROOT / "configs" / "experiments"
+
+
+def run(name: str, config: str | None = None, expect_rc: int = 0) -> dict:
+    out = results_dir(f"run-{name}")
+    args = ["run"] + ([str(EXP / config)] if config else []) + ["--out", str(out)]
+    r = vmlab_cmd(*args, timeout=1800)
+    assert r.returncode == expect_rc, f"{r.stdout}\n{r.stderr}"
+    assert qemu_pids(str(out)) == []
+    res = json.loads((out / "results.json").read_text())
+    assert res["status"] == "finished"
+    for f in ("junit.xml", "reproduce.sh", "config.yaml", "lab-console.log", "guest-console.log",
+              "lab-dmesg.log", "hostagent.log", "vmlab.log", "guest.qemu.log"):
+        assert (out / f).exists(), f
+    assert not (out / "id_ed25519").exists()
+    res["_dir"] = out
+    res["_stdout"] = r.stdout
+    return res
+
+
+def verdicts(res):
+    return [m["verdict"] for m in res["moves"]]
+
+
+def test_default_experiment(images_ready):
+    res = run("default")
+    assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"]
+    assert res["passed"] is True
+    assert all(m["pages"] == {"REFAULTED": 256} for m in res["moves"][:3])
+    assert res["moves"][3]["pages"] == {"STALE": 256}
+    assert res["guest"]["query_kvm"]["enabled"] is True
+    # guest writes survive MIGRATE: the tag written before each move is read after it
+    assert all(m["guest_write"]["readback_ok"] for m in res["moves"][:3])
+    assert not any("LOST_WRITE" in m["pages"] for m in res["moves"])
+    suite = ET.parse(res["_dir"] / "junit.xml").getroot()
+    assert suite.get("tests") == "4" and suite.get("failures") == "0"
+    assert "PASSED" in res["_stdout"]
+    chain = res["caching_chain"]
+    assert chain["exporter"]["caching"] == "WB" and chain["lab_host_pte"]["memtype"] == "WB"
+    assert chain["guest"]["memtype"] == "uncached-minus"
+
+
+def test_caching_change_during_migrate(images_ready):
+    res = run("caching", "caching-wb-to-wc.yaml")
+    assert verdicts(res) == ["REFAULTED", "REFAULTED"]
+    assert res["moves"][0]["exporter_info"]["caching"] == "WC"
+    assert res["moves"][0]["exporter_info"]["vm_prot"] == "WC"
+    assert res["moves"][1]["exporter_info"]["caching"] == "WB"
+
+
+def test_udmabuf(images_ready):
+    res = run("udmabuf", "udmabuf.yaml")
+    assert res["caching_chain"]["exporter"]["kind"] == "udmabuf"
+    assert verdicts(res) == ["STALE"]
+    assert "punched" in res["moves"][0]["exporter_note"]
+
+
+def test_dmaheap_move_unsupported(images_ready):
+    res = run("dmaheap", "dmaheap.yaml")
+    assert verdicts(res) == ["UNSUPPORTED"]
+    assert "unsupported" in res["moves"][0]["detail"]
+    assert res["baseline"]["verdict"] == "REFAULTED"
+
+
+def test_noncompound_recorded_honestly(images_ready):
+    res = run("noncompound", "noncompound.yaml")
+    v = set(verdicts(res))
+    assert v <= {"REFAULTED", "VMM_FAULT"}
+    if "VMM_FAULT" in v:
+        assert "kvm run failed" in res["vmm_fault"].lower(), res["vmm_fault"]
+    else:
+        assert res["baseline"]["verdict"] == "REFAULTED"
+
+
+def test_zap_only(images_ready):
+    res = run("zap-only", "zap-only.yaml")
+    assert verdicts(res) == ["REFAULTED", "REFAULTED"]
+    assert res["moves"][0]["generation"] == 1 and res["moves"][1]["generation"] == 2
+
+
+def test_100_moves_with_concurrent_guest_reads(images_ready):
+    res = run("watch-100", "watch-100.yaml")
+    assert verdicts(res) == ["REFAULTED"] * 100
+    assert all(m["watch"]["seen"] for m in res["moves"])
+    lat = res["watch"]["move_to_guest_latency_s"]
+    assert lat["n"] == 100 and lat["p50"] <= lat["p99"]
+
+
+def test_killed_vmm_is_a_verdict_not_a_hang(images_ready):
+    res = run("kill-vmm", "kill-vmm.yaml")
+    assert verdicts(res) == ["REFAULTED", "VMM_FAULT", "VMM_FAULT"]
+    assert "exited" in res["vmm_fault"]
+    assert (res["_dir"] / "guest.qemu.log").exists()
+
+
+def test_expectation_mismatch_fails_the_run(images_ready, tmp_path):
+    cfg = tmp_path / "wrong.yaml"
+    cfg.write_text((EXP / "default.yaml").read_text().replace("expect: STALE", "expect: REFAULTED")
+                   .replace("name: default", "name: wrong-expectation"))
+    out = results_dir("run-wrong-expectation")
+    r = vmlab_cmd("run", str(cfg), "--out", str(out), timeout=1800)
+    assert r.returncode == 1
+    res = json.loads((out / "results.json").read_text())
+    assert res["passed"] is False and res["moves"][3]["verdict"] == "STALE"
+    assert "MISMATCH" in r.stdout
