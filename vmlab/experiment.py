@@ -274,6 +274,7 @@ class Run:
                 self.check_vmm()
                 j = self.read_and_judge(generation, tag)
                 rec.update(j)
+                rec["seconds"] = round(time.monotonic() - t_sent, 4)  # move + full verified read
                 if self.exp.section("exporter")["kind"] == "vmlab":
                     rec["exporter_info"] = self.agent.request("info", buf=self.buf["buf"])
             except VMMDied as e:

@@ -77,7 +77,7 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
         m.wait_console({"VMLAB-PROBE-OK": "ok"}, timeout, "the probe kernel reaching userspace")
         accel, reason = "kvm", "a stock kernel booted to userspace under /dev/kvm"
     except (BootFailure, WaitTimeout) as e:
-        accel, reason = "tcg", f"/dev/kvm cannot boot a stock kernel ({str(e)[:200]})"
+        accel, reason = "tcg", f"/dev/kvm cannot boot a stock kernel: {getattr(e, 'cause', str(e))[:160]}"
     finally:
         m.shutdown(quick=True)
     cache.write_text(json.dumps({"key": key, "accel": accel, "reason": reason}))
