@@ -77,7 +77,16 @@ def guest_facts(guest) -> dict:
     feats = g("virtio_gpu_features")
     if feats:
         facts["virtio_gpu_features"] = feats
+    facts["virtio_gpu"] = gpu_probe(guest)
     return facts
+
+
+def gpu_probe(guest) -> dict:
+    """The guest agent's DRM GETPARAM answers; an error says which ioctl and errno."""
+    rc, out, err = guest.run("vmlab-guest-agent gpu probe", timeout=60, check=False)
+    if rc != 0:
+        return {"error": (err.strip() or out.strip() or f"exit {rc}").splitlines()[-1]}
+    return json.loads(out)
 
 
 def report(machine: dict, lab: dict | None, guest: dict | None) -> dict:

@@ -148,6 +148,7 @@ class Run:
         a.kernel = lab_opts.kernel
         size = self.exp.size
         gopts = GuestOptions(memory_mb=guest_cfg.get("memory_mb", 512),
+                             gpu=guest_cfg.get("gpu", "blob"),
                              boot_timeout=guest_cfg.get("boot_timeout", 240),
                              extra_qemu_args=["-chardev", f"socket,path={IVSHMEM_SOCK},id=ivs0",
                                               "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"])
@@ -171,6 +172,8 @@ class Run:
                                     "boot_seconds": guest.boot_seconds}
             self.result["caching_chain"] = self.caching_chain()
             self.save()
+            if self.exp.raw.get("gpu_roundtrip"):
+                self.gpu_roundtrip(gopts.gpu)
             try:
                 self.baseline()
             except VMMDied as e:
@@ -184,6 +187,22 @@ class Run:
         finally:
             self.finish()
         return 0 if self.result["passed"] else 1
+
+    def gpu_roundtrip(self, mode: str) -> None:
+        from . import doctor, gpu_roundtrip
+        probe = doctor.gpu_probe(self.stack.guest)
+        if mode == "blob":
+            res = gpu_roundtrip.blob(self.stack.guest)
+        elif mode == "host-blob":
+            res = gpu_roundtrip.host_blob(self.stack.guest, self.agent)
+            self.result["caching_chain"]["virtio_gpu_map_info"] = res["map_info"]
+        else:
+            res = {"mode": mode, "passed": False, "error": "gpu_roundtrip needs guest.gpu blob or host-blob"}
+        res["probe"] = probe
+        self.result["virtio_gpu"] = res
+        self.progress(f"virtio-gpu {mode} round trip: {'ok' if res['passed'] else 'FAILED'} "
+                      f"{res.get('error', '')}")
+        self.save()
 
     def caching_chain(self) -> dict:
         exp_cfg = self.exp.section("exporter")
@@ -291,6 +310,8 @@ class Run:
         base = self.result.get("baseline", {}).get("verdict")
         self.result["passed"] = bool(moves) and all(m.get("passed") for m in moves) and (
             base == "REFAULTED" or (base == "VMM_FAULT" and all("VMM_FAULT" in m["expected"] for m in moves)))
+        if self.exp.raw.get("gpu_roundtrip"):
+            self.result["passed"] = self.result["passed"] and bool(self.result.get("virtio_gpu", {}).get("passed"))
         self.result["status"] = "finished"
         if self.watch is not None:
             self.result["watch"] = self.watch.close()

@@ -33,6 +33,8 @@ class GuestOptions:
     extra_qemu_args: list = field(default_factory=list)
     machine: str = "q35"
     append: str = ""
+    gpu: str = "blob"             # none | blob (virtio-gpu-pci blob=true) | host-blob (virtio-gpu-gl)
+    hostmem_mb: int = 64
 
 
 class Guest:
@@ -48,8 +50,19 @@ class Guest:
         self.boot_seconds: float | None = None
         self.events: list[dict] = []
 
+    def gpu_args(self) -> tuple[list[str], dict, str]:
+        """(QEMU args, environment, display) for the guest's virtio-gpu mode."""
+        if self.opts.gpu == "blob":
+            return ["-device", "virtio-gpu-pci,blob=true"], {}, "none"
+        if self.opts.gpu == "host-blob":
+            # Mesa's software renderer on the lab's vgem render node (no GPU in the lab).
+            return (["-device", f"virtio-gpu-gl-pci,blob=true,hostmem={self.opts.hostmem_mb}M"],
+                    {"LIBGL_ALWAYS_SOFTWARE": "1"}, "egl-headless,rendernode=/dev/dri/renderD128")
+        return [], {}, "none"
+
     def spec(self) -> VMSpec:
         pub = ssh.public_key_b64(self.lab.key)
+        gargs, genv, display = self.gpu_args()
         return VMSpec(
             name=self.opts.name, kernel="/mnt/vmlab/guest/vmlinuz",
             initrd="/mnt/vmlab/guest/initramfs.img",
@@ -57,7 +70,8 @@ class Guest:
             memory_mb=self.opts.memory_mb, accel="kvm", cpu="host", smp=self.opts.smp,
             machine=self.opts.machine, ssh_forward=self.opts.ssh_port,
             console_log=f"{self.dir}/console.log", qmp_socket=f"{self.dir}/qmp.sock",
-            extra=list(self.opts.extra_qemu_args))
+            display=display, env=genv, memfd_ram=self.opts.gpu != "none",
+            extra=gargs + list(self.opts.extra_qemu_args))
 
     def command_line(self) -> str:
         return self.spec().command_line()
@@ -138,6 +152,12 @@ class Guest:
         if self.session is None:
             raise RemoteError(f"{self.opts.name}: not connected")
         return self.session.run(command, **kw)
+
+    def screendump(self, name: str) -> bytes:
+        """A QMP screendump (PPM), written by QEMU in the lab and fetched as bytes."""
+        path = f"{self.dir}/{name}.ppm"
+        self.cmd("screendump", filename=path)
+        return self.lab.session.read_bytes(path)
 
     def alive(self) -> bool:
         if self.pid is None:

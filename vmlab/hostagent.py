@@ -549,6 +549,30 @@ class Agent:
             os.close(out[4])  # a negative test that unexpectedly succeeded must not leak
         return {"rc": rc, "errname": errno.errorcode.get(e, "") if e else "", "fields": out}
 
+    def op_find_bytes(self, req):
+        """Where a process's memory holds ``hex`` (e.g. what a guest wrote into a host-visible
+        blob, looked up in the VMM): region, offset. Guest RAM (the memfd) is skipped."""
+        pid, needle = int(req["pid"]), bytes.fromhex(req["hex"])
+        skip = tuple(req.get("skip", ("vmlab-ram", "memory-backend-memfd")))
+        hits = []
+        with open(f"/proc/{pid}/maps") as maps, open(f"/proc/{pid}/mem", "rb", 0) as mem:
+            for ln in maps:
+                parts = ln.split()
+                lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                name = parts[5] if len(parts) > 5 else ""
+                if "r" not in parts[1] or any(k in name for k in skip) or hi - lo > (1 << 31):
+                    continue
+                try:
+                    mem.seek(lo)
+                    data = mem.read(hi - lo)
+                except (OSError, ValueError, OverflowError):
+                    continue
+                off = data.find(needle)
+                while off >= 0 and len(hits) < 8:
+                    hits.append({"region": parts[0], "perms": parts[1], "name": name, "offset": off})
+                    off = data.find(needle, off + 1)
+        return {"hits": hits}
+
     def op_ping(self, req):
         return {}
 

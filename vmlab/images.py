@@ -289,10 +289,10 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
 
 
 def build_guest_agent(out: Path) -> None:
-    src = repo_root() / "guest-images/agent/vmlab-guest-agent.c"
+    srcs = sorted(str(p) for p in (repo_root() / "guest-images/agent").glob("*.c"))
     inc = repo_root() / "host-tools/vmlab-exporter/include/uapi"
     from .proc import run_cmd
-    run_cmd(["gcc", "-static", "-O2", "-Wall", "-Wextra", f"-I{inc}", "-o", str(out), str(src)],
+    run_cmd(["gcc", "-static", "-O2", "-Wall", "-Wextra", f"-I{inc}", "-o", str(out), *srcs],
             timeout=120)
 
 

@@ -45,16 +45,22 @@ class VMSpec:
     qmp_socket: str = "qmp.sock"
     pidfile: str | None = None
     daemonize: bool = False
+    display: str = "none"
+    memfd_ram: bool = False            # guest RAM from memory-backend-memfd (virtio-gpu blobs need it)
+    env: dict = field(default_factory=dict)  # environment for QEMU (in the shell command line)
     extra: list[str] = field(default_factory=list)
 
     def argv(self) -> list[str]:
         accel = self.accel if self.accel != "tcg" else "tcg,thread=single"
-        a = [self.binary, "-name", self.name, "-machine", self.machine, "-accel", accel,
+        machine = self.machine + (",memory-backend=vmlab-ram" if self.memfd_ram else "")
+        a = [self.binary, "-name", self.name, "-machine", machine, "-accel", accel,
              "-cpu", self.cpu, "-smp", str(self.smp), "-m", str(self.memory_mb),
-             "-nodefaults", "-no-user-config", "-display", "none", "-no-reboot",
+             "-nodefaults", "-no-user-config", "-display", self.display, "-no-reboot",
              "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
              "-chardev", f"file,id=con0,path={self.console_log}", "-serial", "chardev:con0",
              "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+        if self.memfd_ram:
+            a += ["-object", f"memory-backend-memfd,id=vmlab-ram,size={self.memory_mb}M"]
         if self.disk:
             a += ["-drive", f"file={self.disk},if=virtio,format=raw,snapshot=on"]
         if self.ssh_forward is not None:
@@ -71,7 +77,8 @@ class VMSpec:
         return a + list(self.extra)
 
     def command_line(self) -> str:
-        return shlex.join(self.argv())
+        env = [f"{k}={v}" for k, v in sorted(self.env.items())]
+        return shlex.join((["env", *env] if env else []) + self.argv())
 
 
 def free_port() -> int:

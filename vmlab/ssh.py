@@ -117,6 +117,23 @@ class SSHSession:
                               f"{(e or o).strip().splitlines()[-1:] or ''}")
         return rc, o, e
 
+    def read_bytes(self, path: str, timeout: float = 120) -> bytes:
+        """A file's exact bytes (``run`` decodes text; screendumps are binary)."""
+        chan = self.transport.open_session(timeout=10)
+        chan.settimeout(timeout)
+        chan.exec_command(f"cat {path}")
+        data = bytearray()
+        while True:
+            chunk = chan.recv(1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        rc = chan.recv_exit_status()
+        chan.close()
+        if rc != 0:
+            raise RemoteError(f"{self.name}: cannot read {path} (exit {rc})")
+        return bytes(data)
+
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
         self.run(f"cat > {path}.tmp && chmod {mode:o} {path}.tmp && mv {path}.tmp {path}",
                  input=data, timeout=120)

@@ -10,7 +10,8 @@
  *
  * Build: gcc -static -O2 -Wall -Wextra -Werror \
  *          -I host-tools/vmlab-exporter/include/uapi \
- *          -o vmlab-guest-agent guest-images/agent/vmlab-guest-agent.c
+ *          -o vmlab-guest-agent guest-images/agent/[all .c files]
+ * ("gpu ..." commands live in gpu.c; see there.)
  */
 #define _GNU_SOURCE
 #include <dirent.h>
@@ -31,6 +32,7 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "gpu.h"
 #include "vmlab_stamp.h"
 
 #define AGENT_VERSION 1
@@ -72,7 +74,7 @@ static void __attribute__((noreturn, format(printf, 1, 2))) usage(const char *fm
 	vsnprintf(buf, sizeof(buf), fmt, ap);
 	va_end(ap);
 	fprintf(stderr, "vmlab-guest-agent: usage: %s (commands: find map read write watch "
-		"vectors pat version; options: --path FILE --device BDF --caching wb|wc|uc "
+		"vectors pat version gpu; options: --path FILE --device BDF --caching wb|wc|uc "
 		"--first I --count N --tag T --duration S --interval-us U --pages I,J; pat: --phys ADDR --pat-file FILE)\n", buf);
 	exit(2);
 }
@@ -1141,6 +1143,8 @@ int main(int argc, char **argv)
 	if (argc < 2)
 		usage("missing command");
 	g_cmd = argv[1];
+	if (!strcmp(argv[1], "gpu"))
+		return gpu_main(argc - 1, argv + 1);
 	for (i = 0; i < sizeof(cmds) / sizeof(cmds[0]); i++) {
 		if (!strcmp(argv[1], cmds[i].name)) {
 			parse_opts(argc, argv, &o);

@@ -114,3 +114,23 @@ def test_expectation_mismatch_fails_the_run(images_ready, tmp_path):
     res = json.loads((out / "results.json").read_text())
     assert res["passed"] is False and res["moves"][3]["verdict"] == "STALE"
     assert "MISMATCH" in r.stdout
+
+
+def test_gpu_blob_screendump_round_trip(images_ready):
+    res = run("gpu-blob", "gpu-blob.yaml")
+    g = res["virtio_gpu"]
+    assert g["probe"]["resource_blob"] is True
+    for shot in ("screendump_1", "screendump_2"):
+        assert g[shot]["ok"] and g[shot]["mismatches"] == 0 and g[shot]["checked"] > 0
+    assert g["scanout"]["seed"] != g["rewrite"]["seed"]
+
+
+def test_gpu_host_blob_round_trip(images_ready):
+    res = run("gpu-host-blob", "gpu-host-blob.yaml")
+    g = res["virtio_gpu"]
+    assert g["probe"]["host_visible"] is True and g["probe"]["context_init"] is True
+    assert g["guest"]["readback_ok"] is True and g["guest"]["ctx"] is True
+    assert g["host_view"]["found"]
+    assert all("memfd" not in h["name"] for h in g["host_view"]["hits"])
+    mi = res["caching_chain"]["virtio_gpu_map_info"]
+    assert mi["value"] in (1, 2, 3) and mi["guest_memtype"]

@@ -91,3 +91,5 @@ def test_doctor_json_from_a_running_stack(stack):
     assert back["lab"]["kernel"] and back["lab"]["qemu_version"]
     assert back["guest"]["accel"] == "kvm"
     assert back["guest"]["kernel"]
+    # a default guest has virtio-gpu with blob=true
+    assert back["guest"]["virtio_gpu"]["resource_blob"] is True

@@ -25,6 +25,7 @@ if str(ROOT) not in sys.path:
 from vmlab import stamp  # noqa: E402
 
 SRC = ROOT / "guest-images" / "agent" / "vmlab-guest-agent.c"
+SRCS = sorted(SRC.parent.glob("*.c"))
 UAPI = ROOT / "host-tools" / "vmlab-exporter" / "include" / "uapi"
 VECTORS = ROOT / "host-tools" / "stamp-vectors.txt"
 PAGE = stamp.PAGE_SIZE
@@ -35,8 +36,9 @@ def agent(tmp_path_factory) -> Path:
     if shutil.which("gcc") is None:
         pytest.skip("gcc is not installed: cannot build vmlab-guest-agent")
     out = tmp_path_factory.mktemp("agent") / "vmlab-guest-agent"
+    # the agent is every guest-images/agent/*.c compiled together (gpu.c holds "gpu ...")
     cmd = ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(UAPI),
-           "-o", str(out), str(SRC)]
+           "-o", str(out), *map(str, SRCS)]
     r = subprocess.run(cmd, capture_output=True, text=True)
     assert r.returncode == 0, f"build failed:\n{r.stderr}"
     return out
@@ -338,3 +340,39 @@ def test_find_without_device(agent):
     r = run(agent, "find", "--device", "0000:ff:1f.7", check_rc=1)
     assert r.stdout == ""
     assert r.stderr.startswith("vmlab-guest-agent: ") and len(r.stderr.splitlines()) == 1
+
+
+# -- gpu (only what runs without a virtio-gpu) ----------------------------------------
+
+def test_gpu_probe_missing_card(agent):
+    r = run(agent, "gpu", "probe", "--card", "/nonexistent", check_rc=1)
+    assert r.stdout == ""
+    err = r.stderr.splitlines()
+    assert len(err) == 1, r.stderr
+    assert err[0].startswith("vmlab-guest-agent: gpu probe: ") and "/nonexistent" in err[0]
+
+
+@pytest.mark.parametrize("sub", ["probe", "host-blob"])
+def test_gpu_not_a_drm_device(agent, sub):
+    """A non-DRM node fails at the first ioctl, which the error line names."""
+    r = run(agent, "gpu", sub, "--card", "/dev/null", check_rc=1)
+    assert r.stdout == ""
+    err = r.stderr.splitlines()
+    assert len(err) == 1 and err[0].startswith(f"vmlab-guest-agent: gpu {sub}: "), r.stderr
+    assert "DRM_IOCTL_VERSION" in err[0]
+
+
+@pytest.mark.parametrize("args", [
+    ["gpu"], ["gpu", "frobnicate"], ["gpu", "blob-scanout"],
+    ["gpu", "blob-scanout", "--width", "64"], ["gpu", "probe", "--bogus", "1"],
+    ["gpu", "probe", "--card"], ["gpu", "blob-scanout", "--seed", "-1"],
+    ["gpu", "blob-scanout", "--seed", "1", "--rewrite-seed", "2"],
+    ["gpu", "blob-scanout", "--seed", "1", "--hold", "soon"],
+    ["gpu", "blob-scanout", "--seed", "1", "--width", "0"],
+    ["gpu", "host-blob", "--size", "0"], ["gpu", "host-blob", "--seed", "1", "stray"],
+])
+def test_gpu_usage_errors(agent, args):
+    r = run(agent, *args, check_rc=2)
+    assert r.stdout == ""
+    err = r.stderr.splitlines()
+    assert len(err) == 1 and err[0].startswith("vmlab-guest-agent: usage: "), r.stderr
