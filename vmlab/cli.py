@@ -156,22 +156,19 @@ def cmd_guest(a) -> int:
             _guest_state(lab.workdir).write_text(json.dumps({"pid": g.pid, "opts": asdict(g.opts)}))
             kvm = g.cmd("query-kvm")
             progress(f"guest is up: query-kvm {kvm}")
-            g.session.close()
-            g.qmp.close()
+            g.disconnect()
             return 0
         if a.action == "down":
             _guest_down(lab)
             progress("guest is down")
             return 0
         if a.action == "exec":
-            from . import ssh
             g = _guest_attach(lab)
-            s = ssh.SSHSession.connect("guest", "127.0.0.1", g.opts.ssh_port, lab.key, timeout=30,
-                                       sock_factory=lambda: lab.session.open_tcp("127.0.0.1", g.opts.ssh_port))
+            g.connect(timeout=30)
             try:
-                rc, out, err = s.run(" ".join(a.cmd), timeout=a.timeout, check=False)
+                rc, out, err = g.run(" ".join(a.cmd), timeout=a.timeout, check=False)
             finally:
-                s.close()
+                g.disconnect()
             sys.stdout.write(out)
             sys.stderr.write(err)
             return rc
@@ -193,16 +190,11 @@ def cmd_doctor(a) -> int:
             rep["lab"] = doctor.lab_facts(lab)
             if _guest_state(st).exists():
                 g = _guest_attach(lab)
-                g._connect_qmp()
-                from . import ssh
-                g.session = ssh.SSHSession.connect("guest", "127.0.0.1", g.opts.ssh_port, lab.key, 30,
-                                                   sock_factory=lambda: lab.session.open_tcp("127.0.0.1", g.opts.ssh_port))
+                g.connect(timeout=30)
                 try:
                     rep["guest"] = doctor.guest_facts(g)
                 finally:
-                    g.session.close()
-                    g.qmp.close()
-                    g._fwd.close()
+                    g.disconnect()
         finally:
             lab.session.close()
     elif not a.no_boot:

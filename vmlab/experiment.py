@@ -123,8 +123,10 @@ class Run:
         if alive:
             try:
                 status = g.cmd("query-status").get("status")
-            except Exception as e:  # a wedged QMP is itself a VMM problem
+            except Exception as e:  # a wedged QMP is itself a VMM problem...
                 status = f"qmp-error: {e}"
+                time.sleep(1.0)      # ...unless QEMU is just dying: then say that
+                alive = g.alive()
         if not alive or status in ("internal-error", "shutdown", "guest-panicked") or \
                 (status and status.startswith("qmp-error")):
             _, qlog, _ = self.stack.lab.run(

@@ -98,11 +98,7 @@ class Guest:
         self.pid = int(self.lab.run(f"cat {d}/qemu.pid", timeout=20)[1].strip())
         try:
             self._wait_ready(spec)
-            self._connect_qmp()
-            self.session = ssh.SSHSession.connect(
-                self.opts.name, "127.0.0.1", self.opts.ssh_port, self.lab.key, timeout=60,
-                sock_factory=lambda: self.lab.session.open_tcp("127.0.0.1", self.opts.ssh_port),
-                alive=self.alive)
+            self.connect()
         except BaseException:
             self.down()
             raise
@@ -129,6 +125,26 @@ class Guest:
                 raise BootFailure(self.opts.name, f"{cause}: {detail.splitlines()[-1] if detail else ''}",
                                   str(self.workdir / f"{self.opts.name}-console.log"))
             time.sleep(1.0)
+
+    def connect(self, timeout: float = 60) -> None:
+        """SSH (through the lab's session) and QMP to an already running guest."""
+        self._connect_qmp()
+        self.session = ssh.SSHSession.connect(
+            self.opts.name, "127.0.0.1", self.opts.ssh_port, self.lab.key, timeout=timeout,
+            sock_factory=lambda: self.lab.session.open_tcp("127.0.0.1", self.opts.ssh_port),
+            alive=self.alive)
+
+    def disconnect(self) -> None:
+        """Drop SSH and QMP without stopping the guest (for `vmlab guest ...` commands)."""
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.qmp is not None:
+            self.qmp.close()
+            self.qmp = None
+        if self._fwd is not None:
+            self._fwd.close()
+            self._fwd = None
 
     def _connect_qmp(self) -> None:
         local = self.workdir / f"{self.opts.name}-qmp.sock"
@@ -162,7 +178,9 @@ class Guest:
     def alive(self) -> bool:
         if self.pid is None:
             return False
-        rc, _, _ = self.lab.run(f"kill -0 {self.pid}", timeout=20, check=False)
+        # a killed QEMU is a zombie until the lab's init reaps it: that is dead too
+        rc, _, _ = self.lab.run(f"grep -q '^State:[[:space:]]*[^Z]' /proc/{self.pid}/status",
+                                timeout=20, check=False)
         return rc == 0
 
     def fetch_logs(self) -> None:

@@ -73,8 +73,18 @@ def test_dmaheap_move_unsupported(images_ready):
     assert res["baseline"]["verdict"] == "REFAULTED"
 
 
-def test_noncompound_recorded_honestly(images_ready):
-    res = run("noncompound", "noncompound.yaml")
+def test_dmaheap_high_order_recorded_honestly(images_ready):
+    res = run("dmaheap-1m", "dmaheap-1m.yaml")
+    if res["baseline"]["verdict"] == "VMM_FAULT":
+        assert "kvm run failed" in res["vmm_fault"].lower()
+        assert verdicts(res) == ["VMM_FAULT"]
+    else:
+        assert res["baseline"]["verdict"] == "REFAULTED" and verdicts(res) == ["UNSUPPORTED"]
+
+
+@pytest.mark.parametrize("config", ["noncompound.yaml", "compound.yaml"])
+def test_high_order_allocations_recorded_honestly(images_ready, config):
+    res = run(config.split(".")[0], config)
     v = set(verdicts(res))
     assert v <= {"REFAULTED", "VMM_FAULT"}
     if "VMM_FAULT" in v:

@@ -1,0 +1,50 @@
+"""Issue: nested lab. The debugging commands on a lab that outlives each command:
+lab up/status/exec, guest up/exec, doctor --json on the running pair, guest down, lab down."""
+from __future__ import annotations
+
+import json
+import stat
+import os
+
+from .conftest import qemu_pids, vmlab_cmd
+
+
+def test_persistent_lab_and_guest(images_ready, tmp_path):
+    env = {"VMLAB_STATE_DIR": str(tmp_path)}
+    try:
+        r = vmlab_cmd("lab", "up", env=env, timeout=900)
+        assert r.returncode == 0, r.stderr
+        assert len(qemu_pids(str(tmp_path))) == 1, "the lab keeps running after 'lab up' returns"
+        assert stat.S_IMODE(os.stat(tmp_path / "lab" / "lab-qmp.sock").st_mode) == 0o600
+
+        r = vmlab_cmd("lab", "status", "--json", env=env, timeout=120)
+        assert r.returncode == 0, r.stderr
+        st = json.loads(r.stdout)
+        assert st["status"] == "running" and st["kernel"]
+
+        r = vmlab_cmd("lab", "exec", "--", "cat", "/sys/module/kvm_amd/parameters/npt", env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "Y", r.stderr
+        r = vmlab_cmd("lab", "exec", "--", "false", env=env, timeout=120)
+        assert r.returncode == 1  # the remote exit status is passed through
+
+        r = vmlab_cmd("guest", "up", env=env, timeout=900)
+        assert r.returncode == 0, r.stderr
+        r = vmlab_cmd("guest", "exec", "--", "uname", "-n", env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "vmlab-guest", r.stderr
+
+        r = vmlab_cmd("doctor", "--json", env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        rep = json.loads(r.stdout)
+        assert rep["guest"]["accel"] == "kvm" and rep["lab"]["nested_paging"] is True
+        assert rep["guest"]["virtio_gpu"]["resource_blob"] is True
+
+        r = vmlab_cmd("guest", "down", env=env, timeout=300)
+        assert r.returncode == 0, r.stderr
+        r = vmlab_cmd("guest", "exec", "--", "true", env=env, timeout=120)
+        assert r.returncode == 2 and "no guest is up" in r.stderr
+    finally:
+        r = vmlab_cmd("lab", "down", env=env, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert qemu_pids(str(tmp_path)) == []
+    r = vmlab_cmd("lab", "status", env=env, timeout=60)
+    assert r.returncode == 2 and "no lab is up" in r.stderr
