@@ -206,7 +206,10 @@ def _pin_hook(r: Recipe) -> list[str]:
     base, ksuite = r.suites
     if ksuite == base:
         return []
-    pin = (f"Package: linux-*\\nPin: release n={ksuite}\\nPin-Priority: 990\\n")
+    # Like `apt -t <backports>`: whatever backports has wins, so the kernel under test and
+    # the lab's VMM (and its firmware deps, e.g. seabios) come from one consistent suite;
+    # base suites may lack what the lab needs (bookworm has no qemu-system-modules-opengl).
+    pin = (f"Package: *\\nPin: release n={ksuite}\\nPin-Priority: 990\\n")
     return [f"--setup-hook=mkdir -p \"$1/etc/apt/preferences.d\" && "
             f"printf '{pin}' > \"$1/etc/apt/preferences.d/vmlab-kernel\""]
 
@@ -265,7 +268,7 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
     customize = repo_root() / "guest-images/lab/customize.sh"
     _mmdebstrap(r, "essential", root, logf, progress, [f"--customize-hook=sh {customize} \"$1\""])
     kver = initramfs.kernel_version(root)
-    shutil.copyfile(root / f"boot/vmlinuz-{kver}", work / "vmlinuz")
+    shutil.copyfile(find_vmlinuz(root, kver), work / "vmlinuz")
     cpio = initramfs.Cpio()
     initramfs.add_busybox(cpio, root)
     loaded = initramfs.add_modules(cpio, root, kver, list(r.modules))
@@ -288,6 +291,21 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
             "qemu_version": packages.get("qemu-system-x86", "?")}
 
 
+def find_vmlinuz(root: Path, kver: str) -> Path:
+    """The kernel image of ``kver``: /boot when installed, elsewhere when only extracted
+    (newer Debian kernels ship it under /usr/lib and copy it to /boot in postinst)."""
+    for rel in (f"boot/vmlinuz-{kver}", f"usr/lib/modules/{kver}/vmlinuz",
+                f"usr/lib/linux-image-{kver}/vmlinuz", f"lib/modules/{kver}/vmlinuz"):
+        p = root / rel
+        if p.exists():
+            return p
+    hits = sorted(p for p in root.rglob(f"vmlinu*{kver}*") if p.is_file()) or \
+        sorted(p for p in root.rglob("vmlinuz") if kver in str(p))
+    if not hits:
+        raise CommandFailed(["find vmlinuz"], 1, "", f"no kernel image for {kver} in {root}")
+    return hits[0]
+
+
 def build_guest_agent(out: Path) -> None:
     srcs = sorted(str(p) for p in (repo_root() / "guest-images/agent").glob("*.c"))
     inc = repo_root() / "host-tools/vmlab-exporter/include/uapi"
@@ -303,7 +321,7 @@ def _build_guest(r: Recipe, work: Path, progress) -> dict:
     hook = f"--extract-hook=ls \"$1/var/cache/apt/archives\" > {pkgs}"
     _mmdebstrap(r, "extract", root, logf, progress, [hook])
     kver = initramfs.kernel_version(root)
-    shutil.copyfile(initramfs._resolve(root, f"boot/vmlinuz-{kver}"), work / "vmlinuz")
+    shutil.copyfile(find_vmlinuz(root, kver), work / "vmlinuz")
     cpio = initramfs.Cpio()
     initramfs.add_busybox(cpio, root)
     initramfs.add_binary(cpio, root, "usr/sbin/dropbear", "bin/dropbear")
