@@ -73,7 +73,9 @@ class Recipe:
         return KERNEL_SUITES[self.kernel]
 
     def key(self) -> str:
-        h = hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode())
+        # everything that decides the bytes: recipe fields, apt sources and pins, inputs
+        h = hashlib.sha256(json.dumps([asdict(self), _sources(self), _pin_hook(self)],
+                                      sort_keys=True).encode())
         root = repo_root()
         for rel in self.inputs:
             for path in sorted(_walk(root / rel)):
