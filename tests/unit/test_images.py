@@ -1,0 +1,34 @@
+"""Image cache keys: every input that decides an image's bytes must change its key."""
+from __future__ import annotations
+
+import vmlab.images as images
+
+
+def test_key_is_stable_and_differs_per_suite_and_kind():
+    keys = {(kind, k): images.recipe(kind, k).key() for kind in ("lab", "guest")
+            for k in images.KERNEL_SUITES}
+    assert len(set(keys.values())) == len(keys)
+    assert images.recipe("lab").key() == images.recipe("lab").key()
+
+
+def test_key_covers_input_files_and_apt_pins(tmp_path, monkeypatch):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "a.sh").write_text("one")
+    monkeypatch.setattr(images, "repo_root", lambda: tmp_path)
+    r = images.Recipe("lab", "trixie-backports", ("p",), (), ("in",))
+    k1 = r.key()
+    (tmp_path / "in" / "a.sh").write_text("two")
+    k2 = r.key()
+    assert k1 != k2
+    (tmp_path / "in" / "x.o").write_text("build output is not an input")
+    assert r.key() == k2
+    monkeypatch.setattr(images, "_pin_hook", lambda rec: ["--setup-hook=other pin"])
+    assert r.key() != k2
+
+
+def test_unknown_suite_is_a_config_error():
+    import pytest
+    from vmlab.errors import ConfigError
+    with pytest.raises(ConfigError) as e:
+        images.recipe("lab", "sid")
+    assert "kernel" in str(e.value) and "sid" in str(e.value)
