@@ -426,7 +426,9 @@ def main(args, progress) -> int:
     path = args.config or str(DEFAULT_CONFIG)
     exp = cfgmod.load(path)  # ConfigError -> exit 2 before anything starts
     out = results_dir(exp, args.out)
-    passthrough = [f"--accel={args.accel}"] if args.accel else []
+    passthrough = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
+                   for flag in ("accel", "kernel", "guest_kernel", "kernel_image")
+                   if getattr(args, flag, None)]
     write_reproducer(out, exp, passthrough)
     fh = logging.FileHandler(out / "vmlab.log")
     fh.setLevel(logging.DEBUG)

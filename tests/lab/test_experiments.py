@@ -12,9 +12,9 @@ from .conftest import ROOT, qemu_pids, results_dir, vmlab_cmd
 EXP = ROOT / "configs" / "experiments"
 
 
-def run(name: str, config: str | None = None, expect_rc: int = 0) -> dict:
+def run(name: str, config: str | None = None, expect_rc: int = 0, extra=()) -> dict:
     out = results_dir(f"run-{name}")
-    args = ["run"] + ([str(EXP / config)] if config else []) + ["--out", str(out)]
+    args = ["run"] + ([str(EXP / config)] if config else []) + ["--out", str(out), *extra]
     r = vmlab_cmd(*args, timeout=1800)
     assert r.returncode == expect_rc, f"{r.stdout}\n{r.stderr}"
     assert qemu_pids(str(out)) == []
@@ -144,3 +144,13 @@ def test_gpu_host_blob_round_trip(images_ready):
     assert all("memfd" not in h["name"] for h in g["host_view"]["hits"])
     mi = res["caching_chain"]["virtio_gpu_map_info"]
     assert mi["value"] in (1, 2, 3) and mi["guest_memtype"]
+
+
+def test_backports_kernel_under_test(images_ready):
+    """The kernel under test swapped without rebooting anything: a 7.x lab kernel from
+    trixie-backports (its image is built here if missing) runs KVM for a 6.12 guest.
+    (A 7.3 *guest* kernel panics on an XSAVE size mismatch of the TCG-emulated CPU.)"""
+    res = run("backports", extra=["--kernel", "trixie-backports", "--guest-kernel", "trixie"])
+    assert int(res["lab"]["kernel"].split(".")[0]) >= 7, res["lab"]["kernel"]
+    assert res["guest"]["kernel"].startswith("6.12")
+    assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"]
