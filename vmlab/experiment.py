@@ -52,8 +52,10 @@ def results_dir(exp: cfgmod.Experiment, out: str | None) -> Path:
 def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
     shutil.copyfile(exp.path, d / "config.yaml")
     script = ("#!/bin/sh\n# Re-run this experiment with the same config (copied beside this script).\n"
+              "here=$(cd \"$(dirname \"$0\")\" && pwd) || exit 1\n"
               f"cd {shlex.quote(str(repo_root()))} || exit 1\n"
-              f"exec vmlab run \"$(dirname \"$0\")/config.yaml\" {' '.join(shlex.quote(a) for a in argv)} \"$@\"\n")
+              "VMLAB=.venv/bin/vmlab; [ -x \"$VMLAB\" ] || VMLAB=vmlab\n"
+              f"exec \"$VMLAB\" run \"$here/config.yaml\" {' '.join(shlex.quote(a) for a in argv)} \"$@\"\n")
     (d / "reproduce.sh").write_text(script)
     os.chmod(d / "reproduce.sh", 0o755)
 

@@ -87,7 +87,7 @@ def test_write_reproducer(tmp_path):
     assert text.startswith("#!/bin/sh\n")
     assert f"cd {shlex.quote(str(ROOT))} || exit 1" in text
     last = text.strip().splitlines()[-1]
-    assert last.startswith("exec vmlab run ")
+    assert last.startswith("exec \"$VMLAB\" run \"$here/config.yaml\"")
     assert "config.yaml" in last and "--accel=tcg" in last and last.endswith('"$@"')
     assert os.access(sh, os.X_OK)
 
