@@ -43,12 +43,13 @@
 #include "drm-uapi/drm.h"
 #include "drm-uapi/drm_mode.h"
 #include "drm-uapi/virtgpu_drm.h"
+#include "agent-common.h"
 #include "gpu.h"
 #include "vmlab_stamp.h"
 
 #define GPU_DEFAULT_CARD "/dev/dri/card0"
-#define GPU_DEBUGFS "/sys/kernel/debug"
-#define GPU_PAT_LIST GPU_DEBUGFS "/x86/pat_memtype_list"
+#define GPU_DEBUGFS AGENT_DEBUGFS
+#define GPU_PAT_LIST AGENT_PAT_LIST
 #define GPU_HOST_VISIBLE_MM GPU_DEBUGFS "/dri/0/virtio-gpu-host-visible-mm"
 
 /* drm_fourcc.h is not vendored: the one format we need. */
@@ -94,18 +95,11 @@ static const char *g_sub = "";
 static void __attribute__((noreturn, format(printf, 1, 2))) gdie(const char *fmt, ...)
 {
 	va_list ap;
-	char buf[1024];
-	char *p;
+	char prefix[64];
 
+	snprintf(prefix, sizeof(prefix), "gpu%s%s: ", *g_sub ? " " : "", g_sub);
 	va_start(ap, fmt);
-	vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	for (p = buf; *p; p++)
-		if (*p == '\n' || *p == '\r')
-			*p = ' ';
-	fflush(stdout);
-	fprintf(stderr, "vmlab-guest-agent: gpu%s%s: %s\n", *g_sub ? " " : "", g_sub, buf);
-	exit(1);
+	agent_vfail(1, prefix, "", fmt, ap);
 }
 
 /* An ioctl failed: name it and errno (errno is read before anything else). */
@@ -119,42 +113,17 @@ static void __attribute__((noreturn)) die_ioctl(const char *name)
 static void __attribute__((noreturn, format(printf, 1, 2))) gusage(const char *fmt, ...)
 {
 	va_list ap;
-	char buf[1024];
 
 	va_start(ap, fmt);
-	vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	fprintf(stderr, "vmlab-guest-agent: usage: gpu: %s (gpu probe [--card PATH]; "
-		"gpu blob-scanout --seed S [--width W --height H] [--hold SECONDS] "
-		"[--rewrite-seed S2 --rewrite-after SECONDS]; gpu host-blob [--size BYTES] "
-		"[--seed S] [--blob-id N] [--capset ID] [--virgl-flags F])\n", buf);
-	exit(2);
+	agent_vfail(2, "usage: gpu: ", " (gpu probe [--card PATH]; "
+		    "gpu blob-scanout --seed S [--width W --height H] [--hold SECONDS] "
+		    "[--rewrite-seed S2 --rewrite-after SECONDS]; gpu host-blob [--size BYTES] "
+		    "[--seed S] [--blob-id N] [--capset ID] [--virgl-flags F] [--hold SECONDS])", fmt, ap);
 }
 
 static void jstr(const char *s)
 {
-	const unsigned char *p = (const unsigned char *)s;
-
-	if (!s) {
-		fputs("null", stdout);
-		return;
-	}
-	putchar('"');
-	for (; *p; p++) {
-		switch (*p) {
-		case '"': fputs("\\\"", stdout); break;
-		case '\\': fputs("\\\\", stdout); break;
-		case '\n': fputs("\\n", stdout); break;
-		case '\r': fputs("\\r", stdout); break;
-		case '\t': fputs("\\t", stdout); break;
-		default:
-			if (*p < 0x20)
-				printf("\\u%04x", *p);
-			else
-				putchar(*p);
-		}
-	}
-	putchar('"');
+	agent_json_str(stdout, s);
 }
 
 /* ------------------------------------------------------------------ */
@@ -170,15 +139,14 @@ struct gopts {
 
 static uint64_t gparse_u64(const char *opt, const char *s)
 {
-	char *end;
-	unsigned long long v;
+	uint64_t v = 0;
 
-	if (!s || !*s || *s == '-')
+	switch (agent_parse_u64(s, &v)) {
+	case -1:
 		gusage("%s needs a non-negative integer", opt);
-	errno = 0;
-	v = strtoull(s, &end, 0);
-	if (errno || *end)
+	case -2:
 		gusage("bad value for %s: '%s'", opt, s);
+	}
 	return v;
 }
 
@@ -785,11 +753,8 @@ static int ll_has(const struct linelist *l, const char *s)
 
 static void gpu_ensure_debugfs(void)
 {
-	if (access(GPU_PAT_LIST, F_OK) == 0)
-		return;
-	/* best effort: the PAT evidence is optional, absence is reported */
-	if (mount("debugfs", GPU_DEBUGFS, "debugfs", 0, NULL) && errno != EBUSY)
-		return;
+	/* best effort: the PAT evidence is optional, its absence is reported */
+	(void)agent_mount_debugfs();
 }
 
 /* "PAT: [mem 0xS-0xE] type": the type of the entry covering phys, or NULL */
@@ -798,24 +763,12 @@ static const char *pat_lookup(const struct linelist *l, uint64_t phys, const cha
 	size_t i;
 
 	for (i = 0; i < l->n; i++) {
-		const char *p = strstr(l->v[i], "[mem ");
-		char *end;
 		unsigned long long s, e;
+		const char *type;
 
-		if (!p)
-			continue;
-		s = strtoull(p + 5, &end, 16);
-		if (*end != '-')
-			continue;
-		e = strtoull(end + 1, &end, 16);
-		if (*end != ']')
-			continue;
-		if (phys >= s && phys < e) {
-			end++;
-			while (*end == ' ')
-				end++;
+		if (agent_parse_pat_line(l->v[i], &s, &e, &type) == 0 && phys >= s && phys < e) {
 			*line = l->v[i];
-			return end;
+			return type;
 		}
 	}
 	return NULL;

@@ -32,14 +32,15 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "agent-common.h"
 #include "gpu.h"
 #include "vmlab_stamp.h"
 
 #define AGENT_VERSION 1
 #define PAGE VMLAB_STAMP_PAGE_SIZE
 #define PCI_DIR "/sys/bus/pci/devices"
-#define DEBUGFS "/sys/kernel/debug"
-#define PAT_LIST DEBUGFS "/x86/pat_memtype_list"
+#define DEBUGFS AGENT_DEBUGFS
+#define PAT_LIST AGENT_PAT_LIST
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
 
@@ -51,59 +52,23 @@ static const char *g_cmd = "";
 static void __attribute__((noreturn, format(printf, 1, 2))) die(const char *fmt, ...)
 {
 	va_list ap;
-	char buf[1024];
-	char *p;
 
 	va_start(ap, fmt);
-	vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	for (p = buf; *p; p++) /* keep it one line */
-		if (*p == '\n' || *p == '\r')
-			*p = ' ';
-	fflush(stdout);
-	fprintf(stderr, "vmlab-guest-agent: %s\n", buf);
-	exit(1);
+	agent_vfail(1, "", "", fmt, ap);
 }
 
 static void __attribute__((noreturn, format(printf, 1, 2))) usage(const char *fmt, ...)
 {
 	va_list ap;
-	char buf[1024];
 
 	va_start(ap, fmt);
-	vsnprintf(buf, sizeof(buf), fmt, ap);
-	va_end(ap);
-	fprintf(stderr, "vmlab-guest-agent: usage: %s (commands: find map read write watch "
-		"vectors pat version gpu; options: --path FILE --device BDF --caching wb|wc|uc "
-		"--first I --count N --tag T --duration S --interval-us U --pages I,J; pat: --phys ADDR --pat-file FILE)\n", buf);
-	exit(2);
+	agent_vfail(2, "usage: ", " (commands: find map read write watch "
+		    "vectors pat version gpu; options: --path FILE --device BDF --caching wb|wc|uc "
+		    "--first I --count N --tag T --duration S --interval-us U --pages I,J; "
+		    "pat: --phys ADDR --pat-file FILE)", fmt, ap);
 }
 
-static void json_str(FILE *f, const char *s)
-{
-	const unsigned char *p = (const unsigned char *)s;
-
-	if (!s) {
-		fputs("null", f);
-		return;
-	}
-	fputc('"', f);
-	for (; *p; p++) {
-		switch (*p) {
-		case '"': fputs("\\\"", f); break;
-		case '\\': fputs("\\\\", f); break;
-		case '\n': fputs("\\n", f); break;
-		case '\r': fputs("\\r", f); break;
-		case '\t': fputs("\\t", f); break;
-		default:
-			if (*p < 0x20)
-				fprintf(f, "\\u%04x", *p);
-			else
-				fputc(*p, f);
-		}
-	}
-	fputc('"', f);
-}
+#define json_str agent_json_str
 
 static uint64_t now_ns(void)
 {
@@ -191,15 +156,14 @@ struct opts {
 
 static uint64_t parse_u64(const char *opt, const char *s)
 {
-	char *end;
-	unsigned long long v;
+	uint64_t v = 0;
 
-	if (!s || !*s || *s == '-')
+	switch (agent_parse_u64(s, &v)) {
+	case -1:
 		usage("%s needs a non-negative integer", opt);
-	errno = 0;
-	v = strtoull(s, &end, 0);
-	if (errno || *end)
+	case -2:
 		usage("bad value for %s: '%s'", opt, s);
+	}
 	return v;
 }
 
@@ -527,9 +491,7 @@ static void copy_words(void *dst, const volatile uint8_t *src, size_t bytes)
 
 static void ensure_debugfs(void)
 {
-	if (access(PAT_LIST, F_OK) == 0)
-		return;
-	if (mount("debugfs", DEBUGFS, "debugfs", 0, NULL) && errno != EBUSY)
+	if (agent_mount_debugfs())
 		die("mount debugfs at %s: %s", DEBUGFS, strerror(errno));
 }
 
@@ -539,29 +501,7 @@ struct memtype {
 	int found;
 };
 
-/* Parse "PAT: [mem 0x...-0x...] type" */
-static int parse_pat_line(const char *line, unsigned long long *s, unsigned long long *e,
-			  const char **type)
-{
-	const char *p = strstr(line, "[mem ");
-	const char *q;
-	char *end;
-
-	if (!p)
-		return -1;
-	p += 5;
-	*s = strtoull(p, &end, 16);
-	if (*end != '-')
-		return -1;
-	*e = strtoull(end + 1, &end, 16);
-	if (*end != ']')
-		return -1;
-	q = end + 1;
-	while (*q == ' ' || *q == '\t')
-		q++;
-	*type = q;
-	return 0;
-}
+#define parse_pat_line agent_parse_pat_line
 
 static void chomp(char *s)
 {

@@ -69,7 +69,8 @@ int main(int argc, char **argv)
 ''' % GPU_C)
     exe = tmp_path / "pix"
     r = subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function",
-                        "-I", str(UAPI), "-o", str(exe), str(prog)],
+                        "-I", str(UAPI), "-o", str(exe), str(prog),
+                        str(Path(GPU_C).parent / "agent-common.c")],
                        capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     for seed, w, h in [(0, 5, 3), (12345, 17, 4), (2**64 - 1, 9, 2)]:
