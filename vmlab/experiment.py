@@ -12,7 +12,6 @@ import logging
 import os
 import shlex
 import shutil
-import sys
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,7 +19,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
 from . import oracle
-from .errors import RemoteError, UserError, WaitTimeout
+from .errors import RemoteError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
 from .lab import LabOptions
@@ -81,7 +80,6 @@ class Run:
     def guest_agent(self, cmd: str, timeout: float = 120) -> dict:
         """Run the guest agent; returns its JSON. Raises VMMDied when the guest's QEMU
         died or stopped, so the caller records VMM_FAULT instead of hanging."""
-        g = self.stack.guest
         try:
             rc, out, err = self._guest_exec(f"{AGENT} {cmd}", timeout)
         except (WaitTimeout, OSError, EOFError, RemoteError) as e:

@@ -1,7 +1,7 @@
 """A guest: a QEMU process of the lab host, booted with -accel kvm from the guest image.
 
 The controller never runs this QEMU itself: it starts it over the lab's SSH session
-(daemonized, pidfile, console to a file in the lab), reaches its QMP socket through a
+(setsid, pid recorded, stderr and console kept in files in the lab), reaches its QMP socket through a
 relay channel (local unix socket 0600 -> SSH exec -> lab unix socket 0600) and its SSH
 server through a direct-tcpip channel of the lab session.
 """

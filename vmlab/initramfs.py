@@ -10,7 +10,6 @@ import gzip
 import io
 import lzma
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
@@ -225,6 +224,3 @@ def write(cpio: Cpio, path: Path) -> None:
         f.write(cpio.bytes())
     tmp.rename(path)
 
-
-def copy_file(src: Path, dst: Path) -> None:
-    shutil.copyfile(src, dst)
