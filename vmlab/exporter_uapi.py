@@ -1,12 +1,13 @@
 """Python mirror of host-tools/vmlab-exporter/include/uapi/vmlab_exporter.h (stdlib only:
 it is also shipped to the lab host for the host agent). tests/unit/test_exporter_uapi.py
-compiles the header's dump tool and checks every number and size below against it."""
+compiles the header's dump tool and checks every number, size and field offset below
+against it."""
 from __future__ import annotations
 
 import struct
 
-ABI_VERSION = 1
-IOC_MAGIC = 0xB7
+ABI_VERSION = 2
+IOC_MAGIC = 0xBB  # free in Documentation/userspace-api/ioctl/ioctl-number.rst (see the header)
 
 CACHING = {"WB": 0, "WC": 1, "UC": 2}
 CACHING_KEEP = 0xFFFFFFFF
@@ -16,15 +17,59 @@ MOVE = {"MIGRATE": 1, "MIGRATE_NO_ZAP": 2, "ZAP_ONLY": 3}
 MEMTYPE = {0: "WB", 1: "WC", 2: "UC-", 3: "UC", 4: "WT", 5: "WP", 0xFFFFFFFF: "unknown"}
 CREATE_CLOEXEC = 0x1
 CREATE_FLAGS_ALL = CREATE_CLOEXEC
+RELEASE_FORCE = 0x1
+RELEASE_FLAGS_ALL = RELEASE_FORCE
 
-CREATE = struct.Struct("<QIIIiQ")            # size caching alloc flags fd id
-INFO = struct.Struct("<QQQIIII10Q")          # id pfns_ptr pfns_count flags caching vm_prot alloc + 10 u64
-INFO_FIELDS = ("size", "generation", "faults", "zaps", "moves", "mmaps", "live_mappings",
-               "quarantined_pages", "stale_mapped", "module_pages")
-MOVE_S = struct.Struct("<QIIIIQ")            # id mode caching flags pad generation
-RELEASE = struct.Struct("<QQ")               # id freed_pages
-PTE = struct.Struct("<QIIQQQQ")              # addr flags memtype pfn pte pat_msr page_memtype
-ABI = struct.Struct("<IIQ6I")                # abi page_size max_bytes sizeof x6
+
+def _layout(*fields: tuple[str, str]) -> tuple[struct.Struct, tuple[str, ...]]:
+    """A little-endian struct without padding plus its field names, in C order. The C
+    structs have no implicit padding, so "<" offsets are the C offsets (the test checks)."""
+    return struct.Struct("<" + "".join(c for _, c in fields)), tuple(n for n, _ in fields)
+
+
+CREATE, CREATE_FIELDS = _layout(("size", "Q"), ("caching", "I"), ("alloc", "I"), ("flags", "I"),
+                                ("fd", "i"), ("id", "Q"))
+INFO_OUT_U64 = ("size", "generation", "faults", "zaps", "moves", "mmaps", "live_mappings",
+                "quarantined_pages", "stale_mapped", "module_pages", "refaulted_pages",
+                "module_quarantined_pages", "leaked_pages")
+INFO, INFO_FIELDS = _layout(("fd", "i"), ("flags", "I"), ("pfns_ptr", "Q"), ("pfns_count", "Q"),
+                            ("id", "Q"), ("caching", "I"), ("vm_prot", "I"), ("alloc", "I"),
+                            ("pad", "I"), *((n, "Q") for n in INFO_OUT_U64))
+MOVE_S, MOVE_FIELDS = _layout(("fd", "i"), ("mode", "I"), ("caching", "I"), ("flags", "I"),
+                              ("generation", "Q"))
+RELEASE, RELEASE_FIELDS = _layout(("id", "Q"), ("max_generation", "Q"), ("flags", "I"),
+                                  ("pad", "I"), ("freed_pages", "Q"))
+PTE, PTE_FIELDS = _layout(("addr", "Q"), ("flags", "I"), ("memtype", "I"), ("pfn", "Q"),
+                          ("pte", "Q"), ("pat_msr", "Q"), ("page_memtype", "Q"))
+ABI, ABI_FIELDS = _layout(("abi_version", "I"), ("page_size", "I"), ("max_buffer_bytes", "Q"),
+                          ("max_quarantine_bytes", "Q"), ("sizeof_create", "I"),
+                          ("sizeof_info", "I"), ("sizeof_move", "I"), ("sizeof_release", "I"),
+                          ("sizeof_pte", "I"), ("sizeof_abi", "I"))
+
+# C struct name -> (Struct, field names); also the names op_raw accepts.
+STRUCTS = {"vmlab_create": (CREATE, CREATE_FIELDS), "vmlab_info": (INFO, INFO_FIELDS),
+           "vmlab_move": (MOVE_S, MOVE_FIELDS),
+           "vmlab_release_quarantine": (RELEASE, RELEASE_FIELDS),
+           "vmlab_pte": (PTE, PTE_FIELDS), "vmlab_abi": (ABI, ABI_FIELDS)}
+
+
+def pack(st: struct.Struct, names: tuple[str, ...], **values: int) -> bytearray:
+    """A request buffer with the named fields set, every other field 0."""
+    unknown = set(values) - set(names)
+    if unknown:
+        raise KeyError(f"no field {sorted(unknown)}")
+    return bytearray(st.pack(*(values.get(n, 0) for n in names)))
+
+
+def unpack(st: struct.Struct, names: tuple[str, ...], buf) -> dict[str, int]:
+    return dict(zip(names, st.unpack_from(buf)))
+
+
+def offsets(st: struct.Struct, names: tuple[str, ...]) -> dict[str, int]:
+    fmt = st.format if isinstance(st.format, str) else st.format.decode()
+    codes = fmt[1:]
+    return {n: struct.calcsize("<" + codes[:i]) for i, n in enumerate(names)}
+
 
 _IOC_WRITE, _IOC_READ = 1, 2
 
@@ -54,9 +99,11 @@ def dump_names() -> dict[str, int]:
          "VMLAB_IOC_MOVE": IOC_MOVE, "VMLAB_IOC_RELEASE_QUARANTINE": IOC_RELEASE_QUARANTINE,
          "VMLAB_IOC_PTE": IOC_PTE, "VMLAB_CACHING_KEEP": CACHING_KEEP,
          "VMLAB_CREATE_CLOEXEC": CREATE_CLOEXEC, "VMLAB_CREATE_FLAGS_ALL": CREATE_FLAGS_ALL,
-         "sizeof_vmlab_create": CREATE.size, "sizeof_vmlab_info": INFO.size,
-         "sizeof_vmlab_move": MOVE_S.size, "sizeof_vmlab_release_quarantine": RELEASE.size,
-         "sizeof_vmlab_pte": PTE.size, "sizeof_vmlab_abi": ABI.size}
+         "VMLAB_RELEASE_FORCE": RELEASE_FORCE, "VMLAB_RELEASE_FLAGS_ALL": RELEASE_FLAGS_ALL}
+    for cname, (st, names) in STRUCTS.items():
+        d[f"sizeof_{cname}"] = st.size
+        for field, off in offsets(st, names).items():
+            d[f"offsetof_{cname}_{field}"] = off
     for k, v in CACHING.items():
         d[f"VMLAB_CACHING_{k}"] = v
     for k, v in VM_PROT.items():

@@ -91,16 +91,24 @@ class Buffer:
             self.fd = -1
 
 
+def _name(table, value):
+    return {v: k for k, v in table.items()}.get(value, value)
+
+
 class VmlabBuffer(Buffer):
+    """A buffer of the vmlab exporter, addressed by its dma-buf fd; ``id`` is the module's
+    never-reused buffer id that the page stamps and the quarantine carry."""
     kind = "vmlab"
     movable = True
 
     def __init__(self, ctl, size, caching, alloc):
         super().__init__(size)
         self.ctl = ctl
-        req = bytearray(U.CREATE.pack(size, U.CACHING[caching], U.ALLOC[alloc], U.CREATE_CLOEXEC, -1, 0))
+        req = U.pack(U.CREATE, U.CREATE_FIELDS, size=size, caching=U.CACHING[caching],
+                     alloc=U.ALLOC[alloc], flags=U.CREATE_CLOEXEC, fd=-1)
         _ioctl(ctl, U.IOC_CREATE, req)
-        _, _, _, _, self.fd, self.id = U.CREATE.unpack(req)
+        out = U.unpack(U.CREATE, U.CREATE_FIELDS, req)
+        self.fd, self.id = out["fd"], out["id"]
 
     def info(self, pfns=False):
         n = self.size // PAGE
@@ -110,14 +118,13 @@ class VmlabBuffer(Buffer):
             import ctypes
             cbuf = (ctypes.c_char * len(arr)).from_buffer(arr)
             addr = ctypes.addressof(cbuf)
-        req = bytearray(U.INFO.pack(self.id, addr, n if pfns else 0, 0, 0, 0, 0, *([0] * 10)))
+        req = U.pack(U.INFO, U.INFO_FIELDS, fd=self.fd, pfns_ptr=addr, pfns_count=n if pfns else 0)
         _ioctl(self.ctl, U.IOC_INFO, req)
-        vals = U.INFO.unpack(req)
-        out = {"kind": self.kind, "id": self.id, "pages": vals[2],
-               "caching": {v: k for k, v in U.CACHING.items()}.get(vals[4], vals[4]),
-               "vm_prot": {v: k for k, v in U.VM_PROT.items()}.get(vals[5], vals[5]),
-               "alloc": {v: k for k, v in U.ALLOC.items()}.get(vals[6], vals[6])}
-        out.update(zip(U.INFO_FIELDS, vals[7:]))
+        v = U.unpack(U.INFO, U.INFO_FIELDS, req)
+        out = {"kind": self.kind, "id": v["id"], "pages": v["pfns_count"],
+               "caching": _name(U.CACHING, v["caching"]), "vm_prot": _name(U.VM_PROT, v["vm_prot"]),
+               "alloc": _name(U.ALLOC, v["alloc"])}
+        out.update((k, v[k]) for k in U.INFO_OUT_U64)
         self.generation = out["generation"]
         if pfns:
             out["pfns"] = list(struct.unpack(f"<{n}Q", arr))
@@ -125,15 +132,23 @@ class VmlabBuffer(Buffer):
 
     def move(self, mode, caching):
         cach = U.CACHING_KEEP if caching in (None, "KEEP") else U.CACHING[caching]
-        req = bytearray(U.MOVE_S.pack(self.id, U.MOVE[mode], cach, 0, 0, 0))
+        req = U.pack(U.MOVE_S, U.MOVE_FIELDS, fd=self.fd, mode=U.MOVE[mode], caching=cach)
         _ioctl(self.ctl, U.IOC_MOVE, req)
-        self.generation = U.MOVE_S.unpack(req)[5]
+        self.generation = U.unpack(U.MOVE_S, U.MOVE_FIELDS, req)["generation"]
         return {"generation": self.generation, "what": f"{mode} done by the exporter"}
 
-    def release_quarantine(self):
-        req = bytearray(U.RELEASE.pack(self.id, 0))
-        _ioctl(self.ctl, U.IOC_RELEASE_QUARANTINE, req)
-        return {"freed_pages": U.RELEASE.unpack(req)[1]}
+    def release_quarantine(self, max_generation=0, force=False):
+        return release_quarantine(self.ctl, self.id, max_generation, force)
+
+
+def release_quarantine(ctl, buf_id, max_generation=0, force=False):
+    """Free retired page sets of buffer ``buf_id`` (0: every buffer), open or closed, whose
+    generation is <= max_generation (0: all). EBUSY while host PTEs may still map one of
+    them, unless ``force`` (the module zaps the live buffer's mappings first)."""
+    req = U.pack(U.RELEASE, U.RELEASE_FIELDS, id=int(buf_id), max_generation=int(max_generation),
+                 flags=U.RELEASE_FORCE if force else 0)
+    _ioctl(ctl, U.IOC_RELEASE_QUARANTINE, req)
+    return {"id": int(buf_id), "freed_pages": U.unpack(U.RELEASE, U.RELEASE_FIELDS, req)["freed_pages"]}
 
 
 class UdmabufBuffer(Buffer):
@@ -312,12 +327,33 @@ def pat_memtype_list():
         return [f"unavailable: {e}"]
 
 
-def module_pages():
+DEBUGFS = "/sys/kernel/debug/vmlab-exporter"
+
+
+def _debugfs_int(name):
     try:
-        with open("/sys/kernel/debug/vmlab-exporter/pages") as f:
+        with open(f"{DEBUGFS}/{name}") as f:
             return int(f.read().split()[0])
     except (OSError, ValueError, IndexError):
         return None
+
+
+def module_pages():
+    """Pages the module holds (every buffer and the quarantine), from debugfs."""
+    return _debugfs_int("pages")
+
+
+def quarantine_state():
+    """Module-wide quarantine from debugfs: one record per retired page set
+    [buffer_id, generation, pages, still_mapped, caching], plus the module's counters."""
+    sets = []
+    try:
+        with open(f"{DEBUGFS}/quarantine") as f:
+            sets = [[int(x) for x in ln.split()] for ln in f if ln.strip()]
+    except (OSError, ValueError):
+        sets = None
+    return {"sets": sets, "quarantined_pages": sum(r[2] for r in sets) if sets is not None else None,
+            "module_pages": module_pages(), "leaked_pages": _debugfs_int("leaked")}
 
 
 def meminfo():
@@ -340,21 +376,141 @@ def dmesg_bad_lines():
     return bad
 
 
-def fuzz(ctl, count, seed):
-    """Random ioctls on the control device: random commands (ours and others), random
-    struct contents, random and bad pointers. Returns errno counts; the kernel log is the
-    verdict (checked by the caller)."""
+def _libc():
     import ctypes
     libc = ctypes.CDLL(None, use_errno=True)
     libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+    libc.ioctl.restype = ctypes.c_int
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_long]
+    libc.mmap.restype = ctypes.c_void_p
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.munmap.restype = ctypes.c_int
+    return libc
+
+
+class _Ioctls:
+    """ioctl() through ctypes (the GIL is released while the kernel works, so threads
+    really race), counting outcomes per errno name and per command."""
+    NAMES = {U.IOC_ABI: "ABI", U.IOC_CREATE: "CREATE", U.IOC_INFO: "INFO", U.IOC_MOVE: "MOVE",
+             U.IOC_RELEASE_QUARANTINE: "RELEASE_QUARANTINE", U.IOC_PTE: "PTE"}
+
+    def __init__(self, ctl):
+        import ctypes
+        self.ctypes = ctypes
+        self.libc = _libc()
+        self.ctl = ctl
+        self.lock = threading.Lock()
+        self.errnos = {}
+        self.per_cmd = {}
+        self.total = 0
+
+    def __call__(self, cmd, ptr):
+        rc = self.libc.ioctl(self.ctl, cmd, ptr)
+        e = self.ctypes.get_errno() if rc < 0 else 0
+        name = errno.errorcode.get(e, str(e)) if e else "ok"
+        op = self.NAMES.get(cmd, "other")
+        with self.lock:
+            self.total += 1
+            self.errnos[name] = self.errnos.get(name, 0) + 1
+            d = self.per_cmd.setdefault(op, {})
+            d[name] = d.get(name, 0) + 1
+        return rc, e
+
+
+def _other_fds():
+    """Fds that are not vmlab dma-bufs, for the fuzzers: another exporter's dma-buf when
+    there is one (udmabuf, else a dma-heap), a pipe. Returns (fds to use, closers)."""
+    fds, keep = [], []
+    for make in (lambda: UdmabufBuffer(4 * PAGE), lambda: DmaHeapBuffer(4 * PAGE)):
+        try:
+            b = make()
+        except (OSError, AgentError):
+            continue
+        fds.append(b.fd)
+        keep.append(b.close)
+        break
+    r, w = os.pipe()
+    fds.append(r)
+    keep += [lambda: os.close(r), lambda: os.close(w)]
+    return fds, keep
+
+
+def _closed_fd():
+    fd = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+    os.close(fd)
+    return fd
+
+
+def _cleanup_fuzz(ctl, fds, ids, closers):
+    """Close what a fuzzer made, free its buffers' quarantine (forced: nothing of theirs is
+    mapped any more) and report the module's page counters for the caller's leak check."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    for c in closers:
+        try:
+            c()
+        except OSError:
+            pass
+    freed, errs = 0, {}
+    for i in sorted(ids):
+        try:
+            freed += release_quarantine(ctl, i, 0, True)["freed_pages"]
+        except AgentError as e:
+            errs[i] = errno.errorcode.get(e.errno or 0, str(e))
+    out = {"released_pages": freed, "release_errors": errs}
+    out.update(quarantine_state())
+    out.pop("sets", None)
+    return out
+
+
+def fuzz(ctl, count, seed, seconds=600):
+    """Random ioctls on the control device: random commands (ours and others), random
+    struct contents, random and bad pointers, and as buffer fds: live vmlab dma-bufs,
+    another exporter's dma-buf, non-dma-buf fds, closed fds and random numbers. One kept
+    mapping is touched between ioctls so moves meet mapped pages. Bounded by ``count``
+    ioctls and ``seconds``. Returns errno counts (summing to the ioctls done) and, after
+    releasing everything it made, the module's page counters; the kernel log is the
+    verdict (checked by the caller)."""
+    import ctypes
     rnd = random.Random(seed)
+    io = _Ioctls(ctl)
+    libc = io.libc
+    deadline = time.monotonic() + seconds
     cmds = [U.IOC_ABI, U.IOC_CREATE, U.IOC_INFO, U.IOC_MOVE, U.IOC_RELEASE_QUARANTINE, U.IOC_PTE]
-    results = {}
-    fds = []
+    live = []           # [fd, size] of vmlab buffers this fuzzer created
+    ids = set()
+    closed = [_closed_fd()]
+    others, closers = _other_fds()
+    others.append(ctl)
     buf = ctypes.create_string_buffer(256)
+    mapping = None      # (addr, size)
     interesting = [0, 1, 2, 3, 4095, 4096, 8192, 1 << 20, (1 << 20) + 1, 3 << 20, 1 << 40,
                    (1 << 64) - 1, (1 << 63), 0xFFFFFFFF, 0x80000000]
-    for i in range(count):
+
+    def pick_fd():
+        r = rnd.random()
+        if r < 0.5 and live:
+            return rnd.choice(live)[0]
+        if r < 0.65:
+            return rnd.choice(others)
+        if r < 0.8:
+            return rnd.choice(closed)
+        return rnd.choice([-1, 0, 1023, 1 << 20, -(1 << 31), (1 << 31) - 1, rnd.getrandbits(31)])
+
+    def touch():
+        addr, size = mapping
+        for _ in range(rnd.randrange(1, 4)):
+            off = rnd.randrange(0, size // PAGE) * PAGE
+            tmp = ctypes.create_string_buffer(8)
+            ctypes.memmove(tmp, addr + off + rnd.randrange(0, PAGE - 8), 8)
+            ctypes.memmove(addr + off + stamp.GUEST_OFF + 8 * rnd.randrange(1, 255), tmp, 8)
+
+    done = 0
+    while done < count and time.monotonic() < deadline:
         r = rnd.random()
         if r < 0.7:
             cmd = rnd.choice(cmds)
@@ -362,40 +518,219 @@ def fuzz(ctl, count, seed):
             cmd = (rnd.choice(cmds) & ~(0x3FFF << 16)) | (rnd.randrange(0, 0x3FFF) << 16)
         else:
             cmd = rnd.getrandbits(32)
-        for off in range(0, 128, 8):
+        for off in range(0, 160, 8):
             v = rnd.choice(interesting) if rnd.random() < 0.5 else rnd.getrandbits(64)
             if rnd.random() < 0.3:
                 v = rnd.randrange(0, 5)
             struct.pack_into("<Q", buf, off, v)
-        if cmd in (U.IOC_CREATE,) and rnd.random() < 0.5:
+        if cmd == U.IOC_CREATE and rnd.random() < 0.5:
             struct.pack_into("<QIII", buf, 0, rnd.choice([4096, 8192, 65536, 1 << 20]),
                              rnd.randrange(0, 4), rnd.randrange(0, 4), rnd.randrange(0, 3))
-        if cmd in (U.IOC_INFO, U.IOC_MOVE, U.IOC_RELEASE_QUARANTINE) and rnd.random() < 0.5:
-            struct.pack_into("<Q", buf, 0, rnd.randrange(0, 64))
+        if cmd in (U.IOC_INFO, U.IOC_MOVE) and rnd.random() < 0.8:
+            struct.pack_into("<i", buf, 0, pick_fd())
+            if rnd.random() < 0.7:
+                struct.pack_into("<I", buf, 4, 0)       # INFO flags / MOVE mode
             if cmd == U.IOC_MOVE:
-                struct.pack_into("<II", buf, 8, rnd.randrange(0, 5), rnd.choice([0, 1, 2, 3, U.CACHING_KEEP]))
-            if cmd == U.IOC_INFO and rnd.random() < 0.5:
-                struct.pack_into("<QQ", buf, 8, rnd.choice([0, 1, 0xdead0000, (1 << 63)]), rnd.randrange(0, 1 << 20))
+                struct.pack_into("<III", buf, 4, rnd.randrange(0, 5),
+                                 rnd.choice([0, 1, 2, 3, U.CACHING_KEEP]), rnd.choice([0, 0, 0, 1]))
+            if cmd == U.IOC_INFO:
+                if rnd.random() < 0.7:
+                    struct.pack_into("<I", buf, 44, 0)      # pad
+                if rnd.random() < 0.5:
+                    struct.pack_into("<QQ", buf, 8, rnd.choice([0, 0, 1, 0xdead0000, (1 << 63)]),
+                                     rnd.randrange(0, 1 << 20))
+        if cmd == U.IOC_RELEASE_QUARANTINE and rnd.random() < 0.8:
+            bid = rnd.choice(sorted(ids) + [0, rnd.getrandbits(64)]) if ids else 0
+            struct.pack_into("<QQII", buf, 0, bid, rnd.choice([0, 0, 1, 2, 3, rnd.getrandbits(64)]),
+                             rnd.choice([0, 0, U.RELEASE_FORCE, rnd.getrandbits(32)]), rnd.choice([0, 0, 0, 1]))
         ptr = ctypes.addressof(buf) if rnd.random() < 0.9 else rnd.choice([0, 1, 0xdead000, (1 << 47) - 8, (1 << 64) - 4096])
-        rc = libc.ioctl(ctl, cmd, ptr)
-        e = 0 if rc >= 0 else ctypes.get_errno()
-        name = errno.errorcode.get(e, str(e)) if e else "ok"
-        results[name] = results.get(name, 0) + 1
-        if rc >= 0 and cmd == U.IOC_CREATE:
+        rc, _ = io(cmd, ptr)
+        done += 1
+        if rc >= 0 and cmd == U.IOC_CREATE and ptr == ctypes.addressof(buf):
             fd = struct.unpack_from("<i", buf, 20)[0]
+            size, bid = struct.unpack_from("<Q", buf, 0)[0], struct.unpack_from("<Q", buf, 24)[0]
             if fd > 2:
-                fds.append(fd)
-        if len(fds) > 8:
-            try:
-                os.close(fds.pop(0))
-            except OSError:
-                pass
-    for fd in fds:
-        try:
+                live.append([fd, size])
+                ids.add(bid)
+                if mapping is None and rnd.random() < 0.5:
+                    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
+                    if addr not in (None, ctypes.c_void_p(-1).value):
+                        mapping = (addr, size)
+        if len(live) > 8:
+            fd = live.pop(0)[0]
             os.close(fd)
-        except OSError:
-            pass
-    return results
+            closed = (closed + [fd])[-4:]
+        if mapping is not None:
+            touch()
+            if rnd.random() < 0.01:
+                libc.munmap(*mapping)
+                mapping = None
+    if mapping is not None:
+        libc.munmap(*mapping)
+    out = {"errnos": io.errnos, "per_cmd": io.per_cmd, "ioctls": io.total,
+           "seconds": round(seconds - (deadline - time.monotonic()), 1)}
+    out.update(_cleanup_fuzz(ctl, [f for f, _ in live], ids, closers))
+    return out
+
+
+def fuzz_concurrent(ctl, count, seed, seconds=30, threads=4):
+    """Races on purpose: movers (MOVE in every mode and caching, INFO), faulters (a kept
+    mapping of a buffer, reads and writes of random pages, remapped now and then) and a
+    churner (create, close, dup of buffer fds, RELEASE_QUARANTINE with and without FORCE),
+    for at most ``count`` ioctls and ``seconds``. Returns errno counts per command, the
+    number of ioctls and page touches, and, after releasing everything, the module's page
+    counters (debugfs) for the caller's leak check."""
+    import ctypes
+    io = _Ioctls(ctl)
+    libc = io.libc
+    deadline = time.monotonic() + seconds
+    lock = threading.Lock()
+    pool = []               # [fd, size, id]: fds owned by the pool, closed only after removal
+    ids = set()
+    closed = [_closed_fd()]
+    others, closers = _other_fds()
+    stop = threading.Event()
+    budget = [count]
+    touches = [0]
+    errors = []
+
+    def take():
+        with lock:
+            if budget[0] <= 0 or time.monotonic() >= deadline:
+                stop.set()
+                return False
+            budget[0] -= 1
+            return True
+
+    def pick(rnd):
+        with lock:
+            r = rnd.random()
+            if pool and r < 0.85:
+                return rnd.choice(pool)[0]
+            if r < 0.95:
+                return rnd.choice(others + closed)
+            return rnd.getrandbits(16)
+
+    def create(rnd):
+        size = PAGE * rnd.choice([1, 2, 4, 16, 64])
+        req = U.pack(U.CREATE, U.CREATE_FIELDS, size=size, caching=rnd.choice([0, 0, 1, 2]),
+                     alloc=rnd.randrange(0, 3), flags=U.CREATE_CLOEXEC, fd=-1)
+        cbuf = (ctypes.c_char * len(req)).from_buffer(req)
+        rc, _ = io(U.IOC_CREATE, ctypes.addressof(cbuf))
+        del cbuf
+        if rc >= 0:
+            out = U.unpack(U.CREATE, U.CREATE_FIELDS, req)
+            with lock:
+                pool.append([out["fd"], size, out["id"]])
+                ids.add(out["id"])
+
+    def ioctl_struct(cmd, st, names, **kw):
+        req = U.pack(st, names, **kw)
+        cbuf = (ctypes.c_char * len(req)).from_buffer(req)
+        rc = io(cmd, ctypes.addressof(cbuf))
+        del cbuf
+        return rc
+
+    def mover(rnd):
+        while take():
+            fd = pick(rnd)
+            if rnd.random() < 0.2:
+                ioctl_struct(U.IOC_INFO, U.INFO, U.INFO_FIELDS, fd=fd)
+                continue
+            mode = rnd.choice([1, 1, 2, 3])
+            cach = U.CACHING_KEEP if mode == 3 or rnd.random() < 0.5 else rnd.randrange(0, 3)
+            ioctl_struct(U.IOC_MOVE, U.MOVE_S, U.MOVE_FIELDS, fd=fd, mode=mode, caching=cach)
+
+    def faulter(rnd):
+        m = None
+        tmp = ctypes.create_string_buffer(8)
+        while not stop.is_set() and time.monotonic() < deadline:
+            if m is None or rnd.random() < 0.02:
+                if m is not None:
+                    libc.munmap(*m)
+                    m = None
+                with lock:    # dup under the lock: the pool's fd is open right now
+                    if not pool:
+                        mfd = None
+                    else:
+                        fd, size, _ = rnd.choice(pool)
+                        mfd = os.dup(fd)
+                if mfd is None:
+                    time.sleep(0.01)
+                    continue
+                try:
+                    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, mfd, 0)
+                finally:
+                    os.close(mfd)     # the mapping holds the dma-buf
+                if addr in (None, ctypes.c_void_p(-1).value):
+                    continue
+                m = (addr, size)
+            addr, size = m
+            off = rnd.randrange(0, size // PAGE) * PAGE
+            ctypes.memmove(tmp, addr + off + rnd.randrange(0, PAGE - 8), 8)     # fault, GIL released
+            ctypes.memmove(addr + off + stamp.GUEST_OFF + 8 * rnd.randrange(1, 255), tmp, 8)
+            with lock:
+                touches[0] += 1
+        if m is not None:
+            libc.munmap(*m)
+
+    def churner(rnd):
+        while take():
+            r = rnd.random()
+            if r < 0.3:
+                with lock:
+                    n = len(pool)
+                if n < 8:
+                    create(rnd)
+                    continue
+                r = 0.35
+            if r < 0.5:
+                with lock:
+                    ent = pool.pop(rnd.randrange(len(pool))) if pool else None
+                if ent:
+                    os.close(ent[0])
+                    with lock:
+                        closed[:] = (closed + [ent[0]])[-4:]
+            elif r < 0.65:
+                with lock:
+                    if pool:
+                        fd, size, bid = rnd.choice(pool)
+                        pool.append([os.dup(fd), size, bid])
+            else:
+                with lock:
+                    bid = rnd.choice(sorted(ids) + [0]) if ids else 0
+                ioctl_struct(U.IOC_RELEASE_QUARANTINE, U.RELEASE, U.RELEASE_FIELDS, id=bid,
+                             max_generation=rnd.choice([0, 0, 1, 2, 5]),
+                             flags=U.RELEASE_FORCE if rnd.random() < 0.5 else 0)
+
+    def run(fn, i):
+        try:
+            fn(random.Random(seed * 1000 + i))
+        except Exception:
+            errors.append(traceback.format_exc())
+            stop.set()
+
+    rnd0 = random.Random(seed)
+    for _ in range(3):
+        create(rnd0)
+    roles = [mover, faulter, churner, mover, faulter, mover]
+    ts = [threading.Thread(target=run, args=(roles[i % len(roles)], i), daemon=True)
+          for i in range(max(3, int(threads)))]
+    t0 = time.monotonic()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(max(1.0, deadline - time.monotonic() + 60))
+    stuck = sum(t.is_alive() for t in ts)
+    stop.set()
+    out = {"errnos": io.errnos, "per_cmd": io.per_cmd, "ioctls": io.total, "touches": touches[0],
+           "threads": len(ts), "seconds": round(time.monotonic() - t0, 1), "stuck_threads": stuck,
+           "thread_errors": errors}
+    with lock:
+        fds = [e[0] for e in pool]
+        pool.clear()
+    out.update(_cleanup_fuzz(ctl, fds, ids, closers))
+    return out
 
 
 class Agent:
@@ -429,9 +764,11 @@ class Agent:
     def op_abi(self, req):
         b = bytearray(U.ABI.size)
         _ioctl(self.control(), U.IOC_ABI, b)
-        v = U.ABI.unpack(b)
-        return {"abi_version": v[0], "page_size": v[1], "max_buffer_bytes": v[2],
-                "sizes": dict(zip(("create", "info", "move", "release", "pte", "abi"), v[3:]))}
+        v = U.unpack(U.ABI, U.ABI_FIELDS, b)
+        return {"abi_version": v["abi_version"], "page_size": v["page_size"],
+                "max_buffer_bytes": v["max_buffer_bytes"],
+                "max_quarantine_bytes": v["max_quarantine_bytes"],
+                "sizes": {k[len("sizeof_"):]: v[k] for k in U.ABI_FIELDS if k.startswith("sizeof_")}}
 
     def op_create(self, req):
         kind, size = req.get("kind", "vmlab"), int(req["size"])
@@ -494,19 +831,97 @@ class Agent:
             page = int(req.get("page", 0))
             _ = m[page * PAGE]  # fault it in through the exporter
             addr = mmap_address(m) + page * PAGE
-            q = bytearray(U.PTE.pack(addr, 0, 0, 0, 0, 0, 0))
+            q = U.pack(U.PTE, U.PTE_FIELDS, addr=addr)
             _ioctl(self.control(), U.IOC_PTE, q)
-            _, _, memtype, pfn, pte, pat, page_mt = U.PTE.unpack(q)
-        return {"memtype": U.MEMTYPE.get(memtype, str(memtype)), "pfn": pfn, "pte": hex(pte),
-                "pat_msr": hex(pat), "page_memtype": U.MEMTYPE.get(page_mt & 0xFFFFFFFF, str(page_mt))}
+            v = U.unpack(U.PTE, U.PTE_FIELDS, q)
+        page_mt = v["page_memtype"]
+        return {"memtype": U.MEMTYPE.get(v["memtype"], str(v["memtype"])), "pfn": v["pfn"],
+                "pte": hex(v["pte"]), "pat_msr": hex(v["pat_msr"]),
+                "page_memtype": U.MEMTYPE.get(page_mt & 0xFFFFFFFF, str(page_mt))}
 
-    def op_release_quarantine(self, req):
+    def op_move_under_writes(self, req):
+        """MOVE while a host thread keeps writing a counter into one page's guest area
+        through its own mapping (as a VMM or a guest would), then tell whether the last
+        write reached the pages the buffer now has: MIGRATE zaps before it copies, so no
+        write is lost; MIGRATE_NO_ZAP leaves the writer on the old pages (LOST_WRITE).
+        {"buf", "mode", "caching", "page", "after_ms"} -> last_written, fresh (read through
+        a new mapping), kept (through the writer's mapping), lost_write, writes."""
+        import ctypes
         b = self.buf(req)
         if not isinstance(b, VmlabBuffer):
-            raise AgentError("only vmlab buffers have a quarantine", errno.EINVAL)
-        return b.release_quarantine()
+            raise AgentError("move_under_writes needs a vmlab exporter buffer", errno.EINVAL)
+        page = int(req.get("page", 0))
+        if not 0 <= page < b.size // PAGE:
+            raise AgentError(f"page {page} outside the buffer", errno.EINVAL)
+        off = page * PAGE + stamp.GUEST_OFF + 8   # the guest agent's tag lives at GUEST_OFF
+        libc = _libc()
+        addr = libc.mmap(None, b.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, b.fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            raise AgentError("mmap: " + os.strerror(ctypes.get_errno()), ctypes.get_errno())
+        stop, last = threading.Event(), [0]
+
+        def writer():
+            v = ctypes.c_uint64(0)
+            while not stop.is_set():
+                v.value += 1
+                ctypes.memmove(addr + off, ctypes.byref(v), 8)   # faults without the GIL
+                last[0] = v.value
+
+        def read(a):
+            v = ctypes.c_uint64(0)
+            ctypes.memmove(ctypes.byref(v), a + off, 8)
+            return v.value
+
+        t = threading.Thread(target=writer, daemon=True)
+        try:
+            t.start()
+            while last[0] < 1000 and t.is_alive():
+                time.sleep(0.001)
+            cach = U.CACHING_KEEP if req.get("caching") in (None, "KEEP") else U.CACHING[req["caching"]]
+            mreq = U.pack(U.MOVE_S, U.MOVE_FIELDS, fd=b.fd, mode=U.MOVE[req["mode"]], caching=cach)
+            cbuf = (ctypes.c_char * len(mreq)).from_buffer(mreq)
+            rc = libc.ioctl(self.control(), U.IOC_MOVE, ctypes.addressof(cbuf))   # GIL released
+            e = ctypes.get_errno() if rc < 0 else 0
+            del cbuf
+            at_move = last[0]
+            time.sleep(float(req.get("after_ms", 20)) / 1000)
+        finally:
+            stop.set()
+            t.join(30)
+        try:
+            if e:
+                raise AgentError(f"MOVE: {os.strerror(e)}", e)
+            b.generation = U.unpack(U.MOVE_S, U.MOVE_FIELDS, mreq)["generation"]
+            with mmap.mmap(b.fd, b.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+                fresh = struct.unpack_from("<Q", m, off)[0]
+            kept = read(addr)
+        finally:
+            libc.munmap(addr, b.size)
+        return {"generation": b.generation, "last_written": last[0], "writes_before_move": at_move,
+                "fresh": fresh, "kept": kept, "lost_write": fresh != last[0]}
+
+    def op_release_quarantine(self, req):
+        """Free retired pages: {"buf": handle} for a live buffer of this agent, or
+        {"id": buffer id} for any buffer, closed ones included (0: every buffer);
+        optional "max_generation" (free generations <= it; 0: all) and "force" (zap the
+        live buffer's mappings instead of failing with EBUSY)."""
+        mg, force = int(req.get("max_generation", 0)), bool(req.get("force", False))
+        if req.get("buf") is not None:
+            b = self.buf(req)
+            if not isinstance(b, VmlabBuffer):
+                raise AgentError("only vmlab buffers have a quarantine", errno.EINVAL)
+            return b.release_quarantine(mg, force)
+        if req.get("id") is None:
+            raise AgentError('release_quarantine needs "buf" or "id"', errno.EINVAL)
+        return release_quarantine(self.control(), int(req["id"]), mg, force)
+
+    def op_quarantine(self, req):
+        """The module-wide quarantine (debugfs): retired sets [buffer_id, generation, pages,
+        still_mapped, caching] of every buffer, open or closed, and the page counters."""
+        return quarantine_state()
 
     def op_close(self, req):
+        """Close a buffer; its retired pages stay quarantined under the returned id."""
         self.op_host_unmap(req)
         b = self.buffers.pop(req["buf"], None)
         srv = self.servers.pop(req["buf"], None)
@@ -514,7 +929,7 @@ class Agent:
             srv.close()
         if b:
             b.close()
-        return {}
+        return {"id": b.id if b else None}
 
     def op_pat(self, req):
         return {"lines": pat_memtype_list()}
@@ -526,28 +941,61 @@ class Agent:
         return {"lines": dmesg_bad_lines()}
 
     def op_fuzz(self, req):
-        return {"errnos": fuzz(self.control(), int(req.get("count", 10000)), int(req.get("seed", 1)))}
+        """{"count", "seed", "seconds"} random ioctls, or with "concurrent": true the racing
+        fuzzer with "threads". Both are bounded by count and seconds (at most an hour)."""
+        seconds = min(float(req.get("seconds", 30 if req.get("concurrent") else 600)), 3600.0)
+        if req.get("concurrent"):
+            return fuzz_concurrent(self.control(), int(req.get("count", 100000)), int(req.get("seed", 1)),
+                                   seconds, int(req.get("threads", 4)))
+        return fuzz(self.control(), int(req.get("count", 10000)), int(req.get("seed", 1)), seconds)
 
     def op_raw(self, req):
         """One ioctl with caller-chosen struct fields and pointer (negative tests):
-        {"cmd": "CREATE"|"INFO"|"MOVE"|"RELEASE_QUARANTINE"|"PTE"|"ABI", "fields": [...],
-         "ptr": null (a valid buffer) or an integer address}. Returns rc, errname, fields out."""
+        {"cmd": "CREATE"|"INFO"|"MOVE"|"RELEASE_QUARANTINE"|"PTE"|"ABI",
+         "fields": [...] in C order, or {"name": value} (the rest 0),
+         "buf": handle (a dict without "fd" gets that buffer's fd),
+         "fd_of": "ctl" | "closed" | "devnull" (a dict's "fd": the control device, a closed
+                  fd, an open non-dma-buf fd),
+         "ptr": null (a valid buffer) or an integer address}.
+        Returns rc, errname, and the fields after the call as a list and by name."""
         import ctypes
-        st = {"CREATE": U.CREATE, "INFO": U.INFO, "MOVE": U.MOVE_S, "RELEASE_QUARANTINE": U.RELEASE,
-              "PTE": U.PTE, "ABI": U.ABI}[req["cmd"]]
+        st, names = U.STRUCTS[{"CREATE": "vmlab_create", "INFO": "vmlab_info", "MOVE": "vmlab_move",
+                               "RELEASE_QUARANTINE": "vmlab_release_quarantine", "PTE": "vmlab_pte",
+                               "ABI": "vmlab_abi"}[req["cmd"]]]
         cmd = getattr(U, "IOC_" + req["cmd"])
         buf = ctypes.create_string_buffer(st.size)
-        if req.get("fields"):
-            st.pack_into(buf, 0, *req["fields"])
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.ioctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_void_p]
+        fields = req.get("fields")
+        extra = None
+        if isinstance(fields, dict):
+            fields = dict(fields)
+            if "fd" in names and "fd" not in fields:
+                kind = req.get("fd_of")
+                if kind == "ctl":
+                    fields["fd"] = self.control()
+                elif kind == "closed":
+                    fields["fd"] = _closed_fd()
+                elif kind == "devnull":
+                    extra = os.open("/dev/null", os.O_RDONLY | os.O_CLOEXEC)
+                    fields["fd"] = extra
+                elif req.get("buf") is not None:
+                    fields["fd"] = self.buf(req).fd
+            buf[:] = bytes(U.pack(st, names, **fields))
+        elif fields:
+            st.pack_into(buf, 0, *fields)
+        libc = _libc()
         ptr = req.get("ptr")
-        rc = libc.ioctl(self.control(), cmd, ctypes.addressof(buf) if ptr is None else ptr)
-        e = ctypes.get_errno() if rc < 0 else 0
+        try:
+            rc = libc.ioctl(self.control(), cmd, ctypes.addressof(buf) if ptr is None else ptr)
+            e = ctypes.get_errno() if rc < 0 else 0
+        finally:
+            if extra is not None:
+                os.close(extra)
         out = list(st.unpack_from(buf.raw))
-        if rc >= 0 and req["cmd"] == "CREATE" and out[4] > 2:
-            os.close(out[4])  # a negative test that unexpectedly succeeded must not leak
-        return {"rc": rc, "errname": errno.errorcode.get(e, "") if e else "", "fields": out}
+        named = dict(zip(names, out))
+        if rc >= 0 and req["cmd"] == "CREATE" and named["fd"] > 2:
+            os.close(named["fd"])  # a negative test that unexpectedly succeeded must not leak
+        return {"rc": rc, "errname": errno.errorcode.get(e, "") if e else "", "fields": out,
+                "named": named}
 
     def op_find_bytes(self, req):
         """Where a process's memory holds ``hex`` (e.g. what a guest wrote into a host-visible

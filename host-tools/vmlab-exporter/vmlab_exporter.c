@@ -9,24 +9,42 @@
  *
  * Control device: /dev/vmlab-exporter (root only, CAP_SYS_ADMIN).  The uapi
  * is include/uapi/vmlab_exporter.h; every 4 KiB page carries the stamp of
- * include/uapi/vmlab_stamp.h.
+ * include/uapi/vmlab_stamp.h.  Buffers are addressed by their dma-buf fd.
  *
- * Modelled on drivers/dma-buf/udmabuf.c and drivers/dma-buf/heaps/system_heap.c.
+ * Modelled on drivers/dma-buf/udmabuf.c, drivers/dma-buf/heaps/system_heap.c
+ * and, for moves, on TTM (ttm_bo_handle_move_mem: unmap the CPU mappings
+ * before the copy, under the object's lock; ttm_bo_vm_reserve: faults wait
+ * for that lock, killably; ttm_pool: set_pages_array_* for caching).
+ *
+ * Locks, in the order they nest:
+ *   mmap_lock (fault, mmap) -> buf->lock -> vmlab_quarantine_lock
+ *   vmlab_buffers_lock -> vmlab_quarantine_lock   (debugfs)
+ * buf->lock is per buffer and may be held for a whole MOVE (allocation, zap,
+ * copy); vmlab_buffers_lock and vmlab_quarantine_lock are module-wide and
+ * only ever held briefly, never while waiting for a buf->lock.
  */
 
+#ifndef CONFIG_X86_64
+#error "vmlab-exporter is x86_64 only (PAT memtypes, set_pages_array_*, PAGE_SIZE 4096)"
+#endif
+
+#include <linux/atomic.h>
+#include <linux/bitmap.h>
+#include <linux/build_bug.h>
 #include <linux/capability.h>
 #include <linux/compat.h>
 #include <linux/debugfs.h>
 #include <linux/dma-buf.h>
 #include <linux/dma-mapping.h>
+#include <linux/err.h>
 #include <linux/fcntl.h>
 #include <linux/file.h>
 #include <linux/fs.h>
 #include <linux/gfp.h>
 #include <linux/highmem.h>
-#include <linux/idr.h>
 #include <linux/iosys-map.h>
 #include <linux/kernel.h>
+#include <linux/kref.h>
 #include <linux/list.h>
 #include <linux/log2.h>
 #include <linux/miscdevice.h>
@@ -37,21 +55,28 @@
 #include <linux/overflow.h>
 #include <linux/scatterlist.h>
 #include <linux/sched.h>
+#include <linux/sched/signal.h>
 #include <linux/seq_file.h>
 #include <linux/slab.h>
 #include <linux/uaccess.h>
 #include <linux/version.h>
 #include <linux/vmalloc.h>
 
-#ifdef CONFIG_X86
 #include <asm/cpufeature.h>
 #include <asm/msr.h>
 #include <asm/pgtable.h>
 #include <asm/set_memory.h>
-#endif
 
 #include <vmlab_exporter.h>
 #include <vmlab_stamp.h>
+
+/* The uapi promises fixed sizes without implicit padding. */
+static_assert(sizeof(struct vmlab_create) == 32);
+static_assert(sizeof(struct vmlab_info) == 152);
+static_assert(sizeof(struct vmlab_move) == 24);
+static_assert(sizeof(struct vmlab_release_quarantine) == 32);
+static_assert(sizeof(struct vmlab_pte) == 48);
+static_assert(sizeof(struct vmlab_abi) == 48);
 
 /* ------------------------------------------------------------------------- */
 /* API drift                                                                 */
@@ -73,22 +98,20 @@ static inline void vmlab_vm_flags_set(struct vm_area_struct *vma, unsigned long 
 #endif
 }
 
-/* Take a file reference only if the file is not already on its way out. */
-static inline bool vmlab_file_tryget(struct file **filep)
+/* Drop the lock a fault runs under (mmap_lock, or the VMA lock on newer kernels). */
+static inline void vmlab_release_fault_lock(struct vm_fault *vmf)
 {
-#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 7, 0)
-	return get_file_active(filep) != NULL;
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
+	release_fault_lock(vmf);
 #else
-	return get_file_rcu(*filep);
+	mmap_read_unlock(vmf->vma->vm_mm);
 #endif
 }
 
-#ifdef CONFIG_X86
 #ifdef rdmsrq
 #define vmlab_rdmsr64(msr, val) rdmsrq(msr, val)	/* >= 6.16 */
 #else
 #define vmlab_rdmsr64(msr, val) rdmsrl(msr, val)
-#endif
 #endif
 
 /* ------------------------------------------------------------------------- */
@@ -104,39 +127,60 @@ static unsigned int max_order = 9;
 module_param(max_order, uint, 0444);
 MODULE_PARM_DESC(max_order, "Largest page order of COMPOUND/NONCOMPOUND allocations (default 9, <= MAX_PAGE_ORDER)");
 
+static unsigned int max_quarantine_mb = 256;
+module_param(max_quarantine_mb, uint, 0644);
+MODULE_PARM_DESC(max_quarantine_mb, "Cap on retired (quarantined) pages of all buffers, in MiB; a MOVE past it fails with ENOSPC (default 256)");
+
 /* ------------------------------------------------------------------------- */
 /* Data structures                                                           */
 
-/* One set of backing pages: the current set, or a retired (quarantined) one. */
+/* One set of backing pages: the current set of a buffer, or a retired one. */
 struct vmlab_pageset {
-	struct list_head node;		/* in vmlab_buffer.quarantine */
+	struct list_head node;		/* in vmlab_quarantine once retired */
 	struct page **pages;		/* one entry per 4 KiB page */
 	struct page **chunks;		/* allocation heads, each 2^order pages */
 	unsigned long npages;
 	unsigned long nchunks;
 	unsigned long nallocated;	/* chunks actually allocated */
-	unsigned long ncached;		/* chunks whose linear map is not WB */
 	unsigned int order;
 	u32 alloc;			/* VMLAB_ALLOC_* */
-	u32 caching;			/* caching of the linear map of these pages */
+	/*
+	 * Caching of the linear map: WB, or the WC/UC that set_pages_array_*
+	 * was asked for (possibly only partly applied if it failed); anything
+	 * but WB must be restored before the pages are freed.
+	 */
+	u32 caching;
+	u64 buf_id;			/* the buffer whose stamps these pages carry */
+	u64 generation;			/* the generation stamped into them */
+	bool still_mapped;		/* retired, host PTEs may still map it; vmlab_quarantine_lock */
 };
 
 struct vmlab_buffer {
+	struct list_head node;		/* in vmlab_buffers, vmlab_buffers_lock */
+	struct kref ref;		/* the dma-buf's, plus short-lived lookups by id */
 	struct mutex lock;		/* pages, generation, counters below */
 	struct dma_buf *dmabuf;
+	/*
+	 * The dma-buf file's address_space, kept alive by a reference on its
+	 * inode: the file itself may be freed before our release() runs (it
+	 * runs from the dentry's d_release), the inode not while we hold it.
+	 */
+	struct address_space *mapping;
+	struct inode *inode;
 	u64 id;
 	u64 size;
 	unsigned long npages;
 	u32 alloc;
-	u32 caching;			/* caching of the current page set */
+	u32 caching;			/* of the current page set */
 	u64 generation;
 	struct vmlab_pageset *cur;
-	struct list_head quarantine;	/* of struct vmlab_pageset */
-	unsigned long quarantined_pages;
+	unsigned long *faulted;		/* pages faulted in since the last zap */
+	unsigned long refaulted;	/* weight of @faulted */
 	unsigned int mapped_attachments;
 	unsigned int vmaps;
 	void *vaddr;
-	bool stale_mapped;
+	bool stale_mapped;		/* a retired set of ours is still mapped */
+	bool released;			/* release() ran: no mapping, no pages */
 	u64 zaps;
 	u64 moves;
 	/* touched from vm_ops without the buffer lock */
@@ -145,15 +189,25 @@ struct vmlab_buffer {
 	atomic64_t live_mappings;
 };
 
-static DEFINE_MUTEX(vmlab_idr_lock);
-static DEFINE_IDR(vmlab_idr);
+/* Live buffers, for debugfs and FORCE releases: never held while waiting. */
+static DEFINE_MUTEX(vmlab_buffers_lock);
+static LIST_HEAD(vmlab_buffers);
+
+/* Retired page sets of every buffer, open or closed. */
+static DEFINE_MUTEX(vmlab_quarantine_lock);
+static LIST_HEAD(vmlab_quarantine);
+static unsigned long vmlab_quarantine_committed;	/* quarantined + reserved by MOVEs in flight */
+
+static atomic64_t vmlab_last_id = ATOMIC64_INIT(0);
 static atomic_long_t vmlab_module_pages = ATOMIC_LONG_INIT(0);
+static atomic_long_t vmlab_quarantined_pages = ATOMIC_LONG_INIT(0);
+static atomic_long_t vmlab_leaked_pages = ATOMIC_LONG_INIT(0);
 static struct dentry *vmlab_debugfs;
 static const struct dma_buf_ops vmlab_dmabuf_ops;
 static const struct vm_operations_struct vmlab_vm_ops;
 
 /* ------------------------------------------------------------------------- */
-/* Caching of the linear map                                                 */
+/* Caching                                                                   */
 
 static pgprot_t vmlab_prot(pgprot_t prot, u32 caching)
 {
@@ -167,71 +221,52 @@ static pgprot_t vmlab_prot(pgprot_t prot, u32 caching)
 	}
 }
 
-static int vmlab_set_chunk_caching(struct page *chunk, unsigned int order, u32 caching)
+/*
+ * On x86 the memtype of a RAM page (its linear map, reserved with
+ * set_pages_array_*) overrides the cache bits of any other mapping of it, so
+ * WC/UC buffers change the linear map of the whole page array in one call,
+ * as ttm_pool_apply_caching() does.
+ */
+static int vmlab_pageset_set_caching(struct vmlab_pageset *ps, u32 caching)
 {
-#ifdef CONFIG_X86
-	unsigned long addr = (unsigned long)page_address(chunk);
-	int numpages = 1 << order;
-
-	switch (caching) {
-	case VMLAB_CACHING_WC:
-		return set_memory_wc(addr, numpages);
-	case VMLAB_CACHING_UC:
-		return set_memory_uc(addr, numpages);
-	default:
-		return set_memory_wb(addr, numpages);
-	}
-#else
-	return caching == VMLAB_CACHING_WB ? 0 : -EOPNOTSUPP;
-#endif
-}
-
-/* Restore WB on the linear map of every chunk that was changed. */
-static void vmlab_pageset_restore_wb(struct vmlab_pageset *ps)
-{
-	unsigned long i;
-
-	if (ps->caching == VMLAB_CACHING_WB)
-		return;
-	for (i = 0; i < ps->ncached; i++)
-		vmlab_set_chunk_caching(ps->chunks[i], ps->order, VMLAB_CACHING_WB);
-	ps->ncached = 0;
-	ps->caching = VMLAB_CACHING_WB;
-}
-
-static int vmlab_pageset_apply_caching(struct vmlab_pageset *ps, u32 caching)
-{
-	unsigned long i;
-	int ret;
-
 	if (caching == VMLAB_CACHING_WB)
 		return 0;
+	/* from here on the free path restores WB, also after a partial failure */
 	ps->caching = caching;
-	for (i = 0; i < ps->nchunks; i++) {
-		ret = vmlab_set_chunk_caching(ps->chunks[i], ps->order, caching);
-		if (ret) {
-			vmlab_pageset_restore_wb(ps);
-			return ret;
-		}
-		ps->ncached = i + 1;
-		cond_resched();
-	}
-	return 0;
+	if (caching == VMLAB_CACHING_WC)
+		return set_pages_array_wc(ps->pages, ps->npages);
+	return set_pages_array_uc(ps->pages, ps->npages);
 }
 
 /* ------------------------------------------------------------------------- */
 /* Page sets                                                                 */
 
+/*
+ * Free a page set.  A page whose linear map could not be set back to WB is
+ * never freed (the next owner would inherit WC/UC): it is leaked, counted
+ * and warned about once.
+ */
 static void vmlab_pageset_free(struct vmlab_pageset *ps)
 {
-	unsigned long i;
+	unsigned long i, n = ps->nallocated << ps->order, leaked = 0;
+	bool wb = ps->caching == VMLAB_CACHING_WB || !set_pages_array_wb(ps->pages, n);
 
-	if (!ps)
-		return;
-	vmlab_pageset_restore_wb(ps);
-	for (i = 0; i < ps->nallocated; i++)
+	for (i = 0; i < ps->nallocated; i++) {
+		/* the batch failed: retry chunk by chunk, leak what still fails */
+		if (!wb && set_pages_array_wb(ps->pages + (i << ps->order), 1 << ps->order)) {
+			leaked += 1UL << ps->order;
+			continue;
+		}
 		__free_pages(ps->chunks[i], ps->order);
-	atomic_long_sub(ps->nallocated << ps->order, &vmlab_module_pages);
+		if (!(i & 255))
+			cond_resched();
+	}
+	atomic_long_sub(n, &vmlab_module_pages);
+	if (leaked) {
+		atomic_long_add(leaked, &vmlab_leaked_pages);
+		WARN_ONCE(1, "vmlab-exporter: could not restore WB on %lu pages; leaking them\n",
+			  leaked);
+	}
 	kvfree(ps->chunks);
 	kvfree(ps->pages);
 	kfree(ps);
@@ -243,11 +278,12 @@ static struct vmlab_pageset *vmlab_pageset_alloc(unsigned long npages, u32 alloc
 	const gfp_t arr_gfp = GFP_KERNEL | __GFP_NOWARN | __GFP_RETRY_MAYFAIL;
 	struct vmlab_pageset *ps;
 	unsigned long i, j, n = 0;
+	int ret = -ENOMEM;
 	gfp_t gfp;
 
 	ps = kzalloc(sizeof(*ps), GFP_KERNEL);
 	if (!ps)
-		return NULL;
+		return ERR_PTR(-ENOMEM);
 	INIT_LIST_HEAD(&ps->node);
 	ps->npages = npages;
 	ps->alloc = alloc;
@@ -280,28 +316,36 @@ static struct vmlab_pageset *vmlab_pageset_alloc(unsigned long npages, u32 alloc
 		atomic_long_add(1UL << ps->order, &vmlab_module_pages);
 		for (j = 0; j < (1UL << ps->order); j++)
 			ps->pages[n++] = chunk + j;
-		if (fatal_signal_pending(current))
+		if (fatal_signal_pending(current)) {
+			ret = -EINTR;
 			goto err_free_chunks;
+		}
 		cond_resched();
 	}
 	return ps;
 
 err_free_chunks:
-	vmlab_pageset_free(ps);
-	return NULL;
+	vmlab_pageset_free(ps);		/* frees the arrays and @ps too */
+	return ERR_PTR(ret);
 err_free_pages_array:
 	kvfree(ps->pages);
 err_free_ps:
 	kfree(ps);
-	return NULL;
+	return ERR_PTR(ret);
 }
 
-/* Stamp every page LIVE; if @from, copy its guest area into the new pages. */
+/*
+ * Stamp every page LIVE with (id, gen); if @from, copy its guest area.  The
+ * caller guarantees that nothing maps @from any more (MIGRATE zapped it) or
+ * accepts that later writes to it are lost (the NO_ZAP negative control).
+ */
 static void vmlab_pageset_stamp(struct vmlab_pageset *ps, u64 id, u64 gen,
 				struct vmlab_pageset *from)
 {
 	unsigned long i;
 
+	ps->buf_id = id;
+	ps->generation = gen;
 	for (i = 0; i < ps->npages; i++) {
 		u8 *dst = page_address(ps->pages[i]);
 
@@ -328,67 +372,245 @@ static void vmlab_pageset_retire(struct vmlab_pageset *ps)
 	}
 }
 
-/* New page set: allocate, stamp (on the WB linear map), then set caching. */
-static struct vmlab_pageset *vmlab_pageset_create(unsigned long npages, u32 alloc,
-						  u32 caching, u64 id, u64 gen,
-						  struct vmlab_pageset *from, int *err)
-{
-	struct vmlab_pageset *ps;
-	int ret;
+/* ------------------------------------------------------------------------- */
+/* Quarantine: module-wide, outlives the buffers                             */
 
-	ps = vmlab_pageset_alloc(npages, alloc);
-	if (!ps) {
-		*err = -ENOMEM;
-		return NULL;
-	}
-	vmlab_pageset_stamp(ps, id, gen, from);
-	ret = vmlab_pageset_apply_caching(ps, caching);
-	if (ret) {
-		vmlab_pageset_free(ps);
-		*err = ret;
-		return NULL;
-	}
-	return ps;
+static unsigned long vmlab_quarantine_cap_pages(void)
+{
+	return (unsigned long)READ_ONCE(max_quarantine_mb) << (20 - PAGE_SHIFT);
 }
 
-static void vmlab_free_quarantine(struct vmlab_buffer *buf)
+/* Reserve room for @n retired pages before a MOVE touches anything. */
+static int vmlab_quarantine_reserve(unsigned long n)
+{
+	int ret = 0;
+
+	mutex_lock(&vmlab_quarantine_lock);
+	if (vmlab_quarantine_committed + n > vmlab_quarantine_cap_pages())
+		ret = -ENOSPC;
+	else
+		vmlab_quarantine_committed += n;
+	mutex_unlock(&vmlab_quarantine_lock);
+	return ret;
+}
+
+static void vmlab_quarantine_unreserve(unsigned long n)
+{
+	mutex_lock(&vmlab_quarantine_lock);
+	vmlab_quarantine_committed -= n;
+	mutex_unlock(&vmlab_quarantine_lock);
+}
+
+/* Turn a reservation into a quarantined (already RETIRED) set. */
+static void vmlab_quarantine_add(struct vmlab_pageset *ps, bool still_mapped)
+{
+	mutex_lock(&vmlab_quarantine_lock);
+	ps->still_mapped = still_mapped;
+	list_add_tail(&ps->node, &vmlab_quarantine);
+	atomic_long_add(ps->npages, &vmlab_quarantined_pages);
+	mutex_unlock(&vmlab_quarantine_lock);
+}
+
+/* No host PTE maps any retired set of buffer @id any more. */
+static void vmlab_quarantine_unmark(u64 id)
+{
+	struct vmlab_pageset *ps;
+
+	mutex_lock(&vmlab_quarantine_lock);
+	list_for_each_entry(ps, &vmlab_quarantine, node)
+		if (ps->buf_id == id)
+			ps->still_mapped = false;
+	mutex_unlock(&vmlab_quarantine_lock);
+}
+
+static unsigned long vmlab_quarantine_pages_of(u64 id)
+{
+	struct vmlab_pageset *ps;
+	unsigned long n = 0;
+
+	mutex_lock(&vmlab_quarantine_lock);
+	list_for_each_entry(ps, &vmlab_quarantine, node)
+		if (ps->buf_id == id)
+			n += ps->npages;
+	mutex_unlock(&vmlab_quarantine_lock);
+	return n;
+}
+
+static bool vmlab_quarantine_match(const struct vmlab_pageset *ps, u64 id, u64 max_gen)
+{
+	return (!id || ps->buf_id == id) && (!max_gen || ps->generation <= max_gen);
+}
+
+/*
+ * Move the matching sets to @out, unless one of them is still mapped: then
+ * take nothing and return that set's buffer id.
+ */
+static u64 vmlab_quarantine_take(u64 id, u64 max_gen, struct list_head *out,
+				 unsigned long *pages)
+{
+	struct vmlab_pageset *ps, *tmp;
+	u64 busy = 0;
+
+	*pages = 0;
+	mutex_lock(&vmlab_quarantine_lock);
+	list_for_each_entry(ps, &vmlab_quarantine, node) {
+		if (vmlab_quarantine_match(ps, id, max_gen) && ps->still_mapped) {
+			busy = ps->buf_id;
+			goto out;
+		}
+	}
+	list_for_each_entry_safe(ps, tmp, &vmlab_quarantine, node) {
+		if (!vmlab_quarantine_match(ps, id, max_gen))
+			continue;
+		list_move_tail(&ps->node, out);
+		*pages += ps->npages;
+	}
+	vmlab_quarantine_committed -= *pages;
+	atomic_long_sub(*pages, &vmlab_quarantined_pages);
+out:
+	mutex_unlock(&vmlab_quarantine_lock);
+	return busy;
+}
+
+static void vmlab_pageset_free_list(struct list_head *list)
 {
 	struct vmlab_pageset *ps, *tmp;
 
-	list_for_each_entry_safe(ps, tmp, &buf->quarantine, node) {
+	list_for_each_entry_safe(ps, tmp, list, node) {
 		list_del(&ps->node);
 		vmlab_pageset_free(ps);
 		cond_resched();
 	}
-	buf->quarantined_pages = 0;
 }
 
 /* ------------------------------------------------------------------------- */
-/* Lookup                                                                    */
+/* Buffers                                                                   */
 
-/* Returns the buffer with a reference on its dma-buf file, or NULL. */
-static struct vmlab_buffer *vmlab_buffer_get(u64 id)
+static void vmlab_buffer_free(struct kref *ref)
 {
-	struct vmlab_buffer *buf;
+	struct vmlab_buffer *buf = container_of(ref, struct vmlab_buffer, ref);
 
-	if (id == 0 || id > INT_MAX)
-		return NULL;
-	mutex_lock(&vmlab_idr_lock);
-	buf = idr_find(&vmlab_idr, (unsigned long)id);
-	/*
-	 * release() removes the buffer under vmlab_idr_lock before anything is
-	 * freed, so the file is still allocated here; but its refcount may
-	 * already have dropped to zero, hence the try-get.
-	 */
-	if (buf && !vmlab_file_tryget(&buf->dmabuf->file))
-		buf = NULL;
-	mutex_unlock(&vmlab_idr_lock);
-	return buf;
+	kvfree(buf->faulted);
+	mutex_destroy(&buf->lock);
+	kfree(buf);
 }
 
-static void vmlab_buffer_put(struct vmlab_buffer *buf)
+/*
+ * The vmlab buffer behind dma-buf fd @fd, with a reference on the dma-buf
+ * (drop it with dma_buf_put()): -EBADF for no such fd, -EINVAL for an fd
+ * that is not a vmlab dma-buf.
+ */
+static struct dma_buf *vmlab_dmabuf_get(int fd)
 {
-	dma_buf_put(buf->dmabuf);
+	struct dma_buf *dmabuf = dma_buf_get(fd);
+
+	if (IS_ERR(dmabuf))
+		return dmabuf;
+	if (dmabuf->ops != &vmlab_dmabuf_ops) {
+		dma_buf_put(dmabuf);
+		return ERR_PTR(-EINVAL);
+	}
+	return dmabuf;
+}
+
+/*
+ * Zap every user mapping of the buffer: host PTEs, and through the MMU
+ * notifiers every secondary MMU (KVM) built on them.  Afterwards no PTE maps
+ * any page set of the buffer; faults (blocked on buf->lock) map buf->cur.
+ */
+static void vmlab_zap_locked(struct vmlab_buffer *buf)
+{
+	lockdep_assert_held(&buf->lock);
+	unmap_mapping_range(buf->mapping, 0, buf->size, 1);
+	WRITE_ONCE(buf->zaps, buf->zaps + 1);
+	bitmap_zero(buf->faulted, buf->npages);
+	WRITE_ONCE(buf->refaulted, 0);
+	WRITE_ONCE(buf->stale_mapped, false);
+	vmlab_quarantine_unmark(buf->id);
+}
+
+/* FORCE release: zap the mapping of live buffer @id, if it is still live. */
+static int vmlab_zap_by_id(u64 id)
+{
+	struct vmlab_buffer *buf, *found = NULL;
+	int ret = 0;
+
+	mutex_lock(&vmlab_buffers_lock);
+	list_for_each_entry(buf, &vmlab_buffers, node) {
+		if (buf->id == id) {
+			kref_get(&buf->ref);
+			found = buf;
+			break;
+		}
+	}
+	mutex_unlock(&vmlab_buffers_lock);
+	/* not listed: release() ran, it unmarked the sets (no VMA is left) */
+	if (!found)
+		return 0;
+
+	if (mutex_lock_killable(&found->lock)) {
+		ret = -EINTR;
+		goto out_put;
+	}
+	if (!found->released)
+		vmlab_zap_locked(found);
+	mutex_unlock(&found->lock);
+out_put:
+	kref_put(&found->ref, vmlab_buffer_free);
+	return ret;
+}
+
+/*
+ * MIGRATE (@zap) and MIGRATE_NO_ZAP.  MIGRATE zaps before it reads the old
+ * pages: until the zap the VMM's PTEs and KVM's sptes can still write them,
+ * and a write after the copy would be lost.  From the zap to the swap every
+ * fault waits on buf->lock, then maps the new pages.
+ */
+static int vmlab_migrate_locked(struct vmlab_buffer *buf, u32 caching, bool zap)
+{
+	struct vmlab_pageset *old = buf->cur, *new;
+	bool still_mapped = false;
+	int ret;
+
+	lockdep_assert_held(&buf->lock);
+	/* devices and kernel mappings hold the old pages: refuse to move */
+	if (buf->mapped_attachments || buf->vmaps)
+		return -EBUSY;
+	ret = vmlab_quarantine_reserve(old->npages);
+	if (ret)
+		return ret;
+
+	new = vmlab_pageset_alloc(buf->npages, buf->alloc);
+	if (IS_ERR(new)) {
+		ret = PTR_ERR(new);
+		goto err_unreserve;
+	}
+	if (zap)
+		vmlab_zap_locked(buf);
+	else	/* some PTE may map the old set: it has a VMA and a fault since the last zap */
+		still_mapped = atomic64_read(&buf->live_mappings) > 0 && buf->refaulted > 0;
+
+	vmlab_pageset_stamp(new, buf->id, buf->generation + 1, old);
+	ret = vmlab_pageset_set_caching(new, caching);
+	if (ret)
+		goto err_free_new;
+
+	buf->cur = new;
+	WRITE_ONCE(buf->caching, caching);
+	WRITE_ONCE(buf->generation, buf->generation + 1);
+	if (still_mapped)
+		WRITE_ONCE(buf->stale_mapped, true);
+
+	/* a stale mapping may still reach the old pages: retire, never free */
+	vmlab_pageset_retire(old);
+	vmlab_quarantine_add(old, still_mapped);
+	return 0;
+
+err_free_new:
+	vmlab_pageset_free(new);
+err_unreserve:
+	vmlab_quarantine_unreserve(old->npages);
+	return ret;
 }
 
 /* ------------------------------------------------------------------------- */
@@ -408,6 +630,34 @@ static void vmlab_vm_close(struct vm_area_struct *vma)
 	atomic64_dec(&buf->live_mappings);
 }
 
+/*
+ * A MOVE holds buf->lock from its zap to the swap; a fault waits for it as
+ * ttm_bo_vm_reserve() waits for the BO's reservation: on the first attempt
+ * with the fault lock dropped and VM_FAULT_RETRY (the file pinned meanwhile),
+ * else killably, returning VM_FAULT_NOPAGE (nothing mapped) when killed.
+ * Returns 0 with buf->lock held.
+ */
+static vm_fault_t vmlab_fault_lock(struct vm_fault *vmf, struct vmlab_buffer *buf)
+{
+	struct file *file;
+
+	if (mutex_trylock(&buf->lock))
+		return 0;
+	if (fault_flag_allow_retry_first(vmf->flags)) {
+		if (!(vmf->flags & FAULT_FLAG_RETRY_NOWAIT)) {
+			file = get_file(vmf->vma->vm_file);
+			vmlab_release_fault_lock(vmf);
+			if (!mutex_lock_killable(&buf->lock))
+				mutex_unlock(&buf->lock);
+			fput(file);
+		}
+		return VM_FAULT_RETRY;
+	}
+	if (mutex_lock_killable(&buf->lock))
+		return VM_FAULT_NOPAGE;
+	return 0;
+}
+
 static vm_fault_t vmlab_vm_fault(struct vm_fault *vmf)
 {
 	struct vm_area_struct *vma = vmf->vma;
@@ -415,7 +665,9 @@ static vm_fault_t vmlab_vm_fault(struct vm_fault *vmf)
 	pgprot_t prot;
 	vm_fault_t ret;
 
-	mutex_lock(&buf->lock);
+	ret = vmlab_fault_lock(vmf, buf);
+	if (ret)
+		return ret;
 	if (vmf->pgoff >= buf->npages) {
 		ret = VM_FAULT_SIGBUS;
 		goto out;
@@ -423,8 +675,11 @@ static vm_fault_t vmlab_vm_fault(struct vm_fault *vmf)
 	prot = vmlab_prot(vm_get_page_prot(vma->vm_flags), buf->caching);
 	ret = vmf_insert_pfn_prot(vma, vmf->address,
 				  page_to_pfn(buf->cur->pages[vmf->pgoff]), prot);
-	if (!(ret & VM_FAULT_ERROR))
+	if (!(ret & VM_FAULT_ERROR)) {
 		atomic64_inc(&buf->faults);
+		if (!__test_and_set_bit(vmf->pgoff, buf->faulted))
+			WRITE_ONCE(buf->refaulted, buf->refaulted + 1);
+	}
 out:
 	mutex_unlock(&buf->lock);
 	return ret;
@@ -446,14 +701,15 @@ static int vmlab_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 	if (vma->vm_pgoff >= buf->npages || pages > buf->npages - vma->vm_pgoff)
 		return -EINVAL;
 
+	if (mutex_lock_killable(&buf->lock))
+		return -EINTR;
 	vmlab_vm_flags_set(vma, VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP);
-	mutex_lock(&buf->lock);
 	vma->vm_page_prot = vmlab_prot(vma->vm_page_prot, buf->caching);
-	mutex_unlock(&buf->lock);
 	vma->vm_ops = &vmlab_vm_ops;
 	vma->vm_private_data = buf;
 	atomic64_inc(&buf->mmaps);
 	atomic64_inc(&buf->live_mappings);	/* ->open is not called for the first VMA */
+	mutex_unlock(&buf->lock);
 	return 0;
 }
 
@@ -558,21 +814,31 @@ static void vmlab_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 	mutex_unlock(&buf->lock);
 }
 
-/* Mirrors vmlab_ioc_create. */
+/*
+ * Mirrors vmlab_ioc_create.  Runs when the last reference to the dma-buf is
+ * gone, so no VMA (each holds the file) and no attachment is left: the
+ * current pages are freed; the retired sets stay quarantined, stamped
+ * RETIRED, for as long as a guest may still reach them.
+ */
 static void vmlab_release(struct dma_buf *dmabuf)
 {
 	struct vmlab_buffer *buf = dmabuf->priv;
 
-	mutex_lock(&vmlab_idr_lock);
-	idr_remove(&vmlab_idr, (unsigned long)buf->id);
-	mutex_unlock(&vmlab_idr_lock);
-
+	mutex_lock(&buf->lock);
+	buf->released = true;
+	vmlab_quarantine_unmark(buf->id);	/* no host PTE is left */
 	if (buf->vaddr)
 		vunmap(buf->vaddr);
-	vmlab_free_quarantine(buf);
+	buf->vaddr = NULL;
+	mutex_unlock(&buf->lock);
+
+	mutex_lock(&vmlab_buffers_lock);
+	list_del(&buf->node);
+	mutex_unlock(&vmlab_buffers_lock);
+	iput(buf->inode);
 	vmlab_pageset_free(buf->cur);
-	mutex_destroy(&buf->lock);
-	kfree(buf);
+	buf->cur = NULL;
+	kref_put(&buf->ref, vmlab_buffer_free);
 }
 
 static const struct dma_buf_ops vmlab_dmabuf_ops = {
@@ -602,6 +868,7 @@ static long vmlab_ioc_abi(void __user *argp)
 	abi.abi_version = VMLAB_EXPORTER_ABI_VERSION;
 	abi.page_size = PAGE_SIZE;
 	abi.max_buffer_bytes = vmlab_max_buffer_bytes();
+	abi.max_quarantine_bytes = (u64)READ_ONCE(max_quarantine_mb) << 20;
 	abi.sizeof_create = sizeof(struct vmlab_create);
 	abi.sizeof_info = sizeof(struct vmlab_info);
 	abi.sizeof_move = sizeof(struct vmlab_move);
@@ -622,10 +889,11 @@ static bool vmlab_caching_valid(u32 caching)
 static long vmlab_ioc_create(void __user *argp)
 {
 	DEFINE_DMA_BUF_EXPORT_INFO(exp_info);
+	struct vmlab_pageset *cur;
 	struct vmlab_create arg;
 	struct vmlab_buffer *buf;
 	struct dma_buf *dmabuf;
-	int id, fd, ret;
+	int fd, ret;
 
 	if (copy_from_user(&arg, argp, sizeof(arg)))
 		return -EFAULT;
@@ -641,36 +909,40 @@ static long vmlab_ioc_create(void __user *argp)
 		return -EINVAL;
 	if (arg.flags & ~VMLAB_CREATE_FLAGS_ALL)
 		return -EINVAL;
-#ifndef CONFIG_X86
-	if (arg.caching != VMLAB_CACHING_WB)
-		return -EOPNOTSUPP;
-#endif
 
 	buf = kzalloc(sizeof(*buf), GFP_KERNEL);
 	if (!buf)
 		return -ENOMEM;
 	mutex_init(&buf->lock);
-	INIT_LIST_HEAD(&buf->quarantine);
+	kref_init(&buf->ref);
+	INIT_LIST_HEAD(&buf->node);
 	buf->size = arg.size;
 	buf->npages = arg.size >> PAGE_SHIFT;
 	buf->alloc = arg.alloc;
 	buf->caching = arg.caching;
 	buf->generation = 1;
 
-	/* reserve the id with a NULL entry: invisible to lookups until ready */
-	mutex_lock(&vmlab_idr_lock);
-	id = idr_alloc_cyclic(&vmlab_idr, NULL, 1, 0, GFP_KERNEL);
-	mutex_unlock(&vmlab_idr_lock);
-	if (id < 0) {
-		ret = id;
+	buf->faulted = kvcalloc(BITS_TO_LONGS(buf->npages), sizeof(unsigned long),
+				GFP_KERNEL | __GFP_NOWARN | __GFP_RETRY_MAYFAIL);
+	if (!buf->faulted) {
+		ret = -ENOMEM;
 		goto err_free_buf;
 	}
-	buf->id = id;
 
-	buf->cur = vmlab_pageset_create(buf->npages, buf->alloc, buf->caching,
-					buf->id, buf->generation, NULL, &ret);
-	if (!buf->cur)
-		goto err_remove_id;
+	/* never reused: stamps and quarantined sets name the buffer by it */
+	buf->id = atomic64_inc_return(&vmlab_last_id);
+
+	/* allocate, stamp on the WB linear map, then set the caching */
+	cur = vmlab_pageset_alloc(buf->npages, buf->alloc);
+	if (IS_ERR(cur)) {
+		ret = PTR_ERR(cur);
+		goto err_free_bitmap;
+	}
+	buf->cur = cur;
+	vmlab_pageset_stamp(cur, buf->id, buf->generation, NULL);
+	ret = vmlab_pageset_set_caching(cur, buf->caching);
+	if (ret)
+		goto err_free_pageset;
 
 	exp_info.ops = &vmlab_dmabuf_ops;
 	exp_info.size = buf->size;
@@ -683,6 +955,12 @@ static long vmlab_ioc_create(void __user *argp)
 		goto err_free_pageset;
 	}
 	buf->dmabuf = dmabuf;
+	buf->mapping = dmabuf->file->f_mapping;
+	buf->inode = file_inode(dmabuf->file);
+	ihold(buf->inode);
+	mutex_lock(&vmlab_buffers_lock);
+	list_add_tail(&buf->node, &vmlab_buffers);
+	mutex_unlock(&vmlab_buffers_lock);
 	/* from here on vmlab_release() owns buf: unwind with dma_buf_put() */
 
 	fd = get_unused_fd_flags(O_RDWR |
@@ -698,10 +976,6 @@ static long vmlab_ioc_create(void __user *argp)
 		ret = -EFAULT;
 		goto err_put_fd;
 	}
-
-	mutex_lock(&vmlab_idr_lock);
-	idr_replace(&vmlab_idr, buf, id);
-	mutex_unlock(&vmlab_idr_lock);
 	fd_install(fd, dmabuf->file);	/* consumes the export reference */
 	return 0;
 
@@ -711,11 +985,9 @@ err_put_dmabuf:
 	dma_buf_put(dmabuf);
 	return ret;
 err_free_pageset:
-	vmlab_pageset_free(buf->cur);
-err_remove_id:
-	mutex_lock(&vmlab_idr_lock);
-	idr_remove(&vmlab_idr, id);
-	mutex_unlock(&vmlab_idr_lock);
+	vmlab_pageset_free(cur);
+err_free_bitmap:
+	kvfree(buf->faulted);
 err_free_buf:
 	mutex_destroy(&buf->lock);
 	kfree(buf);
@@ -738,6 +1010,7 @@ static long vmlab_ioc_info(void __user *argp)
 {
 	struct vmlab_info arg;
 	struct vmlab_buffer *buf;
+	struct dma_buf *dmabuf;
 	u64 *pfns = NULL;
 	u64 bytes;
 	unsigned long n = 0, i;
@@ -745,14 +1018,15 @@ static long vmlab_ioc_info(void __user *argp)
 
 	if (copy_from_user(&arg, argp, sizeof(arg)))
 		return -EFAULT;
-	if (arg.flags)
+	if (arg.flags || arg.pad)
 		return -EINVAL;
 	if (arg.pfns_ptr && check_mul_overflow(arg.pfns_count, (u64)sizeof(u64), &bytes))
 		return -EINVAL;
 
-	buf = vmlab_buffer_get(arg.id);
-	if (!buf)
-		return -ENOENT;
+	dmabuf = vmlab_dmabuf_get(arg.fd);
+	if (IS_ERR(dmabuf))
+		return PTR_ERR(dmabuf);
+	buf = dmabuf->priv;
 
 	if (arg.pfns_ptr) {
 		n = min_t(u64, arg.pfns_count, buf->npages);
@@ -767,9 +1041,13 @@ static long vmlab_ioc_info(void __user *argp)
 	}
 
 	/* no copy_to_user under buf->lock: a fault on our own mmap takes it */
-	mutex_lock(&buf->lock);
+	if (mutex_lock_killable(&buf->lock)) {
+		ret = -EINTR;
+		goto out_free;
+	}
 	for (i = 0; i < n; i++)
 		pfns[i] = page_to_pfn(buf->cur->pages[i]);
+	arg.id = buf->id;
 	arg.caching = buf->caching;
 	arg.vm_prot = vmlab_vm_prot(buf->caching);
 	arg.alloc = buf->alloc;
@@ -777,13 +1055,16 @@ static long vmlab_ioc_info(void __user *argp)
 	arg.generation = buf->generation;
 	arg.zaps = buf->zaps;
 	arg.moves = buf->moves;
-	arg.quarantined_pages = buf->quarantined_pages;
 	arg.stale_mapped = buf->stale_mapped;
+	arg.refaulted_pages = buf->refaulted;
 	mutex_unlock(&buf->lock);
+	arg.quarantined_pages = vmlab_quarantine_pages_of(buf->id);
 	arg.faults = atomic64_read(&buf->faults);
 	arg.mmaps = atomic64_read(&buf->mmaps);
 	arg.live_mappings = atomic64_read(&buf->live_mappings);
 	arg.module_pages = atomic_long_read(&vmlab_module_pages);
+	arg.module_quarantined_pages = atomic_long_read(&vmlab_quarantined_pages);
+	arg.leaked_pages = atomic_long_read(&vmlab_leaked_pages);
 	arg.pfns_count = buf->npages;
 
 	if (n && copy_to_user(u64_to_user_ptr(arg.pfns_ptr), pfns, n * sizeof(*pfns))) {
@@ -795,38 +1076,27 @@ static long vmlab_ioc_info(void __user *argp)
 out_free:
 	kvfree(pfns);
 out_put:
-	vmlab_buffer_put(buf);
+	dma_buf_put(dmabuf);
 	return ret;
-}
-
-static void vmlab_zap(struct vmlab_buffer *buf)
-{
-	unmap_mapping_range(buf->dmabuf->file->f_mapping, 0, buf->size, 1);
-	buf->zaps++;
 }
 
 static long vmlab_ioc_move(void __user *argp)
 {
 	struct vmlab_move arg;
 	struct vmlab_buffer *buf;
-	struct vmlab_pageset *old, *new;
+	struct dma_buf *dmabuf;
 	u32 caching;
-	int err = 0;
-	long ret = 0;
+	long ret;
 
 	if (copy_from_user(&arg, argp, sizeof(arg)))
 		return -EFAULT;
-	if (arg.flags || arg.pad)
+	if (arg.flags)
 		return -EINVAL;
 	switch (arg.mode) {
 	case VMLAB_MOVE_MIGRATE:
 	case VMLAB_MOVE_MIGRATE_NO_ZAP:
 		if (arg.caching != VMLAB_CACHING_KEEP && !vmlab_caching_valid(arg.caching))
 			return -EINVAL;
-#ifndef CONFIG_X86
-		if (arg.caching != VMLAB_CACHING_KEEP && arg.caching != VMLAB_CACHING_WB)
-			return -EOPNOTSUPP;
-#endif
 		break;
 	case VMLAB_MOVE_ZAP_ONLY:
 		if (arg.caching != VMLAB_CACHING_KEEP)
@@ -836,84 +1106,79 @@ static long vmlab_ioc_move(void __user *argp)
 		return -EINVAL;
 	}
 
-	buf = vmlab_buffer_get(arg.id);
-	if (!buf)
-		return -ENOENT;
+	dmabuf = vmlab_dmabuf_get(arg.fd);
+	if (IS_ERR(dmabuf))
+		return PTR_ERR(dmabuf);
+	buf = dmabuf->priv;
 
-	mutex_lock(&buf->lock);
-	if (arg.mode == VMLAB_MOVE_ZAP_ONLY) {
-		vmlab_zap(buf);
-		buf->stale_mapped = false;
-		goto done;
-	}
-
-	/* devices and kernel mappings hold the old pages: refuse to move */
-	if (buf->mapped_attachments || buf->vmaps) {
-		ret = -EBUSY;
-		goto out_unlock;
+	if (mutex_lock_killable(&buf->lock)) {
+		ret = -EINTR;
+		goto out_put;
 	}
 	caching = arg.caching == VMLAB_CACHING_KEEP ? buf->caching : arg.caching;
-	old = buf->cur;
-	new = vmlab_pageset_create(buf->npages, buf->alloc, caching, buf->id,
-				   buf->generation + 1, old, &err);
-	if (!new) {
-		ret = err;
-		goto out_unlock;
+	switch (arg.mode) {
+	case VMLAB_MOVE_ZAP_ONLY:
+		vmlab_zap_locked(buf);
+		ret = 0;
+		break;
+	case VMLAB_MOVE_MIGRATE:
+		ret = vmlab_migrate_locked(buf, caching, true);
+		break;
+	default:
+		ret = vmlab_migrate_locked(buf, caching, false);
+		break;
 	}
-
-	buf->cur = new;
-	buf->caching = caching;
-	buf->generation++;
-	if (arg.mode == VMLAB_MOVE_MIGRATE) {
-		vmlab_zap(buf);
-		buf->stale_mapped = false;
-	} else if (atomic64_read(&buf->live_mappings) > 0) {
-		buf->stale_mapped = true;
+	if (!ret) {
+		WRITE_ONCE(buf->moves, buf->moves + 1);
+		arg.generation = buf->generation;
 	}
-	/* a stale mapping may still reach the old pages: retire, never free */
-	vmlab_pageset_retire(old);
-	list_add_tail(&old->node, &buf->quarantine);
-	buf->quarantined_pages += old->npages;
-done:
-	buf->moves++;
-	arg.generation = buf->generation;
-out_unlock:
 	mutex_unlock(&buf->lock);
+
 	if (!ret && copy_to_user(argp, &arg, sizeof(arg)))
 		ret = -EFAULT;
-	vmlab_buffer_put(buf);
+out_put:
+	dma_buf_put(dmabuf);
 	return ret;
 }
+
+/* Bounds the FORCE loop when concurrent NO_ZAP moves keep re-marking sets. */
+#define VMLAB_RELEASE_FORCE_TRIES 16
 
 static long vmlab_ioc_release_quarantine(void __user *argp)
 {
 	struct vmlab_release_quarantine arg;
-	struct vmlab_buffer *buf;
-	long ret = 0;
+	unsigned long pages = 0;
+	LIST_HEAD(doomed);
+	unsigned int tries;
+	u64 busy;
+	int ret;
 
 	if (copy_from_user(&arg, argp, sizeof(arg)))
 		return -EFAULT;
+	if ((arg.flags & ~VMLAB_RELEASE_FLAGS_ALL) || arg.pad)
+		return -EINVAL;
+	if (arg.id > (u64)atomic64_read(&vmlab_last_id))
+		return -ENOENT;		/* never issued */
 
-	buf = vmlab_buffer_get(arg.id);
-	if (!buf)
-		return -ENOENT;
-
-	mutex_lock(&buf->lock);
-	if (buf->stale_mapped) {
-		ret = -EBUSY;
-	} else {
-		arg.freed_pages = buf->quarantined_pages;
-		vmlab_free_quarantine(buf);
+	for (tries = 0;; tries++) {
+		busy = vmlab_quarantine_take(arg.id, arg.max_generation, &doomed, &pages);
+		if (!busy)
+			break;
+		/* a host PTE may still map a matching set: never free it */
+		if (!(arg.flags & VMLAB_RELEASE_FORCE) || tries >= VMLAB_RELEASE_FORCE_TRIES)
+			return -EBUSY;
+		ret = vmlab_zap_by_id(busy);
+		if (ret)
+			return ret;
 	}
-	mutex_unlock(&buf->lock);
+	vmlab_pageset_free_list(&doomed);
 
-	if (!ret && copy_to_user(argp, &arg, sizeof(arg)))
-		ret = -EFAULT;
-	vmlab_buffer_put(buf);
-	return ret;
+	arg.freed_pages = pages;
+	if (copy_to_user(argp, &arg, sizeof(arg)))
+		return -EFAULT;
+	return 0;
 }
 
-#ifdef CONFIG_X86
 /*
  * PAT index of a 4K-format pgprot -> memtype, decoded with the PAT MSR value
  * itself (pgprot2cachemode() is not exported to modules).
@@ -997,11 +1262,9 @@ static int vmlab_follow(struct vm_area_struct *vma, unsigned long addr,
 	return 0;
 #endif
 }
-#endif /* CONFIG_X86 */
 
 static long vmlab_ioc_pte(void __user *argp)
 {
-#ifdef CONFIG_X86
 	struct mm_struct *mm = current->mm;
 	struct vm_area_struct *vma;
 	struct vmlab_pte arg;
@@ -1043,9 +1306,6 @@ out_unlock:
 	if (copy_to_user(argp, &arg, sizeof(arg)))
 		return -EFAULT;
 	return 0;
-#else
-	return -EOPNOTSUPP;
-#endif
 }
 
 static long vmlab_ioctl(struct file *file, unsigned int cmd, unsigned long arg)
@@ -1097,28 +1357,43 @@ static struct miscdevice vmlab_misc = {
 /*
  * One line per live buffer, all numeric (caching and alloc as in the uapi):
  * id size caching alloc generation faults zaps moves mmaps live_mappings
- * quarantined stale_mapped
+ * quarantined stale_mapped refaulted
+ * Read without buf->lock (a MOVE may hold it for long): each value is read
+ * once, the line is not a snapshot of one instant.
  */
 static int vmlab_buffers_show(struct seq_file *m, void *unused)
 {
 	struct vmlab_buffer *buf;
-	int id;
 
-	mutex_lock(&vmlab_idr_lock);
-	idr_for_each_entry(&vmlab_idr, buf, id) {
-		mutex_lock(&buf->lock);
-		seq_printf(m, "%llu %llu %u %u %llu %lld %llu %llu %lld %lld %lu %d\n",
-			   buf->id, buf->size, buf->caching, buf->alloc,
-			   buf->generation, (long long)atomic64_read(&buf->faults),
-			   buf->zaps, buf->moves, (long long)atomic64_read(&buf->mmaps),
+	mutex_lock(&vmlab_buffers_lock);
+	list_for_each_entry(buf, &vmlab_buffers, node) {
+		seq_printf(m, "%llu %llu %u %u %llu %lld %llu %llu %lld %lld %lu %d %lu\n",
+			   buf->id, buf->size, READ_ONCE(buf->caching), buf->alloc,
+			   READ_ONCE(buf->generation), (long long)atomic64_read(&buf->faults),
+			   READ_ONCE(buf->zaps), READ_ONCE(buf->moves),
+			   (long long)atomic64_read(&buf->mmaps),
 			   (long long)atomic64_read(&buf->live_mappings),
-			   buf->quarantined_pages, buf->stale_mapped ? 1 : 0);
-		mutex_unlock(&buf->lock);
+			   vmlab_quarantine_pages_of(buf->id),
+			   READ_ONCE(buf->stale_mapped) ? 1 : 0, READ_ONCE(buf->refaulted));
 	}
-	mutex_unlock(&vmlab_idr_lock);
+	mutex_unlock(&vmlab_buffers_lock);
 	return 0;
 }
 DEFINE_SHOW_ATTRIBUTE(vmlab_buffers);
+
+/* One line per retired set: buffer_id generation pages still_mapped caching */
+static int vmlab_quarantine_show(struct seq_file *m, void *unused)
+{
+	struct vmlab_pageset *ps;
+
+	mutex_lock(&vmlab_quarantine_lock);
+	list_for_each_entry(ps, &vmlab_quarantine, node)
+		seq_printf(m, "%llu %llu %lu %d %u\n", ps->buf_id, ps->generation,
+			   ps->npages, ps->still_mapped ? 1 : 0, ps->caching);
+	mutex_unlock(&vmlab_quarantine_lock);
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(vmlab_quarantine);
 
 static int vmlab_pages_show(struct seq_file *m, void *unused)
 {
@@ -1127,12 +1402,22 @@ static int vmlab_pages_show(struct seq_file *m, void *unused)
 }
 DEFINE_SHOW_ATTRIBUTE(vmlab_pages);
 
+static int vmlab_leaked_show(struct seq_file *m, void *unused)
+{
+	seq_printf(m, "%ld\n", atomic_long_read(&vmlab_leaked_pages));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(vmlab_leaked);
+
 /* ------------------------------------------------------------------------- */
 /* Module                                                                    */
 
 static int __init vmlab_init(void)
 {
 	int ret;
+
+	BUILD_BUG_ON(PAGE_SIZE != 4096);
+	BUILD_BUG_ON(PAGE_SIZE != VMLAB_STAMP_PAGE_SIZE);
 
 	if (max_order > VMLAB_MAX_PAGE_ORDER) {
 		pr_err("vmlab-exporter: max_order %u > %u\n", max_order,
@@ -1151,16 +1436,26 @@ static int __init vmlab_init(void)
 
 	vmlab_debugfs = debugfs_create_dir("vmlab-exporter", NULL);
 	debugfs_create_file("buffers", 0400, vmlab_debugfs, NULL, &vmlab_buffers_fops);
+	debugfs_create_file("quarantine", 0400, vmlab_debugfs, NULL, &vmlab_quarantine_fops);
 	debugfs_create_file("pages", 0400, vmlab_debugfs, NULL, &vmlab_pages_fops);
+	debugfs_create_file("leaked", 0400, vmlab_debugfs, NULL, &vmlab_leaked_fops);
 	return 0;
 }
 
 static void __exit vmlab_exit(void)
 {
+	LIST_HEAD(all);
+
 	debugfs_remove_recursive(vmlab_debugfs);
 	misc_deregister(&vmlab_misc);
-	/* every dma-buf pins THIS_MODULE, so no buffer is left here */
-	idr_destroy(&vmlab_idr);
+	/* every dma-buf pins THIS_MODULE: no buffer, so no mapping, is left */
+	WARN_ON(!list_empty(&vmlab_buffers));
+	mutex_lock(&vmlab_quarantine_lock);
+	list_splice_init(&vmlab_quarantine, &all);
+	vmlab_quarantine_committed = 0;
+	atomic_long_set(&vmlab_quarantined_pages, 0);
+	mutex_unlock(&vmlab_quarantine_lock);
+	vmlab_pageset_free_list(&all);
 }
 
 module_init(vmlab_init);

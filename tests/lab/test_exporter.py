@@ -1,24 +1,26 @@
 """Issue: vmlab-exporter. The real module in the real lab kernel, driven through the real
-host agent: stamps, moves, memtypes, argument checks, fuzzing, unload, and the upstream
-exporters (udmabuf, dma-heap) behind the same interface."""
+host agent: stamps, moves (MIGRATE zaps before it copies), refault evidence, the
+module-wide quarantine that outlives its buffer, memtypes, argument checks, fuzzing (one
+thread and racing threads), unload, and the upstream exporters (udmabuf, dma-heap) behind
+the same interface. Buffers are addressed by their dma-buf fd (ABI 2)."""
 from __future__ import annotations
 
 import pytest
 
 from vmlab import stamp
-from vmlab.cli import progress
 from vmlab.exporter import AgentRequestFailed, HostAgent
-from vmlab.stack import Stack
 
-from .conftest import lab_args, results_dir
+from .conftest import lab_stack, results_dir
 
 MiB = 1 << 20
+KEEP = 0xFFFFFFFF
+PARAM = "/sys/module/vmlab_exporter/parameters/max_quarantine_mb"
 
 
 @pytest.fixture(scope="module")
 def lab(images_ready):
     d = results_dir("exporter")
-    s = Stack(lab_args(), d, progress)
+    s = lab_stack(d)
     try:
         s.up_lab()
         yield s.lab
@@ -29,6 +31,8 @@ def lab(images_ready):
 @pytest.fixture
 def agent(lab, request):
     a = HostAgent(lab, lab.workdir / f"hostagent-{request.node.name}.log")
+    # every test starts from an empty module-wide quarantine (closed buffers' sets included)
+    a.request("release_quarantine", id=0, force=True)
     yield a
     a.close()
 
@@ -37,7 +41,7 @@ def _gens(recs):
     return {(r[3], r[5]) for r in recs}
 
 
-def test_stamps_and_moves_seen_by_a_host_process(agent):
+def test_stamps_moves_and_refault_evidence(agent):
     b = agent.request("create", kind="vmlab", size=MiB, caching="WB", alloc="ORDER0")
     h = b["buf"]
     recs = agent.request("host_read", buf=h, full=True)["records"]
@@ -47,38 +51,134 @@ def test_stamps_and_moves_seen_by_a_host_process(agent):
     agent.request("host_map", buf=h)
     agent.request("host_read", buf=h)  # fault every page into the kept mapping
     before = agent.request("info", buf=h, pfns=True)
+    assert before["id"] == b["id"] and before["refaulted_pages"] == 256
 
-    # MIGRATE: generation+1, the kept mapping refaults onto new pages
+    # MIGRATE: zap first, generation+1, the kept mapping refaults onto new pages
     assert agent.request("move", buf=h, mode="MIGRATE")["generation"] == 2
+    zapped = agent.request("info", buf=h)
+    assert zapped["zaps"] == before["zaps"] + 1 and zapped["refaulted_pages"] == 0
     kept = agent.request("host_read", buf=h, full=True)["records"]
     assert _gens(kept) == {(2, stamp.LIVE)} and all(r[1] == "ok" for r in kept)
     after = agent.request("info", buf=h, pfns=True)
-    assert after["faults"] > before["faults"] and after["zaps"] == before["zaps"] + 1
+    assert after["faults"] >= before["faults"] + 256 and after["refaulted_pages"] == 256
     assert set(after["pfns"]).isdisjoint(before["pfns"])
-    assert after["quarantined_pages"] == 256
+    assert after["quarantined_pages"] == 256 and after["module_quarantined_pages"] == 256
+    assert after["leaked_pages"] == 0
 
     # MIGRATE_NO_ZAP: the kept mapping still reads the old pages, now RETIRED
     assert agent.request("move", buf=h, mode="MIGRATE_NO_ZAP")["generation"] == 3
     kept = agent.request("host_read", buf=h, full=True)["records"]
     assert _gens(kept) == {(2, stamp.RETIRED)} and all(r[1] == "ok" for r in kept)
     info = agent.request("info", buf=h)
-    assert info["stale_mapped"] == 1
+    assert info["stale_mapped"] == 1 and info["zaps"] == after["zaps"]
     with pytest.raises(AgentRequestFailed) as e:
         agent.request("release_quarantine", buf=h)
-    assert e.value.errname == "EBUSY"  # a live mapping can still reach retired pages
-    fresh_map_first = agent.request("host_read", buf=h, first=0, count=4)["records"]
-    assert fresh_map_first  # a fresh mapping is a different VMA of the same file...
+    assert e.value.errname == "EBUSY"  # host PTEs still map the generation-2 pages
+    assert agent.request("info", buf=h)["quarantined_pages"] == 512  # nothing freed on EBUSY
+    # generation 1 is not mapped by anything: it may go alone
+    assert agent.request("release_quarantine", buf=h, max_generation=1)["freed_pages"] == 256
 
-    # ZAP_ONLY: same pages, same generation, refaulted
+    # ZAP_ONLY: same pages, same generation; refaulted_pages counts what came back
     pf = agent.request("info", buf=h, pfns=True)
     assert agent.request("move", buf=h, mode="ZAP_ONLY")["generation"] == 3
+    z = agent.request("info", buf=h)
+    assert z["refaulted_pages"] == 0 and z["stale_mapped"] == 0 and z["zaps"] == pf["zaps"] + 1
     kept = agent.request("host_read", buf=h, full=True)["records"]
     assert _gens(kept) == {(3, stamp.LIVE)}
     pf2 = agent.request("info", buf=h, pfns=True)
-    assert pf2["pfns"] == pf["pfns"] and pf2["faults"] > pf["faults"] and pf2["stale_mapped"] == 0
-    freed = agent.request("release_quarantine", buf=h)["freed_pages"]
-    assert freed == 512 and agent.request("info", buf=h)["quarantined_pages"] == 0
+    assert pf2["pfns"] == pf["pfns"] and pf2["faults"] > pf["faults"] and pf2["refaulted_pages"] == 256
+    assert agent.request("release_quarantine", buf=h)["freed_pages"] == 256
+    assert agent.request("info", buf=h)["quarantined_pages"] == 0
     agent.request("close", buf=h)
+
+
+def test_zap_only_without_any_read_refaults_nothing(agent):
+    """What the controller calls NOT_ZAPPED: a zap after which no page came back."""
+    h = agent.request("create", kind="vmlab", size=MiB)["buf"]
+    agent.request("host_map", buf=h)
+    agent.request("host_read", buf=h, first=0, count=8)
+    assert agent.request("info", buf=h)["refaulted_pages"] == 8
+    agent.request("move", buf=h, mode="ZAP_ONLY")
+    assert agent.request("info", buf=h)["refaulted_pages"] == 0
+    agent.request("close", buf=h)
+
+
+@pytest.mark.parametrize("caching", ["WB", "WC"])
+def test_migrate_loses_no_write_the_negative_control_does(agent, caching):
+    """A host thread writes a counter into a page while the buffer moves. MIGRATE zaps
+    before it copies, so the last write is in the new pages; MIGRATE_NO_ZAP copies under a
+    live mapping, the writer goes on writing the old pages: the write is lost."""
+    h = agent.request("create", kind="vmlab", size=MiB, caching=caching)["buf"]
+    r = agent.request("move_under_writes", buf=h, mode="MIGRATE", page=5, timeout=300)
+    assert r["generation"] == 2 and r["writes_before_move"] >= 1000
+    assert not r["lost_write"] and r["fresh"] == r["kept"] == r["last_written"], r
+    r = agent.request("move_under_writes", buf=h, mode="MIGRATE_NO_ZAP", page=5, timeout=300)
+    assert r["generation"] == 3
+    assert r["lost_write"] and r["kept"] == r["last_written"] > r["fresh"], r
+    # the writer's mapping is gone, but only a zap clears "still mapped": FORCE does one
+    info = agent.request("info", buf=h)
+    assert info["stale_mapped"] == 1 and info["live_mappings"] == 0
+    freed = agent.request("release_quarantine", buf=h, force=True)["freed_pages"]
+    assert freed == 512
+    after = agent.request("info", buf=h)
+    assert after["zaps"] == info["zaps"] + 1 and after["stale_mapped"] == 0
+    agent.request("close", buf=h)
+
+
+def test_force_release_zaps_the_live_mapping_first(agent):
+    h = agent.request("create", kind="vmlab", size=MiB)["buf"]
+    agent.request("host_map", buf=h)
+    agent.request("host_read", buf=h)
+    agent.request("move", buf=h, mode="MIGRATE_NO_ZAP")
+    assert _gens(agent.request("host_read", buf=h)["records"]) == {(1, stamp.RETIRED)}
+    zaps = agent.request("info", buf=h)["zaps"]
+    assert agent.request("release_quarantine", buf=h, force=True)["freed_pages"] == 256
+    info = agent.request("info", buf=h)
+    assert info["zaps"] == zaps + 1 and info["stale_mapped"] == 0 and info["quarantined_pages"] == 0
+    # the kept mapping was zapped, so it refaults onto the current pages: never freed memory
+    assert _gens(agent.request("host_read", buf=h, full=True)["records"]) == {(2, stamp.LIVE)}
+    agent.request("close", buf=h)
+
+
+def test_quarantine_outlives_the_buffer(agent):
+    b = agent.request("create", kind="vmlab", size=MiB, alloc="COMPOUND")
+    agent.request("move", buf=b["buf"], mode="MIGRATE")
+    agent.request("move", buf=b["buf"], mode="MIGRATE")
+    assert agent.request("close", buf=b["buf"])["id"] == b["id"]
+    q = agent.request("quarantine")
+    mine = sorted(s[:4] for s in q["sets"] if s[0] == b["id"])
+    assert mine == [[b["id"], 1, 256, 0], [b["id"], 2, 256, 0]]   # still RETIRED, still held
+    assert q["quarantined_pages"] >= 512 and q["module_pages"] >= 512
+    # released later by id, generation by generation
+    r = agent.request("release_quarantine", id=b["id"], max_generation=1)
+    assert r["freed_pages"] == 256
+    assert agent.request("release_quarantine", id=b["id"])["freed_pages"] == 256
+    assert [s for s in agent.request("quarantine")["sets"] if s[0] == b["id"]] == []
+    # ids are never reused: the next buffer gets a new one
+    b2 = agent.request("create", kind="vmlab", size=MiB)
+    assert b2["id"] > b["id"]
+    agent.request("close", buf=b2["buf"])
+
+
+def test_quarantine_cap_refuses_a_move_with_enospc(lab, agent):
+    old = lab.run(f"cat {PARAM}", timeout=30)[1].strip()
+    lab.run(f"echo 1 > {PARAM}", timeout=30)
+    try:
+        assert agent.request("abi")["max_quarantine_bytes"] == MiB
+        h = agent.request("create", kind="vmlab", size=MiB)["buf"]
+        agent.request("move", buf=h, mode="MIGRATE")           # 256 retired pages: at the cap
+        pf = agent.request("info", buf=h, pfns=True)
+        with pytest.raises(AgentRequestFailed) as e:
+            agent.request("move", buf=h, mode="MIGRATE")
+        assert e.value.errname == "ENOSPC"
+        pf2 = agent.request("info", buf=h, pfns=True)            # nothing was touched
+        assert (pf2["generation"], pf2["zaps"], pf2["pfns"]) == (pf["generation"], pf["zaps"], pf["pfns"])
+        agent.request("move", buf=h, mode="ZAP_ONLY")            # retires nothing: allowed
+        agent.request("release_quarantine", buf=h)
+        assert agent.request("move", buf=h, mode="MIGRATE")["generation"] == 3
+        agent.request("close", buf=h)
+    finally:
+        lab.run(f"echo {old} > {PARAM}", timeout=30)
 
 
 @pytest.mark.parametrize("caching,memtype", [("WB", "WB"), ("WC", "WC"), ("UC", "UC-")])
@@ -86,7 +186,7 @@ def test_caching_mode_memtype_from_the_lab_kernel(agent, caching, memtype):
     b = agent.request("create", kind="vmlab", size=MiB, caching=caching, alloc="COMPOUND")
     pte = agent.request("host_pte", buf=b["buf"], page=3)
     assert pte["memtype"] == memtype, pte
-    assert pte["page_memtype"] == memtype, pte  # the linear map was changed too (set_memory_*)
+    assert pte["page_memtype"] == memtype, pte  # the linear map was changed too (set_pages_array_*)
     info = agent.request("info", buf=b["buf"], pfns=True)
     assert pte["pfn"] == info["pfns"][3]
     assert info["vm_prot"] == {"WB": "CACHED", "WC": "WC", "UC": "UC"}[caching]
@@ -100,70 +200,126 @@ def test_migrate_changes_caching(agent):
     assert agent.request("info", buf=b["buf"])["caching"] == "WC"
     recs = agent.request("host_read", buf=b["buf"], full=True)["records"]
     assert _gens(recs) == {(2, stamp.LIVE)}
+    assert agent.request("release_quarantine", buf=b["buf"])["freed_pages"] == 256
     agent.request("close", buf=b["buf"])
 
 
+# (what, cmd, fields, op_raw extras, accepted errnos)
 BAD = [
-    ("zero size", "CREATE", [0, 0, 0, 0, -1, 0], None, {"EINVAL"}),
-    ("odd size", "CREATE", [4095, 0, 0, 0, -1, 0], None, {"EINVAL"}),
-    ("not a power of two", "CREATE", [3 * 4096, 0, 0, 0, -1, 0], None, {"EINVAL"}),
-    ("huge size", "CREATE", [1 << 40, 0, 0, 0, -1, 0], None, {"EINVAL", "E2BIG", "ENOMEM"}),
-    ("overflowing size", "CREATE", [(1 << 64) - 4096, 0, 0, 0, -1, 0], None, {"EINVAL", "E2BIG", "EOVERFLOW"}),
-    ("unknown caching", "CREATE", [4096, 7, 0, 0, -1, 0], None, {"EINVAL"}),
-    ("unknown alloc", "CREATE", [4096, 0, 9, 0, -1, 0], None, {"EINVAL"}),
-    ("unknown create flag", "CREATE", [4096, 0, 0, 0x80, -1, 0], None, {"EINVAL"}),
-    ("wrong id (info)", "INFO", [987654, 0, 0, 0, 0, 0, 0] + [0] * 10, None, {"ENOENT", "EINVAL"}),
-    ("info flags", "INFO", [1, 0, 0, 1, 0, 0, 0] + [0] * 10, None, {"EINVAL", "ENOENT"}),
-    ("wrong id (move)", "MOVE", [987654, 1, 0xFFFFFFFF, 0, 0, 0], None, {"ENOENT", "EINVAL"}),
-    ("wrong id (release)", "RELEASE_QUARANTINE", [987654, 0], None, {"ENOENT", "EINVAL"}),
-    ("bad pointer create", "CREATE", None, 1, {"EFAULT"}),
-    ("bad pointer info", "INFO", None, 0xDEAD0000, {"EFAULT"}),
-    ("kernel pointer move", "MOVE", None, (1 << 64) - 4096, {"EFAULT"}),
-    ("pte of an unmapped address", "PTE", [4096, 0, 0, 0, 0, 0, 0], None, {"EINVAL", "EFAULT", "ENOENT"}),
+    ("zero size", "CREATE", [0, 0, 0, 0, -1, 0], {}, {"EINVAL"}),
+    ("odd size", "CREATE", [4095, 0, 0, 0, -1, 0], {}, {"EINVAL"}),
+    ("not a power of two", "CREATE", [3 * 4096, 0, 0, 0, -1, 0], {}, {"EINVAL"}),
+    ("huge size", "CREATE", [1 << 40, 0, 0, 0, -1, 0], {}, {"EINVAL"}),
+    ("overflowing size", "CREATE", [(1 << 64) - 4096, 0, 0, 0, -1, 0], {}, {"EINVAL"}),
+    ("unknown caching", "CREATE", [4096, 7, 0, 0, -1, 0], {}, {"EINVAL"}),
+    ("unknown alloc", "CREATE", [4096, 0, 9, 0, -1, 0], {}, {"EINVAL"}),
+    ("unknown create flag", "CREATE", [4096, 0, 0, 0x80, -1, 0], {}, {"EINVAL"}),
+    ("info on a closed fd", "INFO", {}, {"fd_of": "closed"}, {"EBADF"}),
+    ("info on fd -1", "INFO", {"fd": -1}, {}, {"EBADF"}),
+    ("info on a non-dma-buf fd", "INFO", {}, {"fd_of": "devnull"}, {"EINVAL"}),
+    ("info on the control fd", "INFO", {}, {"fd_of": "ctl"}, {"EINVAL"}),
+    ("info flags", "INFO", {"fd": -1, "flags": 1}, {}, {"EINVAL"}),
+    ("info pad", "INFO", {"fd": -1, "pad": 1}, {}, {"EINVAL"}),
+    ("move on a closed fd", "MOVE", {"mode": 1, "caching": KEEP}, {"fd_of": "closed"}, {"EBADF"}),
+    ("move on a non-dma-buf fd", "MOVE", {"mode": 1, "caching": KEEP}, {"fd_of": "devnull"}, {"EINVAL"}),
+    ("move flags", "MOVE", {"fd": -1, "mode": 1, "caching": KEEP, "flags": 1}, {}, {"EINVAL"}),
+    ("never issued id (release)", "RELEASE_QUARANTINE", {"id": 1 << 62}, {}, {"ENOENT"}),
+    ("release flags", "RELEASE_QUARANTINE", {"flags": 2}, {}, {"EINVAL"}),
+    ("release pad", "RELEASE_QUARANTINE", {"pad": 1}, {}, {"EINVAL"}),
+    ("bad pointer create", "CREATE", None, {"ptr": 1}, {"EFAULT"}),
+    ("bad pointer info", "INFO", None, {"ptr": 0xDEAD0000}, {"EFAULT"}),
+    ("kernel pointer move", "MOVE", None, {"ptr": (1 << 64) - 4096}, {"EFAULT"}),
+    ("bad pointer release", "RELEASE_QUARANTINE", None, {"ptr": 8}, {"EFAULT"}),
+    ("pte of an unmapped address", "PTE", [4096, 0, 0, 0, 0, 0, 0], {}, {"EINVAL", "ENOENT"}),
 ]
 
 
-@pytest.mark.parametrize("what,cmd,fields,ptr,errs", BAD, ids=[b[0] for b in BAD])
-def test_bad_arguments_are_refused(agent, what, cmd, fields, ptr, errs):
-    r = agent.request("raw", cmd=cmd, fields=fields, ptr=ptr)
+@pytest.mark.parametrize("what,cmd,fields,extra,errs", BAD, ids=[b[0] for b in BAD])
+def test_bad_arguments_are_refused(agent, what, cmd, fields, extra, errs):
+    r = agent.request("raw", cmd=cmd, fields=fields, **extra)
     assert r["rc"] == -1 and r["errname"] in errs, r
 
 
 def test_bad_move_arguments_on_a_real_buffer(agent):
     b = agent.request("create", kind="vmlab", size=MiB)
-    for fields in ([b["id"], 9, 0xFFFFFFFF, 0, 0, 0],        # unknown mode
-                   [b["id"], 1, 5, 0, 0, 0],                 # unknown caching
-                   [b["id"], 1, 0xFFFFFFFF, 1, 0, 0],        # flags
-                   [b["id"], 1, 0xFFFFFFFF, 0, 1, 0],        # pad
-                   [b["id"], 3, 1, 0, 0, 0]):                # ZAP_ONLY with a caching change
-        r = agent.request("raw", cmd="MOVE", fields=fields)
+    for fields in ({"mode": 9, "caching": KEEP},                 # unknown mode
+                   {"mode": 1, "caching": 5},                    # unknown caching
+                   {"mode": 1, "caching": KEEP, "flags": 1},     # flags
+                   {"mode": 3, "caching": 1}):                   # ZAP_ONLY with a caching change
+        r = agent.request("raw", cmd="MOVE", fields=fields, buf=b["buf"])
         assert r["rc"] == -1 and r["errname"] == "EINVAL", (fields, r)
+    r = agent.request("raw", cmd="INFO", fields={"pad": 1}, buf=b["buf"])
+    assert r["errname"] == "EINVAL"
+    r = agent.request("raw", cmd="INFO", fields={}, buf=b["buf"])
+    assert r["rc"] == 0 and r["named"]["id"] == b["id"] and r["named"]["pad"] == 0
     assert agent.request("info", buf=b["buf"])["generation"] == 1
     agent.request("close", buf=b["buf"])
 
 
-def test_random_ioctls_leave_no_warning(lab, agent):
+def test_another_exporters_dma_buf_is_refused(agent):
+    hello = agent.request("hello")
+    if hello["udmabuf"]:
+        b = agent.request("create", kind="udmabuf", size=MiB)
+    elif "system" in hello["dma_heaps"]:
+        b = agent.request("create", kind="dmaheap", size=MiB)
+    else:
+        pytest.skip("no other dma-buf exporter in this lab kernel (6.1 has neither)")
+    for cmd, fields in (("INFO", {}), ("MOVE", {"mode": 3, "caching": KEEP})):
+        r = agent.request("raw", cmd=cmd, fields=fields, buf=b["buf"])
+        assert r["rc"] == -1 and r["errname"] == "EINVAL", (cmd, r)
+    agent.request("close", buf=b["buf"])
+
+
+def test_random_ioctls_leave_no_warning_and_no_page(lab, agent):
+    base = agent.request("quarantine")
     lab.run("dmesg -C")
-    res = agent.request("fuzz", count=10000, seed=20261125, timeout=900)["errnos"]
-    assert sum(res.values()) == 10000
+    out = agent.request("fuzz", count=10000, seed=20261125, timeout=900)
+    res = out["errnos"]
+    assert sum(res.values()) == out["ioctls"] == 10000
     assert len(res) > 2  # the fuzzer reached several distinct outcomes
+    assert out["per_cmd"]["MOVE"].get("ok", 0) > 0 and out["per_cmd"]["INFO"].get("ok", 0) > 0
+    assert out["release_errors"] == {}
+    assert out["module_pages"] == base["module_pages"] and out["leaked_pages"] == 0, out
+    assert agent.request("dmesg_bad")["lines"] == []
+    assert agent.request("ping") == {}
+
+
+def test_racing_moves_faults_and_closes(lab, agent):
+    """MOVE (every mode) against faults on kept mappings against close/dup/create and
+    RELEASE_QUARANTINE, in threads: no warning, no stuck thread, no page left behind."""
+    base = agent.request("quarantine")
+    lab.run("dmesg -C")
+    out = agent.request("fuzz", concurrent=True, count=20000, seconds=45, seed=7, threads=5,
+                        timeout=600)
+    assert out["stuck_threads"] == 0 and out["thread_errors"] == [], out
+    assert out["ioctls"] > 100 and out["touches"] > 100, out
+    assert out["per_cmd"]["MOVE"].get("ok", 0) > 0, out
+    assert out["release_errors"] == {}
+    assert out["module_pages"] == base["module_pages"] and out["leaked_pages"] == 0, out
     assert agent.request("dmesg_bad")["lines"] == []
     assert agent.request("ping") == {}
 
 
 def test_rmmod_refused_with_live_buffers_and_no_leak(lab, agent):
     base = agent.request("meminfo")
+    assert base["module_pages"] == 0, "a previous test left buffers or quarantine behind"
     b = agent.request("create", kind="vmlab", size=4 * MiB, alloc="NONCOMPOUND")
     agent.request("move", buf=b["buf"], mode="MIGRATE")
-    assert agent.request("meminfo")["module_pages"] == base["module_pages"] + 2048
+    assert agent.request("meminfo")["module_pages"] == 2048
     rc, _, err = lab.run("rmmod vmlab_exporter", check=False)
     assert rc != 0, "rmmod must be refused while a dma-buf is alive"
     agent.request("close", buf=b["buf"])
+    # the buffer is gone, its retired pages are not: they stay quarantined
+    assert agent.request("meminfo")["module_pages"] == 1024
     agent.close()  # the control fd too
+    # unload frees the quarantine itself
     rc, out, err = lab.run("cat /sys/kernel/debug/vmlab-exporter/pages; rmmod vmlab_exporter", check=False)
     assert rc == 0, err
-    assert int(out.split()[0]) == 0
-    lab.run("modprobe vmlab_exporter && test -c /dev/vmlab-exporter")
+    assert int(out.split()[0]) == 1024
+    rc, out, _ = lab.run("dmesg | grep -c 'vmlab-exporter: could not restore WB' || true", check=False)
+    assert out.strip() == "0"
+    lab.run("modprobe vmlab_exporter && test -c /dev/vmlab-exporter && "
+            "test $(cat /sys/kernel/debug/vmlab-exporter/pages) -eq 0")
 
 
 def test_udmabuf_move_is_reported_as_it_happens(agent):

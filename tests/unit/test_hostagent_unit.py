@@ -1,8 +1,10 @@
-"""vmlab/hostagent.py pieces that need no lab: the ivshmem-doorbell server protocol and
-the JSON-lines serve loop."""
+"""vmlab/hostagent.py pieces that need no lab: the ivshmem-doorbell server protocol, the
+JSON-lines serve loop, the exporter requests (against a fake exporter) and the fuzzers'
+bookkeeping (against /dev/null)."""
 from __future__ import annotations
 
 import array
+import errno
 import json
 import mmap
 import os
@@ -15,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from vmlab import exporter_uapi as U
 from vmlab import hostagent, stamp
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -153,3 +156,199 @@ def test_ivshmem_server_close_stops_accept_thread(tmp_path, memfd):
     srv.close()
     srv.thread.join(3)
     assert not srv.thread.is_alive()
+
+
+# --- vmlab exporter requests (ABI 2: buffers by dma-buf fd), against a fake exporter ------
+
+
+class FakeExporter:
+    """Plays the kernel side of the vmlab ioctls on the request buffers the agent builds,
+    and records every decoded request."""
+
+    def __init__(self):
+        self.calls = []
+        self.generation = 1
+
+    def __call__(self, fd, req, buf):
+        import ctypes
+        for cname, (st, names) in U.STRUCTS.items():
+            if req == getattr(U, "IOC_" + {"vmlab_create": "CREATE", "vmlab_info": "INFO",
+                                           "vmlab_move": "MOVE", "vmlab_pte": "PTE", "vmlab_abi": "ABI",
+                                           "vmlab_release_quarantine": "RELEASE_QUARANTINE"}[cname]):
+                break
+        else:
+            raise AssertionError(f"unknown ioctl {req:#x}")
+        assert len(buf) == st.size
+        v = U.unpack(st, names, buf)
+        self.calls.append((cname, dict(v)))
+        if cname == "vmlab_create":
+            v.update(fd=777, id=41)
+        elif cname == "vmlab_info":
+            if v["pfns_ptr"]:
+                data = struct.pack(f"<{v['pfns_count']}Q", *range(1000, 1000 + v["pfns_count"]))
+                ctypes.memmove(v["pfns_ptr"], data, len(data))
+            v.update(id=41, pfns_count=4, caching=1, vm_prot=0, alloc=2, size=16384,
+                     generation=self.generation, faults=5, zaps=2, moves=3, mmaps=1, live_mappings=1,
+                     quarantined_pages=8, stale_mapped=0, module_pages=12, refaulted_pages=4,
+                     module_quarantined_pages=20, leaked_pages=0)
+        elif cname == "vmlab_move":
+            self.generation += 1
+            v.update(generation=self.generation)
+        elif cname == "vmlab_release_quarantine":
+            v.update(freed_pages=8)
+        buf[:] = U.pack(st, names, **v)
+        return 0
+
+
+@pytest.fixture
+def fake_exporter(monkeypatch):
+    fake = FakeExporter()
+    monkeypatch.setattr(hostagent, "_ioctl", fake)
+    return fake
+
+
+def test_vmlab_buffer_addresses_the_exporter_by_fd(fake_exporter):
+    b = hostagent.VmlabBuffer(99, 16384, "WC", "NONCOMPOUND")
+    assert (b.fd, b.id) == (777, 41)
+    name, create = fake_exporter.calls[-1]
+    assert name == "vmlab_create"
+    assert create == {"size": 16384, "caching": U.CACHING["WC"], "alloc": U.ALLOC["NONCOMPOUND"],
+                      "flags": U.CREATE_CLOEXEC, "fd": -1, "id": 0}
+
+    info = b.info()
+    name, req = fake_exporter.calls[-1]
+    assert name == "vmlab_info" and req["fd"] == 777 and req["flags"] == 0 and req["pad"] == 0
+    assert req["pfns_ptr"] == 0
+    for k in ("generation", "faults", "zaps", "moves", "mmaps", "live_mappings", "quarantined_pages",
+              "stale_mapped", "module_pages", "caching", "vm_prot", "alloc", "id",
+              "refaulted_pages", "module_quarantined_pages", "leaked_pages"):
+        assert k in info, k
+    assert info["caching"] == "WC" and info["vm_prot"] == "WC" and info["alloc"] == "NONCOMPOUND"
+    assert info["refaulted_pages"] == 4 and info["module_quarantined_pages"] == 20
+    assert "pfns" not in info
+    assert b.info(pfns=True)["pfns"] == [1000, 1001, 1002, 1003]
+
+    assert b.move("MIGRATE", "UC") == {"generation": 2, "what": "MIGRATE done by the exporter"}
+    name, req = fake_exporter.calls[-1]
+    assert name == "vmlab_move"
+    assert req == {"fd": 777, "mode": U.MOVE["MIGRATE"], "caching": U.CACHING["UC"], "flags": 0,
+                   "generation": 0}
+    b.move("ZAP_ONLY", None)
+    assert fake_exporter.calls[-1][1]["caching"] == U.CACHING_KEEP
+
+    assert b.release_quarantine(max_generation=3, force=True) == {"id": 41, "freed_pages": 8}
+    name, req = fake_exporter.calls[-1]
+    assert name == "vmlab_release_quarantine"
+    assert req == {"id": 41, "max_generation": 3, "flags": U.RELEASE_FORCE, "pad": 0, "freed_pages": 0}
+    b.fd = -1  # nothing to close: the fd is the fake's
+
+
+def test_op_release_quarantine_by_id_or_handle(fake_exporter):
+    agent = hostagent.Agent()
+    agent.ctl = 99  # never opened: the fake plays the device
+    with pytest.raises(hostagent.AgentError) as e:
+        agent.op_release_quarantine({})
+    assert e.value.errno == errno.EINVAL
+    with pytest.raises(hostagent.AgentError) as e:
+        agent.op_release_quarantine({"buf": 5})
+    assert e.value.errno == errno.ENOENT
+    # a closed buffer's quarantine, by its id
+    assert agent.op_release_quarantine({"id": 7, "max_generation": 2}) == {"id": 7, "freed_pages": 8}
+    assert fake_exporter.calls[-1][1] == {"id": 7, "max_generation": 2, "flags": 0, "pad": 0,
+                                          "freed_pages": 0}
+    agent.op_release_quarantine({"id": 0, "force": True})
+    assert fake_exporter.calls[-1][1]["flags"] == U.RELEASE_FORCE
+    # a live one, by handle; close reports the id its quarantine stays under
+    h = agent.op_create({"kind": "vmlab", "size": 16384})["buf"]
+    agent.op_release_quarantine({"buf": h})
+    assert fake_exporter.calls[-1][1]["id"] == 41
+    agent.buffers[h].fd = -1
+    assert agent.op_close({"buf": h}) == {"id": 41}
+    agent.ctl = None
+
+
+@pytest.fixture
+def devnull_agent():
+    """An agent whose "control device" is /dev/null: every ioctl fails with ENOTTY, which
+    is enough to drive the request plumbing and the fuzzers' bookkeeping without a module."""
+    agent = hostagent.Agent()
+    agent.ctl = os.open("/dev/null", os.O_RDWR | os.O_CLOEXEC)
+    yield agent
+    agent.close_all()
+
+
+def test_op_raw_builds_structs_by_name(devnull_agent):
+    r = devnull_agent.op_raw({"cmd": "MOVE", "fields": {"mode": 1, "caching": U.CACHING_KEEP},
+                              "fd_of": "closed"})
+    assert r["rc"] == -1 and r["errname"] == "ENOTTY"
+    assert r["named"]["mode"] == 1 and r["named"]["caching"] == U.CACHING_KEEP
+    assert r["named"]["fd"] >= 0 and r["fields"][0] == r["named"]["fd"]
+    r = devnull_agent.op_raw({"cmd": "RELEASE_QUARANTINE", "fields": [5, 2, 1, 0, 0]})
+    assert r["named"] == {"id": 5, "max_generation": 2, "flags": 1, "pad": 0, "freed_pages": 0}
+    r = devnull_agent.op_raw({"cmd": "INFO", "fields": {"pad": 1}, "fd_of": "devnull"})
+    assert r["named"]["pad"] == 1 and r["errname"] == "ENOTTY"
+    with pytest.raises(KeyError):
+        devnull_agent.op_raw({"cmd": "MOVE", "fields": {"id": 1}})
+
+
+def test_fuzz_is_bounded_by_count(devnull_agent):
+    out = devnull_agent.op_fuzz({"count": 300, "seed": 3})
+    assert sum(out["errnos"].values()) == out["ioctls"] == 300
+    assert sum(sum(d.values()) for d in out["per_cmd"].values()) == 300
+    assert out["release_errors"] == {}
+    assert "module_pages" in out and "leaked_pages" in out
+
+
+def test_fuzz_is_bounded_by_seconds(devnull_agent):
+    import time
+    t0 = time.monotonic()
+    out = devnull_agent.op_fuzz({"count": 10 ** 9, "seed": 4, "seconds": 1})
+    assert time.monotonic() - t0 < 20
+    assert 0 < out["ioctls"] < 10 ** 9
+
+
+def test_concurrent_fuzz_is_bounded_and_joins(devnull_agent):
+    import time
+    t0 = time.monotonic()
+    out = devnull_agent.op_fuzz({"concurrent": True, "count": 500, "seed": 5, "seconds": 20,
+                                 "threads": 5})
+    assert time.monotonic() - t0 < 60
+    assert out["stuck_threads"] == 0 and out["thread_errors"] == []
+    assert out["threads"] == 5
+    # every budgeted op is at most one ioctl, plus the three initial creates
+    assert 0 < out["ioctls"] <= 503
+    assert sum(out["errnos"].values()) == out["ioctls"]
+    assert set(out["per_cmd"]) <= {"CREATE", "INFO", "MOVE", "RELEASE_QUARANTINE"}
+
+
+def test_quarantine_state_without_the_module(monkeypatch, tmp_path):
+    monkeypatch.setattr(hostagent, "DEBUGFS", str(tmp_path / "absent"))
+    assert hostagent.quarantine_state() == {"sets": None, "quarantined_pages": None,
+                                            "module_pages": None, "leaked_pages": None}
+    d = tmp_path / "dbg"
+    d.mkdir()
+    (d / "quarantine").write_text("3 1 256 0 0\n3 2 256 1 1\n9 1 16 0 2\n")
+    (d / "pages").write_text("800\n")
+    (d / "leaked").write_text("0\n")
+    monkeypatch.setattr(hostagent, "DEBUGFS", str(d))
+    q = hostagent.quarantine_state()
+    assert q["sets"][1] == [3, 2, 256, 1, 1] and q["quarantined_pages"] == 528
+    assert q["module_pages"] == 800 and q["leaked_pages"] == 0
+
+
+def test_move_under_writes_stops_its_writer_on_error(devnull_agent, memfd):
+    """The writer thread runs while the MOVE is issued; when the MOVE fails (here: the
+    "device" is /dev/null) the thread is stopped and the mapping dropped, never left behind."""
+    import threading
+    b = object.__new__(hostagent.VmlabBuffer)
+    b.size, b.fd, b.id, b.generation, b.ctl = 8192, memfd, 1, 1, devnull_agent.ctl
+    devnull_agent.buffers[1] = b
+    before = threading.active_count()
+    with pytest.raises(hostagent.AgentError) as e:
+        devnull_agent.op_move_under_writes({"buf": 1, "mode": "MIGRATE", "page": 1, "after_ms": 1})
+    assert e.value.errno == errno.ENOTTY
+    assert threading.active_count() == before
+    assert struct.unpack("<Q", os.pread(memfd, 8, 4096 + stamp.GUEST_OFF + 8))[0] > 1000
+    with pytest.raises(hostagent.AgentError):
+        devnull_agent.op_move_under_writes({"buf": 1, "mode": "MIGRATE", "page": 2})
+    del devnull_agent.buffers[1]

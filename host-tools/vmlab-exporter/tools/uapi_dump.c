@@ -1,13 +1,16 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
- * Print every ioctl number, constant and struct size of vmlab_exporter.h as
- * "NAME VALUE" (decimal), one per line, for comparison with the Python mirror.
+ * Print every ioctl number, constant, struct size and field offset of
+ * vmlab_exporter.h as "NAME VALUE" (decimal), one per line, for comparison
+ * with the Python mirror (vmlab/exporter_uapi.py).
  */
+#include <stddef.h>
 #include <stdio.h>
 #include <vmlab_exporter.h>
 
 #define P(name) printf("%s %llu\n", #name, (unsigned long long)(name))
 #define S(type) printf("sizeof_%s %zu\n", #type, sizeof(struct type))
+#define O(type, field) printf("offsetof_%s_%s %zu\n", #type, #field, offsetof(struct type, field))
 
 int main(void)
 {
@@ -48,12 +51,74 @@ int main(void)
 
 	P(VMLAB_CREATE_CLOEXEC);
 	P(VMLAB_CREATE_FLAGS_ALL);
+	P(VMLAB_RELEASE_FORCE);
+	P(VMLAB_RELEASE_FLAGS_ALL);
 
 	S(vmlab_create);
+	O(vmlab_create, size);
+	O(vmlab_create, caching);
+	O(vmlab_create, alloc);
+	O(vmlab_create, flags);
+	O(vmlab_create, fd);
+	O(vmlab_create, id);
+
 	S(vmlab_info);
+	O(vmlab_info, fd);
+	O(vmlab_info, flags);
+	O(vmlab_info, pfns_ptr);
+	O(vmlab_info, pfns_count);
+	O(vmlab_info, id);
+	O(vmlab_info, caching);
+	O(vmlab_info, vm_prot);
+	O(vmlab_info, alloc);
+	O(vmlab_info, pad);
+	O(vmlab_info, size);
+	O(vmlab_info, generation);
+	O(vmlab_info, faults);
+	O(vmlab_info, zaps);
+	O(vmlab_info, moves);
+	O(vmlab_info, mmaps);
+	O(vmlab_info, live_mappings);
+	O(vmlab_info, quarantined_pages);
+	O(vmlab_info, stale_mapped);
+	O(vmlab_info, module_pages);
+	O(vmlab_info, refaulted_pages);
+	O(vmlab_info, module_quarantined_pages);
+	O(vmlab_info, leaked_pages);
+
 	S(vmlab_move);
+	O(vmlab_move, fd);
+	O(vmlab_move, mode);
+	O(vmlab_move, caching);
+	O(vmlab_move, flags);
+	O(vmlab_move, generation);
+
 	S(vmlab_release_quarantine);
+	O(vmlab_release_quarantine, id);
+	O(vmlab_release_quarantine, max_generation);
+	O(vmlab_release_quarantine, flags);
+	O(vmlab_release_quarantine, pad);
+	O(vmlab_release_quarantine, freed_pages);
+
 	S(vmlab_pte);
+	O(vmlab_pte, addr);
+	O(vmlab_pte, flags);
+	O(vmlab_pte, memtype);
+	O(vmlab_pte, pfn);
+	O(vmlab_pte, pte);
+	O(vmlab_pte, pat_msr);
+	O(vmlab_pte, page_memtype);
+
 	S(vmlab_abi);
+	O(vmlab_abi, abi_version);
+	O(vmlab_abi, page_size);
+	O(vmlab_abi, max_buffer_bytes);
+	O(vmlab_abi, max_quarantine_bytes);
+	O(vmlab_abi, sizeof_create);
+	O(vmlab_abi, sizeof_info);
+	O(vmlab_abi, sizeof_move);
+	O(vmlab_abi, sizeof_release);
+	O(vmlab_abi, sizeof_pte);
+	O(vmlab_abi, sizeof_abi);
 	return 0;
 }

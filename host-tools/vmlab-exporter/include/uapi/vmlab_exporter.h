@@ -4,6 +4,11 @@
  * buffer.  Every ioctl, struct and constant of the interface is here and only
  * here; vmlab/exporter_uapi.py mirrors it and a test compares the two.
  *
+ * A buffer is addressed by its dma-buf fd (as udmabuf and dma-heaps hand
+ * them out); its u64 id is a module-wide counter that is never reused, is
+ * what every page stamp carries, and names the buffer's retired pages in the
+ * module-wide quarantine, which outlives the buffer.
+ *
  * All structs are fixed-size, naturally aligned, without implicit padding.
  * Every "flags"/"pad" field must be zero on input (-EINVAL otherwise) so it
  * can gain meaning later.
@@ -14,7 +19,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define VMLAB_EXPORTER_ABI_VERSION 1
+#define VMLAB_EXPORTER_ABI_VERSION 2
 
 /* caching */
 #define VMLAB_CACHING_WB   0
@@ -33,8 +38,8 @@
 #define VMLAB_ALLOC_NONCOMPOUND 2  /* high-order without __GFP_COMP, as TTM pools */
 
 /* move modes */
-#define VMLAB_MOVE_MIGRATE        1  /* new pages, copy, gen+1, zap, quarantine old */
-#define VMLAB_MOVE_MIGRATE_NO_ZAP 2  /* the same without the zap: negative control */
+#define VMLAB_MOVE_MIGRATE        1  /* new pages, zap, copy + gen+1, caching, quarantine old */
+#define VMLAB_MOVE_MIGRATE_NO_ZAP 2  /* copy + gen+1 without any zap: the negative control */
 #define VMLAB_MOVE_ZAP_ONLY       3  /* zap every mapping, keep the pages */
 
 /* page_cache_mode values as reported in memtype fields (x86 enum page_cache_mode) */
@@ -50,47 +55,65 @@
 #define VMLAB_CREATE_CLOEXEC 0x1u  /* dma-buf fd gets O_CLOEXEC */
 #define VMLAB_CREATE_FLAGS_ALL (VMLAB_CREATE_CLOEXEC)
 
+/* release flags */
+#define VMLAB_RELEASE_FORCE 0x1u   /* zap the live buffer's mappings first instead of -EBUSY */
+#define VMLAB_RELEASE_FLAGS_ALL (VMLAB_RELEASE_FORCE)
+
 struct vmlab_create {
 	__u64 size;     /* in: bytes, power of two, multiple of PAGE_SIZE, <= max_buffer_mb */
 	__u32 caching;  /* in: VMLAB_CACHING_{WB,WC,UC} */
 	__u32 alloc;    /* in: VMLAB_ALLOC_* */
 	__u32 flags;    /* in: VMLAB_CREATE_* */
 	__s32 fd;       /* out: dma-buf fd */
-	__u64 id;       /* out: buffer id (> 0) */
+	__u64 id;       /* out: buffer id (> 0, never reused) */
 };
 
 struct vmlab_info {
-	__u64 id;          /* in */
+	__s32 fd;          /* in: dma-buf fd of a vmlab buffer */
+	__u32 flags;       /* in: must be 0 */
 	__u64 pfns_ptr;    /* in: user pointer to __u64[pfns_count], or 0 */
 	__u64 pfns_count;  /* in: capacity of pfns_ptr; out: pages in the buffer */
-	__u32 flags;       /* in: must be 0 */
+	__u64 id;          /* out: buffer id */
 	__u32 caching;     /* out: VMLAB_CACHING_* */
 	__u32 vm_prot;     /* out: VMLAB_VM_PROT_* */
 	__u32 alloc;       /* out: VMLAB_ALLOC_* */
+	__u32 pad;         /* in: must be 0; out: 0 */
 	__u64 size;        /* out */
 	__u64 generation;  /* out: starts at 1 */
 	__u64 faults;      /* out: fault-handler insertions */
-	__u64 zaps;        /* out: unmap_mapping_range calls */
+	__u64 zaps;        /* out: unmap_mapping_range calls on the buffer's mapping */
 	__u64 moves;       /* out: completed MOVE ioctls of any mode */
 	__u64 mmaps;       /* out: mmap calls ever */
 	__u64 live_mappings;     /* out: VMAs currently open */
-	__u64 quarantined_pages; /* out: retired pages not yet freed */
-	__u64 stale_mapped;      /* out: 1 while a NO_ZAP move left old pages mapped */
-	__u64 module_pages;      /* out: pages the module holds, all buffers */
+	__u64 quarantined_pages; /* out: retired pages of this buffer not yet freed */
+	__u64 stale_mapped;      /* out: 1 while a NO_ZAP move left retired pages mapped */
+	__u64 module_pages;      /* out: pages the module holds, all buffers + quarantine */
+	__u64 refaulted_pages;   /* out: distinct pages faulted in since the last zap */
+	__u64 module_quarantined_pages; /* out: retired pages of every buffer, open or closed */
+	__u64 leaked_pages;      /* out: pages never freed because WB could not be restored */
 };
 
 struct vmlab_move {
-	__u64 id;          /* in */
+	__s32 fd;          /* in: dma-buf fd of a vmlab buffer */
 	__u32 mode;        /* in: VMLAB_MOVE_* */
 	__u32 caching;     /* in: new caching for MIGRATE*, or VMLAB_CACHING_KEEP */
 	__u32 flags;       /* in: must be 0 */
-	__u32 pad;         /* in: must be 0 */
 	__u64 generation;  /* out: generation after the move */
 };
 
+/*
+ * Free retired page sets.  Works whether the buffer is open or closed.
+ * A set retired by MIGRATE_NO_ZAP while the buffer was mapped is "still
+ * mapped" (host PTEs point at it) until the buffer's mapping is next zapped
+ * or the buffer is released: then -EBUSY, unless VMLAB_RELEASE_FORCE, which
+ * zaps the live buffer's mapping first.  Nothing is freed on error.
+ */
 struct vmlab_release_quarantine {
-	__u64 id;          /* in */
-	__u64 freed_pages; /* out */
+	__u64 id;              /* in: buffer id; 0 = every buffer */
+	__u64 max_generation;  /* in: free sets whose generation <= this; 0 = all */
+	__u32 flags;           /* in: VMLAB_RELEASE_* */
+	__u32 pad;             /* in: must be 0 */
+	__u64 freed_pages;     /* out */
 };
 
 /*
@@ -111,11 +134,19 @@ struct vmlab_pte {
 struct vmlab_abi {
 	__u32 abi_version;   /* out: VMLAB_EXPORTER_ABI_VERSION */
 	__u32 page_size;     /* out */
-	__u64 max_buffer_bytes; /* out: current module parameter limit */
+	__u64 max_buffer_bytes;     /* out: current max_buffer_mb limit */
+	__u64 max_quarantine_bytes; /* out: current max_quarantine_mb limit */
 	__u32 sizeof_create, sizeof_info, sizeof_move, sizeof_release, sizeof_pte, sizeof_abi;
 };
 
-#define VMLAB_IOC_MAGIC 0xb7
+/*
+ * 0xBB: no entry in Documentation/userspace-api/ioctl/ioctl-number.rst (the
+ * table goes 0xB7 remoteproc_cdev.h + nsfs.h, 0xB8 mrvl_cn10k_dpi.h + mshv.h,
+ * 0xBA 00-0F liveupdate.h, then 0xC0 usb/iowarrior.h), and no uapi header of
+ * Debian's 7.3.4 kernel defines it as an ioctl type.  0xB7 (ABI 1) was taken
+ * twice (nsfs, remoteproc).
+ */
+#define VMLAB_IOC_MAGIC 0xbb
 
 #define VMLAB_IOC_ABI                _IOR(VMLAB_IOC_MAGIC, 0x00, struct vmlab_abi)
 #define VMLAB_IOC_CREATE             _IOWR(VMLAB_IOC_MAGIC, 0x01, struct vmlab_create)
