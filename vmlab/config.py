@@ -1,37 +1,562 @@
-"""Experiment configs: YAML, validated against schemas/experiment.schema.json, every error
-reported at once on one line that names the file and the key path (exit 2, nothing started)."""
+"""Experiment configs: YAML, validated against schemas/experiment.schema.json and then for what
+a schema cannot say; every error reported at once on ONE line that names the file and the
+key path of the first error (ConfigError, exit 2, before anything boots).
+
+Reading is defensive: files over 64 KiB, duplicate keys at any level, anchors/aliases
+(no "billion laughs"), merge keys, nesting deeper than 32 levels and scalars over 4096
+characters are refused; "integer" means a YAML integer (``2.0`` is not one) and "number"
+excludes NaN and infinities.
+
+Expectations (``moves[i].expect``, ``baseline.expect``) are a verdict, a list of verdicts,
+or a mapping from a constraint on the LAB kernel version to either
+(``{"<6.13": VMM_FAULT, ">=6.13": REFAULTED}``, see vmlab/versions.py). The entries of a
+mapping may not overlap, and no list may accept every outcome (REFAULTED together with
+VMM_FAULT or STALE). Resolve them for the lab kernel that booted with
+``Experiment.expectations_for(release)`` and ``Experiment.baseline_expect_for(release)``.
+
+Also refused (exporter.size, ...): a buffer larger than the vmlab exporter's default
+max_buffer_mb (256 MiB), than the guest's RAM or than half the lab's RAM (rechecked by
+``resolve`` with the command line's memory); caching/alloc for udmabuf and dmaheap;
+gpu_roundtrip without a guest GPU; UNSUPPORTED for a vmlab move (every mode exists);
+NOT_ZAPPED outside ZAP_ONLY; LOST_WRITE without guest_write; inject: kill-vmm expecting
+anything but VMM_FAULT, and, after a VMM that must be dead (kill-vmm, or a baseline or move
+expecting only VMM_FAULT), any later move expecting anything but VMM_FAULT, checked for every
+range of lab kernel versions the keys cut out. An experiment without ``moves`` is a
+baseline-only check and must say what its ``baseline.expect`` is (default REFAULTED).
+
+Settings that exist both on the command line and in a config merge ONE way, for every one of
+them (``resolve``):
+
+    command line  >  config  >  built-in default (DEFAULTS)
+
+    setting              CLI option              config key          default
+    accel                --accel                 lab.accel           auto
+    kernel               --kernel                lab.kernel          trixie
+    kernel_image         --kernel-image          -                   none
+    guest_kernel         --guest-kernel          guest.kernel        trixie (whatever the lab kernel)
+    lab_memory_mb        --lab-memory            lab.memory_mb       3072
+    lab_boot_timeout     --boot-timeout          lab.boot_timeout    300
+    guest_memory_mb      --guest-memory          guest.memory_mb     512
+    guest_boot_timeout   --guest-boot-timeout    guest.boot_timeout  240
+    guest_gpu            -                       guest.gpu           none
+    guest_mapping        -                       guest.mapping       uc
+
+The argparse defaults are all None so that "not given" is visible; commands without a
+config (lab up, doctor, bench) call ``resolve(None, args)``; it returns a plain dict
+(JSON-able, kept in results.json) with the keys of DEFAULTS plus lab_qemu_args, no_build
+and sources (which layer each value came from).
+"""
 from __future__ import annotations
 
+import functools
 import json
+import math
+import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 
-import jsonschema
 import yaml
+from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
+from . import versions
 from .errors import ConfigError
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
+MAX_FILE_BYTES = 64 << 10
+MAX_DEPTH = 32
+MAX_SCALAR_CHARS = 4096
+MAX_MESSAGE_PART = 300
 
+#: The vmlab exporter module's default ``max_buffer_mb`` (host-tools/vmlab-exporter).
+EXPORTER_MAX_BYTES = 256 << 20
+
+#: Built-in defaults: the last word in ``resolve``.
+DEFAULTS = {
+    "accel": "auto",
+    "kernel": "trixie",
+    "kernel_image": None,
+    "guest_kernel": "trixie",
+    "lab_memory_mb": 3072,
+    "lab_boot_timeout": 300.0,
+    "guest_memory_mb": 512,
+    "guest_boot_timeout": 240.0,
+    "guest_gpu": "none",
+    "guest_mapping": "uc",
+}
+
+# setting -> (argparse dest or None, config key path or None, CLI spelling)
+_MERGE = {
+    "accel": ("accel", ("lab", "accel"), "--accel"),
+    "kernel": ("kernel", ("lab", "kernel"), "--kernel"),
+    "kernel_image": ("kernel_image", None, "--kernel-image"),
+    "guest_kernel": ("guest_kernel", ("guest", "kernel"), "--guest-kernel"),
+    "lab_memory_mb": ("lab_memory", ("lab", "memory_mb"), "--lab-memory"),
+    "lab_boot_timeout": ("boot_timeout", ("lab", "boot_timeout"), "--boot-timeout"),
+    "guest_memory_mb": ("guest_memory", ("guest", "memory_mb"), "--guest-memory"),
+    "guest_boot_timeout": ("guest_boot_timeout", ("guest", "boot_timeout"), "--guest-boot-timeout"),
+    "guest_gpu": (None, ("guest", "gpu"), None),
+    "guest_mapping": (None, ("guest", "mapping"), None),
+}
+
+#: One line for --help texts.
+MERGE_RULE = ("Every setting that exists both as an option and in the experiment config is taken "
+              "from the command line if given, else from the config, else from the built-in "
+              "default (lab memory 3072 MiB, lab boot timeout 300 s, guest kernel trixie, guest "
+              "memory 512 MiB, guest boot timeout 240 s, guest gpu none).")
+
+VERDICTS = ("REFAULTED", "STALE", "TORN", "LOST_WRITE", "NOT_ZAPPED", "VMM_FAULT",
+            "GUEST_FAULT", "UNSUPPORTED")
+DEFAULT_BASELINE_EXPECT = "REFAULTED"
+# pairs that, listed together, accept every outcome a move can have
+_EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"))
+
+
+# --- argparse types ------------------------------------------------------------------------
+def positive_int(text: str) -> int:
+    """argparse ``type=``: an integer >= 1."""
+    import argparse
+    try:
+        v = int(str(text).strip(), 10)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {v}")
+    return v
+
+
+def positive_float(text: str) -> float:
+    """argparse ``type=``: a finite number > 0 (seconds)."""
+    import argparse
+    try:
+        v = float(str(text).strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds > 0, got {text!r}")
+    if not math.isfinite(v) or v <= 0:
+        raise argparse.ArgumentTypeError(f"must be a finite number of seconds > 0, got {text!r}")
+    return v
+
+
+# --- schema --------------------------------------------------------------------------------
 def schema() -> dict:
     return json.loads(resources.files("vmlab").joinpath("schemas/experiment.schema.json").read_text())
+
+
+@functools.lru_cache(maxsize=1)
+def _validator():
+    import jsonschema
+    base = jsonschema.Draft202012Validator
+    checker = base.TYPE_CHECKER.redefine_many({
+        # YAML's 2.0 is a float, and a float where an integer is meant is a mistake
+        "integer": lambda _c, x: isinstance(x, int) and not isinstance(x, bool),
+        "number": lambda _c, x: (isinstance(x, (int, float)) and not isinstance(x, bool)
+                                 and math.isfinite(x)),
+    })
+    return jsonschema.validators.extend(base, type_checker=checker)(schema())
+
+
+_IDENT = re.compile(r"[A-Za-z_][A-Za-z0-9_-]*")
 
 
 def _path(p) -> str:
     out = ""
     for part in p:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif _IDENT.fullmatch(str(part)):
+            out += f".{part}" if out else str(part)
+        else:
+            out += f"[{json.dumps(str(part))}]"
     return out or "<top level>"
 
 
+def _one_line(s: str) -> str:
+    s = "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(s))
+    return s if len(s) <= MAX_MESSAGE_PART else s[: MAX_MESSAGE_PART - 3] + "..."
+
+
+_SIZE_RE = re.compile(r"\s*([0-9]{1,13})\s*([KMG]?)\s*", re.IGNORECASE)
+
+
 def parse_size(v) -> int:
-    s = str(v).strip().upper()
-    unit = s[-1] if s[-1:] in _UNITS and not s[-1].isdigit() else ""
-    return int(s[: len(s) - len(unit)]) * _UNITS[unit]
+    """4096, "4096", "64K", "1M", "2G" (case and surrounding blanks ignored) -> bytes."""
+    if isinstance(v, bool) or not isinstance(v, (int, str)):
+        raise ValueError(f"{v!r} is not a size")
+    if isinstance(v, int):
+        return v
+    m = _SIZE_RE.fullmatch(v)
+    if not m:
+        raise ValueError(f"{v!r} is not a size")
+    return int(m.group(1)) * _UNITS[m.group(2).upper()]
 
 
+def _mib(n: int) -> str:
+    if n >= 1 << 30 and n % (1 << 30) == 0:
+        return f"{n >> 30} GiB"
+    return f"{n >> 20} MiB" if n >= 1 << 20 and n % (1 << 20) == 0 else f"{n} bytes"
+
+
+# --- reading YAML --------------------------------------------------------------------------
+class _Refused(yaml.YAMLError):
+    def __init__(self, path: list, mark, msg: str):
+        self.path, self.mark, self.msg = path, mark, msg
+        super().__init__(msg)
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader without anchors, aliases and deep nesting; knows the key path it is at."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._at: list = []
+
+    def compose_node(self, parent, index):
+        ev = self.peek_event()
+        if isinstance(ev, yaml.AliasEvent) or getattr(ev, "anchor", None) is not None:
+            raise _Refused(self._at + self._step(parent, index), ev.start_mark,
+                           f"anchors and aliases are not allowed (&/*{ev.anchor})")
+        step = self._step(parent, index)
+        self._at.extend(step)
+        if len(self._at) > MAX_DEPTH:
+            raise _Refused(self._at[:MAX_DEPTH], ev.start_mark, f"nested deeper than {MAX_DEPTH} levels")
+        try:
+            return super().compose_node(parent, index)
+        finally:
+            del self._at[len(self._at) - len(step):]
+
+    @staticmethod
+    def _step(parent, index) -> list:
+        if isinstance(parent, SequenceNode) and isinstance(index, int):
+            return [index]
+        if isinstance(parent, MappingNode) and isinstance(index, ScalarNode):
+            return [index.value]
+        if isinstance(parent, MappingNode) and index is not None:
+            return ["?"]
+        return []
+
+
+def _check_nodes(loader: _Loader, node, path: list, errs: list) -> None:
+    """Duplicate keys (YAML keeps the last one silently), merge keys, over-long scalars."""
+    if isinstance(node, MappingNode):
+        seen: dict = {}
+        for k, v in node.value:
+            line = k.start_mark.line + 1
+            if k.tag == "tag:yaml.org,2002:merge":
+                errs.append((path, f"merge keys (<<) are not allowed (line {line})"))
+                continue
+            key = k.value if isinstance(k, ScalarNode) else "?"
+            if isinstance(k, ScalarNode):
+                try:
+                    ident = loader.construct_object(k)
+                    hash(ident)
+                except Exception:
+                    ident = (k.tag, k.value)
+                if ident in seen:
+                    errs.append((path + [key], f"duplicate key {_one_line(key)!r} at line {line} "
+                                 f"(first at line {seen[ident]}); YAML would keep only the last"))
+                else:
+                    seen[ident] = line
+            _check_nodes(loader, k, path + [key], errs)
+            _check_nodes(loader, v, path + [key], errs)
+    elif isinstance(node, SequenceNode):
+        for i, item in enumerate(node.value):
+            _check_nodes(loader, item, path + [i], errs)
+    elif isinstance(node, ScalarNode) and len(node.value) > MAX_SCALAR_CHARS:
+        errs.append((path, f"value longer than {MAX_SCALAR_CHARS} characters "
+                     f"(line {node.start_mark.line + 1})"))
+
+
+def _read_yaml(p: str) -> tuple[object, list]:
+    """(data, [(path, msg), ...] of non-fatal problems). Fatal ones raise ConfigError."""
+    try:
+        with open(p, "rb") as f:
+            data = f.read(MAX_FILE_BYTES + 1)
+    except OSError as e:
+        raise ConfigError(p, "", f"cannot read: {e.strerror or e}")
+    if len(data) > MAX_FILE_BYTES:
+        raise ConfigError(p, "", f"larger than {MAX_FILE_BYTES} bytes: not an experiment config")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(p, "", f"not UTF-8 text (byte {e.start})")
+    loader = None
+    try:
+        loader = _Loader(text)
+        node = loader.get_single_node()
+        errs: list = []
+        if node is not None:
+            _check_nodes(loader, node, [], errs)
+        try:
+            raw = loader.construct_document(node) if node is not None else None
+        except (ValueError, OverflowError, RecursionError, TypeError):
+            if errs:  # e.g. a 5000-digit integer, already named with its key path
+                _raise(p, errs)
+            raise
+    except _Refused as e:
+        key = _path(e.path) if e.path else f"line {e.mark.line + 1}"
+        raise ConfigError(p, key, f"{e.msg} (line {e.mark.line + 1})")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}" if mark else ""
+        what = str(getattr(e, "problem", None) or getattr(e, "reason", None) or e).splitlines()[0]
+        raise ConfigError(p, where, f"not valid YAML: {_one_line(what)}")
+    except (ValueError, OverflowError, RecursionError, TypeError) as e:
+        what = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise ConfigError(p, "", f"not a usable YAML value: {_one_line(what)}")
+    finally:
+        if loader is not None:
+            loader.dispose()
+    return raw, errs
+
+
+# --- loading ---------------------------------------------------------------------------------
+def _short(e) -> str:
+    inst = e.instance
+    if e.validator == "additionalProperties":
+        return _one_line(e.message.replace("Additional properties are not allowed", "unknown key"))
+    if e.validator == "type":
+        want = e.validator_value if isinstance(e.validator_value, list) else [e.validator_value]
+        if set(want) >= {"string", "array"}:
+            return (f"{_one_line(repr(inst))} is not a verdict, a list of verdicts"
+                    + (", or a mapping from a lab kernel version constraint to those" if "object" in want else ""))
+        if isinstance(inst, float) and not math.isfinite(inst):
+            return f"{inst!r} is not a finite number"
+        if isinstance(inst, float) and "integer" in want:
+            return f"{inst!r} is not an integer (write it without a decimal point)"
+    if e.validator == "pattern":
+        last = e.absolute_path[-1] if e.absolute_path else None
+        if last == "name":
+            return f"{_one_line(repr(inst))} does not match the name rule: 1-64 letters, digits, '.', '_' or '-' (no spaces, no newline)"
+        if last == "size":
+            return f"{_one_line(repr(inst))} is not a size: an integer or digits with K, M or G (64K, 1M)"
+    if e.validator == "maxLength" and isinstance(inst, str):
+        return f"{len(inst)} characters is too long (at most {e.validator_value})"
+    return _one_line(e.message)
+
+
+def _verdict_lists(spec) -> list[tuple[list, list]]:
+    """[(extra key path, [verdicts]), ...] for an expectation of any form (well-formed parts only)."""
+    if isinstance(spec, str):
+        return [([], [spec])]
+    if isinstance(spec, list):
+        return [([], [v for v in spec if isinstance(v, str)])]
+    if isinstance(spec, dict):
+        out = []
+        for k, v in spec.items():
+            out += [([k] + sub, vs) for sub, vs in _verdict_lists(v) if not isinstance(v, dict)]
+        return out
+    return []
+
+
+def _as_list(v) -> list[str]:
+    return [v] if isinstance(v, str) else list(v)
+
+
+def _constraints(spec, path: list, errs: list) -> dict:
+    """{key text: Constraint} of a version-keyed expectation; parse and overlap errors to errs."""
+    if not isinstance(spec, dict):
+        return {}
+    parsed = {}
+    for k in spec:
+        try:
+            parsed[k] = versions.parse_constraint(k)
+        except versions.VersionError as e:
+            errs.append((path + [k], f"not a lab kernel version constraint: {_one_line(e)}"))
+    keys = list(parsed)
+    for i, a in enumerate(keys):
+        for b in keys[i + 1:]:
+            where = versions.overlap(parsed[a], parsed[b])
+            if where:
+                errs.append((path, f"entries {a!r} and {b!r} overlap (both match {where}): "
+                             f"two entries may not match the same kernel"))
+    return parsed
+
+
+def _check_expect(spec, path: list, errs: list, *, what: str, mode: str | None = None,
+                  kind: str | None = None, guest_write: bool = False, inject=None) -> None:
+    for sub, vs in _verdict_lists(spec):
+        vs = [v for v in vs if v in VERDICTS]
+        p = path + sub
+        for a, b in _EVERY_OUTCOME:
+            if a in vs and b in vs:
+                errs.append((p, f"{'/'.join(vs)} lists both {a} and {b}: an expectation that "
+                             f"accepts every outcome can never fail (key it by lab kernel version)"))
+        if what == "baseline":
+            for v in ("UNSUPPORTED", "NOT_ZAPPED", "LOST_WRITE"):
+                if v in vs:
+                    errs.append((p, f"{v} cannot be the outcome of the baseline read"))
+            continue
+        if "UNSUPPORTED" in vs and kind == "vmlab":
+            errs.append((p, f"UNSUPPORTED contradicts exporter.kind vmlab, which has every move "
+                         f"mode ({mode})"))
+        if "NOT_ZAPPED" in vs and mode != "ZAP_ONLY":
+            errs.append((p, f"NOT_ZAPPED is a ZAP_ONLY verdict, not a {mode} one"))
+        if "LOST_WRITE" in vs and not guest_write:
+            errs.append((p, "LOST_WRITE needs guest_write: true (no write, nothing to lose)"))
+        if inject == "kill-vmm" and vs != ["VMM_FAULT"]:
+            errs.append((p, f"{'/'.join(vs)} contradicts inject: kill-vmm, which always ends "
+                         f"in VMM_FAULT"))
+
+
+def _resolve_at(spec, parsed: dict, point) -> tuple[str | None, list | None]:
+    """(constraint text or None, verdicts) of an expectation at a sample point, or (None, None)."""
+    if not isinstance(spec, dict):
+        return None, _as_list(spec) if isinstance(spec, (str, list)) else None
+    for k, c in parsed.items():
+        if point is not None and c.matches_key(point) and isinstance(spec.get(k), (str, list)):
+            return k, _as_list(spec[k])
+    return None, None
+
+
+def _check_vmm_chain(raw: dict, errs: list) -> None:
+    """A VMM that must be dead (baseline or a move expecting only VMM_FAULT, or inject:
+    kill-vmm) makes every later move VMM_FAULT: anything else expected there is a contradiction.
+    Checked for every region of the kernel-version line the config's keys cut out."""
+    moves = raw.get("moves") if isinstance(raw.get("moves"), list) else []
+    base = raw.get("baseline") if isinstance(raw.get("baseline"), dict) else {}
+    specs = [("baseline", base.get("expect", DEFAULT_BASELINE_EXPECT), None)]
+    specs += [(i, m.get("expect"), m.get("inject")) for i, m in enumerate(moves) if isinstance(m, dict)]
+    parsed = []
+    for _, spec, _ in specs:
+        sink: list = []
+        parsed.append(_constraints(spec, [], sink) if not sink else {})
+    allc = [c for d in parsed for c in d.values()]
+    # real boundary versions first: they make the better example in a message
+    points = sorted(versions.sample_points(allc), key=lambda k: k[5] != 0) if allc else [None]
+    reported = set()
+    for pt in points:
+        dead = None
+        for (who, spec, inject), cons in zip(specs, parsed):
+            key, vs = _resolve_at(spec, cons, pt)
+            if who != "baseline" and dead and vs is not None and vs != ["VMM_FAULT"] \
+                    and who not in reported:
+                reported.add(who)
+                at = f" on {versions.describe_point(pt)}" if allc else ""
+                errs.append((["moves", who, "expect"] + ([key] if key else []),
+                             f"expects {'/'.join(vs)}{at}, but {dead}: a dead VMM makes every "
+                             f"later move VMM_FAULT"))
+            if inject == "kill-vmm":
+                dead = dead or f"moves[{who}] kills it (inject: kill-vmm)"
+            elif vs == ["VMM_FAULT"]:
+                dead = dead or ("the baseline read expects VMM_FAULT" if who == "baseline"
+                                else f"moves[{who}] expects VMM_FAULT")
+
+
+def _capacity_errors(size: int, kind, lab_mb: int, lab_from: str, guest_mb: int, guest_from: str) -> list[str]:
+    over = []
+    if kind == "vmlab" and size > EXPORTER_MAX_BYTES:
+        over.append(f"the vmlab exporter's default max_buffer_mb ({_mib(EXPORTER_MAX_BYTES)})")
+    if size > guest_mb << 20:
+        over.append(f"the guest's RAM ({guest_mb} MiB, {guest_from})")
+    if size > (lab_mb << 20) // 2:
+        over.append(f"half the lab's RAM ({lab_mb // 2} MiB of {lab_mb} MiB, {lab_from})")
+    return [f"{_mib(size)} is more than " + ", and more than ".join(over)] if over else []
+
+
+def _get(d, *keys):
+    for k in keys:
+        if not isinstance(d, dict):
+            return None
+        d = d.get(k)
+    return d
+
+
+def _semantic_errors(raw: dict) -> list:
+    errs: list = []
+    exporter = raw.get("exporter") if isinstance(raw.get("exporter"), dict) else {}
+    kind = exporter.get("kind")
+    size_v = exporter.get("size")
+    try:
+        size = parse_size(size_v) if isinstance(size_v, (int, str)) and not isinstance(size_v, bool) else None
+    except ValueError:
+        size = None
+    if size is not None:
+        if size < 4096 or size % 4096 or size & (size - 1):
+            errs.append((["exporter", "size"], f"{size_v} must be a power of two and a multiple of "
+                         f"4096 (the ivshmem BAR is the buffer)"))
+        else:
+            lab_mb = _get(raw, "lab", "memory_mb")
+            guest_mb = _get(raw, "guest", "memory_mb")
+            lab_ok = isinstance(lab_mb, int) and not isinstance(lab_mb, bool)
+            guest_ok = isinstance(guest_mb, int) and not isinstance(guest_mb, bool)
+            for m in _capacity_errors(size, kind,
+                                      lab_mb if lab_ok else DEFAULTS["lab_memory_mb"],
+                                      "lab.memory_mb" if lab_ok else "default",
+                                      guest_mb if guest_ok else DEFAULTS["guest_memory_mb"],
+                                      "guest.memory_mb" if guest_ok else "default"):
+                errs.append((["exporter", "size"], m))
+    if kind in ("udmabuf", "dmaheap"):
+        for k in ("caching", "alloc"):
+            if k in exporter:
+                errs.append((["exporter", k], f"only exporter.kind vmlab takes {k}; {kind} "
+                             f"chooses its own pages and caching"))
+    if raw.get("gpu_roundtrip") is True:
+        gpu = _get(raw, "guest", "gpu") or DEFAULTS["guest_gpu"]
+        if gpu == "none":
+            errs.append((["gpu_roundtrip"], "needs guest.gpu blob or host-blob (the guest has "
+                         "gpu: none" + ("" if _get(raw, "guest", "gpu") else ", the default") + ")"))
+    if "moves" not in raw and "baseline" not in raw:
+        errs.append(([], "an experiment without moves checks only the baseline read: say what "
+                     "it expects (baseline: {expect: ...})"))
+    base = raw.get("baseline")
+    if isinstance(base, dict) and "expect" in base:
+        _constraints(base["expect"], ["baseline", "expect"], errs)
+        _check_expect(base["expect"], ["baseline", "expect"], errs, what="baseline")
+    moves = raw.get("moves") if isinstance(raw.get("moves"), list) else []
+    for i, m in enumerate(moves):
+        if not isinstance(m, dict):
+            continue
+        mode = m.get("mode")
+        if kind in ("udmabuf", "dmaheap") and mode in ("MIGRATE_NO_ZAP", "ZAP_ONLY"):
+            errs.append((["moves", i, "mode"], f"{mode} needs exporter.kind vmlab"))
+        if m.get("caching", "KEEP") != "KEEP" and (kind != "vmlab" or mode == "ZAP_ONLY"):
+            errs.append((["moves", i, "caching"], "a caching change needs a vmlab MIGRATE move"))
+        if "expect" in m:
+            p = ["moves", i, "expect"]
+            _constraints(m["expect"], p, errs)
+            _check_expect(m["expect"], p, errs, what="move", mode=mode, kind=kind,
+                          guest_write=m.get("guest_write") is True, inject=m.get("inject"))
+    _check_vmm_chain(raw, errs)
+    return errs
+
+
+def _under(path: list, prefixes: list) -> bool:
+    return any(path[:len(q)] == q for q in prefixes)
+
+
+def problems(raw) -> list[tuple[list, str]]:
+    """Every problem of a parsed config as (key path, message), schema errors first."""
+    if not isinstance(raw, dict):
+        return [([], "must be a mapping with version, name, exporter and moves or baseline")]
+    errs = [(list(e.absolute_path), _short(e)) for e in
+            sorted(_validator().iter_errors(raw), key=lambda e: [str(x) for x in e.absolute_path])]
+    bad = [q for q, _ in errs]
+    return errs + [(q, m) for q, m in _semantic_errors(raw) if not _under(q, bad)]
+
+
+def _raise(p: str, errs: list) -> None:
+    seen, parts = set(), []
+    for q, m in errs:
+        part = (_path(q), _one_line(m))
+        if part not in seen:
+            seen.add(part)
+            parts.append(part)
+    first_key, first_msg = parts[0]
+    raise ConfigError(p, first_key, "; ".join([first_msg] + [f"{k}: {m}" for k, m in parts[1:]]))
+
+
+def load(path: str | Path) -> "Experiment":
+    """Read and check an experiment config; ConfigError (exit 2) naming every problem."""
+    p = str(path)
+    raw, yaml_errs = _read_yaml(p)
+    errs = yaml_errs + problems(raw)
+    if errs:
+        _raise(p, errs)
+    return Experiment(p, raw)
+
+
+# --- the experiment ---------------------------------------------------------------------
 @dataclass
 class Experiment:
     path: str
@@ -45,64 +570,99 @@ class Experiment:
         return self.raw.get(key) or {}
 
     @property
+    def kind(self) -> str:
+        return self.raw["exporter"]["kind"]
+
+    @property
     def size(self) -> int:
         return parse_size(self.raw["exporter"]["size"])
 
-    def expanded_moves(self) -> list[dict]:
-        """One entry per move actually performed (``count`` expanded), numbered from 1."""
+    @property
+    def has_moves(self) -> bool:
+        return bool(self.raw.get("moves"))
+
+    @property
+    def version_keyed(self) -> bool:
+        """True when some expectation depends on the lab kernel version."""
+        specs = [m["expect"] for m in self.raw.get("moves") or []]
+        specs.append(self.section("baseline").get("expect"))
+        return any(isinstance(s, dict) for s in specs)
+
+    def _pick(self, spec, key: str, release: str | None) -> tuple[list[str], str | None]:
+        if not isinstance(spec, dict):
+            return _as_list(spec), None
+        if release is None:
+            raise ValueError(f"{self.path}: {key} is keyed by lab kernel version: "
+                             f"use expectations_for(release) / baseline_expect_for(release)")
+        try:
+            hit = versions.pick(spec, release)
+        except versions.VersionError as e:
+            raise ConfigError(self.path, key, f"cannot match lab kernel {release!r}: {e}")
+        if hit is None:
+            raise ConfigError(self.path, key, f"no entry matches lab kernel {release} "
+                              f"(keys: {', '.join(spec)}): add one for it")
+        return _as_list(hit[1]), hit[0]
+
+    def baseline_expect_for(self, release: str | None) -> list[str]:
+        """Verdicts the baseline read may give on a lab kernel with this ``uname -r``
+        (default REFAULTED). ConfigError (exit 2) when a version key matches nothing."""
+        spec = self.section("baseline").get("expect", DEFAULT_BASELINE_EXPECT)
+        return self._pick(spec, "baseline.expect", release)[0]
+
+    def expectations_for(self, release: str | None) -> list[dict]:
+        """expanded_moves() with every ``expect`` resolved for this lab kernel release."""
+        return self.expanded_moves(release)
+
+    def expanded_moves(self, release: str | None = None) -> list[dict]:
+        """One entry per move actually performed (``count`` expanded), numbered from 1:
+        {n, spec (index in moves), mode, caching, guest_write, concurrent, interval_ms,
+        inject, expect: [verdicts], expect_key: the version constraint used or None}.
+        Version-keyed expectations need ``release`` (the lab kernel's uname -r)."""
         out = []
-        for spec_i, m in enumerate(self.raw["moves"]):
+        for spec_i, m in enumerate(self.raw.get("moves") or []):
+            expect, key = self._pick(m["expect"], f"moves[{spec_i}].expect", release)
             for _ in range(m.get("count", 1)):
-                exp = m["expect"]
                 out.append({"n": len(out) + 1, "spec": spec_i, "mode": m["mode"],
                             "caching": m.get("caching", "KEEP"),
                             "guest_write": m.get("guest_write", False),
                             "concurrent": m.get("concurrent", False),
                             "interval_ms": m.get("interval_ms", 0), "inject": m.get("inject"),
-                            "expect": exp if isinstance(exp, list) else [exp]})
+                            "expect": list(expect), "expect_key": key})
         return out
 
 
-def load(path: str | Path) -> Experiment:
-    p = str(path)
-    try:
-        text = Path(p).read_text()
-    except OSError as e:
-        raise ConfigError(p, "", f"cannot read: {e.strerror}")
-    except UnicodeDecodeError as e:
-        raise ConfigError(p, "", f"not UTF-8 text (byte {e.start})")
-    try:
-        raw = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}" if mark else ""
-        what = str(getattr(e, "problem", None) or getattr(e, "reason", None) or e).splitlines()[0]
-        raise ConfigError(p, where, f"not valid YAML: {what}")
-    if not isinstance(raw, dict):
-        raise ConfigError(p, "", "must be a mapping with version, name, exporter, moves")
-    errors = sorted(jsonschema.Draft202012Validator(schema()).iter_errors(raw),
-                    key=lambda e: list(map(str, e.absolute_path)))
-    msgs = [f"{_path(e.absolute_path)}: {_short(e)}" for e in errors]
-    if not errors:
-        size = parse_size(raw["exporter"]["size"])
-        if size < 4096 or size % 4096 or size & (size - 1):
-            msgs.append(f"exporter.size: {raw['exporter']['size']} must be a power of two "
-                        f"and a multiple of 4096 (the ivshmem BAR is the buffer)")
-        kind = raw["exporter"]["kind"]
-        for i, m in enumerate(raw["moves"]):
-            if kind != "vmlab" and m["mode"] != "MIGRATE":
-                msgs.append(f"moves[{i}].mode: {m['mode']} needs exporter.kind vmlab")
-            if m.get("caching", "KEEP") != "KEEP" and (kind != "vmlab" or m["mode"] == "ZAP_ONLY"):
-                msgs.append(f"moves[{i}].caching: a caching change needs a vmlab MIGRATE move")
-    if msgs:
-        raise ConfigError(p, msgs[0].split(":")[0], "; ".join(
-            [msgs[0].split(": ", 1)[1]] + msgs[1:]))
-    return Experiment(p, raw)
+# --- merging the command line, the config and the defaults ------------------------------
+def resolve(exp: Experiment | None, args=None) -> dict:
+    """The merged settings of one command: command line (``args``, an argparse namespace;
+    None or a missing attribute means "not given") > config (``exp``, may be None) > DEFAULTS.
 
-
-def _short(e: jsonschema.ValidationError) -> str:
-    if e.validator == "additionalProperties":
-        return e.message.replace("Additional properties are not allowed", "unknown key")
-    if e.validator == "oneOf":
-        return f"{e.instance!r} is not a verdict or a list of verdicts"
-    return e.message
+    Returns a JSON-able dict with every key of DEFAULTS (accel, kernel, kernel_image,
+    guest_kernel, lab_memory_mb, lab_boot_timeout, guest_memory_mb, guest_boot_timeout,
+    guest_gpu, guest_mapping), plus the command-line-only ``lab_qemu_args`` (list) and
+    ``no_build`` (bool), and ``sources``: setting -> "cli" | "config" | "default".
+    Re-checks the exporter size against the merged lab and guest memory (ConfigError, exit 2:
+    call it before anything boots)."""
+    out, src = {}, {}
+    for name, (dest, cfg_path, _flag) in _MERGE.items():
+        cli = getattr(args, dest, None) if (args is not None and dest) else None
+        cfg = _get(exp.raw, *cfg_path) if (exp is not None and cfg_path) else None
+        if cli is not None:
+            out[name], src[name] = cli, "cli"
+        elif cfg is not None:
+            out[name], src[name] = cfg, "config"
+        else:
+            out[name], src[name] = DEFAULTS[name], "default"
+    for k in ("lab_boot_timeout", "guest_boot_timeout"):
+        out[k] = float(out[k])
+    out["lab_qemu_args"] = list(getattr(args, "lab_qemu_arg", None) or ()) if args is not None else []
+    out["no_build"] = bool(getattr(args, "no_build", False)) if args is not None else False
+    out["sources"] = src
+    if exp is not None:
+        def said(name):
+            _dest, cfg_path, flag = _MERGE[name]
+            return {"cli": flag, "config": ".".join(cfg_path or ()), "default": "default"}[src[name]]
+        msgs = _capacity_errors(exp.size, exp.kind, out["lab_memory_mb"], said("lab_memory_mb"),
+                                out["guest_memory_mb"], said("guest_memory_mb"))
+        if msgs:
+            raise ConfigError(exp.path, "exporter.size", msgs[0])
+    return out

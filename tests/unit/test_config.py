@@ -2,6 +2,7 @@
 The CLI path (`vmlab run BAD.yaml`) exits 2 before anything starts."""
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -60,16 +61,96 @@ BAD = {
 }
 
 
+RELEASES = ["6.12.57+deb13-amd64", "6.13-rc3", "6.13.0-rc3+", "7.2.12+deb14-amd64",
+            "7.3.4+deb14-amd64", "6.1.0-40-amd64"]
+
+
 @pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.name)
 def test_shipped_experiments_load(path):
     exp = config.load(path)
     assert isinstance(exp.name, str) and exp.name
     assert exp.size >= 4096 and exp.size & (exp.size - 1) == 0
-    assert exp.expanded_moves()
+    assert exp.has_moves or "baseline" in exp.raw
+    assert path.read_text().startswith("#"), "every experiment says what it is and cites its source"
+    for rel in RELEASES:
+        base = exp.baseline_expect_for(rel)
+        assert base and set(base) <= set(config.VERDICTS)
+        for m in exp.expectations_for(rel):
+            assert m["expect"] and set(m["expect"]) <= set(config.VERDICTS)
+            assert not {"REFAULTED", "VMM_FAULT"} <= set(m["expect"])
+            assert not {"REFAULTED", "STALE"} <= set(m["expect"])
+    # the settings merge works for it with no command line at all
+    o = config.resolve(exp, None)
+    assert o["guest_gpu"] == exp.section("guest").get("gpu", "none")
+
+
+@pytest.mark.parametrize("name", ["noncompound.yaml", "compound.yaml"])
+def test_high_order_expectations_by_version(name):
+    exp = config.load(ROOT / "configs" / "experiments" / name)
+    assert exp.version_keyed
+    for rel, want in [("6.12.57+deb13-amd64", "VMM_FAULT"), ("6.13-rc3", "VMM_FAULT"),
+                      ("6.13.0-rc3+", "VMM_FAULT"), ("6.13.0", "REFAULTED"),
+                      ("7.3.4+deb14-amd64", "REFAULTED")]:
+        assert exp.baseline_expect_for(rel) == [want], rel
+        mv = exp.expectations_for(rel)
+        assert [m["expect"] for m in mv] == [[want], [want]], rel
+        assert all(m["expect_key"] in ("<6.13", ">=6.13") for m in mv)
+
+
+@pytest.mark.parametrize("name,small,big", [("dmaheap.yaml", "REFAULTED", "REFAULTED"),
+                                            ("dmaheap-64k.yaml", "VMM_FAULT", "REFAULTED"),
+                                            ("dmaheap-1m.yaml", "VMM_FAULT", "REFAULTED")])
+def test_dmaheap_baseline_only(name, small, big):
+    exp = config.load(ROOT / "configs" / "experiments" / name)
+    assert not exp.has_moves and exp.expectations_for("6.12.57+deb13-amd64") == []
+    assert exp.baseline_expect_for("6.12.57+deb13-amd64") == [small]
+    assert exp.baseline_expect_for("7.3.4+deb14-amd64") == [big]
+
+
+def test_keyed_expectation_needs_a_release():
+    exp = config.load(ROOT / "configs" / "experiments" / "noncompound.yaml")
+    with pytest.raises(ValueError):
+        exp.expanded_moves()
+    # unkeyed configs need none
+    assert config.load(ROOT / "configs" / "experiments" / "default.yaml").expanded_moves()
+
+
+def test_no_entry_for_release_is_config_error(tmp_path):
+    p = tmp_path / "gap.yaml"
+    p.write_text("version: 1\nname: gap\nexporter: {kind: vmlab, size: 1M}\n"
+                 "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n"
+                 "  - {mode: MIGRATE, expect: {'>=6.13': REFAULTED}}\n")
+    exp = config.load(p)
+    assert [m["expect"] for m in exp.expectations_for("7.3.4+deb14-amd64")] == [["REFAULTED"]] * 2
+    with pytest.raises(ConfigError) as ei:
+        exp.expectations_for("6.12.57+deb13-amd64")
+    s = str(ei.value)
+    assert ei.value.exit_code == 2 and "\n" not in s
+    assert s.startswith(str(p) + ": moves[1].expect: ") and "6.12.57" in s
+    with pytest.raises(ConfigError) as ei:
+        exp.expectations_for("not-a-release")
+    assert "moves[1].expect" in str(ei.value) and "not-a-release" in str(ei.value)
+    assert exp.baseline_expect_for("6.12.57+deb13-amd64") == ["REFAULTED"]  # the default
+
+
+def test_baseline_keyed_gap(tmp_path):
+    p = tmp_path / "bgap.yaml"
+    p.write_text("version: 1\nname: b\nexporter: {kind: dmaheap, size: 1M}\n"
+                 "baseline: {expect: {'<6.13': VMM_FAULT}}\n")
+    with pytest.raises(ConfigError) as ei:
+        config.load(p).baseline_expect_for("7.3.4+deb14-amd64")
+    assert "baseline.expect" in str(ei.value) and "7.3.4" in str(ei.value)
 
 
 def test_shipped_experiments_exist():
     assert any(p.name == "default.yaml" for p in EXPERIMENTS)
+
+
+def test_default_meaning_unchanged():
+    exp = config.load(ROOT / "configs" / "experiments" / "default.yaml")
+    for rel in RELEASES:
+        assert exp.baseline_expect_for(rel) == ["REFAULTED"]
+        assert [m["expect"] for m in exp.expectations_for(rel)] == [["REFAULTED"]] * 3 + [["STALE"]]
 
 
 def test_default_expanded_moves():
@@ -190,3 +271,177 @@ def test_cli_run_non_utf8_config(tmp_path):
     assert r.returncode == 2, r.stderr[-500:]
     assert len(r.stderr.splitlines()) == 1, r.stderr[-500:]
     assert not (tmp_path / "results").exists()
+
+
+# --- the corpus of malformed configs ---------------------------------------------------------
+BAD_DIR = ROOT / "tests" / "unit" / "bad-configs"
+BAD_FILES = sorted(BAD_DIR.glob("*.yaml"))
+
+
+def _expected_key(path: Path) -> str:
+    """First line: '# KEY PATH: what is wrong' (<file>: a whole-file error, no key path)."""
+    first = path.open("rb").readline().decode("utf-8")
+    assert first.startswith("# ") and ": " in first, f"{path.name}: first line must be '# KEY: what'"
+    return first[2:].split(": ", 1)[0]
+
+
+def test_bad_corpus_size():
+    assert len(BAD_FILES) >= 40
+
+
+@pytest.mark.parametrize("path", BAD_FILES, ids=lambda p: p.stem)
+def test_bad_corpus(path):
+    key = _expected_key(path)
+    t0 = time.monotonic()
+    with pytest.raises(ConfigError) as ei:
+        config.load(path)
+    assert time.monotonic() - t0 < 5, "a bad config must be refused quickly"
+    e = ei.value
+    s = str(e)
+    assert isinstance(e, UserError) and e.exit_code == 2
+    assert "\n" not in s and "\r" not in s, f"not one line: {s!r}"
+    assert len(s) < 2000, s
+    assert s.startswith(str(path) + ": "), s
+    if key == "<file>":
+        assert not e.key, s
+    else:
+        assert key in s, s
+
+
+def test_bad_corpus_first_key_in_front():
+    """All problems at once, the first key path in the key position."""
+    with pytest.raises(ConfigError) as ei:
+        config.load(BAD_DIR / "several-errors.yaml")
+    e = ei.value
+    assert e.key == "<top level>" and "zz" in e.msg and "moves[0].count: 3.0" in e.msg
+
+
+def test_duplicate_key_errors_come_with_schema_errors(tmp_path):
+    p = tmp_path / "dup.yaml"
+    p.write_text(DEFAULT.replace("  size: 1M", "  size: 1M\n  size: 2M").replace("count: 3", "count: 3.0"))
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    s = str(ei.value)
+    assert "exporter.size: duplicate key 'size'" in s and "moves[0].count" in s
+
+
+def test_expectation_every_outcome_rule():
+    for vs in (["REFAULTED", "VMM_FAULT"], ["STALE", "REFAULTED"]):
+        errs = []
+        config._check_expect(vs, ["moves", 0, "expect"], errs, what="move", mode="MIGRATE", kind="udmabuf")
+        assert errs and "accepts every outcome" in errs[0][1]
+    errs = []
+    config._check_expect(["VMM_FAULT", "GUEST_FAULT"], ["x"], errs, what="move", mode="MIGRATE", kind="vmlab")
+    assert errs == []
+
+
+@pytest.mark.parametrize("name", ["size-float.yaml", "dup-top-key.yaml", "nesting-bomb-lists.yaml",
+                                  "billion-laughs.yaml", "kill-vmm-refaulted.yaml", "file-too-large.yaml"])
+def test_cli_run_bad_corpus(tmp_path, name):
+    r, dt = run_cli(["run", str(BAD_DIR / name)], tmp_path)
+    assert r.returncode == 2, r.stderr[-500:]
+    lines = r.stderr.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("vmlab: error: "), r.stderr[-500:]
+    assert not (tmp_path / "results").exists()
+
+
+# --- the CLI's own numbers ----------------------------------------------------------------------
+@pytest.mark.parametrize("args,flag,bound", [
+    (["run", "--lab-memory", "0"], "--lab-memory", ">= 1"),
+    (["run", "--lab-memory", "-512"], "--lab-memory", ">= 1"),
+    (["run", "--guest-memory", "0"], "--guest-memory", ">= 1"),
+    (["run", "--boot-timeout", "0"], "--boot-timeout", "> 0"),
+    (["run", "--boot-timeout", "-5"], "--boot-timeout", "> 0"),
+    (["run", "--boot-timeout", "nan"], "--boot-timeout", "> 0"),
+    (["doctor", "--guest-boot-timeout", "inf"], "--guest-boot-timeout", "> 0"),
+    (["lab", "exec", "--timeout", "0", "true"], "--timeout", "> 0"),
+    (["guest", "exec", "--timeout", "-1", "true"], "--timeout", "> 0"),
+    (["bench", "--repeat", "0"], "--repeat", ">= 1"),
+])
+def test_cli_rejects_non_positive(args, flag, bound, capsys):
+    from vmlab import cli
+    with pytest.raises(SystemExit) as ei:
+        cli.parser().parse_args(args)
+    assert ei.value.code == 2
+    err = capsys.readouterr().err
+    assert f"argument {flag}" in err and bound in err, err
+
+
+def test_cli_defaults_are_none():
+    from vmlab import cli
+    a = cli.parser().parse_args(["run"])
+    for dest in ("accel", "kernel", "guest_kernel", "kernel_image", "lab_memory", "boot_timeout",
+                 "guest_memory", "guest_boot_timeout"):
+        assert getattr(a, dest) is None, dest
+
+
+def test_help_documents_merge_rule(capsys):
+    from vmlab import cli
+    with pytest.raises(SystemExit):
+        cli.parser().parse_args(["run", "--help"])
+    out = " ".join(capsys.readouterr().out.split())
+    assert "taken from the command line if given, else from the config, else from the built-in default" in out
+
+
+# --- merging: command line > config > default ----------------------------------------------------
+def _exp(tmp_path, text):
+    p = tmp_path / "e.yaml"
+    p.write_text(text)
+    return config.load(p)
+
+
+def test_resolve_defaults_without_config():
+    from vmlab import cli
+    o = config.resolve(None, cli.parser().parse_args(["doctor"]))
+    assert {k: o[k] for k in config.DEFAULTS} == config.DEFAULTS
+    assert o["guest_gpu"] == "none" and o["guest_kernel"] == "trixie"
+    assert o["lab_memory_mb"] == 3072 and o["lab_boot_timeout"] == 300
+    assert o["guest_memory_mb"] == 512 and o["guest_boot_timeout"] == 240
+    assert o["no_build"] is False and o["lab_qemu_args"] == []
+    assert set(o["sources"].values()) == {"default"}
+    json.dumps(o)  # kept in results.json
+    assert config.resolve(None, None)["lab_memory_mb"] == 3072
+
+
+def test_resolve_config_over_default(tmp_path):
+    from vmlab import cli
+    exp = _exp(tmp_path, "version: 1\nname: m\nlab: {kernel: trixie-backports, accel: tcg, memory_mb: 4096, "
+               "boot_timeout: 100}\nguest: {kernel: bookworm-backports, memory_mb: 1024, boot_timeout: 60, "
+               "gpu: blob, mapping: wc}\nexporter: {kind: vmlab, size: 1M}\n"
+               "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
+    o = config.resolve(exp, cli.parser().parse_args(["run"]))
+    assert (o["kernel"], o["accel"], o["lab_memory_mb"], o["lab_boot_timeout"]) == ("trixie-backports", "tcg", 4096, 100.0)
+    assert (o["guest_kernel"], o["guest_memory_mb"], o["guest_boot_timeout"], o["guest_gpu"], o["guest_mapping"]) == \
+        ("bookworm-backports", 1024, 60.0, "blob", "wc")
+    assert o["sources"]["lab_memory_mb"] == "config" and o["sources"]["kernel_image"] == "default"
+
+
+def test_resolve_cli_over_config(tmp_path):
+    """The same rule for every option: memory and boot timeout too (argparse defaults once won)."""
+    from vmlab import cli
+    exp = _exp(tmp_path, "version: 1\nname: m\nlab: {kernel: trixie-backports, accel: tcg, memory_mb: 4096, "
+               "boot_timeout: 100}\nguest: {kernel: bookworm-backports, memory_mb: 1024, boot_timeout: 60}\n"
+               "exporter: {kind: vmlab, size: 1M}\nmoves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
+    a = cli.parser().parse_args(["run", "--kernel", "trixie", "--accel", "kvm", "--lab-memory", "2048",
+                                 "--boot-timeout", "50", "--guest-kernel", "trixie", "--guest-memory", "768",
+                                 "--guest-boot-timeout", "30", "--kernel-image", "/k", "--lab-qemu-arg=-S",
+                                 "--no-build"])
+    o = config.resolve(exp, a)
+    assert (o["kernel"], o["accel"], o["lab_memory_mb"], o["lab_boot_timeout"]) == ("trixie", "kvm", 2048, 50.0)
+    assert (o["guest_kernel"], o["guest_memory_mb"], o["guest_boot_timeout"]) == ("trixie", 768, 30.0)
+    assert o["kernel_image"] == "/k" and o["lab_qemu_args"] == ["-S"] and o["no_build"] is True
+    assert all(o["sources"][k] == "cli" for k in ("kernel", "accel", "lab_memory_mb", "lab_boot_timeout",
+                                                  "guest_kernel", "guest_memory_mb", "guest_boot_timeout"))
+
+
+def test_resolve_rechecks_size_against_cli_memory(tmp_path):
+    from vmlab import cli
+    exp = _exp(tmp_path, "version: 1\nname: m\nguest: {memory_mb: 2048}\n"
+               "exporter: {kind: vmlab, size: 256M}\nmoves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
+    config.resolve(exp, cli.parser().parse_args(["run"]))
+    for argv, words in ((["run", "--lab-memory", "400"], "--lab-memory"),
+                        (["run", "--guest-memory", "128"], "--guest-memory")):
+        with pytest.raises(ConfigError) as ei:
+            config.resolve(exp, cli.parser().parse_args(argv))
+        s = str(ei.value)
+        assert "exporter.size" in s and words in s and "\n" not in s and ei.value.exit_code == 2
