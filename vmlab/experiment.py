@@ -19,12 +19,12 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
 from . import oracle
-from .errors import RemoteError, WaitTimeout
+from .errors import RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
-from .lab import LabOptions
 from .paths import repo_root
-from .stack import Stack
+from .ssh import ChannelReader
+from .stack import Stack, lab_options
 
 log = logging.getLogger("vmlab.experiment")
 DEFAULT_CONFIG = repo_root() / "configs" / "experiments" / "default.yaml"
@@ -38,14 +38,32 @@ class VMMDied(Exception):
 
 
 def results_dir(exp: cfgmod.Experiment, out: str | None) -> Path:
+    """The run's own results directory, created here and by nobody else.
+
+    ``--out`` must not exist or be an empty directory: vmlab never writes into (or
+    changes the mode of, or deletes from) a directory that holds the user's files. The
+    default is results/<UTC>-<name>[-N]/, made with an exclusive mkdir so two runs started
+    in the same second get two directories."""
     if out:
         d = Path(out)
-    else:
-        ts = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-        d = Path.cwd() / "results" / f"{ts}-{exp.name}"
-    d.mkdir(parents=True, exist_ok=True)
-    os.chmod(d, 0o700)
-    return d
+        if d.exists() and not d.is_dir():
+            raise UserError(f"--out {out}: exists and is not a directory")
+        if d.is_dir() and any(d.iterdir()):
+            raise UserError(f"--out {out}: directory is not empty; vmlab writes results "
+                            f"only into a new or empty directory")
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+    ts = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    parent = Path.cwd() / "results"
+    parent.mkdir(parents=True, exist_ok=True)
+    for n in range(1000):
+        d = parent / (f"{ts}-{exp.name}" + (f"-{n}" if n else ""))
+        try:
+            d.mkdir()
+            return d
+        except FileExistsError:
+            continue
+    raise UserError(f"cannot make a new results directory under {parent}")
 
 
 def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
@@ -60,16 +78,21 @@ def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
 
 
 class Run:
-    def __init__(self, exp: cfgmod.Experiment, args, outdir: Path, progress):
-        self.exp, self.args, self.out, self.progress = exp, args, outdir, progress
+    def __init__(self, exp: cfgmod.Experiment, opts: dict, outdir: Path, progress):
+        self.exp, self.out, self.progress = exp, outdir, progress
         self.result: dict = {"experiment": exp.name, "config": exp.raw, "status": "running",
                              "started": datetime.now(timezone.utc).isoformat(), "moves": [],
                              "passed": False}
+        self.opts = opts
+        self.result["options"] = opts
         self.stack: Stack | None = None
         self.agent: HostAgent | None = None
         self.buf: dict = {}
         self.watch: Watch | None = None
-        self.mapping = exp.section("guest").get("mapping", "uc")
+        self.moves_plan: list[dict] = []
+        self.baseline_expect: list[str] = ["REFAULTED"]
+        self.health_start: dict = {}
+        self.mapping = opts["guest_mapping"]
 
     # --- helpers ------------------------------------------------------------------------
     def save(self) -> None:
@@ -96,25 +119,13 @@ class Run:
         """Run in the guest while watching its VMM: a vCPU stopped by KVM_RUN failing
         would otherwise look like a slow guest until the timeout."""
         chan = self.stack.guest.session.open_exec(command)
-        out, err = bytearray(), bytearray()
-        deadline = time.monotonic() + timeout
-        next_check = time.monotonic() + 3
         try:
-            while True:
-                while chan.recv_ready():
-                    out += chan.recv(1 << 20)
-                while chan.recv_stderr_ready():
-                    err += chan.recv_stderr(65536)
-                if chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                    return chan.recv_exit_status(), out.decode(errors="replace"), err.decode(errors="replace")
-                if time.monotonic() > next_check:
-                    self.check_vmm()
-                    next_check = time.monotonic() + 3
-                if time.monotonic() > deadline:
-                    raise WaitTimeout(f"guest: {command[:60]}", timeout)
-                time.sleep(0.01)
+            chan.shutdown_write()
+            rd = ChannelReader(chan, f"guest: {command[:60]}")
+            rd.read_until_exit(time.monotonic() + timeout, on_tick=self.check_vmm)
         finally:
             chan.close()
+        return rd.rc, rd.out.decode(errors="replace"), rd.err.decode(errors="replace")
 
     def check_vmm(self) -> None:
         g = self.stack.guest
@@ -139,32 +150,31 @@ class Run:
 
     # --- phases ----------------------------------------------------------------------------
     def run(self) -> int:
-        lab_cfg, guest_cfg, exp_cfg = (self.exp.section(k) for k in ("lab", "guest", "exporter"))
-        a = self.args
-        lab_opts = LabOptions(accel=a.accel or lab_cfg.get("accel", "auto"),
-                              kernel=a.kernel or lab_cfg.get("kernel", "trixie"),
-                              kernel_image=a.kernel_image,
-                              memory_mb=lab_cfg.get("memory_mb", a.lab_memory),
-                              boot_timeout=lab_cfg.get("boot_timeout", a.boot_timeout),
-                              extra_qemu_args=tuple(a.lab_qemu_arg or ()))
-        a.kernel = lab_opts.kernel
+        exp_cfg = self.exp.section("exporter")
+        o = self.opts
         size = self.exp.size
-        gopts = GuestOptions(memory_mb=guest_cfg.get("memory_mb", 512),
-                             gpu=guest_cfg.get("gpu", "blob"),
-                             boot_timeout=guest_cfg.get("boot_timeout", 240),
+        gopts = GuestOptions(memory_mb=o["guest_memory_mb"], gpu=o["guest_gpu"],
+                             boot_timeout=o["guest_boot_timeout"],
                              extra_qemu_args=["-chardev", f"socket,path={IVSHMEM_SOCK},id=ivs0",
                                               "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"])
-        self.stack = Stack(a, self.out, self.progress, gopts, lab_opts)
+        self.stack = Stack(self.out, self.progress, lab_options(o), gopts,
+                           guest_kernel=o["guest_kernel"], build=not o["no_build"])
         try:
             lab = self.stack.up_lab()
-            self.result["lab"] = {"kernel": lab.kernel_release(), "accel": lab.accel,
+            release = lab.kernel_release()
+            self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds}
+            # which expectation applies is decided by the kernel that really booted
+            self.moves_plan = self.exp.expectations_for(release)
+            self.baseline_expect = self.exp.baseline_expect_for(release)
+            self.health_start["lab"] = self.kernel_state(lab)
             self.save()
             self.agent = HostAgent(lab, self.out / "hostagent.log")
             self.result["lab"]["agent"] = self.agent.request("hello")
-            self.buf = self.agent.request("create", kind=exp_cfg["kind"], size=size,
-                                          caching=exp_cfg.get("caching", "WB"),
-                                          alloc=exp_cfg.get("alloc", "ORDER0"))
+            create = {"kind": exp_cfg["kind"], "size": size}
+            if exp_cfg["kind"] == "vmlab":
+                create.update(caching=exp_cfg.get("caching", "WB"), alloc=exp_cfg.get("alloc", "ORDER0"))
+            self.buf = self.agent.request("create", **create)
             self.progress(f"{exp_cfg['kind']} buffer {self.buf['id']:#x} ({size} bytes) created; "
                           f"exported over ivshmem")
             self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=IVSHMEM_SOCK)
@@ -172,6 +182,7 @@ class Run:
             self.result["guest"] = {"kernel": guest.run("uname -r", timeout=30)[1].strip(),
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
+            self.health_start["guest"] = self.kernel_state(guest)
             self.result["caching_chain"] = self.caching_chain()
             self.save()
             if self.exp.raw.get("gpu_roundtrip"):
@@ -181,14 +192,58 @@ class Run:
             except VMMDied as e:
                 self.progress(f"VMM fault during the baseline read: {e}")
                 self.result["vmm_fault"] = str(e)
-                self.result["baseline"] = {"verdict": "VMM_FAULT", "detail": str(e)}
+                self.result["baseline"] = {"verdict": "VMM_FAULT", "detail": str(e),
+                                           "expected": self.baseline_expect,
+                                           "passed": "VMM_FAULT" in self.baseline_expect}
             self.moves()
         except VMMDied as e:
+            # the VMM died before the baseline read finished (e.g. in the caching chain's
+            # first touch of the BAR): that is the baseline's verdict, and no move runs
             self.progress(f"VMM fault: {e}")
             self.result["vmm_fault"] = str(e)
+            if "baseline" not in self.result:
+                self.result["baseline"] = {"verdict": "VMM_FAULT", "detail": str(e),
+                                           "expected": self.baseline_expect,
+                                           "passed": "VMM_FAULT" in self.baseline_expect}
+                self.moves()
         finally:
             self.finish()
         return 0 if self.result["passed"] else 1
+
+    @staticmethod
+    def kernel_state(vm) -> dict:
+        """dmesg and the taint mask now, to tell later what the run itself provoked."""
+        _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
+        first, _, rest = out.partition("\n")
+        try:
+            taint = int(first.strip())
+        except ValueError:
+            taint = 0
+        return {"taint": taint, "dmesg": rest}
+
+    def check_health(self) -> None:
+        """WARN/BUG/Oops or a new taint flag in either kernel fails the run unless the
+        experiment says it expects them (``expect_kernel_warnings: true``)."""
+        health = {}
+        for name, vm in (("lab", self.stack.lab if self.stack else None),
+                         ("guest", self.stack.guest if self.stack else None)):
+            start = self.health_start.get(name)
+            if start is None or vm is None or getattr(vm, "session", None) is None:
+                continue
+            try:
+                now = self.kernel_state(vm)
+            except Exception as e:  # a dead VM cannot answer; its console log is kept
+                health[name] = {"ok": None, "error": f"{type(e).__name__}: {e}"}
+                continue
+            health[name] = oracle.kernel_health(start["dmesg"], now["dmesg"], start["taint"], now["taint"])
+        self.result["kernel_health"] = health
+        bad = {k: v for k, v in health.items() if v.get("ok") is False}
+        if bad and not self.exp.raw.get("expect_kernel_warnings"):
+            self.result["kernel_health_failed"] = sorted(bad)
+            for k, v in bad.items():
+                self.progress(f"{k} kernel complained during the run: new taint '{v['new_taint']}', "
+                              f"{v['bad_line_count']} WARN/BUG lines, first: "
+                              f"{(v['bad_lines'] or [''])[0][:160]}")
 
     def gpu_roundtrip(self, mode: str) -> None:
         from . import doctor, gpu_roundtrip
@@ -242,7 +297,8 @@ class Run:
         r = self.guest_agent(f"read --caching {self.mapping}", timeout=300)
         if "guest_fault" in r:
             return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
-        j = oracle.judge(r["records"], buffer_id=self.buf["id"], generation=generation, expect_tag=expect_tag)
+        j = oracle.judge(r["records"], buffer_id=self.buf["id"], generation=generation,
+                         npages=self.exp.size // 4096, expect_tag=expect_tag)
         j["read_ns"] = r.get("read_ns")
         j["guest_memtype"] = r.get("memtype")
         return j
@@ -250,21 +306,32 @@ class Run:
     def baseline(self) -> None:
         self.check_vmm()
         j = self.read_and_judge(1, None)
+        j["expected"] = self.baseline_expect
+        j["passed"] = j["verdict"] in self.baseline_expect
         self.result["baseline"] = j
-        ok = j["verdict"] == "REFAULTED"
-        self.progress(f"baseline read: {j['pages']} -> {'ok' if ok else j['verdict']}")
-        if not ok:
-            raise RemoteError(f"baseline read is not the buffer the exporter made: {j}")
+        self.progress(f"baseline read: {j['pages']} -> {j['verdict']} "
+                      f"(expected {'/'.join(self.baseline_expect)})")
+
+    def exporter_info(self) -> dict | None:
+        if self.exp.section("exporter")["kind"] != "vmlab":
+            return None
+        return self.agent.request("info", buf=self.buf["buf"])
 
     def moves(self) -> None:
         generation = 1
-        for mv in self.exp.expanded_moves():
+        npages = self.exp.size // 4096
+        base = self.result.get("baseline", {}).get("verdict")
+        for mv in self.moves_plan:
             rec = {"n": mv["n"], "mode": mv["mode"], "expected": mv["expect"], "caching": mv["caching"]}
             self.result["moves"].append(rec)
             tag = None
             if self.result.get("vmm_fault"):
-                rec.update(verdict="VMM_FAULT", pages={}, detail="not run: the VMM died earlier",
-                           passed="VMM_FAULT" in mv["expect"])
+                rec.update(verdict="VMM_FAULT", pages={}, detail="not run: the VMM died earlier")
+                rec["passed"] = "VMM_FAULT" in mv["expect"]
+                continue
+            if base != "REFAULTED":
+                rec.update(verdict=None, pages={}, detail=f"not run: the baseline read was {base}",
+                           passed=False)
                 continue
             try:
                 if mv["guest_write"]:
@@ -276,6 +343,7 @@ class Run:
                 if mv["inject"] == "kill-vmm":
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
+                before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
                 t_sent = time.monotonic()
                 try:
                     mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
@@ -284,6 +352,9 @@ class Run:
                     if e.errname in ("EOPNOTSUPP", "ENOTSUP"):
                         rec.update(verdict="UNSUPPORTED", pages={}, detail=str(e))
                         continue
+                    if e.errname == "ENOSPC":
+                        raise RemoteError(f"move {mv['n']}: the exporter's quarantine is full "
+                                          f"(max_quarantine_mb): {e}")
                     raise
                 generation = mres["generation"]
                 rec["generation"] = generation
@@ -296,22 +367,40 @@ class Run:
                 j = self.read_and_judge(generation, tag)
                 rec.update(j)
                 rec["seconds"] = round(time.monotonic() - t_sent, 4)  # move + full verified read
-                if self.exp.section("exporter")["kind"] == "vmlab":
-                    rec["exporter_info"] = self.agent.request("info", buf=self.buf["buf"])
+                info = self.exporter_info()
+                if info is not None:
+                    rec["exporter_info"] = info
+                if before is not None and info is not None and rec["verdict"] == "REFAULTED":
+                    ev = oracle.zap_evidence(before, info, npages)
+                    rec["zap_evidence"] = ev
+                    if not ev["ok"]:
+                        rec.update(verdict="NOT_ZAPPED", detail=ev["detail"])
+                if self.watch is not None:
+                    ws = oracle.watch_stale(self.watch.events_between(t_sent, time.monotonic()),
+                                            generation=generation)
+                    rec.setdefault("watch", {}).update(ws)
+                    if ws["stale_observations"]:
+                        rec["verdict"] = oracle.worst([rec["verdict"], "STALE"])
+                        rec["detail"] = ws["detail"]
+                if rec["verdict"] == "REFAULTED" and info is not None and generation > 1:
+                    # every page was read at the new generation: no guest mapping of the
+                    # older pages is left, so their quarantine may end
+                    rec["released_pages"] = self.agent.request(
+                        "release_quarantine", buf=self.buf["buf"],
+                        max_generation=generation - 1)["freed_pages"]
             except VMMDied as e:
                 rec.update(verdict="VMM_FAULT", pages={}, detail=str(e))
                 self.result["vmm_fault"] = str(e)
             finally:
                 rec["passed"] = rec.get("verdict") in mv["expect"]
-                self.progress(f"move {mv['n']:3} {mv['mode']:15} -> {rec.get('verdict', '?'):12} "
+                self.progress(f"move {mv['n']:3} {mv['mode']:15} -> {rec.get('verdict') or '?':12} "
                               f"expected {'/'.join(mv['expect'])} {rec.get('pages', '')}")
                 self.save()
 
     def finish(self) -> None:
         moves = self.result["moves"]
-        base = self.result.get("baseline", {}).get("verdict")
-        self.result["passed"] = bool(moves) and all(m.get("passed") for m in moves) and (
-            base == "REFAULTED" or (base == "VMM_FAULT" and all("VMM_FAULT" in m["expected"] for m in moves)))
+        base = self.result.get("baseline", {})
+        self.result["passed"] = bool(base.get("passed")) and all(m.get("passed") for m in moves)
         if self.exp.raw.get("gpu_roundtrip"):
             self.result["passed"] = self.result["passed"] and bool(self.result.get("virtio_gpu", {}).get("passed"))
         self.result["status"] = "finished"
@@ -331,6 +420,12 @@ class Run:
                     self.result["final_exporter_info"] = self.agent.request("info", buf=self.buf["buf"])
                 except Exception as e:
                     self.result["final_exporter_info"] = {"error": str(e)}
+            try:
+                self.check_health()
+            except Exception as e:
+                log.warning("kernel health check: %s", e)
+            if self.result.get("kernel_health_failed"):
+                self.result["passed"] = False
         finally:
             try:
                 if self.stack is not None:
@@ -343,9 +438,6 @@ class Run:
             finally:
                 self.save()
                 write_junit(self.out / "junit.xml", self.result)
-                # per-run secrets and the share are worthless once the VMs are gone
-                (self.out / "id_ed25519").unlink(missing_ok=True)
-                shutil.rmtree(self.out / "share", ignore_errors=True)
 
 
 class Watch:
@@ -354,41 +446,41 @@ class Watch:
     def __init__(self, guest, mapping: str):
         self.chan = guest.session.open_exec(
             f"{AGENT} watch --duration 3600 --interval-us 100 --caching {mapping}")
-        self.buf = b""
+        self.buf = bytearray()
         self.events: list[dict] = []
-        self.seen_gen = 0
+        self.reader = ChannelReader(self.chan, "guest watcher", on_out=self._feed)
         self._pump(0.5)
 
+    def _feed(self, data: bytes) -> None:
+        self.buf += data
+        while b"\n" in self.buf:
+            i = self.buf.index(b"\n")
+            line = bytes(self.buf[:i])
+            del self.buf[:i + 1]
+            try:
+                ev = json.loads(line)
+            except ValueError:
+                continue
+            ev["rx"] = time.monotonic()
+            self.events.append(ev)
+
     def _pump(self, seconds: float) -> None:
-        end = time.monotonic() + seconds
-        while True:
-            while self.chan.recv_ready():
-                self.buf += self.chan.recv(65536)
-            while b"\n" in self.buf:
-                line, self.buf = self.buf.split(b"\n", 1)
-                try:
-                    ev = json.loads(line)
-                except ValueError:
-                    continue
-                ev["rx"] = time.monotonic()
-                self.events.append(ev)
-                if "generation" in ev and ev.get("status") == "ok":
-                    self.seen_gen = max(self.seen_gen, ev["generation"])
-            if time.monotonic() >= end or self.chan.exit_status_ready():
-                return
-            time.sleep(0.002)
+        self.reader.pump(time.monotonic() + seconds, soft=True)
 
     def wait_generation(self, gen: int, t_sent: float, timeout: float) -> dict:
         end = time.monotonic() + timeout
-        while time.monotonic() < end:
+        while True:
             hit = next((e for e in self.events if e.get("generation") == gen and e.get("status") == "ok"
                         and e["rx"] >= t_sent), None)
             if hit:
                 return {"seen": True, "latency_s": round(hit["rx"] - t_sent, 6)}
-            if self.chan.exit_status_ready():
-                break
+            if self.chan.exit_status_ready() or time.monotonic() >= end:
+                return {"seen": False, "latency_s": None}
             self._pump(0.05)
-        return {"seen": False, "latency_s": None}
+
+    def events_between(self, t0: float, t1: float) -> list[dict]:
+        self._pump(0.05)
+        return [e for e in self.events if t0 <= e["rx"] <= t1]
 
     def close(self) -> dict:
         try:
@@ -397,21 +489,31 @@ class Watch:
             pass
         changes = [e for e in self.events if "generation" in e]
         return {"events": len(changes), "stale_observations":
-                sum(1 for e in changes if e.get("state") == 2)}
+                oracle.watch_stale(changes, generation=0)["stale_observations"]}
 
 
 def write_junit(path: Path, res: dict) -> None:
-    cases = []
-    for m in res["moves"]:
-        name = f"move{m['n']:03d}-{m['mode']}"
+    cases, fails = [], 0
+    cls = quoteattr("vmlab." + res["experiment"])
+    checks = []
+    if "baseline" in res:
+        checks.append(("baseline", res["baseline"]))
+    checks += [(f"move{m['n']:03d}-{m['mode']}", m) for m in res["moves"]]
+    for name, m in checks:
         body = ""
         if not m.get("passed"):
-            msg = f"verdict {m.get('verdict')} expected {'/'.join(m['expected'])}"
+            fails += 1
+            msg = f"verdict {m.get('verdict')} expected {'/'.join(m.get('expected') or [])}"
             body = f"<failure message={quoteattr(msg)}>{escape(json.dumps(m, default=str)[:4000])}</failure>"
-        cases.append(f'  <testcase classname={quoteattr("vmlab." + res["experiment"])} name={quoteattr(name)}>{body}</testcase>')
-    fails = sum(1 for m in res["moves"] if not m.get("passed"))
-    path.write_text(f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name={quoteattr("vmlab." + res["experiment"])} '
-                    f'tests="{len(res["moves"])}" failures="{fails}">\n' + "\n".join(cases) + "\n</testsuite>\n")
+        cases.append(f'  <testcase classname={cls} name={quoteattr(name)}>{body}</testcase>')
+    if res.get("kernel_health_failed"):
+        fails += 1
+        msg = "kernel warnings or new taint during the run: " + ", ".join(res["kernel_health_failed"])
+        detail = json.dumps(res.get("kernel_health"), default=str)[:4000]
+        cases.append(f'  <testcase classname={cls} name="kernel-health"><failure message={quoteattr(msg)}>'
+                     f'{escape(detail)}</failure></testcase>')
+    path.write_text(f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name={cls} '
+                    f'tests="{len(cases)}" failures="{fails}">\n' + "\n".join(cases) + "\n</testsuite>\n")
 
 
 def table(res: dict) -> str:
@@ -425,10 +527,13 @@ def table(res: dict) -> str:
 def main(args, progress) -> int:
     path = args.config or str(DEFAULT_CONFIG)
     exp = cfgmod.load(path)  # ConfigError -> exit 2 before anything starts
+    opts = cfgmod.resolve(exp, args)
     out = results_dir(exp, args.out)
     passthrough = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
-                   for flag in ("accel", "kernel", "guest_kernel", "kernel_image")
-                   if getattr(args, flag, None)]
+                   for flag in ("accel", "kernel", "guest_kernel", "kernel_image", "lab_memory",
+                                "boot_timeout", "guest_memory", "guest_boot_timeout")
+                   if getattr(args, flag, None) is not None]
+    passthrough += [f"--lab-qemu-arg={v}" for v in (getattr(args, "lab_qemu_arg", None) or ())]
     write_reproducer(out, exp, passthrough)
     fh = logging.FileHandler(out / "vmlab.log")
     fh.setLevel(logging.DEBUG)
@@ -440,7 +545,7 @@ def main(args, progress) -> int:
         if h is not fh and not args.verbose:
             h.setLevel(logging.WARNING)
     progress(f"experiment {exp.name}: results in {out}")
-    r = Run(exp, args, out, progress)
+    r = Run(exp, opts, out, progress)
     r.save()
     try:
         rc = r.run()

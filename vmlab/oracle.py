@@ -4,7 +4,13 @@ Per page: REFAULTED (current generation, LIVE, ours), STALE (older generation or
 TORN (bad magic/checksum/pattern, wrong buffer or page index, or a generation from the
 future), LOST_WRITE (current page but the tag the guest wrote before the move is gone).
 Per move the worst page decides, in this order: VMM_FAULT and GUEST_FAULT (from the run,
-not from pages) > TORN > LOST_WRITE > STALE > REFAULTED.
+not from pages) > TORN > NOT_ZAPPED > LOST_WRITE > STALE > REFAULTED.
+
+A read that does not cover the buffer exactly (a page missing, a page twice, a record
+outside the buffer) is TORN: a verdict over part of the buffer would let stale pages pass
+unseen. Evidence from outside the full read can only make a move worse, never better:
+the watcher's stale observations (``watch_stale``) and the exporter's counters around a
+ZAP_ONLY (``zap_evidence``).
 """
 from __future__ import annotations
 
@@ -12,8 +18,9 @@ from collections import Counter
 
 from . import stamp
 
-VERDICTS = ("REFAULTED", "STALE", "TORN", "LOST_WRITE", "VMM_FAULT", "GUEST_FAULT")
-_RANK = {"REFAULTED": 0, "STALE": 1, "LOST_WRITE": 2, "TORN": 3, "GUEST_FAULT": 4, "VMM_FAULT": 5}
+VERDICTS = ("REFAULTED", "STALE", "TORN", "LOST_WRITE", "NOT_ZAPPED", "VMM_FAULT", "GUEST_FAULT")
+_RANK = {"REFAULTED": 0, "STALE": 1, "LOST_WRITE": 2, "NOT_ZAPPED": 3, "TORN": 4,
+         "GUEST_FAULT": 5, "VMM_FAULT": 6}
 
 
 def page_verdict(rec: list, *, buffer_id: int, generation: int, expect_tag: int | None = None) -> str:
@@ -29,18 +36,102 @@ def page_verdict(rec: list, *, buffer_id: int, generation: int, expect_tag: int 
     return "REFAULTED"
 
 
-def judge(records: list, *, buffer_id: int, generation: int, expect_tag: int | None = None) -> dict:
-    counts = Counter(page_verdict(r, buffer_id=buffer_id, generation=generation, expect_tag=expect_tag)
-                     for r in records)
-    verdict = max(counts, key=_RANK.__getitem__) if counts else "TORN"
+def coverage_error(records: list, npages: int) -> str | None:
+    """None when ``records`` hold each page 0..npages-1 exactly once, else what is wrong."""
+    if len(records) != npages:
+        return f"{len(records)} page records for a {npages}-page buffer"
+    seen = Counter(r[0] for r in records)
+    dup = sorted(i for i, n in seen.items() if n > 1)
+    out = sorted(i for i in seen if not (isinstance(i, int) and 0 <= i < npages))
+    if dup or out:
+        return f"pages read twice: {dup[:8]}; outside the buffer: {out[:8]}"
+    return None
+
+
+def judge(records: list, *, buffer_id: int, generation: int, npages: int,
+          expect_tag: int | None = None) -> dict:
+    verdicts = [page_verdict(r, buffer_id=buffer_id, generation=generation, expect_tag=expect_tag)
+                for r in records]
+    counts = Counter(verdicts)
     examples = {}
-    for r in records:
-        v = page_verdict(r, buffer_id=buffer_id, generation=generation, expect_tag=expect_tag)
+    for r, v in zip(records, verdicts):
         if v != "REFAULTED" and v not in examples:
             examples[v] = {"page": r[0], "status": r[1], "buffer_id": r[2], "generation": r[3],
                            "page_index": r[4], "state": stamp.STATE_NAMES.get(r[5], r[5]), "tag": r[6]}
-    return {"verdict": verdict, "pages": dict(counts), "examples": examples}
+    out = {"pages": dict(counts), "examples": examples}
+    cov = coverage_error(records, npages)
+    if cov:
+        out.update(verdict="TORN", coverage_error=cov)
+    else:
+        out["verdict"] = max(counts, key=_RANK.__getitem__)
+    return out
 
 
 def worst(verdicts: list[str]) -> str:
     return max(verdicts, key=_RANK.__getitem__)
+
+
+def watch_stale(events: list[dict], *, generation: int) -> dict:
+    """Stale observations among the watcher's lines received during one move window.
+
+    Certain evidence only: a page seen RETIRED (the exporter stamps RETIRED after its zap,
+    so a reader that sees it went through a mapping the zap should have removed), or a
+    page whose generation went back after the watcher had seen a newer one. A line that
+    shows the previous generation LIVE is not stale: it may have been read before the zap.
+    """
+    retired, regressed, newest = [], [], {}
+    for ev in events:
+        if ev.get("status") != "ok" or "generation" not in ev:
+            continue
+        page, gen = ev.get("page"), ev["generation"]
+        if ev.get("state") == stamp.RETIRED:
+            retired.append(ev)
+        elif gen < newest.get(page, 0):
+            regressed.append(ev)
+        newest[page] = max(newest.get(page, 0), gen)
+    n = len(retired) + len(regressed)
+    res = {"stale_observations": n, "retired_seen": len(retired), "generation_regressions": len(regressed)}
+    if n:
+        ex = (retired or regressed)[0]
+        res["example"] = {k: ex.get(k) for k in ("page", "generation", "state", "t_ns")}
+        res["detail"] = (f"the guest watcher saw page {ex.get('page')} at generation "
+                         f"{ex.get('generation')} state {stamp.STATE_NAMES.get(ex.get('state'), ex.get('state'))} "
+                         f"during the move to generation {generation}")
+    return res
+
+
+def zap_evidence(before: dict, after: dict, npages: int) -> dict:
+    """A ZAP_ONLY keeps pages and generation, so stamps alone call it REFAULTED whatever
+    happened. It counts only if the exporter zapped (zaps +1) and every page was faulted
+    in again afterwards (refaulted_pages == npages): otherwise NOT_ZAPPED."""
+    zaps = after.get("zaps", 0) - before.get("zaps", 0)
+    faults = after.get("faults", 0) - before.get("faults", 0)
+    refaulted = after.get("refaulted_pages")
+    ok = zaps >= 1 and refaulted == npages and faults >= npages
+    res = {"zaps": zaps, "faults": faults, "refaulted_pages": refaulted, "npages": npages, "ok": ok}
+    if not ok:
+        res["detail"] = (f"zap changed nothing: zaps +{zaps}, faults +{faults}, "
+                         f"{refaulted}/{npages} pages faulted in again after the zap")
+    return res
+
+
+BAD_KERNEL_WORDS = ("WARNING:", "BUG:", "Oops", "general protection fault", "kernel BUG",
+                    "KASAN", "UBSAN", "Call Trace", "list_del corruption", "refcount_t:")
+
+TAINT_FLAGS = "PFSRMBUDAWCIOELKXTN"  # bit i -> letter, as in kernel/panic.c taint_flags
+
+
+def taint_letters(mask: int) -> str:
+    return "".join(ch for i, ch in enumerate(TAINT_FLAGS) if mask >> i & 1)
+
+
+def kernel_health(dmesg_before: str, dmesg_after: str, taint_before: int, taint_after: int) -> dict:
+    """What the kernel said during the run: WARN/BUG/Oops lines that are new since the run
+    started, and taint flags that appeared (W after a WARN, D after an oops...)."""
+    old = set(dmesg_before.splitlines())
+    new_lines = [ln for ln in dmesg_after.splitlines() if ln not in old]
+    bad = [ln for ln in new_lines if any(w in ln for w in BAD_KERNEL_WORDS)]
+    new_taint = taint_after & ~taint_before
+    return {"bad_lines": bad[:50], "bad_line_count": len(bad), "taint_before": taint_before,
+            "taint_after": taint_after, "new_taint": taint_letters(new_taint),
+            "ok": not bad and not new_taint}

@@ -48,7 +48,7 @@ def test_torn_beats_old_generation():
 
 def test_judge_worst_and_counts():
     recs = [rec(0), rec(1), rec(2, gen=GEN - 1), rec(3, tag=0), rec(4)]
-    j = oracle.judge(recs, buffer_id=BID, generation=GEN, expect_tag=TAG)
+    j = oracle.judge(recs, buffer_id=BID, generation=GEN, npages=len(recs), expect_tag=TAG)
     assert j["verdict"] == "LOST_WRITE"
     assert j["pages"] == {"REFAULTED": 3, "STALE": 1, "LOST_WRITE": 1}
     assert set(j["examples"]) == {"STALE", "LOST_WRITE"}
@@ -59,26 +59,27 @@ def test_judge_worst_and_counts():
 
 def test_judge_torn_wins():
     recs = [rec(0, state=RETIRED), rec(1, status="bad_magic"), rec(2, tag=1), rec(3)]
-    j = oracle.judge(recs, buffer_id=BID, generation=GEN, expect_tag=TAG)
+    j = oracle.judge(recs, buffer_id=BID, generation=GEN, npages=len(recs), expect_tag=TAG)
     assert j["verdict"] == "TORN"
     assert j["pages"] == {"STALE": 1, "TORN": 1, "LOST_WRITE": 1, "REFAULTED": 1}
     assert j["examples"]["STALE"]["state"] == "RETIRED"
 
 
 def test_judge_all_refaulted():
-    j = oracle.judge([rec(i) for i in range(8)], buffer_id=BID, generation=GEN)
+    j = oracle.judge([rec(i) for i in range(8)], buffer_id=BID, generation=GEN, npages=8)
     assert j == {"verdict": "REFAULTED", "pages": {"REFAULTED": 8}, "examples": {}}
 
 
 def test_judge_stale_only():
-    j = oracle.judge([rec(0), rec(1, gen=GEN - 1)], buffer_id=BID, generation=GEN)
+    j = oracle.judge([rec(0), rec(1, gen=GEN - 1)], buffer_id=BID, generation=GEN, npages=2)
     assert j["verdict"] == "STALE"
 
 
 def test_judge_empty_is_torn():
-    j = oracle.judge([], buffer_id=BID, generation=GEN)
+    j = oracle.judge([], buffer_id=BID, generation=GEN, npages=4)
     assert j["verdict"] == "TORN"
     assert j["pages"] == {}
+    assert "0 page records for a 4-page buffer" in j["coverage_error"]
 
 
 def test_worst():
@@ -96,6 +97,89 @@ def test_judge_on_parsed_stamps():
     for i, p in enumerate(pages):
         s = stamp.parse_page(p)
         recs.append([i, "ok" if s.valid else "bad", s.buffer_id, s.generation, s.index, s.state, s.tag])
-    j = oracle.judge(recs, buffer_id=BID, generation=GEN)
+    j = oracle.judge(recs, buffer_id=BID, generation=GEN, npages=3)
     assert j["pages"] == {"REFAULTED": 1, "STALE": 2}
     assert j["verdict"] == "STALE"
+
+
+# --- coverage: a read that misses pages must not pass (the stale ones may be the missing ones)
+@pytest.mark.parametrize("indices,npages,why", [
+    ([0, 1, 2], 4, "3 page records for a 4-page buffer"),
+    ([0, 1, 2, 3, 3], 4, "5 page records"),
+    ([0, 1, 1, 3], 4, "pages read twice: [1]"),
+    ([0, 1, 2, 9], 4, "outside the buffer: [9]"),
+])
+def test_judge_checks_coverage(indices, npages, why):
+    recs = [rec(i) for i in indices]
+    j = oracle.judge(recs, buffer_id=BID, generation=GEN, npages=npages)
+    assert j["verdict"] == "TORN"
+    assert why in j["coverage_error"]
+
+
+def test_judge_full_coverage_has_no_error():
+    j = oracle.judge([rec(i) for i in range(4)], buffer_id=BID, generation=GEN, npages=4)
+    assert j["verdict"] == "REFAULTED" and "coverage_error" not in j
+
+
+# --- watch mode: stale observations decide the move
+def ev(page, gen, state=LIVE, status="ok"):
+    return {"page": page, "generation": gen, "state": state, "status": status, "t_ns": 1}
+
+
+def test_watch_retired_page_is_stale():
+    w = oracle.watch_stale([ev(0, 4), ev(0, 4, RETIRED), ev(0, 5)], generation=5)
+    assert w["stale_observations"] == 1 and w["retired_seen"] == 1
+    assert "page 0 at generation 4 state RETIRED" in w["detail"]
+
+
+def test_watch_generation_regression_is_stale():
+    w = oracle.watch_stale([ev(7, 5), ev(7, 4), ev(7, 5)], generation=5)
+    assert w["generation_regressions"] == 1 and w["stale_observations"] == 1
+
+
+def test_watch_old_live_before_the_zap_is_not_stale():
+    # the previous generation LIVE may have been read before the zap: not evidence
+    w = oracle.watch_stale([ev(0, 4), ev(255, 4), ev(0, 5), ev(255, 5)], generation=5)
+    assert w["stale_observations"] == 0 and "detail" not in w
+
+
+def test_watch_ignores_bad_reads_and_done_lines():
+    w = oracle.watch_stale([ev(0, 5), {"done": True}, ev(0, 1, RETIRED, status="bad_magic")], generation=5)
+    assert w["stale_observations"] == 0
+
+
+# --- ZAP_ONLY: a zap that changed nothing is NOT_ZAPPED
+def info(zaps, faults, refaulted):
+    return {"zaps": zaps, "faults": faults, "refaulted_pages": refaulted}
+
+
+@pytest.mark.parametrize("before,after,ok", [
+    (info(3, 512, 0), info(4, 768, 256), True),
+    (info(3, 512, 0), info(3, 512, 256), False),    # no zap at all
+    (info(3, 512, 0), info(4, 512, 0), False),      # zapped, nothing refaulted
+    (info(3, 512, 0), info(4, 700, 188), False),    # only part of the buffer refaulted
+    (info(3, 512, 0), {"zaps": 4, "faults": 768}, False),  # exporter without refault evidence
+])
+def test_zap_evidence(before, after, ok):
+    ev_ = oracle.zap_evidence(before, after, 256)
+    assert ev_["ok"] is ok
+    assert ("detail" in ev_) is (not ok)
+
+
+def test_not_zapped_ranks_above_lost_write_below_torn():
+    assert oracle.worst(["NOT_ZAPPED", "LOST_WRITE", "STALE"]) == "NOT_ZAPPED"
+    assert oracle.worst(["NOT_ZAPPED", "TORN"]) == "TORN"
+
+
+# --- kernel health: what the run provoked, not what was there before
+def test_kernel_health_new_warn_and_taint():
+    before = "[ 1.0] boot\n[ 2.0] WARNING: old one at boot\n"
+    after = before + "[ 9.0] WARNING: CPU: 0 PID: 12 at mm/memory.c:123\n[ 9.1] ok line\n"
+    h = oracle.kernel_health(before, after, taint_before=0x3000, taint_after=0x3000 | 0x200)
+    assert h["ok"] is False and h["bad_line_count"] == 1 and "mm/memory.c" in h["bad_lines"][0]
+    assert h["new_taint"] == "W"
+
+
+def test_kernel_health_quiet_run():
+    h = oracle.kernel_health("a\n", "a\nb\n", 0x3000, 0x3000)
+    assert h["ok"] is True and h["new_taint"] == ""
