@@ -7,7 +7,6 @@ import os
 import statistics
 import tempfile
 import time
-from argparse import Namespace
 from pathlib import Path
 
 from . import images
@@ -48,12 +47,22 @@ def bench_build(progress) -> dict:
     return out
 
 
+def _workdir(what: str) -> Path:
+    """Every bench run its own directory (two benches at once must not share one)."""
+    base = state_dir() / "bench"
+    base.mkdir(parents=True, exist_ok=True)
+    return Path(tempfile.mkdtemp(prefix=f"{what}-", dir=base))
+
+
 def bench_boot(args, progress, repeat: int) -> dict:
-    from .stack import Stack
+    from . import config as cfgmod
+    from .stack import Stack, lab_options
+    o = cfgmod.resolve(None, args)
     lab_s, guest_s, failures = [], [], []
     for i in range(repeat):
         try:
-            with Stack(args, state_dir() / "bench" / f"boot-{i}", progress) as s:
+            with Stack(_workdir(f"boot-{i}"), progress, lab_options(o), guest_kernel=o["guest_kernel"],
+                       build=not o["no_build"]) as s:
                 s.up()
                 lab_s.append(s.lab.boot_seconds)
                 guest_s.append(s.guest.boot_seconds)
@@ -75,7 +84,7 @@ def bench_move(args, progress, sizes=("1M", "64M"), moves: int = 20) -> dict:
         cfg.write_text(f"version: 1\nname: bench-{size}\nexporter: {{kind: vmlab, size: {size}}}\n"
                        f"moves:\n  - {{mode: MIGRATE, count: {moves}, concurrent: true, expect: REFAULTED}}\n")
         exp = cfgmod.load(cfg)
-        r = Run(exp, Namespace(**{**vars(args), "accel": args.accel, "kernel": args.kernel}), d, progress)
+        r = Run(exp, cfgmod.resolve(exp, args), d, progress)
         r.run()
         res = r.result
         secs = [m["seconds"] for m in res["moves"] if m.get("seconds") is not None]
@@ -91,6 +100,53 @@ def bench_move(args, progress, sizes=("1M", "64M"), moves: int = 20) -> dict:
     return out
 
 
+def _tail(path: Path, n: int = 6) -> list[str]:
+    from .qemu import console_tail
+    return console_tail(path, n).splitlines() if path.exists() else []
+
+
+def bench_soak(args, progress, repeat: int) -> dict:
+    """``repeat`` default experiments back to back, each with a fresh lab and guest. A run
+    that fails is a flake of the lab or a finding; either way its console evidence is
+    kept. A lab that does not boot is counted apart (a boot failure, not a verdict)."""
+    from . import config as cfgmod
+    from .errors import BootFailure
+    from .experiment import DEFAULT_CONFIG, Run
+    exp = cfgmod.load(DEFAULT_CONFIG)
+    o = cfgmod.resolve(exp, args)
+    passes, flakes, boot_failures, walls = 0, [], [], []
+    base = _workdir("soak")
+    for i in range(repeat):
+        d = base / f"run-{i:03d}"
+        d.mkdir()
+        t = time.monotonic()
+        r = Run(exp, o, d, lambda m: None)
+        try:
+            r.run()
+        except BootFailure as e:
+            boot_failures.append({"run": i, "error": str(e)[:300], "lab_console": _tail(d / "lab-console.log"),
+                                  "results": str(d)})
+            progress(f"soak {i + 1}/{repeat}: lab/guest did not boot: {e}")
+            continue
+        except VmlabError as e:
+            r.result.setdefault("error", str(e))
+        walls.append(time.monotonic() - t)
+        if r.result.get("passed"):
+            passes += 1
+        else:
+            flakes.append({"run": i, "error": r.result.get("error"), "results": str(d),
+                           "verdicts": [m.get("verdict") for m in r.result.get("moves", [])],
+                           "baseline": r.result.get("baseline", {}).get("verdict"),
+                           "kernel_health": r.result.get("kernel_health_failed"),
+                           "lab_console": _tail(d / "lab-console.log"),
+                           "guest_console": _tail(d / "guest-console.log")})
+        progress(f"soak {i + 1}/{repeat}: {'pass' if r.result.get('passed') else 'FAIL'} "
+                 f"({time.monotonic() - t:.1f}s); {passes} passed so far")
+    return {"runs": repeat, "passed": passes, "flakes": flakes, "lab_boot_failures": boot_failures,
+            "flake_rate": round((len(flakes) + len(boot_failures)) / max(1, repeat), 4),
+            "wall_seconds_per_run": _stats(walls), "results": str(base)}
+
+
 def run(args, progress) -> dict:
     what = [w.strip() for w in args.what.split(",") if w.strip()]
     res: dict = {"what": what, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -100,6 +156,11 @@ def run(args, progress) -> dict:
         res["boot"] = bench_boot(args, progress, max(1, args.repeat))
     if "move" in what:
         res["move"] = bench_move(args, progress)
+    if "soak" in what:
+        res["soak"] = bench_soak(args, progress, max(1, args.repeat))
+    if "fuzz" in what:
+        from .fuzz import bench_fuzz
+        res["fuzz"] = bench_fuzz(args, progress, _workdir("fuzz"))
     return res
 
 

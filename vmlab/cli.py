@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -26,29 +27,38 @@ def progress(msg: str) -> None:
     print(f"[vmlab {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
 
 
-def _on_sigterm(signum, frame):
-    raise Terminated()
+_first_signal: int | None = None
 
 
-def _lab_opts(a):
-    from .lab import LabOptions
-    return LabOptions(accel=a.accel or "auto", kernel=a.kernel or "trixie", kernel_image=a.kernel_image,
-                      memory_mb=a.lab_memory, boot_timeout=a.boot_timeout,
-                      extra_qemu_args=tuple(a.lab_qemu_arg or ()))
+def _on_signal(signum, frame):
+    """The first SIGINT/SIGTERM unwinds vmlab (KeyboardInterrupt / Terminated); any later
+    one is noted and ignored, so a second Ctrl-C cannot cut the teardown short and leave a
+    VM or a mount behind. Every teardown step is bounded; SIGKILL still ends vmlab (its
+    children die with it: PR_SET_PDEATHSIG)."""
+    global _first_signal
+    if _first_signal is not None:
+        try:
+            os.write(2, b"vmlab: still stopping what it started; please wait\n")
+        except OSError:
+            pass
+        return
+    _first_signal = signum
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
 
 
-def _images(a, need_guest=True):
-    from . import images
-    get = images.require if a.no_build else (lambda r: images.ensure(r, progress)[0])
-    kernel = a.kernel or "trixie"
-    lab_img = get(images.recipe("lab", kernel))
-    guest_img = get(images.recipe("guest", a.guest_kernel or kernel)) if need_guest else None
-    return lab_img, guest_img
+def _resolved(a, exp=None) -> dict:
+    from . import config as cfgmod
+    return cfgmod.resolve(exp, a)
 
 
 def _state():
     from .paths import state_dir
     return state_dir() / "lab"
+
+
+def _lab_lock(st: Path):
+    from .paths import locked
+    return locked(st / "lab.lock", "the persistent lab")
 
 
 # --- commands -------------------------------------------------------------------------
@@ -68,20 +78,22 @@ def cmd_images(a) -> int:
 
 def cmd_lab(a) -> int:
     from .lab import NestedLab
+    from .stack import lab_images, lab_options
     st = _state()
     if a.action == "up":
-        if (st / "state.json").exists():
-            try:
-                lab = NestedLab.attach(st)
-                progress(f"a lab is already up (pid {lab.machine.pid}); 'vmlab lab down' first")
-                lab.session.close()
+        o = _resolved(a)
+        with _lab_lock(st):
+            state, _ = NestedLab.read_state(st)
+            if state is not None:
+                progress(f"a lab is already up (pid {state['pid']}); 'vmlab lab down' first")
                 return 0
-            except UserError:
-                pass
-        lab_img, guest_img = _images(a)
-        lab = NestedLab(st, _lab_opts(a), detach=True)
-        lab.up(lab_img, guest_img, progress)
-        lab.session.close()
+            for stale in ("state.json", "guest.json"):
+                (st / stale).unlink(missing_ok=True)
+            lab_img, guest_img = lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"],
+                                            progress=progress)
+            lab = NestedLab(st, lab_options(o), detach=True, rundir=st)
+            lab.up(lab_img, guest_img, progress)
+            lab.session.close()
         progress(f"lab is up; console {st}/lab-console.log; stop with 'vmlab lab down'")
         return 0
     if a.action == "status":
@@ -97,14 +109,11 @@ def cmd_lab(a) -> int:
             lab.session.close()
         return 0
     if a.action == "down":
-        try:
-            lab = NestedLab.attach(st)
-        except UserError as e:
-            progress(str(e))
-            return 0
-        _guest_down(lab)
-        lab.down()
-        progress("lab is down")
+        with _lab_lock(st):
+            # From the state file alone: a hung lab (no SSH, wedged QMP) stops too, and the
+            # guest inside it dies with it.
+            if NestedLab.stop_recorded(st, progress):
+                progress("lab is down")
         return 0
     if a.action == "exec":
         lab = NestedLab.attach(st)
@@ -124,11 +133,17 @@ def _guest_state(st: Path) -> Path:
 
 def _guest_attach(lab):
     from .guest import Guest, GuestOptions
+    from .paths import read_json
     gs = _guest_state(lab.workdir)
-    if not gs.exists():
-        raise UserError("no guest is up; start one with 'vmlab guest up'")
-    g = Guest(lab, GuestOptions(**json.loads(gs.read_text())["opts"]), lab.workdir)
-    g.pid = json.loads(gs.read_text())["pid"]
+    rec = read_json(gs)
+    if rec is None or not isinstance(rec.get("opts"), dict) or not isinstance(rec.get("pid"), int):
+        raise UserError("no guest is up; start one with 'vmlab guest up'" if not gs.exists() else
+                        f"no guest is up: {gs} is corrupt; 'vmlab guest down' removes it")
+    try:
+        g = Guest(lab, GuestOptions(**rec["opts"]), lab.workdir)
+    except TypeError as e:
+        raise UserError(f"no guest is up: {gs} is from another vmlab ({e}); 'vmlab guest down' removes it")
+    g.pid = rec["pid"]
     return g
 
 
@@ -136,6 +151,7 @@ def _guest_down(lab) -> None:
     try:
         g = _guest_attach(lab)
     except UserError:
+        _guest_state(lab.workdir).unlink(missing_ok=True)
         return
     g.down()
     _guest_state(lab.workdir).unlink(missing_ok=True)
@@ -145,21 +161,25 @@ def cmd_guest(a) -> int:
     from dataclasses import asdict
     from .guest import Guest, GuestOptions
     from .lab import NestedLab
-    lab = NestedLab.attach(_state())
+    from .paths import write_atomic
+    st = _state()
+    lab = NestedLab.attach(st)
     try:
         if a.action == "up":
-            if _guest_state(lab.workdir).exists():
-                progress("a guest is already up; 'vmlab guest down' first")
-                return 0
-            g = Guest(lab, GuestOptions(), lab.workdir)
-            g.up(progress)
-            _guest_state(lab.workdir).write_text(json.dumps({"pid": g.pid, "opts": asdict(g.opts)}))
+            with _lab_lock(st):
+                if _guest_state(lab.workdir).exists():
+                    progress("a guest is already up; 'vmlab guest down' first")
+                    return 0
+                g = Guest(lab, GuestOptions(), lab.workdir)
+                g.up(progress)
+                write_atomic(_guest_state(lab.workdir), json.dumps({"pid": g.pid, "opts": asdict(g.opts)}))
             kvm = g.cmd("query-kvm")
             progress(f"guest is up: query-kvm {kvm}")
             g.disconnect()
             return 0
         if a.action == "down":
-            _guest_down(lab)
+            with _lab_lock(st):
+                _guest_down(lab)
             progress("guest is down")
             return 0
         if a.action == "exec":
@@ -179,6 +199,8 @@ def cmd_guest(a) -> int:
 
 
 def cmd_doctor(a) -> int:
+    import shutil
+    import tempfile
     from . import doctor
     from .paths import state_dir
     rep = {"machine": doctor.machine_facts(), "lab": None, "guest": None}
@@ -198,11 +220,16 @@ def cmd_doctor(a) -> int:
         finally:
             lab.session.close()
     elif not a.no_boot:
-        from .stack import Stack
-        with Stack(a, state_dir() / "doctor", progress) as s:
+        from .stack import Stack, lab_options
+        o = _resolved(a)
+        # every doctor run its own directory: two at once must not share logs or sockets
+        work = Path(tempfile.mkdtemp(prefix="doctor-", dir=state_dir()))
+        with Stack(work, progress, lab_options(o), guest_kernel=o["guest_kernel"],
+                   build=not o["no_build"]) as s:
             s.up()
             rep["lab"] = doctor.lab_facts(s.lab)
             rep["guest"] = doctor.guest_facts(s.guest)
+        shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(rep, indent=2, sort_keys=True) if a.json else doctor.render(rep))
     return 0
 
@@ -221,19 +248,34 @@ def cmd_run(a) -> int:
 
 # --- parser ---------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser) -> None:
+    # Every default here is None: "not given" must stay visible, so that the command line
+    # wins over the experiment config, which wins over the built-in default
+    # (vmlab.config.resolve, vmlab.config.DEFAULTS).
+    from .config import positive_float, positive_int
     p.add_argument("--accel", default=None, choices=["auto", "kvm", "tcg"],
-                   help="lab accelerator (auto: probe /dev/kvm, else TCG with emulated SVM+NPT)")
-    p.add_argument("--kernel", default=None, help="lab kernel suite: trixie, trixie-backports, bookworm-backports")
-    p.add_argument("--guest-kernel", default=None, help="guest kernel suite (default: same as --kernel)")
+                   help="lab accelerator (auto: probe /dev/kvm, else TCG with emulated SVM+NPT); "
+                        "config lab.accel, default auto")
+    p.add_argument("--kernel", default=None,
+                   help="lab kernel suite: trixie, trixie-backports, bookworm-backports; "
+                        "config lab.kernel, default trixie")
+    p.add_argument("--guest-kernel", default=None,
+                   help="guest kernel suite; config guest.kernel, default trixie whatever the lab kernel")
     p.add_argument("--kernel-image", default=None, help="boot this kernel image as the lab kernel")
-    p.add_argument("--lab-memory", type=int, default=3072, help="lab RAM in MiB")
-    p.add_argument("--boot-timeout", type=float, default=300, help="seconds for the lab to boot")
+    p.add_argument("--lab-memory", type=positive_int, default=None, metavar="MIB",
+                   help="lab RAM in MiB (>= 1); config lab.memory_mb, default 3072")
+    p.add_argument("--boot-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="seconds for the lab to boot (> 0); config lab.boot_timeout, default 300")
+    p.add_argument("--guest-memory", type=positive_int, default=None, metavar="MIB",
+                   help="guest RAM in MiB (>= 1); config guest.memory_mb, default 512")
+    p.add_argument("--guest-boot-timeout", type=positive_float, default=None, metavar="SECONDS",
+                   help="seconds for the guest to boot (> 0); config guest.boot_timeout, default 240")
     p.add_argument("--lab-qemu-arg", action="append", help="extra QEMU argument for the lab VM")
     p.add_argument("--no-build", action="store_true", help="fail instead of building missing images")
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vmlab", description=__doc__)
+    from .config import MERGE_RULE, positive_float, positive_int
+    p = argparse.ArgumentParser(prog="vmlab", description=__doc__, epilog=MERGE_RULE)
     p.add_argument("--version", action="version", version=f"vmlab {__version__}")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
@@ -248,13 +290,14 @@ def parser() -> argparse.ArgumentParser:
 
     lab = sub.add_parser("lab", help="the lab host VM: up, status, down, exec")
     labs = lab.add_subparsers(dest="action", required=True)
-    up = labs.add_parser("up")
+    up = labs.add_parser("up", epilog=MERGE_RULE)
     _common(up)
     st = labs.add_parser("status")
     st.add_argument("--json", action="store_true")
     labs.add_parser("down")
     ex = labs.add_parser("exec")
-    ex.add_argument("--timeout", type=float, default=300)
+    ex.add_argument("--timeout", type=positive_float, default=300, metavar="SECONDS",
+                    help="seconds for the command (> 0, default 300)")
     ex.add_argument("cmd", nargs=argparse.REMAINDER)
     lab.set_defaults(func=cmd_lab)
 
@@ -263,24 +306,26 @@ def parser() -> argparse.ArgumentParser:
     gs.add_parser("up")
     gs.add_parser("down")
     gex = gs.add_parser("exec")
-    gex.add_argument("--timeout", type=float, default=300)
+    gex.add_argument("--timeout", type=positive_float, default=300, metavar="SECONDS",
+                     help="seconds for the command (> 0, default 300)")
     gex.add_argument("cmd", nargs=argparse.REMAINDER)
     g.set_defaults(func=cmd_guest)
 
-    d = sub.add_parser("doctor", help="what this machine and the lab can do, and why")
+    d = sub.add_parser("doctor", help="what this machine and the lab can do, and why", epilog=MERGE_RULE)
     d.add_argument("--json", action="store_true")
     d.add_argument("--no-boot", action="store_true", help="only this machine; boot nothing")
     _common(d)
     d.set_defaults(func=cmd_doctor)
 
-    be = sub.add_parser("bench", help="measure boots, builds, moves (JSON)")
+    be = sub.add_parser("bench", help="measure boots, builds, moves (JSON)", epilog=MERGE_RULE)
     be.add_argument("--json", action="store_true")
     be.add_argument("--what", default="boot,build", help="comma list: boot, build, move")
-    be.add_argument("--repeat", type=int, default=1)
+    be.add_argument("--repeat", type=positive_int, default=1, help="how many times (>= 1, default 1)")
     _common(be)
     be.set_defaults(func=cmd_bench)
 
-    r = sub.add_parser("run", help="run an experiment (default: configs/experiments/default.yaml)")
+    r = sub.add_parser("run", help="run an experiment (default: configs/experiments/default.yaml)",
+                       epilog=MERGE_RULE)
     r.add_argument("config", nargs="?", default=None)
     r.add_argument("--out", default=None, help="results directory (default results/<UTC>-<name>/)")
     _common(r)
@@ -294,7 +339,8 @@ def main(argv=None) -> int:
         args.cmd = args.cmd[1:]
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    signal.signal(signal.SIGTERM, _on_sigterm)
+    signal.signal(signal.SIGTERM, _on_signal)
+    signal.signal(signal.SIGINT, _on_signal)
     try:
         return args.func(args)
     except UserError as e:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import select
 import threading
 import time
 from enum import Enum
 from pathlib import Path
 
-from .errors import RemoteError, WaitTimeout
+from .errors import RemoteError
+from .ssh import ChannelReader
 
 log = logging.getLogger("vmlab.exporter")
 
@@ -34,37 +34,28 @@ class HostAgent:
     def __init__(self, lab, log_path: Path):
         self.lab = lab
         self.log_path = Path(log_path)
-        self.chan = lab.session.open_exec("exec python3 -u /mnt/vmlab/hostagent.py serve")
-        self._buf = b""
-        self._lock = threading.Lock()
         self._logf = open(self.log_path, "ab")
+        self.chan = lab.session.open_exec("exec python3 -u /mnt/vmlab/hostagent.py serve")
+        self._buf = bytearray()
+        self._lock = threading.Lock()
+        self._reader = ChannelReader(self.chan, "host agent", on_out=self._buf.extend,
+                                     on_err=self._log)
         self.request("ping", timeout=60)
 
-    def _drain_stderr(self) -> None:
-        while self.chan.recv_stderr_ready():
-            self._logf.write(self.chan.recv_stderr(65536))
+    def _log(self, data: bytes) -> None:
+        self._logf.write(data)
         self._logf.flush()
 
     def request(self, op: str, timeout: float = 120, **kw) -> dict:
         with self._lock:
             self.chan.sendall((json.dumps({"op": op, **kw}) + "\n").encode())
-            deadline = time.monotonic() + timeout
-            while b"\n" not in self._buf:
-                self._drain_stderr()
-                if self.chan.recv_ready():
-                    data = self.chan.recv(1 << 20)
-                    if not data:
-                        raise RemoteError(f"host agent exited during {op} (log: {self.log_path})")
-                    self._buf += data
-                    continue
-                if self.chan.exit_status_ready():
-                    self._drain_stderr()
-                    raise RemoteError(f"host agent exited during {op} (log: {self.log_path})")
-                if time.monotonic() > deadline:
-                    raise WaitTimeout(f"host agent op {op}", timeout)
-                select.select([self.chan], [], [], 0.2)
-            line, self._buf = self._buf.split(b"\n", 1)
-            self._drain_stderr()
+            self._reader.what = f"host agent op {op}"
+            how = self._reader.pump(time.monotonic() + timeout, stop=lambda: b"\n" in self._buf)
+            if how == "exit":
+                raise RemoteError(f"host agent exited during {op} (log: {self.log_path})")
+            i = self._buf.index(b"\n")
+            line = bytes(self._buf[:i])
+            del self._buf[:i + 1]
         resp = json.loads(line)
         if not resp.pop("ok", False):
             raise AgentRequestFailed(op, resp)
@@ -73,11 +64,8 @@ class HostAgent:
     def close(self) -> None:
         try:
             self.chan.shutdown_write()
-            deadline = time.monotonic() + 10
-            while not self.chan.exit_status_ready() and time.monotonic() < deadline:
-                self._drain_stderr()
-                time.sleep(0.1)
-            self._drain_stderr()
+            self._reader.what = "host agent exit"
+            self._reader.pump(time.monotonic() + 10, soft=True)
         except Exception as e:
             log.warning("closing host agent: %s", e)
         finally:

@@ -9,25 +9,24 @@ host-blob: the guest creates a virgl context and a HOST3D blob, maps it, writes 
 from __future__ import annotations
 
 import json
-import select
 import time
 
 from . import gpu
+from .errors import WaitTimeout
+from .ssh import ChannelReader
 
 AGENT = "vmlab-guest-agent"
 MAP_INFO = {1: "CACHED", 2: "UNCACHED", 3: "WC", 0: "NONE"}
 
 
 def _read_json_line(chan, buf: bytearray, timeout: float) -> dict:
-    end = time.monotonic() + timeout
-    while b"\n" not in buf:
-        if chan.recv_ready():
-            buf += chan.recv(65536)
-            continue
-        if chan.exit_status_ready() or time.monotonic() > end:
-            err = chan.recv_stderr(65536).decode(errors="replace").strip() if chan.recv_stderr_ready() else ""
-            raise RuntimeError(err or f"no output within {timeout:.0f}s")
-        select.select([chan], [], [], 0.2)
+    rd = ChannelReader(chan, "guest agent gpu", on_out=buf.extend)
+    try:
+        how = rd.pump(time.monotonic() + timeout, stop=lambda: b"\n" in buf)
+    except WaitTimeout as e:
+        raise RuntimeError(str(e))
+    if how == "exit":
+        raise RuntimeError(rd.err.decode(errors="replace").strip() or "the agent exited without a line")
     line, rest = bytes(buf).split(b"\n", 1)
     buf[:] = rest
     return json.loads(line)

@@ -7,17 +7,17 @@ server through a direct-tcpip channel of the lab session.
 """
 from __future__ import annotations
 
+import json
 import logging
 import shlex
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from . import ssh
-from .errors import BootFailure, RemoteError, WaitTimeout
+from .errors import BootFailure, RemoteError
 from .qemu import VMSpec
+from .qmp import QMP
 
 log = logging.getLogger("vmlab.guest")
 READY = "VMLAB-GUEST-READY"
@@ -33,7 +33,7 @@ class GuestOptions:
     extra_qemu_args: list = field(default_factory=list)
     machine: str = "q35"
     append: str = ""
-    gpu: str = "blob"             # none | blob (virtio-gpu-pci blob=true) | host-blob (virtio-gpu-gl)
+    gpu: str = "none"             # none | blob (virtio-gpu-pci blob=true) | host-blob (virtio-gpu-gl)
     hostmem_mb: int = 64
 
 
@@ -44,7 +44,7 @@ class Guest:
         self.workdir = Path(workdir)
         self.dir = f"/run/vmlab/{opts.name}"
         self.pid: int | None = None
-        self.qmp: QEMUMonitorProtocol | None = None
+        self.qmp: QMP | None = None
         self._fwd: ssh.ChannelForward | None = None
         self.session: ssh.SSHSession | None = None
         self.boot_seconds: float | None = None
@@ -152,9 +152,14 @@ class Guest:
         self._fwd = ssh.ChannelForward(
             local, lambda: self.lab.session.open_exec(f"python3 /mnt/vmlab/hostagent.py relay {sock}"),
             f"{self.opts.name}-qmp")
-        self.qmp = QEMUMonitorProtocol(str(local))
-        self.qmp.connect()
-        self.qmp.settimeout(30)
+        q = QMP(str(local), nickname=f"{self.opts.name}-qmp")
+        try:
+            q.connect_within(30, f"QMP of guest {self.opts.name} (relay through the lab)")
+        except BaseException:
+            q.close()
+            raise
+        q.settimeout(30)
+        self.qmp = q
 
     def cmd(self, name: str, **args):
         out = self.qmp.cmd(name, **args)
@@ -195,38 +200,38 @@ class Guest:
                 log.warning("could not fetch %s of %s: %s", name, self.opts.name, e)
 
     def down(self, timeout: float = 15) -> None:
-        """quit over QMP, then SIGTERM, then SIGKILL in the lab; logs are fetched first."""
+        """quit over QMP, then SIGTERM, then SIGKILL in the lab; logs are fetched first.
+        Works when the transport is already gone (an interrupt that closed the lab's SSH
+        session, a dead lab): then the guest dies with the lab and nothing here may raise."""
         if self.session is not None:
-            self.session.close()
+            _quietly(self.session.close, "guest SSH close")
             self.session = None
         if self.qmp is not None:
-            try:
+            def quit_guest():
                 self.events += self.qmp.get_events(wait=False)
-                self.qmp.cmd("quit")
-            except Exception:
-                pass
-            try:
-                self.qmp.close()
-            except Exception:
-                pass
+                self.qmp.quit_within(5)
+            _quietly(quit_guest, "guest QMP quit")
+            _quietly(self.qmp.close, "guest QMP close")
             self.qmp = None
         if self._fwd is not None:
-            self._fwd.close()
+            _quietly(self._fwd.close, "guest QMP relay close")
             self._fwd = None
-        if self.pid is not None and self.lab.session is not None:
-            try:
-                self.lab.run(
-                    f"p={self.pid}; for s in 0 0 0 0 0 0 0 0 0 0 TERM 0 0 0 0 0 KILL; do "
-                    f"kill -0 $p 2>/dev/null || exit 0; [ $s = 0 ] && sleep 0.5 || kill -$s $p; done",
-                    timeout=timeout + 10, check=False)
-            except (RemoteError, WaitTimeout, OSError) as e:
-                log.warning("stopping guest QEMU pid %s: %s", self.pid, e)
+        lab_up = self.lab.session is not None and self.lab.session.active()
+        if self.pid is not None and lab_up:
+            _quietly(lambda: self.lab.run(
+                f"p={self.pid}; for s in 0 0 0 0 0 0 0 0 0 0 TERM 0 0 0 0 0 KILL; do "
+                f"kill -0 $p 2>/dev/null || exit 0; [ $s = 0 ] && sleep 0.5 || kill -$s $p; done",
+                timeout=timeout + 10, check=False), f"stopping guest QEMU pid {self.pid}")
             self.fetch_logs()
+        elif self.pid is not None:
+            log.warning("%s: the lab's SSH session is gone; the guest stops with the lab",
+                        self.opts.name)
         if self.events:
-            import json
-            with open(self.workdir / f"{self.opts.name}.qmp-events.jsonl", "a") as f:
-                for ev in self.events:
-                    f.write(json.dumps(ev) + "\n")
+            def write_events():
+                with open(self.workdir / f"{self.opts.name}.qmp-events.jsonl", "a") as f:
+                    for ev in self.events:
+                        f.write(json.dumps(ev) + "\n")
+            _quietly(write_events, "guest QMP event log")
             self.events = []
         self.pid = None
 
@@ -235,3 +240,12 @@ class Guest:
 
     def __exit__(self, *exc):
         self.down()
+
+
+def _quietly(fn, what: str) -> None:
+    """One teardown step: its failure is logged, never raised over the error (or the
+    interrupt) that is being cleaned up after."""
+    try:
+        fn()
+    except Exception as e:
+        log.warning("%s: %s: %s", what, type(e).__name__, e)

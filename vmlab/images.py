@@ -158,13 +158,16 @@ def _sha256(p: Path) -> str:
 
 
 def _run_logged(argv: list[str], logf: Path, what: str, progress, timeout: float, env=None) -> None:
-    """Run a long build step with its output in ``logf`` and a progress line every 15 s."""
-    from .proc import popen
+    """Run a long build step with its output in ``logf`` and a progress line every 15 s.
+    The step leads its own process group, so an interrupt or a timeout stops its apt and
+    dpkg children too (TERM, then KILL), not just the top process."""
+    from .proc import popen, stop_group
     start = time.monotonic()
     with open(logf, "ab") as out:
         out.write(("\n$ " + " ".join(argv) + "\n").encode())
         out.flush()
-        p = popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env)
+        p = popen(argv, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, env=env,
+                  start_new_session=True)
         try:
             while True:
                 try:
@@ -173,17 +176,47 @@ def _run_logged(argv: list[str], logf: Path, what: str, progress, timeout: float
                 except subprocess.TimeoutExpired:
                     el = time.monotonic() - start
                     if el > timeout:
-                        p.kill()
-                        p.wait()
+                        stop_group(p)
                         raise CommandFailed(argv, -9, "", f"{what} exceeded {timeout:.0f}s; log: {logf}")
                     progress(f"  {what}: {el:.0f}s ... ({_last_line(logf)})")
         except BaseException:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
+            stop_group(p)
             raise
     if rc != 0:
         raise CommandFailed(argv, rc, "", f"{what} failed; log: {logf}: {_last_line(logf)}")
+
+
+def mounts_under(root: Path) -> list[str]:
+    """Mount points at or below ``root``, deepest first (/proc/self/mountinfo, octal-escaped)."""
+    root_s = os.path.realpath(root)
+    found = []
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                mp = line.split()[4].encode().decode("unicode_escape")
+                if mp == root_s or mp.startswith(root_s + "/"):
+                    found.append(mp)
+    except OSError:
+        pass
+    return sorted(found, key=lambda m: m.count("/"), reverse=True)
+
+
+def remove_build_dir(work: Path) -> bool:
+    """Unmount whatever a killed mmdebstrap left mounted in its chroot (proc, sys, dev
+    binds), then delete. Never deletes through a mount: a bind of the host's /dev under
+    the chroot would otherwise be emptied. Returns False (and leaves the tree) if
+    something stays mounted."""
+    from .proc import run_cmd
+    for mp in mounts_under(work):
+        try:
+            run_cmd(["umount", "-l", mp], timeout=30)
+        except Exception as e:
+            log.error("cannot unmount %s: %s", mp, e)
+    if mounts_under(work):
+        log.error("%s still has mounts; left in place", work)
+        return False
+    shutil.rmtree(work, ignore_errors=True)
+    return True
 
 
 def _last_line(p: Path) -> str:
@@ -231,7 +264,7 @@ def build(r: Recipe, progress=print) -> Image:
         if img:  # another vmlab built it while we waited for the lock
             return img
         work = images_dir() / f".build-{final.name}-{os.getpid()}"
-        shutil.rmtree(work, ignore_errors=True)
+        remove_build_dir(work)
         work.mkdir(parents=True)
         start = time.monotonic()
         progress(f"building {r.kind} image ({r.kernel}) in {work} (log: {work}/build.log)")
@@ -250,7 +283,7 @@ def build(r: Recipe, progress=print) -> Image:
             if (work / "build.log").exists():
                 shutil.copyfile(work / "build.log", keep)
                 progress(f"build log kept at {keep}")
-            shutil.rmtree(work, ignore_errors=True)
+            remove_build_dir(work)
             raise
         progress(f"{r.kind} image built in {manifest['build_seconds']}s: {final}")
         return Image(r.kind, final, manifest)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from . import images, proc, ssh
 from .errors import BootFailure, ConfigError, UserError, WaitTimeout
-from .paths import cache_dir, private_dir, repo_root
+from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
 from .qemu import QemuMachine, VMSpec, console_tail, free_port
 
 log = logging.getLogger("vmlab.lab")
@@ -65,11 +65,12 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
     except (OSError, ValueError, KeyError):
         pass
     progress("probing /dev/kvm: booting the lab kernel under -accel kvm ...")
-    work = private_dir(cache_dir() / "probe")
+    work = runtime_dir("vmlab-probe-")
     spec = VMSpec(name="kvm-probe", kernel=str(lab_image.artifact("vmlinuz")),
                   initrd=str(lab_image.artifact("initrd.img")),
                   append="console=ttyS0 panic=-1 vmlab.probe=1", memory_mb=512, accel="kvm",
-                  cpu="host", console_log=str(work / "console.log"), qmp_socket=str(work / "qmp.sock"))
+                  cpu="host", console_log=str(work / "console.log"), qmp_socket=str(work / "qmp.sock"),
+                  qmp_client=True)
     m = QemuMachine(spec, work)
     try:
         m.launch(timeout=20)
@@ -79,25 +80,33 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
         accel, reason = "tcg", f"/dev/kvm cannot boot a stock kernel: {getattr(e, 'cause', str(e))[:160]}"
     finally:
         m.shutdown(quick=True)
-    cache.write_text(json.dumps({"key": key, "accel": accel, "reason": reason}))
+        shutil.rmtree(work, ignore_errors=True)
+    write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
     return accel, reason
 
 
 class NestedLab:
     """A lab host VM on this machine. ``up()`` boots it to SSH; ``down()`` stops it.
 
-    With ``detach`` the QEMU process outlives vmlab (``vmlab lab up``) and ``attach()``
-    finds it again from ``state.json`` in the work directory."""
+    Logs (console, QEMU's stderr, command line) go to ``workdir``, the run's results.
+    Secrets and sockets (the per-run SSH key, the share, QMP) live in ``rundir``, a private
+    directory of vmlab's own that is removed with the lab, never in a directory the user
+    named. With ``detach`` the QEMU process outlives vmlab (``vmlab lab up``); then
+    ``rundir`` is the state directory and ``attach()`` finds the lab from ``state.json``."""
 
     kind = "nested"
 
-    def __init__(self, workdir: Path, opts: LabOptions, *, detach: bool = False):
-        self.workdir = private_dir(Path(workdir))
+    def __init__(self, workdir: Path, opts: LabOptions, *, detach: bool = False,
+                 rundir: Path | None = None):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.own_rundir = rundir is None
+        self.rundir = private_dir(Path(rundir)) if rundir is not None else runtime_dir()
         self.opts = opts
         self.detach = detach
         self.machine: QemuMachine | None = None
         self.session: ssh.SSHSession | None = None
-        self.key = self.workdir / "id_ed25519"
+        self.key = self.rundir / "id_ed25519"
         self.accel = opts.accel
         self.accel_reason = ""
         self.image: images.Image | None = None
@@ -107,7 +116,7 @@ class NestedLab:
 
     # --- files shared into the lab (read-only 9p): guest image + host agent
     def _prepare_share(self) -> Path:
-        share = self.workdir / "share"
+        share = self.rundir / "share"
         shutil.rmtree(share, ignore_errors=True)
         (share / "guest").mkdir(parents=True)
         if self.guest_image:
@@ -144,7 +153,9 @@ class NestedLab:
             cpu=TCG_CPU if tcg else "host", smp=1 if tcg else 2, machine="pc",
             disk=str(lab_image.artifact("rootfs.img")), ssh_forward=self.ssh_port,
             share=str(self._prepare_share()), console_log=str(self.workdir / "lab-console.log"),
-            qmp_socket=str(self.workdir / "lab-qmp.sock"),
+            qmp_socket=str(self.rundir / "lab-qmp.sock"),
+            # a detached lab outlives this process: QEMU must be the QMP server then
+            qmp_client=not self.detach,
             extra=list(self.opts.extra_qemu_args))
         progress(f"booting lab host ({self.accel}: {self.accel_reason}); console: {spec.console_log}")
         start = time.monotonic()
@@ -159,42 +170,79 @@ class NestedLab:
             raise
         self.boot_seconds = round(time.monotonic() - start, 1)
         progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release()}")
-        self._save_state()
+        if self.detach:
+            self._save_state()
 
     # --- persistence for `vmlab lab up|status|down`
     def _save_state(self) -> None:
-        st = {"pid": self.machine.pid, "ssh_port": self.ssh_port, "accel": self.accel,
+        st = {"version": 2, "pid": self.machine.pid, "start_time": self.machine.start_time,
+              "ssh_port": self.ssh_port, "accel": self.accel,
               "accel_reason": self.accel_reason, "qmp": self.machine.spec.qmp_socket,
               "console": self.machine.spec.console_log, "boot_seconds": self.boot_seconds,
               "image": str(self.image.path) if self.image else None,
               "guest_image": str(self.guest_image.path) if self.guest_image else None}
-        (self.workdir / "state.json").write_text(json.dumps(st, indent=2))
+        write_atomic(self.workdir / "state.json", json.dumps(st, indent=2))
+
+    @staticmethod
+    def read_state(workdir: Path) -> tuple[dict | None, str]:
+        """(state, why-not): None with a one-line reason when there is no usable lab."""
+        st_path = Path(workdir) / "state.json"
+        if not st_path.exists():
+            return None, f"no lab is up (no {st_path}); start one with 'vmlab lab up'"
+        st = read_json(st_path)
+        need = ("pid", "start_time", "ssh_port", "accel", "qmp", "console")
+        if st is None or any(k not in st for k in need) or not isinstance(st.get("pid"), int):
+            return None, (f"no lab is up: {st_path} is corrupt or from an older vmlab; "
+                          f"remove it (rm {st_path})")
+        if proc.pid_start_time(st["pid"]) != st["start_time"]:
+            return None, (f"no lab is up: the lab recorded in {st_path} is no longer running "
+                          f"(console log: {st['console']})")
+        return st, ""
 
     @classmethod
     def attach(cls, workdir: Path) -> "NestedLab":
-        st_path = Path(workdir) / "state.json"
-        if not st_path.exists():
-            raise UserError(f"no lab is up (no {st_path}); start one with 'vmlab lab up'")
-        st = json.loads(st_path.read_text())
-        lab = cls(workdir, LabOptions(accel=st["accel"]))
-        lab.accel_reason, lab.ssh_port, lab.boot_seconds = st["accel_reason"], st["ssh_port"], st.get("boot_seconds")
-        if st.get("image"):
-            lab.image = images.Image("lab", Path(st["image"]), json.loads((Path(st["image"]) / "manifest.json").read_text()))
-        if st.get("guest_image"):
-            gi = Path(st["guest_image"])
-            lab.guest_image = images.Image("guest", gi, json.loads((gi / "manifest.json").read_text()))
-        spec = VMSpec(name="lab", kernel="", initrd="", append="", console_log=st["console"],
-                      qmp_socket=st["qmp"])
-        lab.machine = QemuMachine(spec, Path(workdir))
-        lab.machine.pid = st["pid"]
-        if not lab.machine.alive():
-            st_path.unlink()
-            raise UserError(f"the lab recorded in {st_path} is no longer running "
-                            f"(console log: {st['console']})")
-        lab.machine.connect_qmp()
+        st, why = cls.read_state(workdir)
+        if st is None:
+            raise UserError(why)
+        lab = cls(workdir, LabOptions(accel=st["accel"]), rundir=workdir)
+        lab.accel_reason, lab.ssh_port, lab.boot_seconds = st.get("accel_reason", ""), st["ssh_port"], st.get("boot_seconds")
+        for attr, kind in (("image", "lab"), ("guest_image", "guest")):
+            p = st.get(attr)
+            m = read_json(Path(p) / "manifest.json") if p else None
+            if m is not None:
+                setattr(lab, attr, images.Image(kind, Path(p), m))
+        lab.machine = cls._recorded_machine(workdir, st)
+        lab.machine.connect_qmp(timeout=10)
         lab.session = ssh.SSHSession.connect("lab", "127.0.0.1", lab.ssh_port, lab.key, timeout=30,
                                              alive=lab.machine.alive)
         return lab
+
+    @staticmethod
+    def _recorded_machine(workdir: Path, st: dict) -> QemuMachine:
+        spec = VMSpec(name="lab", kernel="", initrd="", append="", console_log=st["console"],
+                      qmp_socket=st["qmp"])
+        m = QemuMachine(spec, Path(workdir))
+        m.pid, m.start_time = st["pid"], st["start_time"]
+        return m
+
+    @classmethod
+    def stop_recorded(cls, workdir: Path, progress=print) -> bool:
+        """Stop the lab recorded in ``workdir/state.json`` from that file alone (pid and
+        start time, QMP quit with a timeout, SIGTERM, SIGKILL): no SSH, so a hung lab
+        stops too. Returns False (after saying why) when there was no lab to stop."""
+        st, why = cls.read_state(workdir)
+        if st is not None:
+            m = cls._recorded_machine(workdir, st)
+            try:
+                m.connect_qmp(timeout=5)
+            except Exception as e:  # a wedged monitor: the signals decide
+                log.info("lab QMP unreachable (%s); stopping by signal", e)
+            m.shutdown(timeout=10)
+        else:
+            progress(why)
+        for name in ("state.json", "guest.json"):
+            (Path(workdir) / name).unlink(missing_ok=True)
+        return st is not None
 
     def ssh(self) -> ssh.SSHSession:
         return self.session
@@ -206,15 +254,18 @@ class NestedLab:
         return self.run("uname -r", timeout=30)[1].strip()
 
     def down(self) -> None:
-        if self.session is not None:
-            self.session.close()
-            self.session = None
-        if self.machine is not None:
-            self.machine.shutdown(timeout=10)
         try:
-            (self.workdir / "state.json").unlink()
-        except FileNotFoundError:
-            pass
+            if self.session is not None:
+                self.session.close()
+                self.session = None
+            if self.machine is not None:
+                self.machine.shutdown(timeout=10)
+        finally:
+            if self.detach or not self.own_rundir:
+                (self.workdir / "state.json").unlink(missing_ok=True)
+            if self.own_rundir:
+                # the per-run key and share are worthless once the lab is gone
+                shutil.rmtree(self.rundir, ignore_errors=True)
 
     def console_tail(self, n: int = 20) -> str:
         return console_tail(Path(self.machine.spec.console_log), n) if self.machine else ""

@@ -1,7 +1,12 @@
 """Where vmlab keeps things: images in the user's cache, live state per user, results per run."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import json
 import os
+import tempfile
+import time
 from pathlib import Path
 
 
@@ -31,3 +36,60 @@ def private_dir(path: Path) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     os.chmod(path, 0o700)
     return path
+
+
+def runtime_dir(prefix: str = "vmlab-") -> Path:
+    """A new private (0700) directory for one command's secrets and sockets: its SSH key,
+    the lab share, QMP sockets. Never the user's --out directory; short enough for
+    unix-socket paths. The caller removes it."""
+    base = os.environ.get("XDG_RUNTIME_DIR")
+    if not base or not os.path.isdir(base):
+        base = None  # tempfile's default (/tmp)
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=base))
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o600) -> None:
+    """Readers see the old file or the new one, never half of it."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON object from ``path``, or None when it is missing, unreadable or corrupt."""
+    try:
+        v = json.loads(Path(path).read_text())
+    except (OSError, ValueError, UnicodeDecodeError):
+        return None
+    return v if isinstance(v, dict) else None
+
+
+@contextlib.contextmanager
+def locked(path: Path, what: str, timeout: float = 900):
+    """An exclusive flock on ``path`` for the duration; waits at most ``timeout``."""
+    from .errors import WaitTimeout
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        end = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= end:
+                    raise WaitTimeout(f"the lock on {what} ({path}); another vmlab holds it", timeout)
+                time.sleep(0.2)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)

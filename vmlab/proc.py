@@ -47,12 +47,18 @@ def run_cmd(argv: Sequence[str], *, timeout: float, check: bool = True, input: s
         out, err = p.communicate(input=input, timeout=timeout)
     except subprocess.TimeoutExpired:
         _kill_group(p)
-        out, err = p.communicate()
+        try:
+            out, err = p.communicate(timeout=10)
+        except subprocess.TimeoutExpired:  # a grandchild holds the pipes open
+            out, err = "", ""
         log.error("timeout after %ss: %s\n%s\n%s", timeout, argv, out[-2000:], err[-2000:])
         raise WaitTimeout(f"command {argv[0]}", timeout, (err or out).strip()[-300:])
     except BaseException:
         _kill_group(p)
-        p.wait()
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
         raise
     if check and p.returncode != 0:
         raise CommandFailed(argv, p.returncode, out, err)
@@ -64,6 +70,61 @@ def _kill_group(p: subprocess.Popen) -> None:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+
+
+def stop_group(p: subprocess.Popen, grace: float = 10.0) -> None:
+    """Stop a child that leads its own process group and everything in it (mmdebstrap's
+    apt and dpkg): SIGTERM to the group, wait ``grace``, SIGKILL, wait. Bounded."""
+    for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, 10.0)):
+        try:
+            os.killpg(p.pid, sig)
+        except ProcessLookupError:
+            break
+        end = time.monotonic() + wait
+        while time.monotonic() < end and _group_alive(p.pid):
+            if p.poll() is None:
+                try:
+                    p.wait(timeout=0.1)
+                except subprocess.TimeoutExpired:
+                    pass
+            else:
+                time.sleep(0.1)
+        if not _group_alive(p.pid):
+            break
+    try:
+        p.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        log.error("pid %s survived SIGKILL", p.pid)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    # only zombies left (our own unreaped leader) counts as gone
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                return True
+    return False
+
+
+def pid_start_time(pid: int) -> int | None:
+    """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the
+    pid it names one process for good, so a recycled pid is never signalled."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def wait_until(predicate: Callable[[], object], timeout: float, what: str, *,

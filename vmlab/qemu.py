@@ -17,10 +17,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from qemu.qmp.legacy import QEMUMonitorProtocol
-
 from . import proc
 from .errors import BootFailure, InfraError
+from .qmp import QMP, QMPGone
 
 log = logging.getLogger("vmlab.qemu")
 
@@ -43,6 +42,7 @@ class VMSpec:
     share: str | None = None           # directory exported read-only as 9p tag "vmlabshare"
     console_log: str = "console.log"
     qmp_socket: str = "qmp.sock"
+    qmp_client: bool = False           # QEMU connects to a socket vmlab listens on (local VMs)
     pidfile: str | None = None
     daemonize: bool = False
     display: str = "none"
@@ -57,8 +57,12 @@ class VMSpec:
              "-cpu", self.cpu, "-smp", str(self.smp), "-m", str(self.memory_mb),
              "-nodefaults", "-no-user-config", "-display", self.display, "-no-reboot",
              "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
-             "-chardev", f"file,id=con0,path={self.console_log}", "-serial", "chardev:con0",
-             "-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
+             "-chardev", f"file,id=con0,path={self.console_log}", "-serial", "chardev:con0"]
+        if self.qmp_client:
+            a += ["-chardev", f"socket,id=qmp0,path={self.qmp_socket}",
+                  "-mon", "chardev=qmp0,mode=control"]
+        else:
+            a += ["-qmp", f"unix:{self.qmp_socket},server=on,wait=off"]
         if self.memfd_ram:
             a += ["-object", f"memory-backend-memfd,id=vmlab-ram,size={self.memory_mb}M"]
         if self.disk:
@@ -107,7 +111,8 @@ class QemuMachine:
         self.detach = detach
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
-        self.qmp: QEMUMonitorProtocol | None = None
+        self.qmp: QMP | None = None
+        self.start_time: int | None = None
         self.events: list[dict] = []
         self.stderr_path = self.workdir / f"{spec.name}.qemu.log"
 
@@ -116,27 +121,45 @@ class QemuMachine:
         return Path(self.spec.console_log)
 
     def launch(self, timeout: float = 30) -> None:
+        """Start QEMU and bring up QMP within ``timeout``; on any failure nothing is left
+        running (BootFailure names QEMU's last words and the console log)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        os.chmod(self.workdir, 0o700)
         Path(self.spec.console_log).write_bytes(b"")
         argv = self.spec.argv()
         (self.workdir / f"{self.spec.name}.cmdline").write_text(self.spec.command_line() + "\n")
         log.info("launching %s: %s", self.spec.name, self.spec.command_line())
+        if self.spec.qmp_client:
+            self.qmp = QMP.serve(self.spec.qmp_socket, nickname=self.spec.name)
         err = open(self.stderr_path, "wb")
         try:
+            # Its own session: a terminal's Ctrl-C or a signal to vmlab's process group must
+            # not reach QEMU behind vmlab's back (vmlab stops it in order); PDEATHSIG still
+            # ties it to vmlab unless detached.
             self.proc = proc.popen(argv, detach=self.detach, stdin=subprocess.DEVNULL,
-                                   stdout=err, stderr=subprocess.STDOUT,
-                                   **({"preexec_fn": _child_setup} if not self.detach else
-                                      {"preexec_fn": _detached_setup}))
+                                   stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
+                                   preexec_fn=_detached_setup if self.detach else _child_setup)
+        except BaseException:
+            self._post_shutdown()
+            raise
         finally:
             err.close()
         self.pid = self.proc.pid
+        self.start_time = proc.pid_start_time(self.pid)
         try:
-            proc.wait_until(lambda: self._qmp_ready() or self.proc.poll() is not None,
-                            timeout, f"QMP socket of {self.spec.name}")
+            what = f"QMP of {self.spec.name}"
+            if self.spec.qmp_client:
+                self.qmp.accept_while(lambda: self.proc.poll() is None, timeout, what)
+                self.qmp.settimeout(30)
+            else:
+                proc.wait_until(lambda: self._qmp_ready() or self.proc.poll() is not None,
+                                timeout, f"QMP socket of {self.spec.name}")
+                if self.proc.poll() is None:
+                    self.connect_qmp(timeout)
             if self.proc.poll() is not None:
                 raise self.failure(f"QEMU exited early with status {self.proc.returncode}")
-            self.connect_qmp()
+        except QMPGone:
+            self.shutdown(quick=True)
+            raise self.failure(f"QEMU exited early with status {self.proc.returncode}")
         except BaseException:
             self.shutdown(quick=True)
             raise
@@ -144,11 +167,16 @@ class QemuMachine:
     def _qmp_ready(self) -> bool:
         return os.path.exists(self.spec.qmp_socket)
 
-    def connect_qmp(self) -> None:
+    def connect_qmp(self, timeout: float = 30) -> None:
         os.chmod(self.spec.qmp_socket, 0o600)
-        self.qmp = QEMUMonitorProtocol(self.spec.qmp_socket)
-        self.qmp.connect()
-        self.qmp.settimeout(30)
+        q = QMP(self.spec.qmp_socket, nickname=self.spec.name)
+        try:
+            q.connect_within(timeout, f"QMP of {self.spec.name}")
+        except BaseException:
+            q.close()
+            raise
+        q.settimeout(30)
+        self.qmp = q
 
     def failure(self, cause: str) -> BootFailure:
         """A BootFailure naming QEMU's last words (stderr) and the console log."""
@@ -165,7 +193,9 @@ class QemuMachine:
     def alive(self) -> bool:
         if self.proc is not None:
             return self.proc.poll() is None
-        return self.pid is not None and proc.pid_alive(self.pid)
+        if self.pid is None or not proc.pid_alive(self.pid):
+            return False
+        return self.start_time is None or proc.pid_start_time(self.pid) == self.start_time
 
     def cmd(self, name: str, **args):
         if self.qmp is None:
@@ -206,8 +236,8 @@ class QemuMachine:
         try:
             if self.alive() and not quick and self.qmp is not None:
                 try:
-                    self.qmp.cmd("quit")
-                except Exception:
+                    self.qmp.quit_within(min(5.0, timeout))
+                except Exception:  # a dead or wedged monitor: the signals below decide
                     pass
                 self._wait_gone(timeout)
             if self.alive():
@@ -220,9 +250,13 @@ class QemuMachine:
             self._post_shutdown()
 
     def _signal(self, sig) -> None:
+        # Never signal a recycled pid: the start time recorded at launch must still match.
+        if self.pid is None or (self.start_time is not None and
+                                proc.pid_start_time(self.pid) != self.start_time):
+            return
         try:
             os.kill(self.pid, sig)
-        except (ProcessLookupError, TypeError):
+        except ProcessLookupError:
             pass
 
     def _wait_gone(self, timeout: float) -> None:
@@ -242,7 +276,7 @@ class QemuMachine:
             try:
                 self.proc.wait(timeout=1)
             except subprocess.TimeoutExpired:
-                pass
+                log.warning("%s: pid %s still there after SIGKILL", self.spec.name, self.pid)
         if self.events:
             with open(self.workdir / f"{self.spec.name}.qmp-events.jsonl", "a") as f:
                 for ev in self.events:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import os
 import select
+import shlex
 import socket
 import threading
 import time
@@ -88,51 +89,41 @@ class SSHSession:
     def run(self, command: str, *, timeout: float = 60, check: bool = True,
             input: bytes | str | None = None) -> tuple[int, str, str]:
         """Run a shell command; returns (rc, stdout, stderr). Bounded by ``timeout``."""
-        chan = self.transport.open_session(timeout=10)
-        chan.settimeout(timeout)
-        chan.exec_command(command)
-        if input is not None:
-            chan.sendall(input.encode() if isinstance(input, str) else input)
-        chan.shutdown_write()
-        out, err = bytearray(), bytearray()
-        deadline = time.monotonic() + timeout
-        while True:
-            if chan.recv_ready():
-                out += chan.recv(65536)
-            elif chan.recv_stderr_ready():
-                err += chan.recv_stderr(65536)
-            elif chan.exit_status_ready() and not chan.recv_ready() and not chan.recv_stderr_ready():
-                break
-            else:
-                if time.monotonic() > deadline:
-                    chan.close()
-                    raise WaitTimeout(f"{self.name}: {command[:80]}", timeout,
-                                      (err or out).decode(errors="replace")[-300:])
-                select.select([chan], [], [], 0.2)
-        rc = chan.recv_exit_status()
-        chan.close()
-        o, e = out.decode(errors="replace"), err.decode(errors="replace")
-        if check and rc != 0:
-            raise RemoteError(f"{self.name}: '{command[:120]}' exited {rc}: "
+        chan = self._exec(command, timeout)
+        try:
+            if input is not None:
+                chan.sendall(input.encode() if isinstance(input, str) else input)
+            chan.shutdown_write()
+            rd = ChannelReader(chan, f"{self.name}: {command[:80]}")
+            rd.read_until_exit(time.monotonic() + timeout)
+        finally:
+            chan.close()
+        o, e = rd.out.decode(errors="replace"), rd.err.decode(errors="replace")
+        if check and rd.rc != 0:
+            raise RemoteError(f"{self.name}: '{command[:120]}' exited {rd.rc}: "
                               f"{(e or o).strip().splitlines()[-1:] or ''}")
-        return rc, o, e
+        return rd.rc, o, e
 
     def read_bytes(self, path: str, timeout: float = 120) -> bytes:
         """A file's exact bytes (``run`` decodes text; screendumps are binary)."""
-        chan = self.transport.open_session(timeout=10)
-        chan.settimeout(timeout)
-        chan.exec_command(f"cat {path}")
-        data = bytearray()
-        while True:
-            chunk = chan.recv(1 << 20)
-            if not chunk:
-                break
-            data += chunk
-        rc = chan.recv_exit_status()
-        chan.close()
-        if rc != 0:
-            raise RemoteError(f"{self.name}: cannot read {path} (exit {rc})")
-        return bytes(data)
+        chan = self._exec(f"cat {shlex.quote(path)}", timeout)
+        try:
+            chan.shutdown_write()
+            rd = ChannelReader(chan, f"{self.name}: read {path}")
+            rd.read_until_exit(time.monotonic() + timeout)
+        finally:
+            chan.close()
+        if rd.rc != 0:
+            raise RemoteError(f"{self.name}: cannot read {path} (exit {rd.rc})")
+        return bytes(rd.out)
+
+    def _exec(self, command: str, timeout: float) -> paramiko.Channel:
+        t = self.transport
+        if t is None or not t.is_active():
+            raise RemoteError(f"{self.name}: SSH session is gone")
+        chan = t.open_session(timeout=min(10, timeout))
+        chan.exec_command(command)
+        return chan
 
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
         self.run(f"cat > {path}.tmp && chmod {mode:o} {path}.tmp && mv {path}.tmp {path}",
@@ -144,12 +135,84 @@ class SSHSession:
                                            timeout=timeout)
 
     def open_exec(self, command: str) -> paramiko.Channel:
-        chan = self.transport.open_session(timeout=10)
-        chan.exec_command(command)
-        return chan
+        return self._exec(command, 10)
+
+    def active(self) -> bool:
+        t = self.transport
+        return t is not None and t.is_active()
 
     def close(self) -> None:
         self.client.close()
+
+
+class ChannelReader:
+    """The one way vmlab reads a paramiko channel: every pass checks the same monotonic
+    deadline whether or not data arrived, so a stream that never stops (``yes``) times
+    out exactly like a silent one. stdout accumulates in ``out`` (or is handed to
+    ``on_out``), stderr in ``err`` (or ``on_err``); ``rc`` is set once the command exits.
+    """
+
+    POLL = 0.05
+    BURST = 4 << 20
+
+    def __init__(self, chan: paramiko.Channel, what: str, *, on_out=None, on_err=None):
+        self.chan, self.what = chan, what
+        self.out, self.err = bytearray(), bytearray()
+        self.on_out, self.on_err = on_out, on_err
+        self.rc: int | None = None
+
+    def _drain(self) -> bool:
+        """Take what is ready now, at most ``BURST`` bytes per stream, so a stream that is
+        always ready still comes back to the deadline check."""
+        got = 0
+        while got < self.BURST and self.chan.recv_ready():
+            data = self.chan.recv(1 << 20)
+            if not data:
+                break
+            got += len(data)
+            (self.on_out or self.out.extend)(data)
+        n = 0
+        while n < self.BURST and self.chan.recv_stderr_ready():
+            data = self.chan.recv_stderr(1 << 16)
+            if not data:
+                break
+            n += len(data)
+            (self.on_err or self.err.extend)(data)
+        return bool(got or n)
+
+    def pump(self, deadline: float, *, stop=None, on_tick=None, tick: float = 3.0,
+             soft: bool = False) -> str:
+        """Read until ``stop()`` is true ("stop"), the remote command exits and its output
+        is drained ("exit"), or ``deadline`` passes: WaitTimeout, or "deadline" when
+        ``soft``. ``on_tick`` runs every ``tick`` seconds (a liveness check that may raise).
+        A channel whose SSH session died raises RemoteError instead of waiting."""
+        start = time.monotonic()
+        next_tick = start + tick
+        while True:
+            self._drain()
+            if stop is not None and stop():
+                return "stop"
+            if self.chan.exit_status_ready():
+                if not self._drain():
+                    self.rc = self.chan.recv_exit_status()
+                    return "exit"
+                continue
+            if self.chan.closed:
+                raise RemoteError(f"{self.what}: the SSH channel closed without an exit status")
+            now = time.monotonic()
+            if now >= deadline:
+                if soft:
+                    return "deadline"
+                raise WaitTimeout(self.what, deadline - start,
+                                  bytes((self.err or self.out)[-300:]).decode(errors="replace"))
+            if on_tick is not None and now >= next_tick:
+                on_tick()
+                next_tick = time.monotonic() + tick
+            select.select([self.chan], [], [], min(self.POLL, max(0.0, deadline - now)))
+
+    def read_until_exit(self, deadline: float, **kw) -> int:
+        self.pump(deadline, **kw)
+        return self.rc
 
 
 class ChannelForward:

@@ -1,36 +1,57 @@
 """Lab host + guest brought up together for one command, and torn down together.
 
 Teardown order is the reverse of bring-up; it runs on normal exit, errors, Ctrl-C and
-SIGTERM (the CLI turns SIGTERM into an exception), and every VM's logs land in the
-results directory before it is stopped.
+SIGTERM (the CLI turns SIGTERM into an exception), every VM's logs land in the results
+directory before it is stopped, and no teardown step may raise over the error it cleans
+up after (a dead transport is expected then, not exceptional).
 """
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+from . import images
 from .guest import Guest, GuestOptions
 from .lab import LabOptions, NestedLab
 
 log = logging.getLogger("vmlab.stack")
 
 
+def lab_options(o: dict) -> LabOptions:
+    """LabOptions from resolved options (``vmlab.config.resolve``)."""
+    return LabOptions(accel=o["accel"], kernel=o["kernel"], kernel_image=o.get("kernel_image"),
+                      memory_mb=o["lab_memory_mb"], boot_timeout=o["lab_boot_timeout"],
+                      extra_qemu_args=tuple(o.get("lab_qemu_args") or ()))
+
+
+def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
+               need_guest: bool = True) -> tuple[images.Image, images.Image | None]:
+    """The lab image for ``kernel`` and the guest image for ``guest_kernel``: built when
+    missing, or ImageMissing (exit 2) when building is not allowed."""
+    get = (lambda r: images.ensure(r, progress)[0]) if build else images.require
+    lab_img = get(images.recipe("lab", kernel))
+    guest_img = get(images.recipe("guest", guest_kernel or "trixie")) if need_guest else None
+    return lab_img, guest_img
+
+
 class Stack:
-    def __init__(self, args, workdir: Path, progress, guest_opts: GuestOptions | None = None,
-                 lab_opts: LabOptions | None = None):
-        self.args = args
+    def __init__(self, workdir: Path, progress, lab_opts: LabOptions,
+                 guest_opts: GuestOptions | None = None, *, guest_kernel: str | None = None,
+                 build: bool = True):
         self.workdir = Path(workdir)
         self.progress = progress
-        self.guest_opts = guest_opts or GuestOptions()
         self.lab_opts = lab_opts
+        self.guest_opts = guest_opts or GuestOptions()
+        self.guest_kernel = guest_kernel
+        self.build = build
         self.lab: NestedLab | None = None
         self.guest: Guest | None = None
         self.lab_image = self.guest_image = None
 
     def up_lab(self) -> NestedLab:
-        from .cli import _images, _lab_opts
-        self.lab_image, self.guest_image = _images(self.args)
-        self.lab = NestedLab(self.workdir, self.lab_opts or _lab_opts(self.args))
+        self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
+                                                      build=self.build, progress=self.progress)
+        self.lab = NestedLab(self.workdir, self.lab_opts)
         self.lab.up(self.lab_image, self.guest_image, self.progress)
         return self.lab
 
@@ -44,28 +65,24 @@ class Stack:
         self.up_guest()
         return self
 
-    def collect_lab_logs(self) -> None:
-        if self.lab and self.lab.session:
-            try:
-                _, out, _ = self.lab.run("dmesg", timeout=60, check=False)
-                (self.workdir / "lab-dmesg.log").write_text(out)
-            except Exception as e:
-                log.warning("lab dmesg: %s", e)
+    def _save_dmesg(self, vm, name: str) -> None:
+        if vm is None or getattr(vm, "session", None) is None or not vm.session.active():
+            return
+        try:
+            _, out, _ = vm.run("dmesg", timeout=60, check=False)
+            (self.workdir / name).write_text(out)
+        except Exception as e:
+            log.warning("%s: %s", name, e)
 
     def down(self) -> None:
         try:
             if self.guest is not None:
-                if self.guest.session is not None:
-                    try:
-                        _, out, _ = self.guest.run("dmesg", timeout=60, check=False)
-                        (self.workdir / f"{self.guest.opts.name}-dmesg.log").write_text(out)
-                    except Exception as e:
-                        log.warning("guest dmesg: %s", e)
+                self._save_dmesg(self.guest, f"{self.guest.opts.name}-dmesg.log")
                 self.guest.down()
                 self.guest = None
         finally:
             if self.lab is not None:
-                self.collect_lab_logs()
+                self._save_dmesg(self.lab, "lab-dmesg.log")
                 self.lab.down()
                 self.lab = None
 

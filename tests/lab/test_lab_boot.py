@@ -9,16 +9,15 @@ import paramiko
 import pytest
 
 from vmlab import doctor
-from vmlab.cli import progress
-from vmlab.stack import Stack
+from vmlab.guest import GuestOptions
 
-from .conftest import lab_args, results_dir
+from .conftest import lab_stack, results_dir
 
 
 @pytest.fixture(scope="module")
 def stack(images_ready):
     d = results_dir("lab-boot")
-    s = Stack(lab_args(), d, progress)
+    s = lab_stack(d, GuestOptions(gpu="blob"))
     try:
         s.up()
         yield s
@@ -91,5 +90,5 @@ def test_doctor_json_from_a_running_stack(stack):
     assert back["lab"]["kernel"] and back["lab"]["qemu_version"]
     assert back["guest"]["accel"] == "kvm"
     assert back["guest"]["kernel"]
-    # a default guest has virtio-gpu with blob=true
+    # this stack's guest was asked for virtio-gpu with blob=true
     assert back["guest"]["virtio_gpu"]["resource_blob"] is True
