@@ -397,6 +397,11 @@ def _check_expect(spec, path: list, errs: list, *, what: str, mode: str | None =
         if inject == "kill-vmm" and vs != ["VMM_FAULT"]:
             errs.append((p, f"{'/'.join(vs)} contradicts inject: kill-vmm, which always ends "
                          f"in VMM_FAULT"))
+        if inject == "skip-zap" and mode != "ZAP_ONLY":
+            errs.append((p[:-1] + ["inject"], f"skip-zap is the ZAP_ONLY negative control, not a {mode} one"))
+        elif inject == "skip-zap" and vs != ["NOT_ZAPPED"]:
+            errs.append((p, f"{'/'.join(vs)} contradicts inject: skip-zap (the zap request is never "
+                         f"sent, so the oracle must say NOT_ZAPPED)"))
 
 
 def _resolve_at(spec, parsed: dict, point) -> tuple[str | None, list | None]:

@@ -346,8 +346,13 @@ class Run:
                 before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
                 t_sent = time.monotonic()
                 try:
-                    mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
-                                              caching=mv["caching"])
+                    if mv["inject"] == "skip-zap":
+                        # the oracle's negative control: a "zap" that changes nothing
+                        mres = {"generation": generation,
+                                "what": "injected: the ZAP_ONLY request was never sent"}
+                    else:
+                        mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
+                                                  caching=mv["caching"])
                 except AgentRequestFailed as e:
                     if e.errname in ("EOPNOTSUPP", "ENOTSUP"):
                         rec.update(verdict="UNSUPPORTED", pages={}, detail=str(e))

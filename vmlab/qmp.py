@@ -10,6 +10,7 @@ loop and client, pinned by the qemu.qmp version range in pyproject.toml.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from pathlib import Path
 from typing import Callable
@@ -17,6 +18,9 @@ from typing import Callable
 from qemu.qmp.legacy import QEMUMonitorProtocol
 
 from .errors import InfraError, WaitTimeout
+
+# qemu.qmp logs every failed negotiation at ERROR; vmlab reports those itself, once.
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
 class QMPGone(InfraError):
@@ -50,7 +54,16 @@ class QMP(QEMUMonitorProtocol):
                 while True:
                     done, _ = await asyncio.wait({task}, timeout=0.1)
                     if task in done:
-                        return task.result()
+                        try:
+                            return task.result()
+                        except Exception as e:
+                            # QEMU opens its monitor chardev before it checks the rest of
+                            # its command line: an early exit shows up as EOF here first
+                            for _ in range(50):
+                                if not alive():
+                                    raise QMPGone(f"{what}: QEMU exited before QMP came up") from e
+                                await asyncio.sleep(0.1)
+                            raise InfraError(f"{what}: QMP negotiation failed: {e}") from e
                     if not alive():
                         raise QMPGone(f"{what}: QEMU exited before connecting to QMP")
                     if loop.time() >= end:

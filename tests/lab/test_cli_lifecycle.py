@@ -3,8 +3,10 @@ lab up/status/exec, guest up/exec, doctor --json on the running pair, guest down
 from __future__ import annotations
 
 import json
-import stat
 import os
+import signal
+import stat
+import time
 
 from .conftest import qemu_pids, vmlab_cmd
 
@@ -26,6 +28,11 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
         assert r.returncode == 0 and r.stdout.strip() == "Y", r.stderr
         r = vmlab_cmd("lab", "exec", "--", "false", env=env, timeout=120)
         assert r.returncode == 1  # the remote exit status is passed through
+        # a command whose output never stops still ends at its timeout
+        t = time.monotonic()
+        r = vmlab_cmd("lab", "exec", "--timeout", "5", "--", "yes", env=env, timeout=120)
+        assert r.returncode == 1 and "timed out after 5s" in r.stderr, r.stderr[-500:]
+        assert time.monotonic() - t < 60
 
         r = vmlab_cmd("guest", "up", env=env, timeout=900)
         assert r.returncode == 0, r.stderr
@@ -47,3 +54,38 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
     assert qemu_pids(str(tmp_path)) == []
     r = vmlab_cmd("lab", "status", env=env, timeout=60)
     assert r.returncode == 2 and "no lab is up" in r.stderr
+
+
+def test_lab_down_stops_a_hung_lab_from_its_state_file(images_ready, tmp_path):
+    """No SSH, no answering QMP: the lab's QEMU is SIGSTOPped. 'lab down' must still stop it
+    from the state file alone (pid + start time: QMP quit times out, SIGTERM stays pending
+    on a stopped process, SIGKILL ends it)."""
+    env = {"VMLAB_STATE_DIR": str(tmp_path)}
+    r = vmlab_cmd("lab", "up", env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    st = json.loads((tmp_path / "lab" / "state.json").read_text())
+    try:
+        os.kill(st["pid"], signal.SIGSTOP)
+        t = time.monotonic()
+        r = vmlab_cmd("lab", "down", env=env, timeout=300)
+        took = time.monotonic() - t
+        assert r.returncode == 0 and "lab is down" in r.stderr, r.stderr
+        assert took < 120, took
+        assert qemu_pids(str(tmp_path)) == []
+        assert not (tmp_path / "lab" / "state.json").exists()
+    finally:
+        if qemu_pids(str(tmp_path)):
+            os.kill(st["pid"], signal.SIGKILL)
+
+
+def test_corrupt_state_file_means_no_lab(tmp_path):
+    env = {"VMLAB_STATE_DIR": str(tmp_path)}
+    (tmp_path / "lab").mkdir()
+    (tmp_path / "lab" / "state.json").write_text('{"pid": 1, "ssh')
+    r = vmlab_cmd("lab", "status", env=env, timeout=60)
+    errs = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(errs) == 1 and "corrupt" in errs[0], r.stderr
+    assert "Traceback" not in r.stderr
+    r = vmlab_cmd("lab", "down", env=env, timeout=60)
+    assert r.returncode == 0 and "corrupt" in r.stderr and "Traceback" not in r.stderr, r.stderr
+    assert not (tmp_path / "lab" / "state.json").exists()

@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -41,11 +42,30 @@ class _Proc:
         pytest.fail(f"never saw {text!r}; stderr so far:\n{self.stderr()}")
 
 
-@pytest.mark.parametrize("sig,phase,code", [
-    (signal.SIGINT, "booting lab host", 130),
-    (signal.SIGTERM, "booting guest", 143),
-], ids=["sigint-during-lab-boot", "sigterm-during-guest-boot"])
+INTERRUPTS = [
+    pytest.param(signal.SIGINT, "booting lab host", 130, id="sigint-during-lab-boot"),
+    pytest.param(signal.SIGTERM, "booting guest", 143, id="sigterm-during-guest-boot"),
+]
+
+
+@pytest.mark.parametrize("sig,phase,code", INTERRUPTS)
 def test_interrupt_leaves_nothing_running(images_ready, tmp_path, sig, phase, code):
+    _interrupt(tmp_path, sig, phase, code)
+
+
+@pytest.mark.nightly
+@pytest.mark.parametrize("n", range(20))
+@pytest.mark.parametrize("sig,phase,code", INTERRUPTS)
+def test_interrupt_twenty_times_in_a_row(images_ready, tmp_path, sig, phase, code, n):
+    _interrupt(tmp_path, sig, phase, code)
+
+
+def test_second_interrupt_cannot_cut_teardown_short(images_ready, tmp_path):
+    """Ctrl-C, then Ctrl-C again while vmlab tears down: still 130, still nothing left."""
+    _interrupt(tmp_path, signal.SIGINT, "booting guest", 130, again=True)
+
+
+def _interrupt(tmp_path, sig, phase, code, again=False):
     v = _Proc(tmp_path, "doctor", "--json")
     p = v.p
     try:
@@ -53,6 +73,11 @@ def test_interrupt_leaves_nothing_running(images_ready, tmp_path, sig, phase, co
         time.sleep(2)
         assert qemu_pids(str(tmp_path)), "the lab QEMU should be running at this point"
         os.killpg(p.pid, sig)  # like the terminal's Ctrl-C: the whole process group
+        if again:
+            time.sleep(0.3)
+            os.killpg(p.pid, sig)
+            time.sleep(0.3)
+            os.killpg(p.pid, sig)
         rc = p.wait(timeout=90)
     finally:
         if p.poll() is None:
@@ -107,3 +132,47 @@ def test_boot_timeout_is_honoured(images_ready, tmp_path):
     assert "within 15s" in line and "console log:" in line
     assert time.monotonic() - start < 120
     assert qemu_pids(str(tmp_path)) == []
+
+
+def _procs_mentioning(marker: str) -> list[str]:
+    out = []
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit() and int(p.name) != os.getpid():
+            try:
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            try:  # apt and dpkg inside the chroot: their root is under marker
+                root = os.readlink(p / "root")
+            except OSError:
+                root = ""
+            if marker in cmd or root.startswith(marker):
+                out.append(f"{p.name}: {cmd[:120]}")
+    return out
+
+
+def test_interrupted_image_build_leaves_no_process_and_no_mount(tmp_path):
+    """SIGINT while mmdebstrap runs: its apt/dpkg children die with it (process group, TERM
+    then KILL) and nothing stays mounted in, or is left of, the half-built chroot."""
+    from vmlab.images import mounts_under
+    cache = tmp_path / "cache"
+    env = dict(os.environ, VMLAB_CACHE_DIR=str(cache))
+    p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", "images", "build", "guest"], cwd=ROOT,
+                         env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        end = time.monotonic() + 120
+        while time.monotonic() < end and not any("mmdebstrap" in c for c in _procs_mentioning(str(cache))):
+            time.sleep(0.2)
+        assert any("mmdebstrap" in c for c in _procs_mentioning(str(cache))), "mmdebstrap never started"
+        time.sleep(6)  # let it get as far as mounting and installing in the chroot
+        os.killpg(p.pid, signal.SIGINT)
+        rc = p.wait(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+            p.wait()
+    assert rc == 130, p.stderr.read()
+    assert _procs_mentioning(str(cache)) == []
+    assert mounts_under(cache) == []
+    assert not list((cache / "images").glob(".build-*"))
