@@ -9,6 +9,12 @@ It owns the buffers of a run: creates them (vmlab exporter, udmabuf, dma-heap), 
 their fd to the guest's QEMU as an ivshmem-doorbell server, moves them on command and
 reports what the exporter and the lab kernel say. It lives exactly as long as the
 controller's channel: EOF on stdin closes every buffer and socket it made.
+
+Closing a vmlab buffer frees none of its pages: the module stamps its current pages
+RETIRED and quarantines them under the buffer's id, next to the sets its MIGRATEs
+retired, because a guest whose KVM missed a zap or munmap notifier may still reach them.
+Whoever owns the buffer frees them with the "release_quarantine" op by "id" once the
+guest's QEMU has exited ("close" returns the id).
 """
 import errno
 import fcntl
@@ -356,6 +362,15 @@ def quarantine_state():
             "module_pages": module_pages(), "leaked_pages": _debugfs_int("leaked")}
 
 
+def retire_counters():
+    """debugfs counters of the module's retirements (None where unreadable):
+    close_freed_pages, closed buffers' pages freed at once because the quarantine was
+    full; corrupt_retired_pages, pages whose stamp was not the module's own when retired
+    (left untouched)."""
+    return {"close_freed_pages": _debugfs_int("close_freed"),
+            "corrupt_retired_pages": _debugfs_int("corrupt_retired")}
+
+
 def meminfo():
     out = {}
     with open("/proc/meminfo") as f:
@@ -443,8 +458,10 @@ def _closed_fd():
 
 
 def _cleanup_fuzz(ctl, fds, ids, closers):
-    """Close what a fuzzer made, free its buffers' quarantine (forced: nothing of theirs is
-    mapped any more) and report the module's page counters for the caller's leak check."""
+    """Close what a fuzzer made, free its buffers' quarantine by id (forced: nothing of
+    theirs is mapped any more; closing retired each buffer's last pages into it too, so
+    this runs after every close) and report the module's page counters for the caller's
+    leak check."""
     for fd in fds:
         try:
             os.close(fd)
@@ -463,6 +480,7 @@ def _cleanup_fuzz(ctl, fds, ids, closers):
             errs[i] = errno.errorcode.get(e.errno or 0, str(e))
     out = {"released_pages": freed, "release_errors": errs}
     out.update(quarantine_state())
+    out.update(retire_counters())
     out.pop("sets", None)
     return out
 
@@ -549,9 +567,9 @@ def fuzz(ctl, count, seed, seconds=600):
         if rc >= 0 and cmd == U.IOC_CREATE and ptr == ctypes.addressof(buf):
             fd = struct.unpack_from("<i", buf, 20)[0]
             size, bid = struct.unpack_from("<Q", buf, 0)[0], struct.unpack_from("<Q", buf, 24)[0]
+            ids.add(bid)    # its pages end in the quarantine under this id when closed
             if fd > 2:
                 live.append([fd, size])
-                ids.add(bid)
                 if mapping is None and rnd.random() < 0.5:
                     addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, fd, 0)
                     if addr not in (None, ctypes.c_void_p(-1).value):
@@ -823,6 +841,21 @@ class Agent:
                            self.maps.get(req["buf"]))
         return {"records": recs}
 
+    def op_host_write(self, req):
+        """Write bytes into a buffer as a host process would (a stale writer, for tests):
+        {"buf", "offset", "hex"} through the kept mapping if there is one, else a fresh one."""
+        b = self.buf(req)
+        off, data = int(req["offset"]), bytes.fromhex(req["hex"])
+        if not 0 <= off <= b.size - len(data):
+            raise AgentError(f"{len(data)} bytes at {off} outside the buffer", errno.EINVAL)
+        kept = self.maps.get(req["buf"])
+        if kept is not None:
+            kept[off:off + len(data)] = data
+        else:
+            with mmap.mmap(b.fd, b.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+                m[off:off + len(data)] = data
+        return {}
+
     def op_host_pte(self, req):
         b = self.buf(req)
         if not isinstance(b, VmlabBuffer):
@@ -917,11 +950,17 @@ class Agent:
 
     def op_quarantine(self, req):
         """The module-wide quarantine (debugfs): retired sets [buffer_id, generation, pages,
-        still_mapped, caching] of every buffer, open or closed, and the page counters."""
-        return quarantine_state()
+        still_mapped, caching] of every buffer, open or closed, the page counters, and
+        close_freed_pages / corrupt_retired_pages."""
+        out = quarantine_state()
+        out.update(retire_counters())
+        return out
 
     def op_close(self, req):
-        """Close a buffer; its retired pages stay quarantined under the returned id."""
+        """Close a buffer: {"id": its id} (None for an unknown handle). For a vmlab buffer
+        every page it had stays quarantined under that id once the last reference to the
+        dma-buf is gone (the sets MIGRATE retired and, stamped RETIRED at close, its current
+        pages) until "release_quarantine" with that "id"."""
         self.op_host_unmap(req)
         b = self.buffers.pop(req["buf"], None)
         srv = self.servers.pop(req["buf"], None)

@@ -16,12 +16,25 @@
  * before the copy, under the object's lock; ttm_bo_vm_reserve: faults wait
  * for that lock, killably; ttm_pool: set_pages_array_* for caching).
  *
+ * Pages are never freed while a guest may still reach them.  A MIGRATE
+ * retires the old set (stamped RETIRED) into a module-wide quarantine.  So
+ * does closing a buffer (the dma-buf's release()): its current set is stamped
+ * RETIRED and quarantined under the buffer's id, because a KVM that missed a
+ * zap or munmap notifier (the bug class this lab hunts) may still map it, and
+ * freeing it would let the guest read and write reused host memory.  The
+ * controller frees a closed buffer's sets by id (VMLAB_IOC_RELEASE_QUARANTINE)
+ * once the guest's QEMU is gone.  Both are bounded by max_quarantine_mb: a
+ * MIGRATE past it fails with -ENOSPC; a close past it frees the set at once,
+ * counts it (debugfs close_freed) and warns once.  Module unload frees all.
+ *
  * Locks, in the order they nest:
- *   mmap_lock (fault, mmap) -> buf->lock -> vmlab_quarantine_lock
+ *   mmap_lock (fault) -> buf->lock -> vmlab_quarantine_lock
  *   vmlab_buffers_lock -> vmlab_quarantine_lock   (debugfs)
  * buf->lock is per buffer and may be held for a whole MOVE (allocation, zap,
  * copy); vmlab_buffers_lock and vmlab_quarantine_lock are module-wide and
- * only ever held briefly, never while waiting for a buf->lock.
+ * only ever held briefly, never while waiting for a buf->lock.  mmap() does
+ * not take buf->lock: it runs with mmap_lock held for write, and waiting there
+ * for a long MOVE would stall every mmap_read_lock of the VMM.
  */
 
 #ifndef CONFIG_X86_64
@@ -53,6 +66,7 @@
 #include <linux/module.h>
 #include <linux/mutex.h>
 #include <linux/overflow.h>
+#include <linux/random.h>
 #include <linux/scatterlist.h>
 #include <linux/sched.h>
 #include <linux/sched/signal.h>
@@ -62,6 +76,7 @@
 #include <linux/version.h>
 #include <linux/vmalloc.h>
 
+#include <asm/cacheflush.h>
 #include <asm/cpufeature.h>
 #include <asm/msr.h>
 #include <asm/pgtable.h>
@@ -104,6 +119,16 @@ static inline void vmlab_release_fault_lock(struct vm_fault *vmf)
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 8, 0)
 	release_fault_lock(vmf);
 #else
+	/*
+	 * Here ->fault always runs under mmap_read_lock, never under the
+	 * per-VMA lock (FAULT_FLAG_VMA_LOCK): before 6.4 there is no per-VMA
+	 * lock; 6.4 to 6.6 either refuse non-anonymous VMAs in
+	 * lock_vma_under_rcu() or, in do_read/cow/shared_fault(), drop the VMA
+	 * lock and return VM_FAULT_RETRY before calling ->fault, so the fault
+	 * is retried under mmap_lock; from 6.7 vmf_can_call_fault() calls
+	 * ->fault under the VMA lock only for vm_ops with ->map_pages, which
+	 * ours has not.  So mmap_read_unlock() is the lock to drop.
+	 */
 	mmap_read_unlock(vmf->vma->vm_mm);
 #endif
 }
@@ -117,11 +142,16 @@ static inline void vmlab_release_fault_lock(struct vm_fault *vmf)
 /* ------------------------------------------------------------------------- */
 /* Limits                                                                    */
 
-#define VMLAB_MAX_BUFFER_MB_CAP (1u << 20)	/* 1 TiB: npages fits in an int */
+/*
+ * 512 GiB: the page arrays (kvcalloc, 8 bytes per 4 KiB page) must stay below
+ * INT_MAX bytes, kvmalloc's limit; 1 TiB would need exactly 2 GiB.
+ */
+#define VMLAB_MAX_BUFFER_MB_CAP (1u << 19)
+static_assert(((u64)VMLAB_MAX_BUFFER_MB_CAP << (20 - 12)) * sizeof(struct page *) <= INT_MAX);
 
 static unsigned int max_buffer_mb = 256;
 module_param(max_buffer_mb, uint, 0444);
-MODULE_PARM_DESC(max_buffer_mb, "Largest buffer VMLAB_IOC_CREATE accepts, in MiB (default 256)");
+MODULE_PARM_DESC(max_buffer_mb, "Largest buffer VMLAB_IOC_CREATE accepts, in MiB (default 256, at most 524288)");
 
 static unsigned int max_order = 9;
 module_param(max_order, uint, 0444);
@@ -129,7 +159,7 @@ MODULE_PARM_DESC(max_order, "Largest page order of COMPOUND/NONCOMPOUND allocati
 
 static unsigned int max_quarantine_mb = 256;
 module_param(max_quarantine_mb, uint, 0644);
-MODULE_PARM_DESC(max_quarantine_mb, "Cap on retired (quarantined) pages of all buffers, in MiB; a MOVE past it fails with ENOSPC (default 256)");
+MODULE_PARM_DESC(max_quarantine_mb, "Cap on retired (quarantined) pages of all buffers, in MiB; a MOVE past it fails with ENOSPC, a closed buffer's pages past it are freed at once (default 256)");
 
 /* ------------------------------------------------------------------------- */
 /* Data structures                                                           */
@@ -181,6 +211,7 @@ struct vmlab_buffer {
 	void *vaddr;
 	bool stale_mapped;		/* a retired set of ours is still mapped */
 	bool released;			/* release() ran: no mapping, no pages */
+	bool published;			/* its fd reached user space: close quarantines */
 	u64 zaps;
 	u64 moves;
 	/* touched from vm_ops without the buffer lock */
@@ -198,10 +229,20 @@ static DEFINE_MUTEX(vmlab_quarantine_lock);
 static LIST_HEAD(vmlab_quarantine);
 static unsigned long vmlab_quarantine_committed;	/* quarantined + reserved by MOVEs in flight */
 
+/*
+ * Buffer ids: vmlab_first_id is a random multiple of 2^32 drawn at load, ids
+ * of this load are vmlab_first_id + 1, + 2, ...: > 0, unique within a load,
+ * and unlikely to match an id stamped into memory by an earlier load.
+ */
+static u64 vmlab_first_id;
 static atomic64_t vmlab_last_id = ATOMIC64_INIT(0);
 static atomic_long_t vmlab_module_pages = ATOMIC_LONG_INIT(0);
 static atomic_long_t vmlab_quarantined_pages = ATOMIC_LONG_INIT(0);
 static atomic_long_t vmlab_leaked_pages = ATOMIC_LONG_INIT(0);
+/* pages of closed buffers freed at once because the quarantine was full */
+static atomic_long_t vmlab_close_freed_pages = ATOMIC_LONG_INIT(0);
+/* pages whose stamp was not the module's own when retired: left untouched */
+static atomic_long_t vmlab_corrupt_retired_pages = ATOMIC_LONG_INIT(0);
 static struct dentry *vmlab_debugfs;
 static const struct dma_buf_ops vmlab_dmabuf_ops;
 static const struct vm_operations_struct vmlab_vm_ops;
@@ -244,11 +285,13 @@ static int vmlab_pageset_set_caching(struct vmlab_pageset *ps, u32 caching)
 /*
  * Free a page set.  A page whose linear map could not be set back to WB is
  * never freed (the next owner would inherit WC/UC): it is leaked, counted
- * and warned about once.
+ * and warned about once (pr_warn, not WARN: a lab may run panic_on_warn).
+ * The stamp header of every freed page is cleared first, so that a stale
+ * read of the page after reuse never finds a (buffer id, generation) stamp.
  */
 static void vmlab_pageset_free(struct vmlab_pageset *ps)
 {
-	unsigned long i, n = ps->nallocated << ps->order, leaked = 0;
+	unsigned long i, j, n = ps->nallocated << ps->order, leaked = 0;
 	bool wb = ps->caching == VMLAB_CACHING_WB || !set_pages_array_wb(ps->pages, n);
 
 	for (i = 0; i < ps->nallocated; i++) {
@@ -257,6 +300,9 @@ static void vmlab_pageset_free(struct vmlab_pageset *ps)
 			leaked += 1UL << ps->order;
 			continue;
 		}
+		/* linear map WB again: plain stores */
+		for (j = 0; j < (1UL << ps->order); j++)
+			memset(page_address(ps->chunks[i] + j), 0, sizeof(struct vmlab_stamp_hdr));
 		__free_pages(ps->chunks[i], ps->order);
 		if (!(i & 255))
 			cond_resched();
@@ -264,8 +310,8 @@ static void vmlab_pageset_free(struct vmlab_pageset *ps)
 	atomic_long_sub(n, &vmlab_module_pages);
 	if (leaked) {
 		atomic_long_add(leaked, &vmlab_leaked_pages);
-		WARN_ONCE(1, "vmlab-exporter: could not restore WB on %lu pages; leaking them\n",
-			  leaked);
+		pr_warn_once("vmlab-exporter: could not restore WB on %lu pages; leaking them\n",
+			     leaked);
 	}
 	kvfree(ps->chunks);
 	kvfree(ps->pages);
@@ -338,10 +384,19 @@ err_free_ps:
  * Stamp every page LIVE with (id, gen); if @from, copy its guest area.  The
  * caller guarantees that nothing maps @from any more (MIGRATE zapped it) or
  * accepts that later writes to it are lost (the NO_ZAP negative control).
+ *
+ * @ps is still WB here (its caching is set afterwards, and set_pages_array_*
+ * flushes the caches of the pages it changes), so the destination needs no
+ * flush.  A WC/UC @from is read through its WC/UC linear map while KVM may
+ * map the same RAM WB: on a CPU without self-snoop a dirty line of that WB
+ * alias would be missed, so the source guest area is clflushed (written back
+ * and invalidated) before the copy, as drm_clflush_virt_range() does.
  */
 static void vmlab_pageset_stamp(struct vmlab_pageset *ps, u64 id, u64 gen,
 				struct vmlab_pageset *from)
 {
+	const unsigned int guest_len = VMLAB_STAMP_PAGE_SIZE - VMLAB_STAMP_GUEST_OFF;
+	bool flush_src = from && from->caching != VMLAB_CACHING_WB;
 	unsigned long i;
 
 	ps->buf_id = id;
@@ -351,24 +406,100 @@ static void vmlab_pageset_stamp(struct vmlab_pageset *ps, u64 id, u64 gen,
 
 		vmlab_stamp_page(dst, id, gen, i, VMLAB_STAMP_LIVE);
 		if (from) {
-			const u8 *src = page_address(from->pages[i]);
+			u8 *src = page_address(from->pages[i]);
 
-			memcpy(dst + VMLAB_STAMP_GUEST_OFF, src + VMLAB_STAMP_GUEST_OFF,
-			       VMLAB_STAMP_PAGE_SIZE - VMLAB_STAMP_GUEST_OFF);
+			if (flush_src)
+				clflush_cache_range(src + VMLAB_STAMP_GUEST_OFF, guest_len);
+			memcpy(dst + VMLAB_STAMP_GUEST_OFF, src + VMLAB_STAMP_GUEST_OFF, guest_len);
 		}
 		if (!(i & 255))
 			cond_resched();
 	}
 }
 
+/*
+ * Page @i of @ps: LIVE -> RETIRED, but only if it still holds exactly the
+ * stamp the module wrote (magic, version, LIVE, the set's id and generation,
+ * index @i, pattern and checksum: vmlab_stamp_check() plus the identity).
+ * Anything else is evidence of a stale writer: the page is left untouched
+ * (false) rather than re-validated by a fresh checksum.
+ *
+ * The header is read once into @hdr and both checksums (old, to verify; new,
+ * to write) are computed from @hdr and the expected pattern words, never
+ * from the page again, so a write that lands while we work is not folded
+ * into the new checksum: it stays visible as a bad checksum or pattern.
+ *
+ * Publishing: state (bytes 6-7) and checksum (32-35) are in different 8-byte
+ * words, so no single store can change both (cmpxchg16b covers [0,16) or
+ * [32,48), and locked operations are not for WC memory anyway); rewriting
+ * the whole header from a local buffer would change these same two fields
+ * with no order at all.  So two ordered stores: checksum first, then state,
+ * with wmb() between (WC stores may otherwise be reordered or combined).
+ * The only intermediate a reader can see is LIVE with RETIRED's checksum;
+ * FNV-1a of inputs that differ in one byte always differs, so it fails the
+ * checksum and is reported BAD_CSUM (the oracle's TORN), never a valid page.
+ * A reader that copies the header in ascending order (the guest agent does)
+ * and sees RETIRED has read the new checksum too: RETIRED is never torn.
+ */
+static bool vmlab_page_retire(struct vmlab_pageset *ps, unsigned long i)
+{
+	u8 *page = page_address(ps->pages[i]);
+	const u64 *pattern = (const u64 *)(page + VMLAB_STAMP_PATTERN_OFF);
+	struct vmlab_stamp_hdr *h = (struct vmlab_stamp_hdr *)page;
+	bool wb = ps->caching == VMLAB_CACHING_WB;
+	struct vmlab_stamp_hdr hdr;
+	u32 csum_old, csum_new;
+	u64 k, word;
+
+	static_assert(sizeof(hdr) == 64);
+	static_assert(offsetof(struct vmlab_stamp_hdr, checksum) == VMLAB_STAMP_CSUM_OFF);
+	/* see vmlab_pageset_stamp(): a WB alias may hold a dirty line */
+	if (!wb)
+		clflush_cache_range(page, sizeof(hdr));
+	memcpy(&hdr, page, sizeof(hdr));
+	if (hdr.magic != VMLAB_STAMP_MAGIC || hdr.version != VMLAB_STAMP_VERSION ||
+	    hdr.state != VMLAB_STAMP_LIVE || hdr.buffer_id != ps->buf_id ||
+	    hdr.generation != ps->generation || hdr.page_index != i)
+		return false;
+	csum_old = vmlab_fnv1a32(VMLAB_FNV1A32_INIT, &hdr, VMLAB_STAMP_HDR_SUMMED);
+	hdr.state = VMLAB_STAMP_RETIRED;
+	csum_new = vmlab_fnv1a32(VMLAB_FNV1A32_INIT, &hdr, VMLAB_STAMP_HDR_SUMMED);
+	for (k = 0; k < VMLAB_STAMP_PATTERN_WORDS; k++) {
+		word = vmlab_stamp_word(hdr.buffer_id, hdr.generation, i, k);
+		if (READ_ONCE(pattern[k]) != word)
+			return false;
+		/* little endian: the bytes of @word are the bytes in the page */
+		csum_old = vmlab_fnv1a32(csum_old, &word, sizeof(word));
+		csum_new = vmlab_fnv1a32(csum_new, &word, sizeof(word));
+	}
+	if (csum_old != hdr.checksum)
+		return false;
+
+	WRITE_ONCE(h->checksum, csum_new);
+	wmb();
+	WRITE_ONCE(h->state, (u16)VMLAB_STAMP_RETIRED);
+	if (!wb) {
+		wmb();		/* drain the WC buffers */
+		clflush_cache_range(page, sizeof(hdr));	/* no stale line in a WB alias */
+	}
+	return true;
+}
+
+/* Stamp every page of @ps RETIRED; pages with a foreign stamp are counted. */
 static void vmlab_pageset_retire(struct vmlab_pageset *ps)
 {
-	unsigned long i;
+	unsigned long i, corrupt = 0;
 
 	for (i = 0; i < ps->npages; i++) {
-		vmlab_stamp_set_state(page_address(ps->pages[i]), VMLAB_STAMP_RETIRED);
+		if (!vmlab_page_retire(ps, i))
+			corrupt++;
 		if (!(i & 255))
 			cond_resched();
+	}
+	if (corrupt) {
+		atomic_long_add(corrupt, &vmlab_corrupt_retired_pages);
+		pr_warn_ratelimited("vmlab-exporter: buffer %llu generation %llu: %lu of %lu pages had a foreign stamp when retired; left untouched\n",
+				    ps->buf_id, ps->generation, corrupt, ps->npages);
 	}
 }
 
@@ -470,6 +601,24 @@ static u64 vmlab_quarantine_take(u64 id, u64 max_gen, struct list_head *out,
 out:
 	mutex_unlock(&vmlab_quarantine_lock);
 	return busy;
+}
+
+/*
+ * The smallest buffer id > @after owning a still-mapped set that matches
+ * (@id, @max_gen), or 0: walks every busy buffer once, in id order.
+ */
+static u64 vmlab_quarantine_next_busy(u64 id, u64 max_gen, u64 after)
+{
+	struct vmlab_pageset *ps;
+	u64 next = 0;
+
+	mutex_lock(&vmlab_quarantine_lock);
+	list_for_each_entry(ps, &vmlab_quarantine, node)
+		if (ps->still_mapped && ps->buf_id > after &&
+		    vmlab_quarantine_match(ps, id, max_gen) && (!next || ps->buf_id < next))
+			next = ps->buf_id;
+	mutex_unlock(&vmlab_quarantine_lock);
+	return next;
 }
 
 static void vmlab_pageset_free_list(struct list_head *list)
@@ -616,6 +765,32 @@ err_unreserve:
 /* ------------------------------------------------------------------------- */
 /* mmap                                                                      */
 
+/*
+ * The current set of a buffer being closed (no VMA, attachment or vmap is
+ * left, nothing else can reach @ps).  A secondary MMU that missed a zap or
+ * the munmap may still map it, so it is retired and quarantined under the
+ * buffer's id like a MIGRATE's old set, until the controller releases it by
+ * id.  Not still_mapped: no host PTE is left.  Freed at once only if the
+ * buffer never reached user space (CREATE failed after the export) or the
+ * quarantine is full (counted, warned about once).
+ */
+static void vmlab_pageset_close(struct vmlab_pageset *ps, bool published)
+{
+	if (!published) {
+		vmlab_pageset_free(ps);
+		return;
+	}
+	if (vmlab_quarantine_reserve(ps->npages)) {
+		atomic_long_add(ps->npages, &vmlab_close_freed_pages);
+		pr_warn_once("vmlab-exporter: quarantine full (max_quarantine_mb): freeing the pages of closed buffer %llu at once\n",
+			     ps->buf_id);
+		vmlab_pageset_free(ps);
+		return;
+	}
+	vmlab_pageset_retire(ps);
+	vmlab_quarantine_add(ps, false);
+}
+
 static void vmlab_vm_open(struct vm_area_struct *vma)
 {
 	struct vmlab_buffer *buf = vma->vm_private_data;
@@ -691,6 +866,12 @@ static const struct vm_operations_struct vmlab_vm_ops = {
 	.fault = vmlab_vm_fault,
 };
 
+/*
+ * Runs with mmap_lock held for write: no buf->lock here (a long MOVE would
+ * stall every mmap_read_lock of the VMM).  The caching read may be older than
+ * a concurrent MOVE's; vm_page_prot is only a hint, the fault handler builds
+ * the prot from buf->caching under buf->lock.
+ */
 static int vmlab_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 {
 	struct vmlab_buffer *buf = dmabuf->priv;
@@ -701,15 +882,12 @@ static int vmlab_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 	if (vma->vm_pgoff >= buf->npages || pages > buf->npages - vma->vm_pgoff)
 		return -EINVAL;
 
-	if (mutex_lock_killable(&buf->lock))
-		return -EINTR;
 	vmlab_vm_flags_set(vma, VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP);
-	vma->vm_page_prot = vmlab_prot(vma->vm_page_prot, buf->caching);
+	vma->vm_page_prot = vmlab_prot(vma->vm_page_prot, READ_ONCE(buf->caching));
 	vma->vm_ops = &vmlab_vm_ops;
 	vma->vm_private_data = buf;
 	atomic64_inc(&buf->mmaps);
 	atomic64_inc(&buf->live_mappings);	/* ->open is not called for the first VMA */
-	mutex_unlock(&buf->lock);
 	return 0;
 }
 
@@ -816,13 +994,15 @@ static void vmlab_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 
 /*
  * Mirrors vmlab_ioc_create.  Runs when the last reference to the dma-buf is
- * gone, so no VMA (each holds the file) and no attachment is left: the
- * current pages are freed; the retired sets stay quarantined, stamped
- * RETIRED, for as long as a guest may still reach them.
+ * gone, so no VMA (each holds the file) and no attachment is left.  The
+ * current pages are not freed but retired into the quarantine under the
+ * buffer's id (vmlab_pageset_close), next to the sets earlier MIGRATEs
+ * retired: a guest whose KVM missed a notifier may still reach any of them.
  */
 static void vmlab_release(struct dma_buf *dmabuf)
 {
 	struct vmlab_buffer *buf = dmabuf->priv;
+	struct vmlab_pageset *cur;
 
 	mutex_lock(&buf->lock);
 	buf->released = true;
@@ -830,14 +1010,15 @@ static void vmlab_release(struct dma_buf *dmabuf)
 	if (buf->vaddr)
 		vunmap(buf->vaddr);
 	buf->vaddr = NULL;
+	cur = buf->cur;
+	buf->cur = NULL;
 	mutex_unlock(&buf->lock);
 
 	mutex_lock(&vmlab_buffers_lock);
 	list_del(&buf->node);
 	mutex_unlock(&vmlab_buffers_lock);
 	iput(buf->inode);
-	vmlab_pageset_free(buf->cur);
-	buf->cur = NULL;
+	vmlab_pageset_close(cur, READ_ONCE(buf->published));
 	kref_put(&buf->ref, vmlab_buffer_free);
 }
 
@@ -929,7 +1110,7 @@ static long vmlab_ioc_create(void __user *argp)
 		goto err_free_buf;
 	}
 
-	/* never reused: stamps and quarantined sets name the buffer by it */
+	/* unique within the load: stamps and quarantined sets name the buffer by it */
 	buf->id = atomic64_inc_return(&vmlab_last_id);
 
 	/* allocate, stamp on the WB linear map, then set the caching */
@@ -976,6 +1157,11 @@ static long vmlab_ioc_create(void __user *argp)
 		ret = -EFAULT;
 		goto err_put_fd;
 	}
+	/*
+	 * Only now can user space map it; before this the unwind frees the
+	 * pages at once.  fd_install() publishes the file (and this store).
+	 */
+	WRITE_ONCE(buf->published, true);
 	fd_install(fd, dmabuf->file);	/* consumes the export reference */
 	return 0;
 
@@ -1141,7 +1327,10 @@ out_put:
 	return ret;
 }
 
-/* Bounds the FORCE loop when concurrent NO_ZAP moves keep re-marking sets. */
+/*
+ * Bounds the FORCE loop: a pass zaps every busy buffer once, so a retry is
+ * only needed when a concurrent NO_ZAP move re-marked a set after its zap.
+ */
 #define VMLAB_RELEASE_FORCE_TRIES 16
 
 static long vmlab_ioc_release_quarantine(void __user *argp)
@@ -1150,15 +1339,16 @@ static long vmlab_ioc_release_quarantine(void __user *argp)
 	unsigned long pages = 0;
 	LIST_HEAD(doomed);
 	unsigned int tries;
-	u64 busy;
+	u64 busy, zap;
 	int ret;
 
 	if (copy_from_user(&arg, argp, sizeof(arg)))
 		return -EFAULT;
 	if ((arg.flags & ~VMLAB_RELEASE_FLAGS_ALL) || arg.pad)
 		return -EINVAL;
-	if (arg.id > (u64)atomic64_read(&vmlab_last_id))
-		return -ENOENT;		/* never issued */
+	if (arg.id && (arg.id <= vmlab_first_id ||
+		       arg.id > (u64)atomic64_read(&vmlab_last_id)))
+		return -ENOENT;		/* never issued by this load */
 
 	for (tries = 0;; tries++) {
 		busy = vmlab_quarantine_take(arg.id, arg.max_generation, &doomed, &pages);
@@ -1167,9 +1357,12 @@ static long vmlab_ioc_release_quarantine(void __user *argp)
 		/* a host PTE may still map a matching set: never free it */
 		if (!(arg.flags & VMLAB_RELEASE_FORCE) || tries >= VMLAB_RELEASE_FORCE_TRIES)
 			return -EBUSY;
-		ret = vmlab_zap_by_id(busy);
-		if (ret)
-			return ret;
+		/* zap every buffer that owns a busy matching set, once each */
+		for (zap = 0; (zap = vmlab_quarantine_next_busy(arg.id, arg.max_generation, zap));) {
+			ret = vmlab_zap_by_id(zap);
+			if (ret)
+				return ret;
+		}
 	}
 	vmlab_pageset_free_list(&doomed);
 
@@ -1230,7 +1423,13 @@ static u32 vmlab_linear_memtype(u64 pat, unsigned long pfn)
 	return vmlab_pat_memtype(pat, prot);
 }
 
-/* Look up the user PTE; the caller holds the mmap lock. */
+/*
+ * Look up the user PTE; the caller holds the mmap lock.  From 6.12 on
+ * (follow_pte is gone) the value is rebuilt as pfn_pte(pfn, pgprot) from
+ * follow_pfnmap_start(): on x86 pgprot is pte_flags() of the entry, so the
+ * value equals the raw PTE for the present 4 KiB entries that
+ * vmf_insert_pfn_prot() creates (the only kind this module's VMAs hold).
+ */
 static int vmlab_follow(struct vm_area_struct *vma, unsigned long addr,
 			unsigned long *pfn, u64 *pteval)
 {
@@ -1409,6 +1608,20 @@ static int vmlab_leaked_show(struct seq_file *m, void *unused)
 }
 DEFINE_SHOW_ATTRIBUTE(vmlab_leaked);
 
+static int vmlab_close_freed_show(struct seq_file *m, void *unused)
+{
+	seq_printf(m, "%ld\n", atomic_long_read(&vmlab_close_freed_pages));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(vmlab_close_freed);
+
+static int vmlab_corrupt_retired_show(struct seq_file *m, void *unused)
+{
+	seq_printf(m, "%ld\n", atomic_long_read(&vmlab_corrupt_retired_pages));
+	return 0;
+}
+DEFINE_SHOW_ATTRIBUTE(vmlab_corrupt_retired);
+
 /* ------------------------------------------------------------------------- */
 /* Module                                                                    */
 
@@ -1430,6 +1643,9 @@ static int __init vmlab_init(void)
 		return -EINVAL;
 	}
 
+	vmlab_first_id = (u64)get_random_u32() << 32;
+	atomic64_set(&vmlab_last_id, vmlab_first_id);
+
 	ret = misc_register(&vmlab_misc);
 	if (ret)
 		return ret;
@@ -1439,6 +1655,9 @@ static int __init vmlab_init(void)
 	debugfs_create_file("quarantine", 0400, vmlab_debugfs, NULL, &vmlab_quarantine_fops);
 	debugfs_create_file("pages", 0400, vmlab_debugfs, NULL, &vmlab_pages_fops);
 	debugfs_create_file("leaked", 0400, vmlab_debugfs, NULL, &vmlab_leaked_fops);
+	debugfs_create_file("close_freed", 0400, vmlab_debugfs, NULL, &vmlab_close_freed_fops);
+	debugfs_create_file("corrupt_retired", 0400, vmlab_debugfs, NULL,
+			    &vmlab_corrupt_retired_fops);
 	return 0;
 }
 

@@ -5,9 +5,24 @@
  * here; vmlab/exporter_uapi.py mirrors it and a test compares the two.
  *
  * A buffer is addressed by its dma-buf fd (as udmabuf and dma-heaps hand
- * them out); its u64 id is a module-wide counter that is never reused, is
- * what every page stamp carries, and names the buffer's retired pages in the
+ * them out); its u64 id is a module-wide counter (> 0, never reused within a
+ * module load; each load starts it at a random multiple of 2^32, so an id
+ * stamped into memory by an earlier load is unlikely to recur), is what every
+ * page stamp carries, and names the buffer's retired pages in the
  * module-wide quarantine, which outlives the buffer.
+ *
+ * Pages are never freed while a guest may still reach them: a MIGRATE
+ * retires the old pages into the quarantine, and so does closing a buffer
+ * (the last reference to its dma-buf): its current pages are stamped RETIRED
+ * and quarantined under its id, since a KVM that missed a zap or munmap
+ * notifier may still map them.  The owner frees them with
+ * VMLAB_IOC_RELEASE_QUARANTINE {id} once no guest can reach them (its VMM has
+ * exited).  If the quarantine is full (max_quarantine_mb) a closing buffer's
+ * pages are freed at once, counted in debugfs close_freed, warned about once.
+ * Freed pages have their stamp header cleared first.
+ *
+ * An ioctl that fails with -EFAULT only when copying its result back may
+ * already have done its work (see VMLAB_IOC_MOVE, VMLAB_IOC_RELEASE_QUARANTINE).
  *
  * All structs are fixed-size, naturally aligned, without implicit padding.
  * Every "flags"/"pad" field must be zero on input (-EINVAL otherwise) so it
@@ -60,12 +75,18 @@
 #define VMLAB_RELEASE_FLAGS_ALL (VMLAB_RELEASE_FORCE)
 
 struct vmlab_create {
-	__u64 size;     /* in: bytes, power of two, multiple of PAGE_SIZE, <= max_buffer_mb */
+	/*
+	 * in: bytes, power of two, multiple of PAGE_SIZE, <= max_buffer_mb.  The
+	 * module refuses to load with max_buffer_mb above 512 GiB: its per-page
+	 * arrays (8 bytes per page, kvcalloc) must stay below INT_MAX bytes.
+	 * Large sizes may still fail with -ENOMEM.
+	 */
+	__u64 size;
 	__u32 caching;  /* in: VMLAB_CACHING_{WB,WC,UC} */
 	__u32 alloc;    /* in: VMLAB_ALLOC_* */
 	__u32 flags;    /* in: VMLAB_CREATE_* */
 	__s32 fd;       /* out: dma-buf fd */
-	__u64 id;       /* out: buffer id (> 0, never reused) */
+	__u64 id;       /* out: buffer id (> 0, never reused within a module load) */
 };
 
 struct vmlab_info {
@@ -93,6 +114,10 @@ struct vmlab_info {
 	__u64 leaked_pages;      /* out: pages never freed because WB could not be restored */
 };
 
+/*
+ * -EFAULT when the generation cannot be copied back comes after a completed
+ * move: the buffer did move; VMLAB_IOC_INFO gives its generation.
+ */
 struct vmlab_move {
 	__s32 fd;          /* in: dma-buf fd of a vmlab buffer */
 	__u32 mode;        /* in: VMLAB_MOVE_* */
@@ -106,7 +131,11 @@ struct vmlab_move {
  * A set retired by MIGRATE_NO_ZAP while the buffer was mapped is "still
  * mapped" (host PTEs point at it) until the buffer's mapping is next zapped
  * or the buffer is released: then -EBUSY, unless VMLAB_RELEASE_FORCE, which
- * zaps the live buffer's mapping first.  Nothing is freed on error.
+ * zaps every such live buffer's mapping first.  The sets of a closed buffer
+ * include its last current pages (retired at close, never still mapped).
+ * -ENOENT for an id this module load never issued.  Nothing is freed on
+ * error, except -EFAULT when freed_pages cannot be copied back: the pages
+ * were freed already.
  */
 struct vmlab_release_quarantine {
 	__u64 id;              /* in: buffer id; 0 = every buffer */
@@ -126,7 +155,12 @@ struct vmlab_pte {
 	__u32 flags;    /* in: must be 0 */
 	__u32 memtype;  /* out: VMLAB_MEMTYPE_* from the PTE's PAT bits */
 	__u64 pfn;      /* out */
-	__u64 pte;      /* out: raw PTE value */
+	/*
+	 * out: PTE value.  Before 6.12 the raw entry (follow_pte); from 6.12
+	 * rebuilt as pfn_pte(pfn, pgprot) from follow_pfnmap_start(), which is
+	 * equal to the raw entry for the 4 KiB x86 PTEs the module inserts.
+	 */
+	__u64 pte;
 	__u64 pat_msr;  /* out: IA32_PAT of the CPU that answered */
 	__u64 page_memtype; /* out: memtype of the backing RAM page (linear map), VMLAB_MEMTYPE_* */
 };
