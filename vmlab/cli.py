@@ -97,7 +97,7 @@ def cmd_lab(a) -> int:
         progress(f"lab is up; console {st}/lab-console.log; stop with 'vmlab lab down'")
         return 0
     if a.action == "status":
-        lab = NestedLab.attach(st)
+        lab = NestedLab.attach(st, qmp=True)
         try:
             status = lab.machine.cmd("query-status")
             info = {"pid": lab.machine.pid, "accel": lab.accel, "status": status.get("status"),
@@ -184,7 +184,7 @@ def cmd_guest(a) -> int:
             return 0
         if a.action == "exec":
             g = _guest_attach(lab)
-            g.connect(timeout=30)
+            g.connect(timeout=30, qmp=False)
             try:
                 rc, out, err = g.run(" ".join(a.cmd), timeout=a.timeout, check=False)
             finally:

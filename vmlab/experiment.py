@@ -18,7 +18,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
-from . import oracle
+from . import oracle, proc
 from .errors import RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
@@ -51,7 +51,15 @@ def results_dir(exp: cfgmod.Experiment, out: str | None) -> Path:
         if d.is_dir() and any(d.iterdir()):
             raise UserError(f"--out {out}: directory is not empty; vmlab writes results "
                             f"only into a new or empty directory")
-        d.mkdir(parents=True, exist_ok=True)
+        if not d.exists():
+            try:
+                d.mkdir(parents=True)
+            except FileExistsError:
+                pass
+        try:  # claim it: of two runs given the same --out, exactly one gets it
+            os.close(os.open(d / ".vmlab-run", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        except FileExistsError:
+            raise UserError(f"--out {out}: another vmlab run is using it")
         return d
     ts = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     parent = Path.cwd() / "results"
@@ -92,6 +100,8 @@ class Run:
         self.moves_plan: list[dict] = []
         self.baseline_expect: list[str] = ["REFAULTED"]
         self.health_start: dict = {}
+        self.aborted: BaseException | None = None   # what cut the run short, if anything
+        self.injected_kill = False
         self.mapping = opts["guest_mapping"]
 
     # --- helpers ------------------------------------------------------------------------
@@ -145,8 +155,14 @@ class Run:
                 timeout=30, check=False)
             words = [ln for ln in qlog.splitlines() if ln.strip()]
             last = words[0] if words else ""
-            raise VMMDied(f"guest QEMU {'exited' if not alive else 'stopped: ' + str(status)}; "
-                          f"last words: {last.strip()}")
+            what = f"guest QEMU {'exited' if not alive else 'stopped: ' + str(status)}; last words: {last.strip()}"
+            # VMM_FAULT is a verdict, so it needs evidence: KVM_RUN failing (internal-error,
+            # or QEMU's own words), a guest panic, or the kill this experiment injected. A
+            # QEMU that died silently (OOM killer) or a wedged monitor is infrastructure.
+            said = any(w in qlog.lower() for w in ("kvm run failed", "kvm_run", "error", "failed"))
+            if status in ("internal-error", "guest-panicked") or self.injected_kill or said:
+                raise VMMDied(what)
+            raise RemoteError(f"{what} (no KVM error and no injected kill: not a VMM fault verdict)")
 
     # --- phases ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -196,7 +212,10 @@ class Run:
                                            "expected": self.baseline_expect,
                                            "passed": "VMM_FAULT" in self.baseline_expect}
             self.moves()
-        except VMMDied as e:
+        except BaseException as e:
+            if not isinstance(e, VMMDied):
+                self.aborted = e
+                raise
             # the VMM died before the baseline read finished (e.g. in the caching chain's
             # first touch of the BAR): that is the baseline's verdict, and no move runs
             self.progress(f"VMM fault: {e}")
@@ -207,7 +226,8 @@ class Run:
                                            "passed": "VMM_FAULT" in self.baseline_expect}
                 self.moves()
         finally:
-            self.finish()
+            with proc.signals_deferred():
+                self.finish()
         return 0 if self.result["passed"] else 1
 
     @staticmethod
@@ -232,8 +252,18 @@ class Run:
                 continue
             try:
                 now = self.kernel_state(vm)
-            except Exception as e:  # a dead VM cannot answer; its console log is kept
-                health[name] = {"ok": None, "error": f"{type(e).__name__}: {e}"}
+            except Exception as e:
+                # A kernel that cannot answer at the end is no clean run: the lab runs with
+                # oops=panic, so an oops after the last verdict shows up exactly like this.
+                # Only a guest whose VMM fault is the verdict is excused.
+                excused = name == "guest" and bool(self.result.get("vmm_fault"))
+                h = {"ok": None if excused else False, "error": f"{type(e).__name__}: {e}",
+                     "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
+                if name == "lab":
+                    tail = [ln for ln in _read_text(self.out / "lab-console.log").splitlines()
+                            if "Kernel panic" in ln or any(w in ln for w in oracle.BAD_KERNEL_WORDS)]
+                    h["bad_lines"], h["bad_line_count"] = tail[-20:], len(tail)
+                health[name] = h
                 continue
             health[name] = oracle.kernel_health(start["dmesg"], now["dmesg"], start["taint"], now["taint"])
         self.result["kernel_health"] = health
@@ -341,6 +371,7 @@ class Run:
                 if mv["concurrent"] and self.watch is None:
                     self.watch = Watch(self.stack.guest, self.mapping)
                 if mv["inject"] == "kill-vmm":
+                    self.injected_kill = True
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
                 before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
@@ -380,9 +411,17 @@ class Run:
                     rec["zap_evidence"] = ev
                     if not ev["ok"]:
                         rec.update(verdict="NOT_ZAPPED", detail=ev["detail"])
+                if mv["concurrent"] and not rec["watch"]["seen"]:
+                    rec["verdict"] = oracle.worst([rec["verdict"], "GUEST_FAULT"])
+                    rec["detail"] = (f"the guest watcher never showed generation {generation} "
+                                     f"(exited: {self.watch.exited()}; last lines: {self.watch.last(3)})")
                 if self.watch is not None:
-                    ws = oracle.watch_stale(self.watch.events_between(t_sent, time.monotonic()),
-                                            generation=generation)
+                    window = self.watch.events_between(t_sent, time.monotonic())
+                    faults = [e for e in window if "error" in e]
+                    if faults:
+                        rec["verdict"] = oracle.worst([rec["verdict"], "GUEST_FAULT"])
+                        rec["detail"] = f"the guest watcher faulted: {faults[0]}"
+                    ws = oracle.watch_stale(window, generation=generation)
                     rec.setdefault("watch", {}).update(ws)
                     if ws["stale_observations"]:
                         rec["verdict"] = oracle.worst([rec["verdict"], "STALE"])
@@ -405,10 +444,18 @@ class Run:
     def finish(self) -> None:
         moves = self.result["moves"]
         base = self.result.get("baseline", {})
-        self.result["passed"] = bool(base.get("passed")) and all(m.get("passed") for m in moves)
+        # every planned move must have been judged: a run cut short never passes
+        self.result["passed"] = (bool(base.get("passed")) and len(moves) == len(self.moves_plan)
+                                 and all(m.get("passed") for m in moves) and self.aborted is None)
         if self.exp.raw.get("gpu_roundtrip"):
             self.result["passed"] = self.result["passed"] and bool(self.result.get("virtio_gpu", {}).get("passed"))
-        self.result["status"] = "finished"
+        if self.aborted is None:
+            self.result["status"] = "finished"
+        else:
+            interrupted = isinstance(self.aborted, KeyboardInterrupt) or \
+                type(self.aborted).__name__ == "Terminated"
+            self.result["status"] = "interrupted" if interrupted else "error"
+            self.result["error"] = f"{type(self.aborted).__name__}: {self.aborted}"
         if self.watch is not None:
             self.result["watch"] = self.watch.close()
             lat = sorted(m["watch"]["latency_s"] for m in moves
@@ -433,16 +480,47 @@ class Run:
                 self.result["passed"] = False
         finally:
             try:
-                if self.stack is not None:
-                    if self.stack.guest is not None:
-                        self.stack.guest.down()
-                        self.stack.guest = None
-                    if self.agent is not None:
-                        self.agent.close()
-                    self.stack.down()
+                self.teardown()
             finally:
                 self.save()
                 write_junit(self.out / "junit.xml", self.result)
+
+    def teardown(self) -> None:
+        """Guest, buffer, host agent, lab: each step runs whatever the one before did."""
+        if self.stack is None:
+            return
+        guest_gone = True
+        try:
+            if self.stack.guest is not None:
+                guest_gone = self.stack.guest.down()
+                self.stack.guest = None
+        finally:
+            try:
+                if self.agent is not None:
+                    try:
+                        self.release_buffer(guest_gone)
+                    finally:
+                        self.agent.close()
+            finally:
+                self.stack.down()
+
+
+    def release_buffer(self, guest_gone: bool) -> None:
+        """Close the buffer; once the guest's QEMU is gone (its VM, and with it every KVM
+        mapping of the buffer, destroyed) release the quarantine the exporter keeps for
+        the closed buffer, retired generations and last pages alike. Not before: a stale
+        spte may be exactly what this run found."""
+        if not self.buf or self.exp.section("exporter")["kind"] != "vmlab":
+            return
+        try:
+            bid = self.agent.request("close", buf=self.buf["buf"])["id"]
+            if guest_gone and bid:
+                self.result["released_at_end"] = self.agent.request("release_quarantine", id=bid)["freed_pages"]
+            else:
+                self.result["released_at_end"] = None
+                log.warning("guest QEMU not confirmed gone: buffer %s stays quarantined", bid)
+        except Exception as e:
+            log.warning("closing the buffer: %s", e)
 
 
 class Watch:
@@ -470,7 +548,8 @@ class Watch:
             self.events.append(ev)
 
     def _pump(self, seconds: float) -> None:
-        self.reader.pump(time.monotonic() + seconds, soft=True)
+        if not self.exited():
+            self.reader.pump(time.monotonic() + seconds, soft=True)
 
     def wait_generation(self, gen: int, t_sent: float, timeout: float) -> dict:
         end = time.monotonic() + timeout
@@ -482,6 +561,12 @@ class Watch:
             if self.chan.exit_status_ready() or time.monotonic() >= end:
                 return {"seen": False, "latency_s": None}
             self._pump(0.05)
+
+    def exited(self) -> bool:
+        return self.chan.exit_status_ready() or self.chan.closed
+
+    def last(self, n: int) -> list[dict]:
+        return [{k: v for k, v in e.items() if k != "rx"} for e in self.events[-n:]]
 
     def events_between(self, t0: float, t1: float) -> list[dict]:
         self._pump(0.05)
@@ -560,3 +645,10 @@ def main(args, progress) -> int:
     print(table(r.result))
     print(f"{'PASSED' if r.result['passed'] else 'FAILED'}: results in {out}")
     return rc
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace")
+    except OSError:
+        return ""

@@ -59,6 +59,7 @@ def bench_fuzz(args, progress, workdir: Path, count: int = RANDOM_IOCTLS,
         _, pages, _ = lab.run("cat /sys/kernel/debug/vmlab-exporter/pages", timeout=30, check=False)
         res["module_pages_at_end"] = int(pages.strip()) if pages.strip().isdigit() else None
     res["passed"] = bool(res["kernel_health"]["ok"] and res["module_pages_at_end"] == 0
+                         and res.get("random", {}).get("ioctls") == count
                          and not (res.get("race") or {}).get("leaked_pages"))
     res["results"] = str(workdir)
     return res

@@ -92,6 +92,8 @@ class Guest:
             f"echo 'no QMP socket after 20s'; exit 1", timeout=60, check=False)
         if rc != 0:
             last = (out.strip().splitlines() or ["<no output>"])[-1]
+            self.lab.run(f"[ -f {d}/qemu.pid ] && kill -KILL $(cat {d}/qemu.pid) 2>/dev/null; true",
+                         timeout=20, check=False)
             self.fetch_logs()
             raise BootFailure(self.opts.name, f"QEMU in the lab exited early: {last}",
                               str(self.workdir / f"{self.opts.name}-console.log"))
@@ -126,9 +128,11 @@ class Guest:
                                   str(self.workdir / f"{self.opts.name}-console.log"))
             time.sleep(1.0)
 
-    def connect(self, timeout: float = 60) -> None:
-        """SSH (through the lab's session) and QMP to an already running guest."""
-        self._connect_qmp()
+    def connect(self, timeout: float = 60, *, qmp: bool = True) -> None:
+        """SSH (through the lab's session) and, unless ``qmp`` is false, QMP to an already
+        running guest (QEMU serves one QMP client at a time: don't hold it needlessly)."""
+        if qmp:
+            self._connect_qmp()
         self.session = ssh.SSHSession.connect(
             self.opts.name, "127.0.0.1", self.opts.ssh_port, self.lab.key, timeout=timeout,
             sock_factory=lambda: self.lab.session.open_tcp("127.0.0.1", self.opts.ssh_port),
@@ -147,7 +151,9 @@ class Guest:
             self._fwd = None
 
     def _connect_qmp(self) -> None:
-        local = self.workdir / f"{self.opts.name}-qmp.sock"
+        # in the lab's private run directory: short (AF_UNIX paths end at 107 bytes) and
+        # never inside the user's results directory
+        local = self.lab.rundir / f"{self.opts.name}-qmp.sock"
         sock = shlex.quote(f"{self.dir}/qmp.sock")
         self._fwd = ssh.ChannelForward(
             local, lambda: self.lab.session.open_exec(f"python3 /mnt/vmlab/hostagent.py relay {sock}"),
@@ -199,8 +205,10 @@ class Guest:
             except Exception as e:  # the lab itself may be gone: keep going, say why
                 log.warning("could not fetch %s of %s: %s", name, self.opts.name, e)
 
-    def down(self, timeout: float = 15) -> None:
-        """quit over QMP, then SIGTERM, then SIGKILL in the lab; logs are fetched first.
+    def down(self, timeout: float = 15) -> bool:
+        """quit over QMP, then SIGTERM, then SIGKILL in the lab; logs are fetched after.
+        True when the guest's QEMU is known to be gone (so no KVM mapping of its memory
+        is left); False when that could not be confirmed.
         Works when the transport is already gone (an interrupt that closed the lab's SSH
         session, a dead lab): then the guest dies with the lab and nothing here may raise."""
         if self.session is not None:
@@ -217,11 +225,15 @@ class Guest:
             _quietly(self._fwd.close, "guest QMP relay close")
             self._fwd = None
         lab_up = self.lab.session is not None and self.lab.session.active()
+        gone = self.pid is None
         if self.pid is not None and lab_up:
-            _quietly(lambda: self.lab.run(
-                f"p={self.pid}; for s in 0 0 0 0 0 0 0 0 0 0 TERM 0 0 0 0 0 KILL; do "
-                f"kill -0 $p 2>/dev/null || exit 0; [ $s = 0 ] && sleep 0.5 || kill -$s $p; done",
-                timeout=timeout + 10, check=False), f"stopping guest QEMU pid {self.pid}")
+            def stop():
+                rc, _, _ = self.lab.run(
+                    f"p={self.pid}; for s in 0 0 0 0 0 0 0 0 0 0 TERM 0 0 0 0 0 KILL 0 0 0 0; do "
+                    f"kill -0 $p 2>/dev/null || exit 0; [ $s = 0 ] && sleep 0.5 || kill -$s $p; done; "
+                    f"exit 1", timeout=timeout + 10, check=False)
+                return rc == 0
+            gone = bool(_quietly(stop, f"stopping guest QEMU pid {self.pid}"))
             self.fetch_logs()
         elif self.pid is not None:
             log.warning("%s: the lab's SSH session is gone; the guest stops with the lab",
@@ -234,6 +246,7 @@ class Guest:
             _quietly(write_events, "guest QMP event log")
             self.events = []
         self.pid = None
+        return gone
 
     def __enter__(self):
         return self
@@ -242,10 +255,11 @@ class Guest:
         self.down()
 
 
-def _quietly(fn, what: str) -> None:
+def _quietly(fn, what: str):
     """One teardown step: its failure is logged, never raised over the error (or the
-    interrupt) that is being cleaned up after."""
+    interrupt) that is being cleaned up after. Returns what ``fn`` returned, or None."""
     try:
-        fn()
+        return fn()
     except Exception as e:
         log.warning("%s: %s: %s", what, type(e).__name__, e)
+        return None

@@ -11,11 +11,11 @@ place only when finished), so a warm build is a lookup.
 """
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -25,7 +25,7 @@ from pathlib import Path
 
 from . import initramfs
 from .errors import CommandFailed, ConfigError, ImageMissing, NotRoot
-from .paths import images_dir, repo_root
+from .paths import images_dir, locked, repo_root
 
 log = logging.getLogger("vmlab.images")
 
@@ -186,14 +186,20 @@ def _run_logged(argv: list[str], logf: Path, what: str, progress, timeout: float
         raise CommandFailed(argv, rc, "", f"{what} failed; log: {logf}: {_last_line(logf)}")
 
 
+def _unescape_mountinfo(field: bytes) -> str:
+    """mountinfo escapes space, tab, newline and backslash as \\ooo; the rest is raw bytes."""
+    return os.fsdecode(re.sub(rb"\\([0-7]{3})", lambda m: bytes([int(m.group(1), 8)]), field))
+
+
 def mounts_under(root: Path) -> list[str]:
-    """Mount points at or below ``root``, deepest first (/proc/self/mountinfo, octal-escaped)."""
+    """Mount points at or below ``root``, deepest first (/proc/self/mountinfo, read as bytes
+    so that a non-ASCII path is matched exactly)."""
     root_s = os.path.realpath(root)
     found = []
     try:
-        with open("/proc/self/mountinfo") as f:
+        with open("/proc/self/mountinfo", "rb") as f:
             for line in f:
-                mp = line.split()[4].encode().decode("unicode_escape")
+                mp = _unescape_mountinfo(line.split()[4])
                 if mp == root_s or mp.startswith(root_s + "/"):
                     found.append(mp)
     except OSError:
@@ -201,11 +207,47 @@ def mounts_under(root: Path) -> list[str]:
     return sorted(found, key=lambda m: m.count("/"), reverse=True)
 
 
+def _rmtree_one_fs(top: Path) -> list[str]:
+    """Delete ``top`` without ever descending into another filesystem (a mount that
+    appeared after the check, a bind of /dev or /proc): such directories are left in
+    place and returned."""
+    try:
+        dev = os.lstat(top).st_dev
+    except FileNotFoundError:
+        return []
+    kept = []
+    for dirpath, dirnames, filenames in os.walk(top, topdown=False):
+        for name in filenames:
+            p = os.path.join(dirpath, name)
+            try:
+                if os.lstat(p).st_dev == dev:
+                    os.unlink(p)
+            except OSError:
+                pass
+        for name in dirnames:
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+                if os.path.islink(p):
+                    os.unlink(p)
+                elif st.st_dev != dev:
+                    kept.append(p)
+                else:
+                    os.rmdir(p)
+            except OSError:
+                pass
+    try:
+        os.rmdir(top)
+    except OSError:
+        pass
+    return kept
+
+
 def remove_build_dir(work: Path) -> bool:
     """Unmount whatever a killed mmdebstrap left mounted in its chroot (proc, sys, dev
     binds), then delete. Never deletes through a mount: a bind of the host's /dev under
-    the chroot would otherwise be emptied. Returns False (and leaves the tree) if
-    something stays mounted."""
+    the chroot would otherwise be emptied. Returns False (and leaves that part of the
+    tree) if something stays mounted."""
     from .proc import run_cmd
     for mp in mounts_under(work):
         try:
@@ -215,8 +257,10 @@ def remove_build_dir(work: Path) -> bool:
     if mounts_under(work):
         log.error("%s still has mounts; left in place", work)
         return False
-    shutil.rmtree(work, ignore_errors=True)
-    return True
+    kept = _rmtree_one_fs(work)
+    if kept:
+        log.error("left in place (another filesystem): %s", kept[:5])
+    return not kept
 
 
 def _last_line(p: Path) -> str:
@@ -258,8 +302,7 @@ def build(r: Recipe, progress=print) -> Image:
             raise ImageMissing(f"{tool} not found: apt-get install mmdebstrap e2fsprogs")
     final = image_dir(r)
     images_dir().mkdir(parents=True, exist_ok=True)
-    with open(images_dir() / f".{final.name}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(images_dir() / f".{final.name}.lock", f"the {r.kind} image build", timeout=3 * 3600):
         img = find(r)
         if img:  # another vmlab built it while we waited for the lock
             return img

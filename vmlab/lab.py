@@ -40,6 +40,15 @@ class LabOptions:
     extra_qemu_args: tuple = ()
 
 
+def boot_id() -> str:
+    """This machine's boot: a state file from before a reboot names no live process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            return f.read().strip()
+    except OSError:
+        return ""
+
+
 def qemu_version(binary: str = "qemu-system-x86_64") -> str:
     try:
         _, out, _ = proc.run_cmd([binary, "--version"], timeout=20)
@@ -162,20 +171,26 @@ class NestedLab:
         self.machine = QemuMachine(spec, self.workdir, detach=self.detach)
         try:
             self.machine.launch(timeout=30)
+            if self.detach:
+                # recorded at once: a detached QEMU outlives vmlab, so from here on
+                # 'vmlab lab down' must be able to find it whatever happens next
+                self._save_state()
             self.machine.wait_console({READY: "ready"}, self.opts.boot_timeout, "lab host ready")
             self.session = ssh.SSHSession.connect("lab", "127.0.0.1", self.ssh_port, self.key,
                                                   timeout=60, alive=self.machine.alive)
+            self.boot_seconds = round(time.monotonic() - start, 1)
+            progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release()}")
+            if self.detach:
+                self._save_state()
         except BaseException:
-            self.down()
+            with proc.signals_deferred():
+                self.down()
             raise
-        self.boot_seconds = round(time.monotonic() - start, 1)
-        progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release()}")
-        if self.detach:
-            self._save_state()
 
     # --- persistence for `vmlab lab up|status|down`
     def _save_state(self) -> None:
         st = {"version": 2, "pid": self.machine.pid, "start_time": self.machine.start_time,
+              "boot_id": boot_id(),
               "ssh_port": self.ssh_port, "accel": self.accel,
               "accel_reason": self.accel_reason, "qmp": self.machine.spec.qmp_socket,
               "console": self.machine.spec.console_log, "boot_seconds": self.boot_seconds,
@@ -194,13 +209,16 @@ class NestedLab:
         if st is None or any(k not in st for k in need) or not isinstance(st.get("pid"), int):
             return None, (f"no lab is up: {st_path} is corrupt or from an older vmlab; "
                           f"remove it (rm {st_path})")
-        if proc.pid_start_time(st["pid"]) != st["start_time"]:
+        if st.get("boot_id") not in (None, boot_id()) or \
+                proc.pid_start_time(st["pid"]) != st["start_time"]:
             return None, (f"no lab is up: the lab recorded in {st_path} is no longer running "
                           f"(console log: {st['console']})")
         return st, ""
 
     @classmethod
-    def attach(cls, workdir: Path) -> "NestedLab":
+    def attach(cls, workdir: Path, *, qmp: bool = False) -> "NestedLab":
+        """The running lab of ``workdir``: SSH always; QMP only when asked (QEMU serves one
+        QMP client at a time, so a command that does not need it must not hold it)."""
         st, why = cls.read_state(workdir)
         if st is None:
             raise UserError(why)
@@ -212,7 +230,8 @@ class NestedLab:
             if m is not None:
                 setattr(lab, attr, images.Image(kind, Path(p), m))
         lab.machine = cls._recorded_machine(workdir, st)
-        lab.machine.connect_qmp(timeout=10)
+        if qmp:
+            lab.machine.connect_qmp(timeout=10)
         lab.session = ssh.SSHSession.connect("lab", "127.0.0.1", lab.ssh_port, lab.key, timeout=30,
                                              alive=lab.machine.alive)
         return lab

@@ -6,11 +6,13 @@ registry stops the rest in order on normal exit, SIGINT and SIGTERM.
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import os
 import signal
 import subprocess
+import threading
 import time
 from typing import Callable, Sequence
 
@@ -27,12 +29,37 @@ def _die_with_parent() -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
+_DEFAULT = object()
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """Hold SIGINT and SIGTERM until the block ends: teardown runs whole, and an interrupt
+    that arrives meanwhile is delivered (and acted on) right after it."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 def popen(argv: Sequence[str], *, detach: bool = False, **kw) -> subprocess.Popen:
-    """Start a child: tied to vmlab's life unless ``detach`` (then in its own session)."""
+    """Start a child: tied to vmlab's life unless ``detach`` (then in its own session).
+    The child starts with no signal blocked, even when vmlab defers its own."""
     if detach:
         kw.setdefault("start_new_session", True)
-    else:
-        kw.setdefault("preexec_fn", _die_with_parent)
+    pre = kw.pop("preexec_fn", _DEFAULT)
+    if pre is _DEFAULT:
+        pre = None if detach else _die_with_parent
+
+    def child_setup():
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        if pre is not None:
+            pre()
+    kw["preexec_fn"] = child_setup
     log.debug("exec: %s", " ".join(map(str, argv)))
     return subprocess.Popen(list(map(str, argv)), **kw)
 

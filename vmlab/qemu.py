@@ -130,6 +130,9 @@ class QemuMachine:
         log.info("launching %s: %s", self.spec.name, self.spec.command_line())
         if self.spec.qmp_client:
             self.qmp = QMP.serve(self.spec.qmp_socket, nickname=self.spec.name)
+        else:
+            # a socket left by a killed QEMU would look ready before the new one listens
+            Path(self.spec.qmp_socket).unlink(missing_ok=True)
         err = open(self.stderr_path, "wb")
         try:
             # Its own session: a terminal's Ctrl-C or a signal to vmlab's process group must

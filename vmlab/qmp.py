@@ -88,6 +88,13 @@ class QMP(QEMUMonitorProtocol):
         except asyncio.TimeoutError:
             raise WaitTimeout(f"{what}: QMP greeting", timeout)
 
+    def close(self) -> None:
+        """Disconnect, bounded: a peer that never answers must not hold vmlab."""
+        try:
+            self._sync(self._qmp.disconnect(), 5)
+        except Exception:  # timed out or already broken: the socket goes with the process
+            pass
+
     def quit_within(self, timeout: float) -> None:
         """``quit`` that never waits longer than ``timeout`` for an answer."""
         old = self._timeout

@@ -121,8 +121,23 @@ class SSHSession:
         t = self.transport
         if t is None or not t.is_active():
             raise RemoteError(f"{self.name}: SSH session is gone")
-        chan = t.open_session(timeout=min(10, timeout))
-        chan.exec_command(command)
+        limit = min(10.0, timeout)
+        chan = t.open_session(timeout=limit)
+        # paramiko waits for the exec reply without a bound: closing the channel after
+        # ``limit`` wakes it (the wait ends with "Channel closed")
+        timer = threading.Timer(limit, chan.close)
+        timer.daemon = True
+        timer.start()
+        try:
+            chan.exec_command(command)
+        except paramiko.SSHException as e:
+            chan.close()
+            if not timer.is_alive():
+                raise WaitTimeout(f"{self.name}: start of '{command[:60]}'", limit) from e
+            raise RemoteError(f"{self.name}: cannot run '{command[:60]}': {e}") from e
+        finally:
+            timer.cancel()
+        chan.settimeout(timeout)  # bounds sendall() of input too
         return chan
 
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
@@ -192,12 +207,10 @@ class ChannelReader:
             self._drain()
             if stop is not None and stop():
                 return "stop"
-            if self.chan.exit_status_ready():
-                if not self._drain():
-                    self.rc = self.chan.recv_exit_status()
-                    return "exit"
-                continue
-            if self.chan.closed:
+            if self.chan.exit_status_ready() and not self._drain():
+                self.rc = self.chan.recv_exit_status()
+                return "exit"
+            if self.chan.closed and not self.chan.exit_status_ready():
                 raise RemoteError(f"{self.what}: the SSH channel closed without an exit status")
             now = time.monotonic()
             if now >= deadline:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from . import images
+from . import images, proc
 from .guest import Guest, GuestOptions
 from .lab import LabOptions, NestedLab
 
@@ -90,4 +90,5 @@ class Stack:
         return self
 
     def __exit__(self, *exc):
-        self.down()
+        with proc.signals_deferred():
+            self.down()

@@ -46,6 +46,10 @@ def test_default_experiment(images_ready):
     suite = ET.parse(res["_dir"] / "junit.xml").getroot()
     assert suite.get("tests") == "5" and suite.get("failures") == "0"  # baseline + 4 moves
     assert all(h["ok"] for h in res["kernel_health"].values()) and set(res["kernel_health"]) == {"lab", "guest"}
+    # verified MIGRATEs released their old generations as they went; what is left (the
+    # NO_ZAP control's retired set and the last pages) is released once the guest is gone
+    assert [m.get("released_pages") for m in res["moves"]] == [256, 256, 256, None]
+    assert res["released_at_end"] == 512
     assert "PASSED" in res["_stdout"]
     chain = res["caching_chain"]
     assert chain["exporter"]["caching"] == "WB" and chain["lab_host_pte"]["memtype"] == "WB"

@@ -19,7 +19,8 @@ class _Proc:
     """vmlab in its own process group (as a shell runs it), stderr collected on a thread."""
 
     def __init__(self, state, *args):
-        env = dict(os.environ, VMLAB_STATE_DIR=str(state))
+        (Path(state) / "run").mkdir(exist_ok=True)
+        env = dict(os.environ, VMLAB_STATE_DIR=str(state), XDG_RUNTIME_DIR=str(Path(state) / "run"))
         self.p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -92,6 +93,10 @@ def _interrupt(tmp_path, sig, phase, code, again=False):
     # no helper left either: nothing in the process table runs from this state dir
     left = subprocess.run(["pgrep", "-f", str(tmp_path)], capture_output=True, text=True).stdout.split()
     assert left == []
+    # teardown ran to its end: the lab's private run directory (key, share) is gone
+    assert list((tmp_path / "run").iterdir()) == [], list((tmp_path / "run").iterdir())
+    if again:
+        assert "still stopping" in v.stderr(), v.stderr()
 
 
 def _one_line_exit2(r):

@@ -220,3 +220,44 @@ def test_stop_recorded_stops_a_process_by_pid_and_start_time(tmp_path):
         if p.poll() is None:
             p.kill()
             p.wait()
+
+
+def test_reader_exit_with_endless_pending_output_still_times_out():
+    """After the exit status, output that keeps coming must not skip the deadline check."""
+    t = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        ChannelReader(FakeChannel(endless=True, rc=0), "exit+flood").read_until_exit(time.monotonic() + 0.5)
+    assert time.monotonic() - t < 2.0
+
+
+def test_mountinfo_paths_are_unescaped_exactly():
+    from vmlab.images import _unescape_mountinfo
+    assert _unescape_mountinfo("/root/.cache/jos\u00e9/a\\040b".encode()) == "/root/.cache/jos\u00e9/a b"
+    assert _unescape_mountinfo(b"/x\\134y\\011z") == "/x\\y\tz"
+
+
+def test_build_dir_removal_never_crosses_a_filesystem(tmp_path, monkeypatch):
+    """A directory on another filesystem (here: /proc bound in by a fake st_dev) is kept."""
+    from vmlab import images
+    work = tmp_path / "build"
+    (work / "root" / "dev").mkdir(parents=True)
+    (work / "root" / "etc").mkdir()
+    (work / "root" / "etc" / "f").write_text("x")
+    (work / "root" / "dev" / "null-ish").write_text("host device stand-in")
+    real_lstat = os.lstat
+
+    class St:
+        def __init__(self, st, dev):
+            self._st, self.st_dev = st, dev
+
+        def __getattr__(self, k):
+            return getattr(self._st, k)
+
+    def fake_lstat(p, *a, **kw):
+        st = real_lstat(p, *a, **kw)
+        return St(st, st.st_dev + 1) if str(p).startswith(str(work / "root" / "dev")) else st
+    monkeypatch.setattr(images.os, "lstat", fake_lstat)
+    monkeypatch.setattr(images, "mounts_under", lambda root: [])
+    assert images.remove_build_dir(work) is False
+    assert (work / "root" / "dev" / "null-ish").read_text() == "host device stand-in"
+    assert not (work / "root" / "etc").exists()
