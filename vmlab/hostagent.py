@@ -873,12 +873,15 @@ class Agent:
                 "page_memtype": U.MEMTYPE.get(page_mt & 0xFFFFFFFF, str(page_mt))}
 
     def op_move_under_writes(self, req):
-        """MOVE while a host thread keeps writing a counter into one page's guest area
-        through its own mapping (as a VMM or a guest would), then tell whether the last
-        write reached the pages the buffer now has: MIGRATE zaps before it copies, so no
-        write is lost; MIGRATE_NO_ZAP leaves the writer on the old pages (LOST_WRITE).
-        {"buf", "mode", "caching", "page", "after_ms"} -> last_written, fresh (read through
-        a new mapping), kept (through the writer's mapping), lost_write, writes."""
+        """MOVE while a host thread (as a VMM or a guest vCPU would) writes one page's guest
+        area through its own mapping, each 8-byte slot exactly once (so no later write can
+        hide a lost one), paced to straddle the move. Afterwards every slot the writer
+        completed must hold its value in the pages the buffer now has. MIGRATE zaps before
+        it copies: nothing is lost, however wide the exporter's move_window_ms; the old
+        order (copy, then zap) loses the writes made inside the window, and
+        MIGRATE_NO_ZAP loses every write after the copy (the negative control).
+        {"buf", "mode", "caching", "page", "pace_us"} -> slots_written, slots_during_move,
+        lost (slot numbers), lost_write, generation."""
         import ctypes
         b = self.buf(req)
         if not isinstance(b, VmlabBuffer):
@@ -886,52 +889,55 @@ class Agent:
         page = int(req.get("page", 0))
         if not 0 <= page < b.size // PAGE:
             raise AgentError(f"page {page} outside the buffer", errno.EINVAL)
-        off = page * PAGE + stamp.GUEST_OFF + 8   # the guest agent's tag lives at GUEST_OFF
+        base = page * PAGE + stamp.GUEST_OFF + 8   # slot 0 (GUEST_OFF) is the guest agent's tag
+        nslots = (PAGE - stamp.GUEST_OFF - 8) // 8
+        pace = float(req.get("pace_us", 200)) / 1e6
+        marker = 0x5752495400000000                   # "WRIT" << 32 | slot
         libc = _libc()
         addr = libc.mmap(None, b.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, b.fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise AgentError("mmap: " + os.strerror(ctypes.get_errno()), ctypes.get_errno())
-        stop, last = threading.Event(), [0]
+        done, moving, during = [0], threading.Event(), []
 
         def writer():
             v = ctypes.c_uint64(0)
-            while not stop.is_set():
-                v.value += 1
-                ctypes.memmove(addr + off, ctypes.byref(v), 8)   # faults without the GIL
-                last[0] = v.value
-
-        def read(a):
-            v = ctypes.c_uint64(0)
-            ctypes.memmove(ctypes.byref(v), a + off, 8)
-            return v.value
+            for k in range(nslots):
+                v.value = marker | k
+                ctypes.memmove(addr + base + 8 * k, ctypes.byref(v), 8)   # may fault; no GIL
+                done[0] = k + 1
+                if moving.is_set():
+                    during.append(k)
+                time.sleep(pace)
 
         t = threading.Thread(target=writer, daemon=True)
+        e = 0
         try:
             t.start()
-            while last[0] < 1000 and t.is_alive():
+            while done[0] < nslots // 8 and t.is_alive():
                 time.sleep(0.001)
             cach = U.CACHING_KEEP if req.get("caching") in (None, "KEEP") else U.CACHING[req["caching"]]
             mreq = U.pack(U.MOVE_S, U.MOVE_FIELDS, fd=b.fd, mode=U.MOVE[req["mode"]], caching=cach)
             cbuf = (ctypes.c_char * len(mreq)).from_buffer(mreq)
+            moving.set()
             rc = libc.ioctl(self.control(), U.IOC_MOVE, ctypes.addressof(cbuf))   # GIL released
+            moving.clear()
             e = ctypes.get_errno() if rc < 0 else 0
             del cbuf
-            at_move = last[0]
-            time.sleep(float(req.get("after_ms", 20)) / 1000)
-        finally:
-            stop.set()
-            t.join(30)
-        try:
-            if e:
-                raise AgentError(f"MOVE: {os.strerror(e)}", e)
-            b.generation = U.unpack(U.MOVE_S, U.MOVE_FIELDS, mreq)["generation"]
-            with mmap.mmap(b.fd, b.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
-                fresh = struct.unpack_from("<Q", m, off)[0]
-            kept = read(addr)
+            at_move = done[0]
+            t.join(120)
         finally:
             libc.munmap(addr, b.size)
-        return {"generation": b.generation, "last_written": last[0], "writes_before_move": at_move,
-                "fresh": fresh, "kept": kept, "lost_write": fresh != last[0]}
+        if t.is_alive():
+            raise AgentError("the writer did not finish within 120 s", errno.ETIMEDOUT)
+        if e:
+            raise AgentError(f"MOVE: {os.strerror(e)}", e)
+        b.generation = U.unpack(U.MOVE_S, U.MOVE_FIELDS, mreq)["generation"]
+        with mmap.mmap(b.fd, b.size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+            got = struct.unpack_from(f"<{nslots}Q", m, base)
+        lost = [k for k in range(done[0]) if got[k] != marker | k]
+        return {"generation": b.generation, "slots_written": done[0], "slots_before_move_returned": at_move,
+                "slots_during_move": len(during), "lost": lost[:16], "lost_count": len(lost),
+                "lost_write": bool(lost)}
 
     def op_release_quarantine(self, req):
         """Free retired pages: {"buf": handle} for a live buffer of this agent, or

@@ -47,6 +47,7 @@
 #include <linux/capability.h>
 #include <linux/compat.h>
 #include <linux/debugfs.h>
+#include <linux/delay.h>
 #include <linux/dma-buf.h>
 #include <linux/dma-mapping.h>
 #include <linux/err.h>
@@ -160,6 +161,19 @@ MODULE_PARM_DESC(max_order, "Largest page order of COMPOUND/NONCOMPOUND allocati
 static unsigned int max_quarantine_mb = 256;
 module_param(max_quarantine_mb, uint, 0644);
 MODULE_PARM_DESC(max_quarantine_mb, "Cap on retired (quarantined) pages of all buffers, in MiB; a MOVE past it fails with ENOSPC, a closed buffer's pages past it are freed at once (default 256)");
+
+/*
+ * Fault injection for the ordering test: widen MIGRATE's window between the copy of the
+ * guest area and the swap. With the zap first (the only correct order) a writer that
+ * touches the buffer inside the window faults and waits for the swap, so nothing is
+ * lost however wide the window; with the zap after the copy, every write inside the
+ * window lands on the old pages and is lost. On a one-vCPU lab the window is otherwise
+ * too short for any other thread to run inside it.
+ */
+#define VMLAB_MOVE_WINDOW_MS_MAX 1000u
+static unsigned int move_window_ms;
+module_param(move_window_ms, uint, 0644);
+MODULE_PARM_DESC(move_window_ms, "Test only: sleep this long inside MIGRATE between copying the guest area and the swap (default 0, at most 1000)");
 
 /* ------------------------------------------------------------------------- */
 /* Data structures                                                           */
@@ -740,6 +754,8 @@ static int vmlab_migrate_locked(struct vmlab_buffer *buf, u32 caching, bool zap)
 		still_mapped = atomic64_read(&buf->live_mappings) > 0 && buf->refaulted > 0;
 
 	vmlab_pageset_stamp(new, buf->id, buf->generation + 1, old);
+	if (READ_ONCE(move_window_ms))
+		msleep(min(READ_ONCE(move_window_ms), VMLAB_MOVE_WINDOW_MS_MAX));
 	ret = vmlab_pageset_set_caching(new, caching);
 	if (ret)
 		goto err_free_new;

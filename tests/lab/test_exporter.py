@@ -109,17 +109,26 @@ def test_zap_only_without_any_read_refaults_nothing(agent):
 
 
 @pytest.mark.parametrize("caching", ["WB", "WC"])
-def test_migrate_loses_no_write_the_negative_control_does(agent, caching):
-    """A host thread writes a counter into a page while the buffer moves. MIGRATE zaps
-    before it copies, so the last write is in the new pages; MIGRATE_NO_ZAP copies under a
-    live mapping, the writer goes on writing the old pages: the write is lost."""
-    h = agent.request("create", kind="vmlab", size=MiB, caching=caching)["buf"]
-    r = agent.request("move_under_writes", buf=h, mode="MIGRATE", page=5, timeout=300)
-    assert r["generation"] == 2 and r["writes_before_move"] >= 1000
-    assert not r["lost_write"] and r["fresh"] == r["kept"] == r["last_written"], r
-    r = agent.request("move_under_writes", buf=h, mode="MIGRATE_NO_ZAP", page=5, timeout=300)
-    assert r["generation"] == 3
-    assert r["lost_write"] and r["kept"] == r["last_written"] > r["fresh"], r
+def test_migrate_loses_no_write_the_negative_control_does(lab, agent, caching):
+    """A host thread writes each slot of a page's guest area once while the buffer moves,
+    and the exporter's move_window_ms holds MIGRATE between its copy and its swap so the
+    writer really runs inside the move (one lab vCPU would otherwise never let it). MIGRATE
+    zaps before it copies: the writer faults and waits, no write is lost. MIGRATE_NO_ZAP
+    copies under a live mapping: the writes after the copy land on the old pages, lost.
+    (Checked against the old order, copy then zap: MIGRATE then loses the window's writes.)"""
+    param = "/sys/module/vmlab_exporter/parameters/move_window_ms"
+    lab.run(f"echo 100 > {param}", timeout=30)
+    try:
+        h = agent.request("create", kind="vmlab", size=MiB, caching=caching)["buf"]
+        r = agent.request("move_under_writes", buf=h, mode="MIGRATE", page=5, pace_us=1000, timeout=300)
+        assert r["generation"] == 2 and r["slots_written"] == 255 and r["lost_count"] == 0, r
+        # the writer straddled the move: it had written before and went on after it
+        assert 0 < r["slots_before_move_returned"] < r["slots_written"], r
+        r = agent.request("move_under_writes", buf=h, mode="MIGRATE_NO_ZAP", page=6, timeout=300)
+        assert r["generation"] == 3
+        assert r["lost_write"] and r["lost_count"] > 0, r
+    finally:
+        lab.run(f"echo 0 > {param}", timeout=30)
     # the writer's mapping is gone, but only a zap clears "still mapped": FORCE does one
     info = agent.request("info", buf=h)
     assert info["stale_mapped"] == 1 and info["live_mappings"] == 0
