@@ -412,9 +412,12 @@ class Run:
                     if not ev["ok"]:
                         rec.update(verdict="NOT_ZAPPED", detail=ev["detail"])
                 if mv["concurrent"] and not rec["watch"]["seen"]:
-                    rec["verdict"] = oracle.worst([rec["verdict"], "GUEST_FAULT"])
-                    rec["detail"] = (f"the guest watcher never showed generation {generation} "
-                                     f"(exited: {self.watch.exited()}; last lines: {self.watch.last(3)})")
+                    # a watcher that died cannot vouch for anything; one that is alive but
+                    # never showed the new generation kept seeing old pages: stale
+                    dead = self.watch.exited()
+                    rec["verdict"] = oracle.worst([rec["verdict"], "GUEST_FAULT" if dead else "STALE"])
+                    rec["detail"] = (f"the guest watcher {'exited and ' if dead else ''}never showed "
+                                     f"generation {generation}; last lines: {self.watch.last(3)}")
                 if self.watch is not None:
                     window = self.watch.events_between(t_sent, time.monotonic())
                     faults = [e for e in window if "error" in e]
