@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.prereq import missing
+
 ROOT = Path(__file__).resolve().parents[2]
 RESULTS = Path(os.environ.get("VMLAB_TEST_RESULTS", ROOT / "results" / "tests"))
 
@@ -26,10 +28,6 @@ def _missing() -> str | None:
         if shutil.which(tool) is None:
             return f"{tool} is not installed (run host-tools/install-deps)"
     return None
-
-
-def under_ci() -> bool:
-    return os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
 
 
 def pytest_collection_modifyitems(config, items):
@@ -45,9 +43,7 @@ def pytest_runtest_setup(item):
         return
     why = _missing()
     if why:
-        if under_ci():
-            pytest.fail(f"lab prerequisite missing under CI: {why}", pytrace=False)
-        pytest.skip(why)
+        missing(why)
 
 
 def lab_stack(workdir: Path, guest_opts=None, **cli):

@@ -33,3 +33,14 @@ def test_missing_prerequisite_skips_locally():
     r = _pytest({})
     assert r.returncode == 0, r.stdout + r.stderr
     assert "1 skipped" in r.stdout
+
+
+def test_missing_tool_fails_unit_tests_under_ci(monkeypatch):
+    """The unit tests' own tools (gcc, make, cpio) follow the same rule."""
+    from tests.prereq import need_tools
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="no-such-tool-vmlab"):
+        need_tools("no-such-tool-vmlab")
+    monkeypatch.setenv("CI", "")
+    with pytest.raises(pytest.skip.Exception):
+        need_tools("no-such-tool-vmlab")

@@ -2,12 +2,13 @@
 number, constant, struct size and field offset."""
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.prereq import need_tools
 
 from vmlab import exporter_uapi as U
 
@@ -17,8 +18,7 @@ HEADER = EXP / "include" / "uapi" / "vmlab_exporter.h"
 
 
 def _gcc():
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
+    need_tools("gcc")
 
 
 @pytest.fixture(scope="module")

@@ -2,12 +2,13 @@
 guest-images/agent/gpu.c via vmlab_stamp.h) and the PPM screendump comparison."""
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from tests.prereq import need_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -41,8 +42,7 @@ def test_formula_matches_c(tmp_path):
     """Compile the agent's own fill_pattern() (gpu.c #included whole, with vmlab_stamp.h)
     into a tiny program that prints a pattern, and compare every pixel with
     expected_pixel."""
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed")
+    need_tools("gcc")
     prog = tmp_path / "pix.c"
     prog.write_text(r'''
 #include "%s"

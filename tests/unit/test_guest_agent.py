@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import struct
 import subprocess
@@ -17,6 +16,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.prereq import need_tools
 
 ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
@@ -33,8 +34,7 @@ PAGE = stamp.PAGE_SIZE
 
 @pytest.fixture(scope="module")
 def agent(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc is not installed: cannot build vmlab-guest-agent")
+    need_tools("gcc")
     out = tmp_path_factory.mktemp("agent") / "vmlab-guest-agent"
     # the agent is every guest-images/agent/*.c compiled together (gpu.c holds "gpu ...")
     cmd = ["gcc", "-static", "-O2", "-Wall", "-Wextra", "-Werror", "-I", str(UAPI),
@@ -79,8 +79,7 @@ def test_version(agent):
 
 
 def test_makefile_out_override(tmp_path):
-    if shutil.which("make") is None or shutil.which("gcc") is None:
-        pytest.skip("make or gcc missing")
+    need_tools("make", "gcc")
     out = tmp_path / "sub" / "agent-from-make"
     out.parent.mkdir()
     r = subprocess.run(["make", "-C", str(SRC.parent), f"OUT={out}"], capture_output=True,

@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import lzma
 import os
-import shutil
 import stat
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.prereq import need_tools
 
 from vmlab import initramfs
 from vmlab.initramfs import Cpio
@@ -18,8 +19,7 @@ KVER = "6.0.0"
 
 
 def extract(data: bytes, dest: Path) -> None:
-    if shutil.which("cpio") is None:
-        pytest.skip("cpio not installed")
+    need_tools("cpio")
     dest.mkdir()
     r = subprocess.run(["cpio", "-idm", "--quiet", "--no-absolute-filenames"], input=data, cwd=dest,
                        capture_output=True, timeout=30)
@@ -69,8 +69,7 @@ def test_cpio_parent_dirs_precede_children():
 
 
 def test_cpio_listing(tmp_path):
-    if shutil.which("cpio") is None:
-        pytest.skip("cpio not installed")
+    need_tools("cpio")
     c = Cpio()
     c.file("a/f", b"1")
     c.symlink("l", "a/f")

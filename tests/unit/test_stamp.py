@@ -1,12 +1,13 @@
 """vmlab/stamp.py against host-tools/stamp-vectors.txt and the C header vmlab_stamp.h."""
 from __future__ import annotations
 
-import shutil
 import struct
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from tests.prereq import need_tools
 
 from vmlab import stamp
 
@@ -125,8 +126,7 @@ int main(int argc, char **argv)
 
 @pytest.fixture(scope="module")
 def c_stamper(tmp_path_factory) -> Path:
-    if shutil.which("gcc") is None:
-        pytest.skip("gcc not installed")
+    need_tools("gcc")
     d = tmp_path_factory.mktemp("cstamp")
     (d / "s.c").write_text(C_SRC)
     r = subprocess.run(["gcc", "-O2", "-Wall", "-Werror", "-I", str(UAPI), "-o", str(d / "s"),
