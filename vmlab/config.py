@@ -59,7 +59,7 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
-from . import versions
+from . import oracle, versions
 from .errors import ConfigError
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
@@ -106,8 +106,8 @@ MERGE_RULE = ("Every setting that exists both as an option and in the experiment
               "default (lab memory 3072 MiB, lab boot timeout 300 s, guest kernel trixie, guest "
               "memory 512 MiB, guest boot timeout 240 s, guest gpu none).")
 
-VERDICTS = ("REFAULTED", "STALE", "TORN", "LOST_WRITE", "NOT_ZAPPED", "VMM_FAULT",
-            "GUEST_FAULT", "UNSUPPORTED")
+# what the oracle can say, plus UNSUPPORTED (an interface with no such move)
+VERDICTS = oracle.VERDICTS + ("UNSUPPORTED",)
 DEFAULT_BASELINE_EXPECT = "REFAULTED"
 # pairs that, listed together, accept every outcome a move can have
 _EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"))

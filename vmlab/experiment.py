@@ -37,6 +37,17 @@ class VMMDied(Exception):
     pass
 
 
+def kernel_state(vm) -> dict:
+    """dmesg and the taint mask of a VM now, to tell later what a run itself provoked."""
+    _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
+    first, _, rest = out.partition("\n")
+    try:
+        taint = int(first.strip())
+    except ValueError:
+        taint = 0
+    return {"taint": taint, "dmesg": rest}
+
+
 def results_dir(exp: cfgmod.Experiment, out: str | None) -> Path:
     """The run's own results directory, created here and by nobody else.
 
@@ -183,7 +194,7 @@ class Run:
             # which expectation applies is decided by the kernel that really booted
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)
-            self.health_start["lab"] = self.kernel_state(lab)
+            self.health_start["lab"] = kernel_state(lab)
             self.save()
             self.agent = HostAgent(lab, self.out / "hostagent.log")
             self.result["lab"]["agent"] = self.agent.request("hello")
@@ -198,7 +209,7 @@ class Run:
             self.result["guest"] = {"kernel": guest.run("uname -r", timeout=30)[1].strip(),
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
-            self.health_start["guest"] = self.kernel_state(guest)
+            self.health_start["guest"] = kernel_state(guest)
             self.result["caching_chain"] = self.caching_chain()
             self.save()
             if self.exp.raw.get("gpu_roundtrip"):
@@ -230,17 +241,6 @@ class Run:
                 self.finish()
         return 0 if self.result["passed"] else 1
 
-    @staticmethod
-    def kernel_state(vm) -> dict:
-        """dmesg and the taint mask now, to tell later what the run itself provoked."""
-        _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
-        first, _, rest = out.partition("\n")
-        try:
-            taint = int(first.strip())
-        except ValueError:
-            taint = 0
-        return {"taint": taint, "dmesg": rest}
-
     def check_health(self) -> None:
         """WARN/BUG/Oops or a new taint flag in either kernel fails the run unless the
         experiment says it expects them (``expect_kernel_warnings: true``)."""
@@ -251,7 +251,7 @@ class Run:
             if start is None or vm is None or getattr(vm, "session", None) is None:
                 continue
             try:
-                now = self.kernel_state(vm)
+                now = kernel_state(vm)
             except Exception as e:
                 # A kernel that cannot answer at the end is no clean run: the lab runs with
                 # oops=panic, so an oops after the last verdict shows up exactly like this.
@@ -572,7 +572,8 @@ class Watch:
         return [{k: v for k, v in e.items() if k != "rx"} for e in self.events[-n:]]
 
     def events_between(self, t0: float, t1: float) -> list[dict]:
-        self._pump(0.05)
+        if not self.exited():  # take what has arrived, without waiting for more
+            self.reader.pump(time.monotonic(), soft=True)
         return [e for e in self.events if t0 <= e["rx"] <= t1]
 
     def close(self) -> dict:

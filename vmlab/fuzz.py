@@ -16,7 +16,7 @@ CHUNK = 10_000
 def bench_fuzz(args, progress, workdir: Path, count: int = RANDOM_IOCTLS,
                race_seconds: float = 120, threads: int = 4) -> dict:
     from . import config as cfgmod
-    from .experiment import Run
+    from .experiment import kernel_state
     from .exporter import HostAgent
     from .stack import Stack, lab_options
     o = cfgmod.resolve(None, args)
@@ -26,7 +26,7 @@ def bench_fuzz(args, progress, workdir: Path, count: int = RANDOM_IOCTLS,
         lab = s.up_lab()
         res["lab_kernel"] = lab.kernel_release()
         res["lab_vcpus"] = 1 if lab.accel == "tcg" else 2
-        start = Run.kernel_state(lab)
+        start = kernel_state(lab)
         agent = HostAgent(lab, workdir / "hostagent-fuzz.log")
         try:
             t = time.monotonic()
@@ -54,7 +54,7 @@ def bench_fuzz(args, progress, workdir: Path, count: int = RANDOM_IOCTLS,
             progress(f"fuzz: race done, {r.get('ioctls')} ioctls and {r.get('touches')} page touches")
         finally:
             agent.close()
-        end = Run.kernel_state(lab)
+        end = kernel_state(lab)
         res["kernel_health"] = oracle.kernel_health(start["dmesg"], end["dmesg"], start["taint"], end["taint"])
         _, pages, _ = lab.run("cat /sys/kernel/debug/vmlab-exporter/pages", timeout=30, check=False)
         res["module_pages_at_end"] = int(pages.strip()) if pages.strip().isdigit() else None

@@ -134,23 +134,28 @@ def _group_alive(pgid: int) -> bool:
     # only zombies left (our own unreaped leader) counts as gone
     for d in os.listdir("/proc"):
         if d.isdigit():
-            try:
-                with open(f"/proc/{d}/stat") as f:
-                    fields = f.read().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[2]) == pgid and fields[0] != "Z":
+            st = _stat(int(d))
+            if st is not None and int(st[2]) == pgid and st[0] != "Z":
                 return True
     return False
+
+
+def _stat(pid: int) -> list[str] | None:
+    """/proc/PID/stat from field 3 (state) on, or None when the process is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
 
 
 def pid_start_time(pid: int) -> int | None:
     """The process's start time (clock ticks since boot, /proc/PID/stat field 22): with the
     pid it names one process for good, so a recycled pid is never signalled."""
+    st = _stat(pid)
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, ValueError, IndexError):
+        return int(st[19]) if st is not None else None
+    except (ValueError, IndexError):
         return None
 
 
@@ -175,8 +180,5 @@ def pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     # A zombie child of ours still answers kill(0); treat it as gone.
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
+    st = _stat(pid)
+    return st is not None and st[0] != "Z"

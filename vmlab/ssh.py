@@ -179,21 +179,19 @@ class ChannelReader:
     def _drain(self) -> bool:
         """Take what is ready now, at most ``BURST`` bytes per stream, so a stream that is
         always ready still comes back to the deadline check."""
-        got = 0
-        while got < self.BURST and self.chan.recv_ready():
-            data = self.chan.recv(1 << 20)
-            if not data:
-                break
-            got += len(data)
-            (self.on_out or self.out.extend)(data)
+        c = self.chan
+        got = self._take(c.recv_ready, c.recv, self.on_out or self.out.extend)
+        return self._take(c.recv_stderr_ready, c.recv_stderr, self.on_err or self.err.extend) or got
+
+    def _take(self, ready, recv, sink) -> bool:
         n = 0
-        while n < self.BURST and self.chan.recv_stderr_ready():
-            data = self.chan.recv_stderr(1 << 16)
+        while n < self.BURST and ready():
+            data = recv(1 << 20)
             if not data:
                 break
             n += len(data)
-            (self.on_err or self.err.extend)(data)
-        return bool(got or n)
+            sink(data)
+        return n > 0
 
     def pump(self, deadline: float, *, stop=None, on_tick=None, tick: float = 3.0,
              soft: bool = False) -> str:

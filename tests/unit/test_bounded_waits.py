@@ -38,6 +38,9 @@ class FakeChannel:
     def recv_stderr_ready(self):
         return False
 
+    def recv_stderr(self, n):
+        return b""
+
     def exit_status_ready(self):
         return self.rc is not None and not self.chunks
 
