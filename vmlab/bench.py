@@ -100,6 +100,48 @@ def bench_move(args, progress, sizes=("1M", "64M"), moves: int = 20) -> dict:
     return out
 
 
+def bench_hwtrace(args, progress, repeat: int, moves: int = 20) -> dict:
+    """The hardware oracle's cost: the same TCG lab, guest and move loop (1 MiB, ``moves``
+    MIGRATEs, each with a full verified read) without and with the plugin, alternating so
+    that drift in the machine hits both sides alike."""
+    from . import config as cfgmod
+    from .experiment import Run
+    sides: dict = {"stamps": [], "stamps+hw": []}
+    base = _workdir("hwtrace")
+    for i in range(repeat):
+        for name, oracle in (("stamps", "[stamps]"), ("stamps+hw", "[stamps, hw]")):
+            d = base / f"{name}-{i}"
+            d.mkdir()
+            cfg = d.parent / f"{name}-{i}.yaml"
+            cfg.write_text(f"version: 1\nname: bench-hwtrace\noracle: {oracle}\nlab: {{accel: tcg}}\n"
+                           f"exporter: {{kind: vmlab, size: 1M}}\n"
+                           f"moves:\n  - {{mode: MIGRATE, count: {moves}, expect: REFAULTED}}\n")
+            exp = cfgmod.load(cfg)
+            t = time.monotonic()
+            r = Run(exp, cfgmod.resolve(exp, args), d, progress)
+            r.run()
+            res = r.result
+            secs = [m["seconds"] for m in res["moves"] if m.get("seconds") is not None]
+            sides[name].append({"passed": res["passed"], "wall": time.monotonic() - t,
+                                "lab_boot": res.get("lab", {}).get("boot_seconds"),
+                                "guest_boot": res.get("guest", {}).get("boot_seconds"),
+                                "move_seconds": secs, "results": str(d)})
+    out: dict = {"moves_per_run": moves, "runs_per_side": repeat, "results": str(base)}
+    for name, runs in sides.items():
+        out[name] = {"passed": all(r["passed"] for r in runs),
+                     "wall_seconds": _stats([r["wall"] for r in runs]),
+                     "lab_boot_seconds": _stats([r["lab_boot"] for r in runs if r["lab_boot"]]),
+                     "guest_boot_seconds": _stats([r["guest_boot"] for r in runs if r["guest_boot"]]),
+                     "move_plus_verified_read_seconds": _stats([s for r in runs for s in r["move_seconds"]])}
+    def ratio(key):
+        a, b = out["stamps"][key].get("median"), out["stamps+hw"][key].get("median")
+        return round(b / a, 2) if a and b else None
+    out["slowdown_with_plugin"] = {k: ratio(k) for k in ("wall_seconds", "lab_boot_seconds",
+                                                         "guest_boot_seconds",
+                                                         "move_plus_verified_read_seconds")}
+    return out
+
+
 def _tail(path: Path, n: int = 6) -> list[str]:
     from .qemu import console_tail
     return console_tail(path, n).splitlines() if path.exists() else []
@@ -147,8 +189,16 @@ def bench_soak(args, progress, repeat: int) -> dict:
             "wall_seconds_per_run": _stats(walls), "results": str(base)}
 
 
+KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace")
+
+
 def run(args, progress) -> dict:
     what = [w.strip() for w in args.what.split(",") if w.strip()]
+    unknown = [w for w in what if w not in KINDS]
+    if unknown or not what:
+        from .errors import UserError
+        raise UserError(f"--what: {', '.join(unknown) or '(nothing)'}: not a benchmark "
+                        f"(choose from {', '.join(KINDS)})")
     res: dict = {"what": what, "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
     if "build" in what:
         res["image_build"] = bench_build(progress)
@@ -158,6 +208,8 @@ def run(args, progress) -> dict:
         res["move"] = bench_move(args, progress)
     if "soak" in what:
         res["soak"] = bench_soak(args, progress, max(1, args.repeat))
+    if "hwtrace" in what:
+        res["hwtrace"] = bench_hwtrace(args, progress, max(1, args.repeat))
     if "fuzz" in what:
         from .fuzz import bench_fuzz
         res["fuzz"] = bench_fuzz(args, progress, _workdir("fuzz"))

@@ -109,6 +109,8 @@ MERGE_RULE = ("Every setting that exists both as an option and in the experiment
 # what the oracle can say, plus UNSUPPORTED (an interface with no such move)
 VERDICTS = oracle.VERDICTS + ("UNSUPPORTED",)
 DEFAULT_BASELINE_EXPECT = "REFAULTED"
+# vmlab/hwtrace.py MAX_LAB_MEMORY_MB (not imported: the config layer stays below it)
+MAX_HW_LAB_MEMORY_MB = 3583
 # pairs that, listed together, accept every outcome a move can have
 _EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"))
 
@@ -522,8 +524,55 @@ def _semantic_errors(raw: dict) -> list:
             _constraints(m["expect"], p, errs)
             _check_expect(m["expect"], p, errs, what="move", mode=mode, kind=kind,
                           guest_write=m.get("guest_write") is True, inject=m.get("inject"))
+    _check_hw_oracle(raw, moves, errs)
     _check_vmm_chain(raw, errs)
     return errs
+
+
+def _check_hw_oracle(raw: dict, moves: list, errs: list) -> None:
+    """What needs the hardware oracle, and what the hardware oracle needs."""
+    oracles = raw.get("oracle") if isinstance(raw.get("oracle"), list) else []
+    hw = "hw" in oracles
+    if oracles and "stamps" not in oracles:
+        errs.append((["oracle"], "the stamps are always an oracle (the hardware one adds to them): "
+                     "write [stamps, hw]"))
+    for i, m in enumerate(moves):
+        if not isinstance(m, dict):
+            continue
+        if m.get("mode") == "MIGRATE_SILENT" and not hw:
+            errs.append((["moves", i, "mode"], "MIGRATE_SILENT leaves a stale mapping whose pages "
+                         "look current: only the hardware oracle can see it (oracle: [stamps, hw])"))
+        if not hw and "HW_STALE" in _spec_verdicts(m.get("expect")):
+            errs.append((["moves", i, "expect"], "HW_STALE is the hardware oracle's verdict: "
+                         "add oracle: [stamps, hw]"))
+    base = raw.get("baseline") if isinstance(raw.get("baseline"), dict) else {}
+    if "HW_STALE" in _spec_verdicts(base.get("expect")):
+        errs.append((["baseline", "expect"], "HW_STALE cannot be the outcome of the baseline read"))
+    if not hw:
+        return
+    kind = _get(raw, "exporter", "kind")
+    if kind not in (None, "vmlab"):
+        errs.append((["oracle"], f"hw needs exporter.kind vmlab (it reports its pages' pfns); "
+                     f"{kind} does not"))
+    if _get(raw, "lab", "accel") == "kvm":
+        errs.append((["lab", "accel"], "oracle hw runs in the lab's QEMU as a TCG plugin: "
+                     "lab.accel kvm contradicts it (leave it auto or say tcg)"))
+    mb = _get(raw, "lab", "memory_mb")
+    if isinstance(mb, int) and mb > MAX_HW_LAB_MEMORY_MB:
+        errs.append((["lab", "memory_mb"], f"{mb} with oracle hw: at most {MAX_HW_LAB_MEMORY_MB} "
+                     f"(QEMU 7.2's plugin API reports RAM above the PCI hole by its offset, "
+                     f"not its address)"))
+
+
+def _spec_verdicts(spec) -> set:
+    """Every verdict an expectation names, in any of its version-keyed entries."""
+    if isinstance(spec, dict):
+        return set().union(*(_spec_verdicts(v) for v in spec.values())) if spec else set()
+    if isinstance(spec, str):
+        return {spec}
+    if isinstance(spec, list):
+        return {v for v in spec if isinstance(v, str)}
+    return set()
 
 
 def _under(path: list, prefixes: list) -> bool:
@@ -662,6 +711,19 @@ def resolve(exp: Experiment | None, args=None) -> dict:
     out["lab_qemu_args"] = list(getattr(args, "lab_qemu_arg", None) or ()) if args is not None else []
     out["no_build"] = bool(getattr(args, "no_build", False)) if args is not None else False
     out["sources"] = src
+    out["oracle"] = list(exp.raw.get("oracle") or ["stamps"]) if exp is not None else ["stamps"]
+    if "hw" in out["oracle"]:
+        # a TCG plugin in the lab's QEMU: the lab must be TCG whatever else would pick
+        if out["accel"] == "kvm":
+            where = {"cli": "--accel", "config": "lab.accel"}.get(src["accel"], "accel")
+            raise ConfigError(exp.path if src["accel"] == "config" else "<command line>", where,
+                              "kvm contradicts oracle hw (a TCG plugin in the lab's QEMU)")
+        out["accel"] = "tcg"
+        if out["lab_memory_mb"] > MAX_HW_LAB_MEMORY_MB:
+            raise ConfigError("<command line>" if src["lab_memory_mb"] == "cli" else exp.path,
+                              "--lab-memory" if src["lab_memory_mb"] == "cli" else "lab.memory_mb",
+                              f"{out['lab_memory_mb']} with oracle hw: at most {MAX_HW_LAB_MEMORY_MB} "
+                              f"(QEMU 7.2's plugin API reports RAM above the PCI hole by its offset)")
     if exp is not None:
         def said(name):
             _dest, cfg_path, flag = _MERGE[name]

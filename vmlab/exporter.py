@@ -18,6 +18,7 @@ log = logging.getLogger("vmlab.exporter")
 class MoveMode(str, Enum):
     MIGRATE = "MIGRATE"
     MIGRATE_NO_ZAP = "MIGRATE_NO_ZAP"
+    MIGRATE_SILENT = "MIGRATE_SILENT"
     ZAP_ONLY = "ZAP_ONLY"
 
 

@@ -655,7 +655,7 @@ def fuzz_concurrent(ctl, count, seed, seconds=30, threads=4):
             if rnd.random() < 0.2:
                 ioctl_struct(U.IOC_INFO, U.INFO, U.INFO_FIELDS, fd=fd)
                 continue
-            mode = rnd.choice([1, 1, 2, 3])
+            mode = rnd.choice([1, 1, 2, 3, 4])
             cach = U.CACHING_KEEP if mode == 3 or rnd.random() < 0.5 else rnd.randrange(0, 3)
             ioctl_struct(U.IOC_MOVE, U.MOVE_S, U.MOVE_FIELDS, fd=fd, mode=mode, caching=cach)
 

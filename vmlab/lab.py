@@ -38,6 +38,7 @@ class LabOptions:
     memory_mb: int = 3072
     boot_timeout: float = 300
     extra_qemu_args: tuple = ()
+    hwtrace_plugin: str | None = None  # load the hardware oracle's TCG plugin (vmlab/hwtrace.py)
 
 
 def boot_id() -> str:
@@ -122,6 +123,7 @@ class NestedLab:
         self.guest_image: images.Image | None = None
         self.ssh_port: int | None = None
         self.boot_seconds: float | None = None
+        self.hwtrace_socket: str | None = None
 
     # --- files shared into the lab (read-only 9p): guest image + host agent
     def _prepare_share(self) -> Path:
@@ -165,7 +167,7 @@ class NestedLab:
             qmp_socket=str(self.rundir / "lab-qmp.sock"),
             # a detached lab outlives this process: QEMU must be the QMP server then
             qmp_client=not self.detach,
-            extra=list(self.opts.extra_qemu_args))
+            extra=list(self.opts.extra_qemu_args) + self._hwtrace_args())
         progress(f"booting lab host ({self.accel}: {self.accel_reason}); console: {spec.console_log}")
         start = time.monotonic()
         self.machine = QemuMachine(spec, self.workdir, detach=self.detach)
@@ -186,6 +188,16 @@ class NestedLab:
             with proc.signals_deferred():
                 self.down()
             raise
+
+    def _hwtrace_args(self) -> list[str]:
+        if not self.opts.hwtrace_plugin:
+            return []
+        if self.accel != "tcg":
+            raise ConfigError("<command line>", "accel", "the hardware oracle is a TCG plugin: "
+                              f"it cannot run in a {self.accel} lab")
+        # in the lab's private runtime directory (0700); the plugin makes the socket 0600
+        self.hwtrace_socket = str(self.rundir / "hwtrace.sock")
+        return ["-plugin", f"{self.opts.hwtrace_plugin},sock={self.hwtrace_socket}"]
 
     # --- persistence for `vmlab lab up|status|down`
     def _save_state(self) -> None:

@@ -18,8 +18,10 @@ from collections import Counter
 
 from . import stamp
 
-VERDICTS = ("REFAULTED", "STALE", "TORN", "LOST_WRITE", "NOT_ZAPPED", "VMM_FAULT", "GUEST_FAULT")
-_RANK = {"REFAULTED": 0, "STALE": 1, "LOST_WRITE": 2, "NOT_ZAPPED": 3, "TORN": 4,
+VERDICTS = ("REFAULTED", "STALE", "TORN", "LOST_WRITE", "NOT_ZAPPED", "VMM_FAULT", "GUEST_FAULT",
+            "HW_STALE")
+# HW_STALE: the stamps saw nothing wrong, the hardware oracle saw a retired page hit
+_RANK = {"REFAULTED": 0, "HW_STALE": 1, "STALE": 1, "LOST_WRITE": 2, "NOT_ZAPPED": 3, "TORN": 4,
          "GUEST_FAULT": 5, "VMM_FAULT": 6}
 
 

@@ -17,11 +17,12 @@ from .lab import LabOptions, NestedLab
 log = logging.getLogger("vmlab.stack")
 
 
-def lab_options(o: dict) -> LabOptions:
+def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
     """LabOptions from resolved options (``vmlab.config.resolve``)."""
     return LabOptions(accel=o["accel"], kernel=o["kernel"], kernel_image=o.get("kernel_image"),
                       memory_mb=o["lab_memory_mb"], boot_timeout=o["lab_boot_timeout"],
-                      extra_qemu_args=tuple(o.get("lab_qemu_args") or ()))
+                      extra_qemu_args=tuple(o.get("lab_qemu_args") or ()),
+                      hwtrace_plugin=hwtrace_plugin)
 
 
 def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,

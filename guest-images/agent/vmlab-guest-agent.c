@@ -43,6 +43,8 @@
 #define PAT_LIST AGENT_PAT_LIST
 #define IVSHMEM_VENDOR 0x1af4
 #define IVSHMEM_DEVICE 0x1110
+/* where every buffer mapping lives; vmlab/hwtrace.py knows it too */
+#define VMLAB_GUEST_MAP_VA 0x5a5a00000000UL
 
 /* ------------------------------------------------------------------ */
 /* errors and JSON helpers                                             */
@@ -450,7 +452,16 @@ static void map_buffer(const struct opts *o, struct mapping *m)
 			die("cannot open %s: %s", m->what, strerror(errno));
 	}
 	m->pages = m->size / PAGE;
-	p = mmap(NULL, m->size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, off);
+	/*
+	 * Always at the same address, which nothing else in the guest or the lab uses: the
+	 * hardware oracle in the outer QEMU tells this mapping's accesses apart by it.
+	 */
+	p = mmap((void *)VMLAB_GUEST_MAP_VA, m->size, PROT_READ | PROT_WRITE,
+		 MAP_SHARED | MAP_FIXED_NOREPLACE, fd, off);
+	if (p != MAP_FAILED && p != (void *)VMLAB_GUEST_MAP_VA) {
+		munmap(p, m->size);  /* a kernel before 4.17 took the address as a hint */
+		die("mmap %s did not land at 0x%lx", m->what, VMLAB_GUEST_MAP_VA);
+	}
 	if (p == MAP_FAILED) {
 		int e = errno;
 

@@ -724,14 +724,32 @@ out_put:
 }
 
 /*
- * MIGRATE (@zap) and MIGRATE_NO_ZAP.  MIGRATE zaps before it reads the old
- * pages: until the zap the VMM's PTEs and KVM's sptes can still write them,
- * and a write after the copy would be lost.  From the zap to the swap every
- * fault waits on buf->lock, then maps the new pages.
+ * The old set of a MIGRATE_SILENT move: every page restamped LIVE as page @i of
+ * generation @gen, exactly as the new set's page @i (the guest areas are equal:
+ * the new set was copied from this one).  The set keeps its own generation for
+ * the quarantine.
  */
-static int vmlab_migrate_locked(struct vmlab_buffer *buf, u32 caching, bool zap)
+static void vmlab_pageset_restamp_live(struct vmlab_pageset *ps, u64 id, u64 gen)
+{
+	unsigned long i;
+
+	for (i = 0; i < ps->npages; i++) {
+		vmlab_stamp_page(page_address(ps->pages[i]), id, gen, i, VMLAB_STAMP_LIVE);
+		if (!(i & 255))
+			cond_resched();
+	}
+}
+
+/*
+ * MIGRATE, MIGRATE_NO_ZAP and MIGRATE_SILENT.  MIGRATE zaps before it reads
+ * the old pages: until the zap the VMM's PTEs and KVM's sptes can still write
+ * them, and a write after the copy would be lost.  From the zap to the swap
+ * every fault waits on buf->lock, then maps the new pages.
+ */
+static int vmlab_migrate_locked(struct vmlab_buffer *buf, u32 caching, u32 mode)
 {
 	struct vmlab_pageset *old = buf->cur, *new;
+	bool zap = mode == VMLAB_MOVE_MIGRATE;
 	bool still_mapped = false;
 	int ret;
 
@@ -767,7 +785,10 @@ static int vmlab_migrate_locked(struct vmlab_buffer *buf, u32 caching, bool zap)
 		WRITE_ONCE(buf->stale_mapped, true);
 
 	/* a stale mapping may still reach the old pages: retire, never free */
-	vmlab_pageset_retire(old);
+	if (mode == VMLAB_MOVE_MIGRATE_SILENT)
+		vmlab_pageset_restamp_live(old, buf->id, buf->generation);
+	else
+		vmlab_pageset_retire(old);
 	vmlab_quarantine_add(old, still_mapped);
 	return 0;
 
@@ -1297,6 +1318,7 @@ static long vmlab_ioc_move(void __user *argp)
 	switch (arg.mode) {
 	case VMLAB_MOVE_MIGRATE:
 	case VMLAB_MOVE_MIGRATE_NO_ZAP:
+	case VMLAB_MOVE_MIGRATE_SILENT:
 		if (arg.caching != VMLAB_CACHING_KEEP && !vmlab_caching_valid(arg.caching))
 			return -EINVAL;
 		break;
@@ -1323,11 +1345,8 @@ static long vmlab_ioc_move(void __user *argp)
 		vmlab_zap_locked(buf);
 		ret = 0;
 		break;
-	case VMLAB_MOVE_MIGRATE:
-		ret = vmlab_migrate_locked(buf, caching, true);
-		break;
 	default:
-		ret = vmlab_migrate_locked(buf, caching, false);
+		ret = vmlab_migrate_locked(buf, caching, arg.mode);
 		break;
 	}
 	if (!ret) {

@@ -56,6 +56,12 @@
 #define VMLAB_MOVE_MIGRATE        1  /* new pages, zap, copy + gen+1, caching, quarantine old */
 #define VMLAB_MOVE_MIGRATE_NO_ZAP 2  /* copy + gen+1 without any zap: the negative control */
 #define VMLAB_MOVE_ZAP_ONLY       3  /* zap every mapping, keep the pages */
+/*
+ * As MIGRATE_NO_ZAP, but the old pages are stamped LIVE with the new generation
+ * instead of RETIRED: a stale mapping the stamps cannot see (only an oracle that
+ * knows which physical page an access hit can call it).  Test-only.
+ */
+#define VMLAB_MOVE_MIGRATE_SILENT 4
 
 /* page_cache_mode values as reported in memtype fields (x86 enum page_cache_mode) */
 #define VMLAB_MEMTYPE_WB       0

@@ -1,0 +1,76 @@
+"""Issue: the hardware oracle. The vmlab-hwtrace plugin runs in the real outer QEMU: first
+its control socket in a paused QEMU (no guest), then a whole `vmlab run` in which it sees
+which lab-host page each guest access hit after MIGRATE, MIGRATE_NO_ZAP and MIGRATE_SILENT."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import pytest
+
+from vmlab import hwtrace
+from vmlab.errors import InfraError
+
+from .test_experiments import run
+
+
+@pytest.fixture(scope="module")
+def plugin():
+    return str(hwtrace.plugin_path(print))
+
+
+def test_plugin_control_socket_in_real_qemu(plugin, tmp_path):
+    sock = tmp_path / "hw.sock"
+    q = subprocess.Popen(["qemu-system-x86_64", "-M", "pc", "-accel", "tcg", "-S", "-nodefaults",
+                          "-display", "none", "-m", "64", "-plugin", f"{plugin},sock={sock}"],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    hw = hwtrace.HwTrace(str(sock), timeout=10)
+    try:
+        hello = hw.connect(within=30)
+        assert hello["abi"] == hwtrace.PLUGIN_ABI and hello["plugin_api"] >= 1
+        assert stat.S_IMODE(os.stat(sock).st_mode) == 0o600
+        for bad in ("range 10 5", "range zz 10", "set old 12 xyz", "epoch -1", "sample x", "frobnicate"):
+            with pytest.raises(InfraError, match="hardware oracle"):
+                hw.command(bad)
+        hw.watch({0x10, 0x11}, {0x20, 0x21, 0x22}, 7, hwtrace.GUEST_MAP_VA, hwtrace.GUEST_MAP_VA + 8192)
+        d = hw.dump()
+        assert d["epoch"] == 7 and d["old"]["pages"] == 2 and d["new"]["pages"] == 3
+        assert d["va"] == [hwtrace.GUEST_MAP_VA, hwtrace.GUEST_MAP_VA + 8192]
+        assert d["in_range"] == 0 and d["first_old_hit_ns"] is None
+        # a 64 MiB buffer's pfn list in one line
+        hw.command("set new " + " ".join(f"{p:x}" for p in range(1 << 20, (1 << 20) + 16384)))
+        assert hw.dump()["new"]["pages"] == 16384
+    finally:
+        hw.close()
+        q.terminate()
+        q.wait(timeout=30)
+    assert not sock.exists(), "the plugin leaves no socket behind"
+
+
+def test_hardware_oracle_judges_every_move(images_ready):
+    res = run("hw-oracle", "hw-oracle.yaml")
+    assert res["passed"] is True
+    assert res["lab"]["accel"] == "tcg"
+    assert res["hw_oracle"]["qemu"] == hwtrace.qemu_source_version()[1]
+    npages = 256
+    base = res["baseline"]["hw_oracle"]
+    assert base["verdict"] == "HW_REFAULTED" and base["pages_hit_new"] == npages
+    mig, nozap, mig2, silent = res["moves"]
+    for m in (mig, mig2):
+        h = m["hw_oracle"]
+        assert m["verdict"] == "REFAULTED" and h["verdict"] == "HW_REFAULTED"
+        assert h["guest_hits_old"] == 0 and h["guest_hits_new"] > 0
+        # the full read is 512 eight-byte loads per page, every one at a current pfn
+        assert h["guest_hits_new"] >= 512 * npages and h["accesses_elsewhere"] == 0
+    h = nozap["hw_oracle"]
+    assert nozap["verdict"] == "STALE" and h["verdict"] == "HW_STALE"
+    assert h["guest_hits_old"] > 0 and h["guest_hits_new"] == 0
+    assert h["old_hits"] and h["old_hits"][0]["vaddr"].startswith(hex(hwtrace.GUEST_MAP_VA)[:6])
+    # the silent move: every stamp reads current, the hardware sees retired pages
+    h = silent["hw_oracle"]
+    assert silent["stamps_verdict"] == "REFAULTED" and silent["pages"] == {"REFAULTED": npages}
+    assert h["verdict"] == "HW_STALE" and h["guest_hits_old"] > 0 and h["guest_hits_new"] == 0
+    assert silent["verdict"] == "HW_STALE"
+    assert "disagree" in silent["oracle_disagreement"]
+    assert not any(m.get("oracle_disagreement") for m in (mig, nozap, mig2))
