@@ -693,7 +693,8 @@ def resolve(exp: Experiment | None, args=None) -> dict:
     Returns a JSON-able dict with every key of DEFAULTS (accel, kernel, kernel_image,
     guest_kernel, lab_memory_mb, lab_boot_timeout, guest_memory_mb, guest_boot_timeout,
     guest_gpu, guest_mapping), plus the command-line-only ``lab_qemu_args`` (list) and
-    ``no_build`` (bool), and ``sources``: setting -> "cli" | "config" | "default".
+    ``no_build`` (bool), ``oracle`` (list), and ``sources``: setting -> "cli" | "config" |
+    "default" | "oracle hw" (accel forced to tcg by the hardware oracle).
     Re-checks the exporter size against the merged lab and guest memory (ConfigError, exit 2:
     call it before anything boots)."""
     out, src = {}, {}
@@ -718,7 +719,8 @@ def resolve(exp: Experiment | None, args=None) -> dict:
             where = {"cli": "--accel", "config": "lab.accel"}.get(src["accel"], "accel")
             raise ConfigError(exp.path if src["accel"] == "config" else "<command line>", where,
                               "kvm contradicts oracle hw (a TCG plugin in the lab's QEMU)")
-        out["accel"] = "tcg"
+        if out["accel"] != "tcg":
+            out["accel"], src["accel"] = "tcg", "oracle hw"
         if out["lab_memory_mb"] > MAX_HW_LAB_MEMORY_MB:
             raise ConfigError("<command line>" if src["lab_memory_mb"] == "cli" else exp.path,
                               "--lab-memory" if src["lab_memory_mb"] == "cli" else "lab.memory_mb",

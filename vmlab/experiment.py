@@ -190,6 +190,9 @@ class Run:
         plugin = None
         if "hw" in o.get("oracle", ()):
             plugin = str(hwtrace.plugin_path(self.progress))
+            if o["sources"].get("accel") == "oracle hw":
+                self.progress("hardware oracle: the lab runs under TCG (the oracle is a TCG plugin "
+                              "in the lab's QEMU)")
             self.result["hw_oracle"] = {"plugin": plugin, "qemu": hwtrace.qemu_source_version()[1],
                                         "guest_map_va": hex(hwtrace.GUEST_MAP_VA)}
         self.stack = Stack(self.out, self.progress, lab_options(o, hwtrace_plugin=plugin), gopts,

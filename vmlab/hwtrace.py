@@ -286,7 +286,11 @@ def verdict(dump: dict, npages: int) -> dict:
            "accesses_in_range": dump["in_range"], "accesses_elsewhere": dump["other"],
            "io": dump["io"], "no_hwaddr": dump["no_hwaddr"],
            "old_hits": [{"pfn": h["pfn"], "vaddr": hex(h["vaddr"]), "pc": hex(h["pc"]),
-                         "ns": h["ns"], "store": h["store"]} for h in dump.get("old_hits", [])]}
+                         "ns": h["ns"], "store": h["store"]} for h in dump.get("old_hits", [])],
+           # every retired-page hit, by the guest instruction that made it
+           "old_hits_by_pc": [{"pc": hex(p["pc"]), "hits": p["hits"], "vaddr_min": hex(p["vaddr_min"]),
+                               "vaddr_max": hex(p["vaddr_max"])} for p in dump.get("old_hits_by_pc", [])],
+           "old_hits_other_pcs": dump.get("old_hits_other_pcs", 0)}
     if old["hits"]:
         out["verdict"] = "HW_STALE"
         out["detail"] = (f"{old['hits']} guest accesses hit {old['pages_hit']} retired page(s) after "

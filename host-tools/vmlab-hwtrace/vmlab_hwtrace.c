@@ -19,7 +19,9 @@
  *   set old|new PFN...     replace the OLD or NEW pfn set (hex pfns, any order)
  *   epoch N                start epoch N: counters and hit records reset
  *   sample K               also record the next K in-range accesses, whatever page
- *   dump                   JSON with this epoch's counters
+ *   dump                   JSON with this epoch's counters: hits per set, and every
+ *                          retired-page hit by guest PC (count, vaddr range), the first
+ *                          MAX_HITS of them one by one
  *   hello                  JSON with the plugin's ABI and the QEMU plugin API version
  *
  * Physical addresses: QEMU 7.2's qemu_plugin_hwaddr_phys_addr() returns the RAM block
@@ -49,6 +51,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
 #define HWTRACE_ABI 1
 #define MAX_HITS 64        /* retired-page hit records kept per epoch */
+#define MAX_PCS 64         /* distinct guest PCs whose retired-page hits are counted */
 #define MAX_SAMPLES 4096   /* in-range sample records kept per epoch */
 #define MAX_LINE (8u << 20) /* a 64 MiB buffer's pfn list is ~300 KiB of hex */
 #define PAGE_SHIFT 12
@@ -64,6 +67,11 @@ struct hit {
 	int store;
 };
 
+/* every retired-page hit, by the instruction that made it */
+struct pcstat {
+	uint64_t pc, count, vmin, vmax;
+};
+
 static struct {
 	pthread_mutex_t lock;  /* everything below except the range */
 	struct pfnset set[2];  /* 0 OLD, 1 NEW */
@@ -72,6 +80,9 @@ static struct {
 	uint64_t first_old_ns;  /* 0: none */
 	struct hit hits[MAX_HITS];
 	size_t nhits;
+	struct pcstat pcs[MAX_PCS];
+	size_t npcs;
+	uint64_t pcs_dropped;  /* retired-page hits from PCs beyond MAX_PCS */
 	struct hit samples[MAX_SAMPLES];
 	size_t nsamples, want_samples;
 } st = { .lock = PTHREAD_MUTEX_INITIALIZER };
@@ -145,6 +156,22 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
 	}
 	st.set[which].hits[i]++;
 	if (which == 0) {
+		uint64_t pc = (uint64_t)(uintptr_t)udata;
+		size_t k;
+
+		for (k = 0; k < st.npcs && st.pcs[k].pc != pc; k++)
+			;
+		if (k == st.npcs && k < MAX_PCS)
+			st.pcs[st.npcs++] = (struct pcstat){ pc, 0, vaddr, vaddr };
+		if (k < st.npcs) {
+			st.pcs[k].count++;
+			if (vaddr < st.pcs[k].vmin)
+				st.pcs[k].vmin = vaddr;
+			if (vaddr > st.pcs[k].vmax)
+				st.pcs[k].vmax = vaddr;
+		} else {
+			st.pcs_dropped++;
+		}
 		if (!st.first_old_ns)
 			st.first_old_ns = ns ? ns : 1;
 		if (st.nhits < MAX_HITS)
@@ -244,7 +271,7 @@ static size_t set_pages_hit(const struct pfnset *s, uint64_t *total)
 /* caller holds st.lock; returns a malloc'd JSON line */
 static char *dump_json(void)
 {
-	size_t cap = 4096 + (st.nhits + st.nsamples) * 160, len = 0, i;
+	size_t cap = 4096 + (st.nhits + st.nsamples + st.npcs) * 160, len = 0, i;
 	char *b = malloc(cap);
 	uint64_t oh, nh;
 	size_t op = set_pages_hit(&st.set[0], &oh), np = set_pages_hit(&st.set[1], &nh);
@@ -263,6 +290,12 @@ static char *dump_json(void)
 		OUT("%" PRIu64, st.first_old_ns);
 	else
 		OUT("null");
+	OUT(",\"old_hits_by_pc\":[");
+	for (i = 0; i < st.npcs; i++)
+		OUT("%s{\"pc\":%" PRIu64 ",\"hits\":%" PRIu64 ",\"vaddr_min\":%" PRIu64
+		    ",\"vaddr_max\":%" PRIu64 "}", i ? "," : "", st.pcs[i].pc, st.pcs[i].count,
+		    st.pcs[i].vmin, st.pcs[i].vmax);
+	OUT("],\"old_hits_other_pcs\":%" PRIu64, st.pcs_dropped);
 	for (int pass = 0; pass < 2; pass++) {
 		const struct hit *h = pass ? st.samples : st.hits;
 		size_t n = pass ? st.nsamples : st.nhits;
@@ -288,7 +321,8 @@ static void reset_epoch(uint64_t n)
 	st.epoch_start_ns = now_ns();
 	st.in_range = st.other = st.io = st.nohw = 0;
 	st.first_old_ns = 0;
-	st.nhits = st.nsamples = 0;
+	st.nhits = st.nsamples = st.npcs = 0;
+	st.pcs_dropped = 0;
 }
 
 static char *handle(char *line)

@@ -37,7 +37,7 @@ def test_plugin_control_socket_in_real_qemu(plugin, tmp_path):
         d = hw.dump()
         assert d["epoch"] == 7 and d["old"]["pages"] == 2 and d["new"]["pages"] == 3
         assert d["va"] == [hwtrace.GUEST_MAP_VA, hwtrace.GUEST_MAP_VA + 8192]
-        assert d["in_range"] == 0 and d["first_old_hit_ns"] is None
+        assert d["in_range"] == 0 and d["first_old_hit_ns"] is None and d["old_hits_by_pc"] == []
         # a 64 MiB buffer's pfn list in one line
         hw.command("set new " + " ".join(f"{p:x}" for p in range(1 << 20, (1 << 20) + 16384)))
         assert hw.dump()["new"]["pages"] == 16384
@@ -67,6 +67,9 @@ def test_hardware_oracle_judges_every_move(images_ready):
     assert nozap["verdict"] == "STALE" and h["verdict"] == "HW_STALE"
     assert h["guest_hits_old"] > 0 and h["guest_hits_new"] == 0
     assert h["old_hits"] and h["old_hits"][0]["vaddr"].startswith(hex(hwtrace.GUEST_MAP_VA)[:6])
+    # every retired-page hit is accounted for by the guest instruction that made it
+    assert sum(p["hits"] for p in h["old_hits_by_pc"]) + h["old_hits_other_pcs"] == h["guest_hits_old"]
+    assert all(int(p["vaddr_min"], 16) >= hwtrace.GUEST_MAP_VA for p in h["old_hits_by_pc"])
     # the silent move: every stamp reads current, the hardware sees retired pages
     h = silent["hw_oracle"]
     assert silent["stamps_verdict"] == "REFAULTED" and silent["pages"] == {"REFAULTED": npages}

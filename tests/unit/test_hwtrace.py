@@ -76,6 +76,7 @@ def _exp(tmp_path, text):
 def test_hw_forces_a_tcg_lab(tmp_path):
     o = config.resolve(_exp(tmp_path, "oracle: [stamps, hw]\n"), SimpleNamespace())
     assert o["oracle"] == ["stamps", "hw"] and o["accel"] == "tcg"
+    assert o["sources"]["accel"] == "oracle hw"
     o = config.resolve(_exp(tmp_path, ""), SimpleNamespace())
     assert o["oracle"] == ["stamps"] and o["accel"] == "auto"
 
