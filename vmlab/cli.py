@@ -13,7 +13,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import UserError, VmlabError
+from .errors import CouldNotTest, UserError, VmlabError
 
 log = logging.getLogger("vmlab")
 _T0 = time.monotonic()
@@ -348,6 +348,10 @@ def main(argv=None) -> int:
     except UserError as e:
         print(f"vmlab: error: {e}", file=sys.stderr)
         return 2
+    except CouldNotTest as e:
+        log.debug("%s", traceback.format_exc())
+        print(f"vmlab: could not test: {e}", file=sys.stderr)
+        return 125
     except VmlabError as e:
         log.debug("%s", traceback.format_exc())
         print(f"vmlab: failed: {e}", file=sys.stderr)

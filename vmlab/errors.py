@@ -4,8 +4,11 @@
     ├── UserError              exit 2, one line, no traceback: the user can fix it
     │   ├── ConfigError        bad YAML/CLI input (names the file and key path)
     │   ├── ImageMissing       an image that is not built and may not be built now
-    │   ├── BootFailure        a VM did not come up: names cause and console log
     │   └── NotRoot            an action needs root
+    ├── CouldNotTest           exit 125, one line: what belongs to the kernel or QEMU under
+    │   │                      test failed before an experiment could judge anything
+    │   │                      (`git bisect run` reads 125 as "skip this commit")
+    │   └── BootFailure        a VM did not come up: names cause and console log
     └── InfraError             exit 1, with traceback in the log: vmlab or the machine broke
         ├── CommandFailed      a subprocess exited non-zero (argv, rc, output kept)
         ├── WaitTimeout        a bounded wait ran out (what was awaited, how long)
@@ -34,9 +37,16 @@ class ImageMissing(UserError):
     pass
 
 
-class BootFailure(UserError):
-    def __init__(self, what: str, cause: str, console: str | None = None):
-        self.what, self.cause, self.console = what, cause, console
+class CouldNotTest(VmlabError):
+    exit_code = 125
+
+
+class BootFailure(CouldNotTest):
+    """``retryable``: False when QEMU refused to start at all (its arguments; the same
+    again), True when a started VM did not come up (a panic, a hang: TCG can flake)."""
+
+    def __init__(self, what: str, cause: str, console: str | None = None, retryable: bool = True):
+        self.what, self.cause, self.console, self.retryable = what, cause, console, retryable
         tail = f" (console log: {console})" if console else ""
         super().__init__(f"{what} failed to boot: {cause}{tail}")
 

@@ -205,7 +205,8 @@ class Run:
                 self.progress("hardware oracle: the TCG plugin in the lab's QEMU answers")
             release = lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
-                                  "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds}
+                                  "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,
+                                  "boot_failures_retried": self.stack.boot_failures}
             # which expectation applies is decided by the kernel that really booted
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)

@@ -159,10 +159,12 @@ class QemuMachine:
                 if self.proc.poll() is None:
                     self.connect_qmp(timeout)
             if self.proc.poll() is not None:
-                raise self.failure(f"QEMU exited early with status {self.proc.returncode}")
+                raise self.failure(f"QEMU exited early with status {self.proc.returncode}",
+                                   retryable=False)
         except QMPGone:
             self.shutdown(quick=True)
-            raise self.failure(f"QEMU exited early with status {self.proc.returncode}")
+            raise self.failure(f"QEMU exited early with status {self.proc.returncode}",
+                               retryable=False)
         except BaseException:
             self.shutdown(quick=True)
             raise
@@ -181,7 +183,7 @@ class QemuMachine:
         q.settimeout(30)
         self.qmp = q
 
-    def failure(self, cause: str) -> BootFailure:
+    def failure(self, cause: str, retryable: bool = True) -> BootFailure:
         """A BootFailure naming QEMU's last words (stderr) and the console log."""
         last = ""
         try:
@@ -191,7 +193,7 @@ class QemuMachine:
             pass
         if last:
             cause = f"{cause}: {last}"
-        return BootFailure(self.spec.name, cause, str(self.console_path))
+        return BootFailure(self.spec.name, cause, str(self.console_path), retryable=retryable)
 
     def alive(self) -> bool:
         if self.proc is not None:

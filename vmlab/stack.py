@@ -11,10 +11,12 @@ import logging
 from pathlib import Path
 
 from . import images, proc
+from .errors import BootFailure
 from .guest import Guest, GuestOptions
 from .lab import LabOptions, NestedLab
 
 log = logging.getLogger("vmlab.stack")
+LAB_BOOT_ATTEMPTS = 2
 
 
 def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
@@ -48,13 +50,38 @@ class Stack:
         self.lab: NestedLab | None = None
         self.guest: Guest | None = None
         self.lab_image = self.guest_image = None
+        self.boot_failures: list[dict] = []   # lab boots that failed and were retried
 
     def up_lab(self) -> NestedLab:
+        """Boot the lab; a started lab that does not come up (a panic or a hang: TCG's
+        SVM emulation flakes about once in 80 boots) is booted once more, and counted in
+        ``boot_failures``. A QEMU that refuses its arguments is not retried."""
         self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
                                                       build=self.build, progress=self.progress)
-        self.lab = NestedLab(self.workdir, self.lab_opts)
-        self.lab.up(self.lab_image, self.guest_image, self.progress)
-        return self.lab
+        for attempt in range(1, LAB_BOOT_ATTEMPTS + 1):
+            self.lab = NestedLab(self.workdir, self.lab_opts)
+            try:
+                self.lab.up(self.lab_image, self.guest_image, self.progress)
+                return self.lab
+            except BootFailure as e:
+                self.lab = None
+                if not e.retryable or attempt == LAB_BOOT_ATTEMPTS:
+                    raise
+                kept = self._keep_attempt_logs(attempt)
+                self.boot_failures.append({"attempt": attempt, "error": str(e), "logs": kept})
+                self.progress(f"lab host did not come up (attempt {attempt} of {LAB_BOOT_ATTEMPTS}): "
+                              f"{e}; booting it again")
+        raise AssertionError("unreachable")
+
+    def _keep_attempt_logs(self, attempt: int) -> list[str]:
+        kept = []
+        for name in ("lab-console.log", "lab.qemu.log"):
+            src = self.workdir / name
+            if src.exists():
+                dst = self.workdir / name.replace(".log", f".attempt{attempt}.log")
+                src.rename(dst)
+                kept.append(dst.name)
+        return kept
 
     def up_guest(self) -> Guest:
         self.guest = Guest(self.lab, self.guest_opts, self.workdir)

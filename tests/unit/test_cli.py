@@ -7,6 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+from vmlab import cli, errors
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -99,3 +103,32 @@ def test_doctor_no_boot_text(tmp_path):
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("machine: kernel ")
     assert "QEMU" in r.stdout
+
+
+# --- exit codes: the contract `git bisect run` and CI read ----------------------------------
+@pytest.mark.parametrize("exc, code, prefix", [
+    (lambda: errors.ConfigError("x.yaml", "moves[0].mode", "bad"), 2, "vmlab: error:"),
+    (lambda: errors.BootFailure("lab", "kernel panic: boom", "/r/lab-console.log"), 125,
+     "vmlab: could not test:"),
+    (lambda: errors.BootFailure("lab", "QEMU exited early", None, retryable=False), 125,
+     "vmlab: could not test:"),
+    (lambda: errors.RemoteError("agent said no"), 1, "vmlab: failed:"),
+    (lambda: KeyboardInterrupt(), 130, "vmlab: interrupted"),
+    (lambda: cli.Terminated(), 143, "vmlab: terminated"),
+])
+def test_exit_codes(monkeypatch, capsys, exc, code, prefix):
+    def boom(_a):
+        raise exc()
+    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)   # pytest keeps its handlers
+    monkeypatch.setattr(cli, "cmd_run", boom)
+    assert cli.main(["run"]) == code
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(prefix), err
+
+
+def test_a_command_that_returns_passes_its_code_through(monkeypatch):
+    monkeypatch.setattr(cli.signal, "signal", lambda *a: None)
+    monkeypatch.setattr(cli, "cmd_run", lambda _a: 1)   # an expectation missed
+    assert cli.main(["run"]) == 1
+    monkeypatch.setattr(cli, "cmd_run", lambda _a: 0)
+    assert cli.main(["run"]) == 0

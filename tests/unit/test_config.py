@@ -419,17 +419,19 @@ def test_resolve_config_over_default(tmp_path):
 def test_resolve_cli_over_config(tmp_path):
     """The same rule for every option: memory and boot timeout too (argparse defaults once won)."""
     from vmlab import cli
+    kimg = tmp_path / "bzImage"
+    kimg.write_bytes(b"k")
     exp = _exp(tmp_path, "version: 1\nname: m\nlab: {kernel: trixie-backports, accel: tcg, memory_mb: 4096, "
                "boot_timeout: 100}\nguest: {kernel: bookworm-backports, memory_mb: 1024, boot_timeout: 60}\n"
                "exporter: {kind: vmlab, size: 1M}\nmoves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
     a = cli.parser().parse_args(["run", "--kernel", "trixie", "--accel", "kvm", "--lab-memory", "2048",
                                  "--boot-timeout", "50", "--guest-kernel", "trixie", "--guest-memory", "768",
-                                 "--guest-boot-timeout", "30", "--kernel-image", "/k", "--lab-qemu-arg=-S",
+                                 "--guest-boot-timeout", "30", "--kernel-image", str(kimg), "--lab-qemu-arg=-S",
                                  "--no-build"])
     o = config.resolve(exp, a)
     assert (o["kernel"], o["accel"], o["lab_memory_mb"], o["lab_boot_timeout"]) == ("trixie", "kvm", 2048, 50.0)
     assert (o["guest_kernel"], o["guest_memory_mb"], o["guest_boot_timeout"]) == ("trixie", 768, 30.0)
-    assert o["kernel_image"] == "/k" and o["lab_qemu_args"] == ["-S"] and o["no_build"] is True
+    assert o["kernel_image"] == str(kimg) and o["lab_qemu_args"] == ["-S"] and o["no_build"] is True
     assert all(o["sources"][k] == "cli" for k in ("kernel", "accel", "lab_memory_mb", "lab_boot_timeout",
                                                   "guest_kernel", "guest_memory_mb", "guest_boot_timeout"))
 
@@ -445,3 +447,10 @@ def test_resolve_rechecks_size_against_cli_memory(tmp_path):
             config.resolve(exp, cli.parser().parse_args(argv))
         s = str(ei.value)
         assert "exporter.size" in s and words in s and "\n" not in s and ei.value.exit_code == 2
+
+
+def test_a_kernel_image_that_does_not_exist_is_input_not_a_boot_failure(tmp_path):
+    from vmlab import cli
+    a = cli.parser().parse_args(["run", "--kernel-image", str(tmp_path / "nope")])
+    with pytest.raises(ConfigError, match="--kernel-image.*no such file"):
+        config.resolve(None, a)
