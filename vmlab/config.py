@@ -110,10 +110,11 @@ MERGE_RULE = ("Every setting that exists both as an option and in the experiment
 # what the oracle can say, plus UNSUPPORTED (an interface with no such move)
 VERDICTS = oracle.VERDICTS + ("UNSUPPORTED",)
 DEFAULT_BASELINE_EXPECT = "REFAULTED"
-# vmlab/hwtrace.py MAX_LAB_MEMORY_MB (not imported: the config layer stays below it)
+# QEMU 7.2's qemu_plugin_hwaddr_phys_addr() gives a RAM block offset, which is the
+# guest-physical address only below the PC machine's PCI hole (below 3.5 GiB of RAM)
 MAX_HW_LAB_MEMORY_MB = 3583
 # pairs that, listed together, accept every outcome a move can have
-_EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"))
+_EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"), ("REFAULTED", "HW_STALE"))
 
 
 # --- argparse types ------------------------------------------------------------------------
@@ -543,6 +544,9 @@ def _check_hw_oracle(raw: dict, moves: list, errs: list) -> None:
         if m.get("mode") == "MIGRATE_SILENT" and not hw:
             errs.append((["moves", i, "mode"], "MIGRATE_SILENT leaves a stale mapping whose pages "
                          "look current: only the hardware oracle can see it (oracle: [stamps, hw])"))
+        if m.get("mode") == "MIGRATE_SILENT" and "STALE" in _spec_verdicts(m.get("expect")):
+            errs.append((["moves", i, "expect"], "MIGRATE_SILENT restamps the old pages as current: "
+                         "the stamps cannot say STALE (the hardware oracle says HW_STALE)"))
         if not hw and "HW_STALE" in _spec_verdicts(m.get("expect")):
             errs.append((["moves", i, "expect"], "HW_STALE is the hardware oracle's verdict: "
                          "add oracle: [stamps, hw]"))

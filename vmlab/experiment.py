@@ -115,8 +115,7 @@ class Run:
         self.injected_kill = False
         self.mapping = opts["guest_mapping"]
         self.hw: hwtrace.HwTrace | None = None    # the hardware oracle, when asked for
-        self.hw_retired: set[int] = set()          # every pfn the buffer had and has no more
-        self.hw_current: set[int] = set()
+        self.hw_moved_at: int | None = None        # time.monotonic_ns() when the move returned
 
     # --- helpers ------------------------------------------------------------------------
     def save(self) -> None:
@@ -350,36 +349,30 @@ class Run:
         return j
 
     # --- the hardware oracle ---------------------------------------------------------------
-    def hw_epoch(self, epoch: int) -> None:
-        """After a move (or before the baseline read): tell the plugin which pfns are now
-        current and which are retired, and start counting afresh."""
-        if self.hw is None:
-            return
-        cur = set(self.agent.request("info", buf=self.buf["buf"], pfns=True)["pfns"])
-        self.hw_retired |= self.hw_current
-        self.hw_retired -= cur
-        self.hw_current = cur
-        self.hw.watch(self.hw_retired, cur, epoch, hwtrace.GUEST_MAP_VA,
-                      hwtrace.GUEST_MAP_VA + self.exp.size)
+    def hw_pfns(self) -> list[int]:
+        return self.agent.request("info", buf=self.buf["buf"], pfns=True)["pfns"]
 
     def hw_judge(self, rec: dict) -> None:
         """The hardware's verdict on the epoch just read, folded into ``rec``: the worse of
-        the two verdicts, the disagreement in words, and no pass without a hardware verdict."""
+        the two verdicts, the disagreement in words, and no pass without a hardware verdict
+        or when the hardware contradicts the stamps."""
         if self.hw is None or rec.get("verdict") in ("VMM_FAULT", "GUEST_FAULT", None):
             return
-        hw = hwtrace.verdict(self.hw.dump(), self.exp.size // 4096)
+        hw = hwtrace.verdict(self.hw.dump(), self.exp.size // 4096, self.hw_moved_at)
         rec["hw_oracle"] = hw
         rec["stamps_verdict"] = rec["verdict"]
-        rec["verdict"], why = hwtrace.combine(rec["verdict"], hw)
+        rec["verdict"], why, contradiction = hwtrace.combine(rec["verdict"], hw)
         if why:
             rec["oracle_disagreement"] = why
-            rec["detail"] = why
-        if hw["verdict"] is None:
+            rec["detail"] = "; ".join(filter(None, [rec.get("detail"), why]))
+        if contradiction:
             rec["hw_blind"] = True
 
     def baseline(self) -> None:
         self.check_vmm()
-        self.hw_epoch(0)
+        if self.hw is not None:
+            self.hw.setup(hwtrace.GUEST_MAP_VA, hwtrace.GUEST_MAP_VA + self.exp.size, self.hw_pfns())
+            self.hw.epoch(0)
         j = self.read_and_judge(1, None)
         self.hw_judge(j)
         j["expected"] = self.baseline_expect
@@ -410,6 +403,9 @@ class Run:
                            passed=False)
                 continue
             try:
+                if self.hw is not None:   # from here on every access counts for this move
+                    self.hw.epoch(mv["n"])
+                    self.hw_moved_at = None
                 if mv["guest_write"]:
                     tag = TAG_BASE | mv["n"]
                     w = self.guest_agent(f"write --tag {tag} --caching {self.mapping}")
@@ -441,7 +437,10 @@ class Run:
                 generation = mres["generation"]
                 rec["generation"] = generation
                 rec["exporter_note"] = mres.get("what")
-                self.hw_epoch(mv["n"])
+                if self.hw is not None:
+                    # the move is done: a hit on the pages it left, from now on, is stale
+                    self.hw_moved_at = time.monotonic_ns()
+                    self.hw.retire(self.hw_moved_at, self.hw_pfns())
                 if mv["interval_ms"]:
                     time.sleep(mv["interval_ms"] / 1000)
                 if mv["concurrent"]:
@@ -477,7 +476,8 @@ class Run:
                         rec["verdict"] = oracle.worst([rec["verdict"], "STALE"])
                         rec["detail"] = ws["detail"]
                 self.hw_judge(rec)
-                if rec["verdict"] == "REFAULTED" and info is not None and generation > 1:
+                hw_clear = self.hw is None or rec.get("hw_oracle", {}).get("verdict") == "HW_REFAULTED"
+                if rec["verdict"] == "REFAULTED" and hw_clear and info is not None and generation > 1:
                     # every page was read at the new generation: no guest mapping of the
                     # older pages is left, so their quarantine may end
                     try:

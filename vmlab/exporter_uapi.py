@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 
-ABI_VERSION = 2
+ABI_VERSION = 3
 IOC_MAGIC = 0xBB  # free in Documentation/userspace-api/ioctl/ioctl-number.rst (see the header)
 
 CACHING = {"WB": 0, "WC": 1, "UC": 2}

@@ -39,6 +39,7 @@ class LabOptions:
     boot_timeout: float = 300
     extra_qemu_args: tuple = ()
     hwtrace_plugin: str | None = None  # load the hardware oracle's TCG plugin (vmlab/hwtrace.py)
+    accel_why: str = "chosen with --accel"  # said when accel is not auto
 
 
 def boot_id() -> str:
@@ -153,7 +154,7 @@ class NestedLab:
         elif self.accel not in ("kvm", "tcg"):
             raise ConfigError("<command line>", "accel", f"must be auto, kvm or tcg, not {self.accel!r}")
         else:
-            self.accel_reason = "chosen with --accel"
+            self.accel_reason = self.opts.accel_why
         pub = ssh.generate_key(self.key)
         self.ssh_port = free_port()
         tcg = self.accel == "tcg"

@@ -24,7 +24,10 @@ def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
     return LabOptions(accel=o["accel"], kernel=o["kernel"], kernel_image=o.get("kernel_image"),
                       memory_mb=o["lab_memory_mb"], boot_timeout=o["lab_boot_timeout"],
                       extra_qemu_args=tuple(o.get("lab_qemu_args") or ()),
-                      hwtrace_plugin=hwtrace_plugin)
+                      hwtrace_plugin=hwtrace_plugin,
+                      accel_why={"oracle hw": "the hardware oracle is a TCG plugin",
+                                 "config": "chosen in the experiment (lab.accel)"}.get(
+                          o.get("sources", {}).get("accel"), "chosen with --accel"))
 
 
 def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,

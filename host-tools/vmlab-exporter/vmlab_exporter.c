@@ -727,14 +727,25 @@ out_put:
  * The old set of a MIGRATE_SILENT move: every page restamped LIVE as page @i of
  * generation @gen, exactly as the new set's page @i (the guest areas are equal:
  * the new set was copied from this one).  The set keeps its own generation for
- * the quarantine.
+ * the quarantine.  Each stamp is built in @scratch and copied in one pass (a
+ * reader racing it may still see a torn stamp: TORN, never a valid old one);
+ * on a WC/UC set the stores are fenced and the WB alias that KVM may map is
+ * flushed, as vmlab_page_retire() does.
  */
-static void vmlab_pageset_restamp_live(struct vmlab_pageset *ps, u64 id, u64 gen)
+static void vmlab_pageset_restamp_live(struct vmlab_pageset *ps, u64 id, u64 gen,
+				       u8 *scratch)
 {
 	unsigned long i;
 
 	for (i = 0; i < ps->npages; i++) {
-		vmlab_stamp_page(page_address(ps->pages[i]), id, gen, i, VMLAB_STAMP_LIVE);
+		u8 *page = page_address(ps->pages[i]);
+
+		vmlab_stamp_page(scratch, id, gen, i, VMLAB_STAMP_LIVE);
+		memcpy(page, scratch, VMLAB_STAMP_GUEST_OFF);
+		if (ps->caching != VMLAB_CACHING_WB) {
+			wmb();
+			clflush_cache_range(page, VMLAB_STAMP_GUEST_OFF);
+		}
 		if (!(i & 255))
 			cond_resched();
 	}
@@ -751,15 +762,21 @@ static int vmlab_migrate_locked(struct vmlab_buffer *buf, u32 caching, u32 mode)
 	struct vmlab_pageset *old = buf->cur, *new;
 	bool zap = mode == VMLAB_MOVE_MIGRATE;
 	bool still_mapped = false;
+	u8 *scratch = NULL;
 	int ret;
 
 	lockdep_assert_held(&buf->lock);
 	/* devices and kernel mappings hold the old pages: refuse to move */
 	if (buf->mapped_attachments || buf->vmaps)
 		return -EBUSY;
+	if (mode == VMLAB_MOVE_MIGRATE_SILENT) {
+		scratch = kmalloc(VMLAB_STAMP_GUEST_OFF, GFP_KERNEL);
+		if (!scratch)
+			return -ENOMEM;
+	}
 	ret = vmlab_quarantine_reserve(old->npages);
 	if (ret)
-		return ret;
+		goto err_scratch;
 
 	new = vmlab_pageset_alloc(buf->npages, buf->alloc);
 	if (IS_ERR(new)) {
@@ -785,17 +802,20 @@ static int vmlab_migrate_locked(struct vmlab_buffer *buf, u32 caching, u32 mode)
 		WRITE_ONCE(buf->stale_mapped, true);
 
 	/* a stale mapping may still reach the old pages: retire, never free */
-	if (mode == VMLAB_MOVE_MIGRATE_SILENT)
-		vmlab_pageset_restamp_live(old, buf->id, buf->generation);
+	if (scratch)
+		vmlab_pageset_restamp_live(old, buf->id, buf->generation, scratch);
 	else
 		vmlab_pageset_retire(old);
 	vmlab_quarantine_add(old, still_mapped);
+	kfree(scratch);
 	return 0;
 
 err_free_new:
 	vmlab_pageset_free(new);
 err_unreserve:
 	vmlab_quarantine_unreserve(old->npages);
+err_scratch:
+	kfree(scratch);
 	return ret;
 }
 

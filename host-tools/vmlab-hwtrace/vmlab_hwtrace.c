@@ -17,12 +17,22 @@
  * command per line, one reply line per command:
  *   range LO HI            virtual range [LO, HI) of the guest agent's mapping (hex)
  *   set old|new PFN...     replace the OLD or NEW pfn set (hex pfns, any order)
- *   epoch N                start epoch N: counters and hit records reset
- *   sample K               also record the next K in-range accesses, whatever page
+ *   epoch N                start epoch N: every counter and record reset, sets kept
+ *   retire T PFN...        the buffer moved at T (CLOCK_MONOTONIC ns, decimal): its pages
+ *                          now are PFN...; every NEW pfn not among them becomes OLD from
+ *                          T on (a hit on it before T was legitimate: "before_retire").
+ *                          Only hits at or after T count against this move. Hits before T
+ *                          on pages now current (read after the exporter's swap, before
+ *                          this command) count for them; on pages retired by an earlier
+ *                          move they stay apart ("before_move": a stale mapping older than
+ *                          this move)
+ *   sample K               record the first K in-range accesses of each epoch (debug)
  *   dump                   JSON with this epoch's counters: hits per set, and every
  *                          retired-page hit by guest PC (count, vaddr range), the first
  *                          MAX_HITS of them one by one
  *   hello                  JSON with the plugin's ABI and the QEMU plugin API version
+ * An epoch is started before a move and read after the guest's read, so no access
+ * from the move on is lost; CLOCK_MONOTONIC is the controller's clock too (same host).
  *
  * Physical addresses: QEMU 7.2's qemu_plugin_hwaddr_phys_addr() returns the RAM block
  * offset plus the region's address, which equals the guest-physical address for RAM
@@ -33,6 +43,7 @@
 #include <inttypes.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
 #include <stdint.h>
@@ -49,16 +60,35 @@
 
 QEMU_PLUGIN_EXPORT int qemu_plugin_version = QEMU_PLUGIN_VERSION;
 
-#define HWTRACE_ABI 1
-#define MAX_HITS 64        /* retired-page hit records kept per epoch */
-#define MAX_PCS 64         /* distinct guest PCs whose retired-page hits are counted */
-#define MAX_SAMPLES 4096   /* in-range sample records kept per epoch */
-#define MAX_LINE (8u << 20) /* a 64 MiB buffer's pfn list is ~300 KiB of hex */
+#define HWTRACE_ABI 2
+#define MAX_HITS 64         /* retired-page hit records kept one by one per epoch */
+#define MAX_PCS 64          /* distinct guest PCs whose retired-page hits are counted */
+#define MAX_SAMPLES 4096    /* in-range sample records kept per epoch */
+#define MAX_LINE (16u << 20)
 #define PAGE_SHIFT 12
 
+enum { OLD, NEW };
+
+struct entry {
+	uint64_t pfn;
+	uint64_t since;         /* OLD only: retired at this CLOCK_MONOTONIC ns (0: always) */
+	uint64_t hits;          /* this epoch; for OLD only those at or after @since */
+	uint64_t early;         /* OLD only: hits before @since, when it was still current */
+	uint64_t prior;         /* OLD only: hits after @since but before this epoch's move */
+};
+
+/*
+ * Hits on pfns in neither set, per pfn. Between the exporter's swap and the controller's
+ * `retire` the guest may already read the new pages, which no set names yet: `retire`
+ * credits those to the new set, and only what is left is "other".
+ */
+struct unknown {
+	uint64_t *pfn, *hits;   /* open addressing; pfn UINT64_MAX: empty */
+	size_t cap, n;
+};
+
 struct pfnset {
-	uint64_t *pfn;     /* sorted */
-	uint64_t *hits;    /* per pfn, this epoch */
+	struct entry *e;        /* sorted by pfn */
 	size_t n;
 };
 
@@ -72,23 +102,37 @@ struct pcstat {
 	uint64_t pc, count, vmin, vmax;
 };
 
+struct range {
+	uint64_t lo, hi;
+};
+
 static struct {
-	pthread_mutex_t lock;  /* everything below except the range */
-	struct pfnset set[2];  /* 0 OLD, 1 NEW */
+	pthread_mutex_t lock;   /* everything here; the range is read without it */
+	struct pfnset set[2];
 	uint64_t epoch, epoch_start_ns;
-	uint64_t in_range, other, io, nohw;
-	uint64_t first_old_ns;  /* 0: none */
+	uint64_t moved_at;      /* this epoch's `retire` time; UINT64_MAX until then */
+	struct unknown unk;
+	uint64_t unk_dropped;   /* hits on unknown pfns the table had no room for */
+	uint64_t in_range, io, nohw;
+	uint64_t first_old_ns;  /* absolute; 0: none */
 	struct hit hits[MAX_HITS];
 	size_t nhits;
+	struct hit others[MAX_HITS];  /* accesses to pages in neither set: each is a question */
+	size_t nothers;
 	struct pcstat pcs[MAX_PCS];
 	size_t npcs;
-	uint64_t pcs_dropped;  /* retired-page hits from PCs beyond MAX_PCS */
+	uint64_t pcs_dropped;   /* retired-page hits from PCs beyond MAX_PCS */
 	struct hit samples[MAX_SAMPLES];
 	size_t nsamples, want_samples;
 } st = { .lock = PTHREAD_MUTEX_INITIALIZER };
 
-/* read without the lock on every access: the fast path */
-static _Atomic uint64_t va_lo, va_hi;
+/*
+ * The fast path reads one pointer to an immutable pair, so it never sees half of an
+ * update. Replaced pairs are not freed (a vCPU may still read one): a few bytes per
+ * `range` command, and the controller sends one per run.
+ */
+static const struct range no_range = { UINT64_MAX, 0 };
+static _Atomic(const struct range *) cur_range = &no_range;
 
 static char sock_path[sizeof(((struct sockaddr_un *)0)->sun_path)];
 static int listen_fd = -1;
@@ -101,36 +145,137 @@ static uint64_t now_ns(void)
 	return (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
 }
 
-static long find(const struct pfnset *s, uint64_t pfn)
+static struct entry *find(const struct pfnset *s, uint64_t pfn)
 {
 	size_t lo = 0, hi = s->n;
 
 	while (lo < hi) {
 		size_t mid = lo + (hi - lo) / 2;
 
-		if (s->pfn[mid] == pfn)
-			return (long)mid;
-		if (s->pfn[mid] < pfn)
+		if (s->e[mid].pfn == pfn)
+			return &s->e[mid];
+		if (s->e[mid].pfn < pfn)
 			lo = mid + 1;
 		else
 			hi = mid;
 	}
-	return -1;
+	return NULL;
+}
+
+/* caller holds st.lock */
+static void count_old_hit(uint64_t pfn, uint64_t vaddr, uint64_t pc, uint64_t ns, int store)
+{
+	size_t k;
+
+	for (k = 0; k < st.npcs && st.pcs[k].pc != pc; k++)
+		;
+	if (k == st.npcs && k < MAX_PCS)
+		st.pcs[st.npcs++] = (struct pcstat){ pc, 0, vaddr, vaddr };
+	if (k < st.npcs) {
+		st.pcs[k].count++;
+		if (vaddr < st.pcs[k].vmin)
+			st.pcs[k].vmin = vaddr;
+		if (vaddr > st.pcs[k].vmax)
+			st.pcs[k].vmax = vaddr;
+	} else {
+		st.pcs_dropped++;
+	}
+	if (!st.first_old_ns)
+		st.first_old_ns = ns;
+	if (st.nhits < MAX_HITS)
+		st.hits[st.nhits++] = (struct hit){ pfn, vaddr, pc, ns, store };
+}
+
+static size_t unknown_slot(const struct unknown *u, uint64_t pfn)
+{
+	size_t i = (size_t)(pfn * 0x9E3779B97F4A7C15ull) & (u->cap - 1);
+
+	while (u->pfn[i] != UINT64_MAX && u->pfn[i] != pfn)
+		i = (i + 1) & (u->cap - 1);
+	return i;
+}
+
+/* caller holds st.lock; -1 when the table cannot grow (the vCPU must not wait on malloc
+ * failing: the hit is then only counted in unk_dropped) */
+static int unknown_add(uint64_t pfn)
+{
+	struct unknown *u = &st.unk;
+	size_t i;
+
+	if (2 * (u->n + 1) > u->cap) {
+		struct unknown bigger = { .cap = u->cap ? 2 * u->cap : 1024 };
+
+		bigger.pfn = malloc(bigger.cap * sizeof(uint64_t));
+		bigger.hits = calloc(bigger.cap, sizeof(uint64_t));
+		if (!bigger.pfn || !bigger.hits) {
+			free(bigger.pfn);
+			free(bigger.hits);
+			return -1;
+		}
+		memset(bigger.pfn, 0xff, bigger.cap * sizeof(uint64_t));
+		for (i = 0; i < u->cap; i++) {
+			if (u->pfn[i] == UINT64_MAX)
+				continue;
+			size_t j = unknown_slot(&bigger, u->pfn[i]);
+
+			bigger.pfn[j] = u->pfn[i];
+			bigger.hits[j] = u->hits[i];
+			bigger.n++;
+		}
+		free(u->pfn);
+		free(u->hits);
+		*u = bigger;
+	}
+	i = unknown_slot(u, pfn);
+	if (u->pfn[i] == UINT64_MAX) {
+		u->pfn[i] = pfn;
+		u->n++;
+	}
+	u->hits[i]++;
+	return 0;
+}
+
+/* caller holds st.lock: the hits on @pfn while it was unknown, forgotten */
+static uint64_t unknown_take(uint64_t pfn)
+{
+	struct unknown *u = &st.unk;
+	uint64_t h;
+	size_t i;
+
+	if (!u->n)
+		return 0;
+	i = unknown_slot(u, pfn);
+	if (u->pfn[i] == UINT64_MAX)
+		return 0;
+	h = u->hits[i];
+	u->hits[i] = 0;   /* keep the key (tombstone-free deletion is not worth it here) */
+	return h;
+}
+
+static uint64_t unknown_total(void)
+{
+	uint64_t t = 0;
+
+	for (size_t i = 0; i < st.unk.cap; i++)
+		t += st.unk.pfn[i] != UINT64_MAX ? st.unk.hits[i] : 0;
+	return t + st.unk_dropped;
 }
 
 static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vaddr,
 		     void *udata)
 {
+	const struct range *r = atomic_load_explicit(&cur_range, memory_order_acquire);
+	uint64_t pc = (uint64_t)(uintptr_t)udata, pfn, ns;
 	struct qemu_plugin_hwaddr *hw;
-	uint64_t pfn, ns;
-	long i;
-	int which = -1;
+	struct entry *e;
+	int store;
 
 	(void)vcpu;
-	if (vaddr < atomic_load_explicit(&va_lo, memory_order_relaxed) ||
-	    vaddr >= atomic_load_explicit(&va_hi, memory_order_relaxed))
+	if (vaddr < r->lo || vaddr >= r->hi)
 		return;
 	hw = qemu_plugin_get_hwaddr(info, vaddr);
+	store = qemu_plugin_mem_is_store(info);
+	ns = now_ns();
 	pthread_mutex_lock(&st.lock);
 	st.in_range++;
 	if (!hw) {
@@ -142,41 +287,24 @@ static void vcpu_mem(unsigned int vcpu, qemu_plugin_meminfo_t info, uint64_t vad
 		goto out;
 	}
 	pfn = qemu_plugin_hwaddr_phys_addr(hw) >> PAGE_SHIFT;
-	ns = now_ns() - st.epoch_start_ns;
-	if (st.nsamples < st.want_samples && st.nsamples < MAX_SAMPLES)
-		st.samples[st.nsamples++] = (struct hit){ pfn, vaddr, (uint64_t)(uintptr_t)udata, ns,
-							  qemu_plugin_mem_is_store(info) };
-	if ((i = find(&st.set[0], pfn)) >= 0)
-		which = 0;
-	else if ((i = find(&st.set[1], pfn)) >= 0)
-		which = 1;
-	if (which < 0) {
-		st.other++;
-		goto out;
-	}
-	st.set[which].hits[i]++;
-	if (which == 0) {
-		uint64_t pc = (uint64_t)(uintptr_t)udata;
-		size_t k;
-
-		for (k = 0; k < st.npcs && st.pcs[k].pc != pc; k++)
-			;
-		if (k == st.npcs && k < MAX_PCS)
-			st.pcs[st.npcs++] = (struct pcstat){ pc, 0, vaddr, vaddr };
-		if (k < st.npcs) {
-			st.pcs[k].count++;
-			if (vaddr < st.pcs[k].vmin)
-				st.pcs[k].vmin = vaddr;
-			if (vaddr > st.pcs[k].vmax)
-				st.pcs[k].vmax = vaddr;
+	if (st.nsamples < st.want_samples)
+		st.samples[st.nsamples++] = (struct hit){ pfn, vaddr, pc, ns, store };
+	if ((e = find(&st.set[NEW], pfn))) {
+		e->hits++;
+	} else if ((e = find(&st.set[OLD], pfn))) {
+		if (ns < e->since) {
+			e->early++;             /* it was still current then */
+		} else if (ns < st.moved_at) {
+			e->prior++;             /* before this move: judged at `retire` */
 		} else {
-			st.pcs_dropped++;
+			e->hits++;
+			count_old_hit(pfn, vaddr, pc, ns, store);
 		}
-		if (!st.first_old_ns)
-			st.first_old_ns = ns ? ns : 1;
-		if (st.nhits < MAX_HITS)
-			st.hits[st.nhits++] = (struct hit){ pfn, vaddr, (uint64_t)(uintptr_t)udata, ns,
-							    qemu_plugin_mem_is_store(info) };
+	} else {
+		if (unknown_add(pfn))
+			st.unk_dropped++;
+		if (st.nothers < MAX_HITS)
+			st.others[st.nothers++] = (struct hit){ pfn, vaddr, pc, ns, store };
 	}
 out:
 	pthread_mutex_unlock(&st.lock);
@@ -213,18 +341,18 @@ static int parse_u64(const char *tok, int base, uint64_t *out)
 	return errno || *end ? -1 : 0;
 }
 
-static int cmp_u64(const void *a, const void *b)
+static int cmp_entry(const void *a, const void *b)
 {
-	uint64_t x = *(const uint64_t *)a, y = *(const uint64_t *)b;
+	uint64_t x = ((const struct entry *)a)->pfn, y = ((const struct entry *)b)->pfn;
 
 	return x < y ? -1 : x > y;
 }
 
-/* parse "PFN PFN ..." (hex); 0 on success, -1 on a bad token or no memory */
+/* parse "PFN PFN ..." (hex) into a sorted set without duplicates; -1 on a bad token/ENOMEM */
 static int parse_set(char *s, struct pfnset *out)
 {
-	size_t cap = 64, n = 0;
-	uint64_t *v = malloc(cap * sizeof(*v));
+	size_t cap = 64, n = 0, i, j;
+	struct entry *v = malloc(cap * sizeof(*v));
 	char *tok, *save = NULL;
 
 	if (!v)
@@ -235,166 +363,290 @@ static int parse_set(char *s, struct pfnset *out)
 		if (parse_u64(tok, 16, &x))
 			goto bad;
 		if (n == cap) {
-			uint64_t *nv = realloc(v, 2 * cap * sizeof(*v));
+			struct entry *nv = realloc(v, 2 * cap * sizeof(*v));
 
 			if (!nv)
 				goto bad;
 			v = nv;
 			cap *= 2;
 		}
-		v[n++] = x;
+		v[n++] = (struct entry){ .pfn = x };
 	}
-	qsort(v, n, sizeof(*v), cmp_u64);
-	out->pfn = v;
-	out->hits = calloc(n ? n : 1, sizeof(uint64_t));
-	out->n = n;
-	if (!out->hits)
-		goto bad;
+	qsort(v, n, sizeof(*v), cmp_entry);
+	for (i = j = 0; i < n; i++)
+		if (!j || v[j - 1].pfn != v[i].pfn)
+			v[j++] = v[i];
+	out->e = v;
+	out->n = j;
 	return 0;
 bad:
 	free(v);
 	return -1;
 }
 
-static size_t set_pages_hit(const struct pfnset *s, uint64_t *total)
+/* caller holds st.lock: NEW pfns missing from @now join OLD as retired at @t; NEW = @now */
+static int retire(struct pfnset *now, uint64_t t)
 {
-	size_t i, pages = 0;
+	struct pfnset *o = &st.set[OLD], *nw = &st.set[NEW];
+	size_t i, k = 0, gone = 0;
+	struct entry *merged, *e;
 
-	*total = 0;
-	for (i = 0; i < s->n; i++) {
-		*total += s->hits[i];
-		pages += s->hits[i] != 0;
+	for (i = 0; i < nw->n; i++)
+		gone += !find(now, nw->e[i].pfn);
+	merged = malloc((o->n + gone ? o->n + gone : 1) * sizeof(*merged));
+	if (!merged)
+		return -1;
+	for (i = 0; i < o->n; i++)          /* a pfn that is current again leaves OLD */
+		if (!find(now, o->e[i].pfn))
+			merged[k++] = o->e[i];
+	for (i = 0; i < nw->n; i++)
+		if (!find(now, nw->e[i].pfn))
+			merged[k++] = (struct entry){ .pfn = nw->e[i].pfn, .since = t,
+						      .early = nw->e[i].hits };
+	qsort(merged, k, sizeof(*merged), cmp_entry);
+	/*
+	 * The new set's counts: a page that stays keeps its count; a page the guest read
+	 * after the exporter's swap but before this command (unknown then, or retired by an
+	 * earlier move and now reused) is credited here, to the page it turned out to be.
+	 */
+	for (i = 0; i < now->n; i++) {
+		struct entry *ne = &now->e[i];
+
+		if ((e = find(nw, ne->pfn)))
+			ne->hits = e->hits;
+		else if ((e = find(o, ne->pfn)))
+			ne->hits = e->prior + e->early;
+		ne->hits += unknown_take(ne->pfn);
 	}
-	return pages;
-}
-
-/* caller holds st.lock; returns a malloc'd JSON line */
-static char *dump_json(void)
-{
-	size_t cap = 4096 + (st.nhits + st.nsamples + st.npcs) * 160, len = 0, i;
-	char *b = malloc(cap);
-	uint64_t oh, nh;
-	size_t op = set_pages_hit(&st.set[0], &oh), np = set_pages_hit(&st.set[1], &nh);
-
-	if (!b)
-		return NULL;
-#define OUT(...) (len += (size_t)snprintf(b + len, cap - len, __VA_ARGS__))
-	OUT("{\"epoch\":%" PRIu64 ",\"va\":[%" PRIu64 ",%" PRIu64 "],\"in_range\":%" PRIu64
-	    ",\"io\":%" PRIu64 ",\"no_hwaddr\":%" PRIu64 ",\"other\":%" PRIu64,
-	    st.epoch, (uint64_t)atomic_load(&va_lo), (uint64_t)atomic_load(&va_hi), st.in_range,
-	    st.io, st.nohw, st.other);
-	OUT(",\"old\":{\"pages\":%zu,\"hits\":%" PRIu64 ",\"pages_hit\":%zu}", st.set[0].n, oh, op);
-	OUT(",\"new\":{\"pages\":%zu,\"hits\":%" PRIu64 ",\"pages_hit\":%zu}", st.set[1].n, nh, np);
-	OUT(",\"first_old_hit_ns\":");
-	if (st.first_old_ns)
-		OUT("%" PRIu64, st.first_old_ns);
-	else
-		OUT("null");
-	OUT(",\"old_hits_by_pc\":[");
-	for (i = 0; i < st.npcs; i++)
-		OUT("%s{\"pc\":%" PRIu64 ",\"hits\":%" PRIu64 ",\"vaddr_min\":%" PRIu64
-		    ",\"vaddr_max\":%" PRIu64 "}", i ? "," : "", st.pcs[i].pc, st.pcs[i].count,
-		    st.pcs[i].vmin, st.pcs[i].vmax);
-	OUT("],\"old_hits_other_pcs\":%" PRIu64, st.pcs_dropped);
-	for (int pass = 0; pass < 2; pass++) {
-		const struct hit *h = pass ? st.samples : st.hits;
-		size_t n = pass ? st.nsamples : st.nhits;
-
-		OUT(",\"%s\":[", pass ? "samples" : "old_hits");
-		for (i = 0; i < n; i++)
-			OUT("%s{\"pfn\":%" PRIu64 ",\"vaddr\":%" PRIu64 ",\"pc\":%" PRIu64
-			    ",\"ns\":%" PRIu64 ",\"store\":%s}", i ? "," : "", h[i].pfn, h[i].vaddr,
-			    h[i].pc, h[i].ns, h[i].store ? "true" : "false");
-		OUT("]");
-	}
-	OUT("}\n");
-#undef OUT
-	return b;
+	free(o->e);
+	free(nw->e);
+	o->e = merged;
+	o->n = k;
+	*nw = *now;
+	st.moved_at = t;
+	return 0;
 }
 
 static void reset_epoch(uint64_t n)
 {
 	for (int k = 0; k < 2; k++)
-		if (st.set[k].n)
-			memset(st.set[k].hits, 0, st.set[k].n * sizeof(uint64_t));
+		for (size_t i = 0; i < st.set[k].n; i++)
+			st.set[k].e[i].hits = st.set[k].e[i].early = st.set[k].e[i].prior = 0;
+	free(st.unk.pfn);
+	free(st.unk.hits);
+	st.unk = (struct unknown){ 0 };
+	st.unk_dropped = 0;
 	st.epoch = n;
 	st.epoch_start_ns = now_ns();
-	st.in_range = st.other = st.io = st.nohw = 0;
+	st.moved_at = UINT64_MAX;
+	st.in_range = st.io = st.nohw = 0;
 	st.first_old_ns = 0;
-	st.nhits = st.nsamples = st.npcs = 0;
+	st.nhits = st.nsamples = st.npcs = st.nothers = 0;
 	st.pcs_dropped = 0;
+}
+
+/* a growing string: the dump of a 64 MiB buffer's epoch is hundreds of KiB */
+struct sb {
+	char *b;
+	size_t len, cap;
+	int oom;
+};
+
+static void outf(struct sb *s, const char *fmt, ...)
+{
+	va_list ap;
+	int n;
+
+	for (;;) {
+		if (s->oom)
+			return;
+		va_start(ap, fmt);
+		n = vsnprintf(s->b + s->len, s->cap - s->len, fmt, ap);
+		va_end(ap);
+		if (n < 0) {
+			s->oom = 1;
+			return;
+		}
+		if ((size_t)n < s->cap - s->len) {
+			s->len += (size_t)n;
+			return;
+		}
+		char *nb = realloc(s->b, 2 * s->cap + (size_t)n);
+
+		if (!nb) {
+			s->oom = 1;
+			return;
+		}
+		s->b = nb;
+		s->cap = 2 * s->cap + (size_t)n;
+	}
+}
+
+static void set_json(struct sb *s, const char *name, const struct pfnset *p, int old)
+{
+	uint64_t hits = 0, early = 0, prior = 0;
+	size_t i, pages = 0;
+
+	for (i = 0; i < p->n; i++) {
+		hits += p->e[i].hits;
+		early += p->e[i].early;
+		prior += p->e[i].prior;
+		pages += p->e[i].hits != 0;
+	}
+	outf(s, ",\"%s\":{\"pages\":%zu,\"hits\":%" PRIu64 ",\"pages_hit\":%zu", name, p->n,
+	     hits, pages);
+	if (old)
+		outf(s, ",\"before_retire\":%" PRIu64 ",\"before_move\":%" PRIu64, early, prior);
+	outf(s, "}");
+}
+
+/* caller holds st.lock; returns a malloc'd JSON line or NULL */
+static char *dump_json(void)
+{
+	const struct range *r = atomic_load(&cur_range);
+	struct sb s = { .b = malloc(4096), .cap = 4096 };
+	size_t i;
+
+	if (!s.b)
+		return NULL;
+	outf(&s, "{\"epoch\":%" PRIu64 ",\"epoch_start_ns\":%" PRIu64 ",\"va\":[%" PRIu64 ",%" PRIu64
+	     "],\"in_range\":%" PRIu64 ",\"io\":%" PRIu64 ",\"no_hwaddr\":%" PRIu64 ",\"other\":%"
+	     PRIu64, st.epoch, st.epoch_start_ns, r->lo, r->hi, st.in_range, st.io, st.nohw,
+	     unknown_total());
+	set_json(&s, "old", &st.set[OLD], 1);
+	set_json(&s, "new", &st.set[NEW], 0);
+	outf(&s, ",\"first_old_hit_ns\":");
+	if (st.first_old_ns)
+		outf(&s, "%" PRIu64, st.first_old_ns);
+	else
+		outf(&s, "null");
+	outf(&s, ",\"old_hits_by_pc\":[");
+	for (i = 0; i < st.npcs; i++)
+		outf(&s, "%s{\"pc\":%" PRIu64 ",\"hits\":%" PRIu64 ",\"vaddr_min\":%" PRIu64
+		     ",\"vaddr_max\":%" PRIu64 "}", i ? "," : "", st.pcs[i].pc, st.pcs[i].count,
+		     st.pcs[i].vmin, st.pcs[i].vmax);
+	outf(&s, "],\"old_hits_other_pcs\":%" PRIu64, st.pcs_dropped);
+	for (int pass = 0; pass < 3; pass++) {
+		static const char *const name[] = { "old_hits", "other_hits", "samples" };
+		const struct hit *h = pass == 0 ? st.hits : pass == 1 ? st.others : st.samples;
+		size_t n = pass == 0 ? st.nhits : pass == 1 ? st.nothers : st.nsamples;
+
+		size_t shown = 0;
+
+		outf(&s, ",\"%s\":[", name[pass]);
+		for (i = 0; i < n; i++) {
+			/* an unknown page that `retire` named (a new page read early) is no question */
+			if (pass == 1 && (find(&st.set[NEW], h[i].pfn) || find(&st.set[OLD], h[i].pfn)))
+				continue;
+			outf(&s, "%s{\"pfn\":%" PRIu64 ",\"vaddr\":%" PRIu64 ",\"pc\":%" PRIu64
+			     ",\"ns\":%" PRIu64 ",\"store\":%s}", shown++ ? "," : "", h[i].pfn,
+			     h[i].vaddr, h[i].pc, h[i].ns, h[i].store ? "true" : "false");
+		}
+		outf(&s, "]");
+	}
+	outf(&s, "}\n");
+	if (s.oom) {
+		free(s.b);
+		return NULL;
+	}
+	return s.b;
+}
+
+static char *reply(const char *text)
+{
+	return strdup(text);
 }
 
 static char *handle(char *line)
 {
-	char *reply = NULL;
+	char *out = NULL;
 
 	if (!strncmp(line, "range ", 6)) {
-		uint64_t lo, hi;
 		char *save = NULL, *a = strtok_r(line + 6, " ", &save), *b = strtok_r(NULL, " ", &save);
+		struct range *nr;
+		uint64_t lo, hi;
 
 		if (!a || !b || strtok_r(NULL, " ", &save) || parse_u64(a, 16, &lo) ||
 		    parse_u64(b, 16, &hi) || lo >= hi)
-			return strdup("error range wants LO HI in hex, LO < HI\n");
-		atomic_store(&va_hi, 0);  /* never a moment with a wider range than asked */
-		atomic_store(&va_lo, lo);
-		atomic_store(&va_hi, hi);
-		return strdup("ok\n");
+			return reply("error range wants LO HI in hex, LO < HI\n");
+		if (!(nr = malloc(sizeof(*nr))))
+			return reply("error out of memory\n");
+		*nr = (struct range){ lo, hi };
+		atomic_store_explicit(&cur_range, nr, memory_order_release);
+		return reply("ok\n");
 	}
 	if (!strncmp(line, "set old", 7) || !strncmp(line, "set new", 7)) {
 		struct pfnset fresh = { 0 };
-		int k = line[4] == 'n';
+		int k = line[4] == 'n' ? NEW : OLD;
 
 		if (line[7] && line[7] != ' ')
-			return strdup("error set wants old|new\n");
+			return reply("error set wants old|new\n");
 		if (parse_set(line + 7, &fresh))
-			return strdup("error set: bad hex pfn or out of memory\n");
+			return reply("error set: bad hex pfn or out of memory\n");
 		pthread_mutex_lock(&st.lock);
-		free(st.set[k].pfn);
-		free(st.set[k].hits);
+		free(st.set[k].e);
 		st.set[k] = fresh;
 		pthread_mutex_unlock(&st.lock);
-		return strdup("ok\n");
+		return reply("ok\n");
+	}
+	if (!strncmp(line, "retire ", 7)) {
+		char *sp = strchr(line + 7, ' ');
+		struct pfnset now = { 0 };
+		uint64_t t;
+		int rc;
+
+		if (sp)
+			*sp = 0;
+		if (parse_u64(line + 7, 10, &t) || parse_set(sp ? sp + 1 : line + strlen(line), &now))
+			return reply("error retire wants T (decimal ns) and hex pfns\n");
+		pthread_mutex_lock(&st.lock);
+		rc = retire(&now, t);
+		pthread_mutex_unlock(&st.lock);
+		if (rc) {
+			free(now.e);
+			return reply("error out of memory\n");
+		}
+		return reply("ok\n");
 	}
 	if (!strncmp(line, "epoch ", 6)) {
 		uint64_t n;
 
 		if (parse_u64(line + 6, 10, &n))
-			return strdup("error epoch wants a decimal number\n");
+			return reply("error epoch wants a decimal number\n");
 		pthread_mutex_lock(&st.lock);
 		reset_epoch(n);
 		pthread_mutex_unlock(&st.lock);
-		return strdup("ok\n");
+		return reply("ok\n");
 	}
 	if (!strncmp(line, "sample ", 7)) {
 		uint64_t k;
 
 		if (parse_u64(line + 7, 10, &k))
-			return strdup("error sample wants a decimal count\n");
+			return reply("error sample wants a decimal count\n");
 		pthread_mutex_lock(&st.lock);
 		st.want_samples = k > MAX_SAMPLES ? MAX_SAMPLES : k;
 		pthread_mutex_unlock(&st.lock);
-		return strdup("ok\n");
+		return reply("ok\n");
 	}
 	if (!strcmp(line, "dump")) {
 		pthread_mutex_lock(&st.lock);
-		reply = dump_json();
+		out = dump_json();
 		pthread_mutex_unlock(&st.lock);
-		return reply ? reply : strdup("error out of memory\n");
+		return out ? out : reply("error out of memory\n");
 	}
 	if (!strcmp(line, "hello")) {
-		if (asprintf(&reply, "{\"abi\":%d,\"plugin_api\":%d}\n", HWTRACE_ABI,
+		if (asprintf(&out, "{\"abi\":%d,\"plugin_api\":%d}\n", HWTRACE_ABI,
 			     QEMU_PLUGIN_VERSION) < 0)
 			return NULL;
-		return reply;
+		return out;
 	}
-	return strdup("error unknown command\n");
+	return reply("error unknown command\n");
 }
 
-static int write_all(int fd, const char *s, size_t n)
+static int send_all(int fd, const char *s, size_t n)
 {
 	while (n) {
-		ssize_t w = write(fd, s, n);
+		ssize_t w = send(fd, s, n, MSG_NOSIGNAL);  /* a gone client is no SIGPIPE */
 
 		if (w < 0 && errno == EINTR)
 			continue;
@@ -408,31 +660,34 @@ static int write_all(int fd, const char *s, size_t n)
 
 static void serve(int fd)
 {
-	size_t cap = 65536, len = 0;
+	size_t cap = 65536, len = 0, scanned = 0;
 	char *buf = malloc(cap);
 
 	while (buf) {
-		char *nl = memchr(buf, '\n', len);
+		/* only the bytes not yet searched: a multi-MiB pfn line is read in one pass */
+		char *nl = memchr(buf + scanned, '\n', len - scanned);
 
 		if (nl) {
-			char *reply;
+			char *out;
 
 			*nl = 0;
-			reply = handle(buf);
-			if (!reply || write_all(fd, reply, strlen(reply))) {
-				free(reply);
+			out = handle(buf);
+			if (!out || send_all(fd, out, strlen(out))) {
+				free(out);
 				break;
 			}
-			free(reply);
+			free(out);
 			len -= (size_t)(nl + 1 - buf);
 			memmove(buf, nl + 1, len);
+			scanned = 0;
 			continue;
 		}
+		scanned = len;
 		if (len == cap) {
 			char *nb = cap >= MAX_LINE ? NULL : realloc(buf, cap * 2);
 
 			if (!nb) {
-				write_all(fd, "error line too long\n", 20);
+				send_all(fd, "error line too long\n", 20);
 				break;
 			}
 			buf = nb;
@@ -452,18 +707,15 @@ static void serve(int fd)
 
 static void *control_thread(void *arg)
 {
-	sigset_t all;
-
 	(void)arg;
-	sigfillset(&all);
-	pthread_sigmask(SIG_BLOCK, &all, NULL);  /* QEMU's signals are QEMU's business */
 	for (;;) {
 		int fd = accept(listen_fd, NULL, NULL);
 
 		if (fd < 0) {
-			if (errno == EINTR || errno == ECONNABORTED)
-				continue;
-			return NULL;
+			if (errno == EBADF || errno == EINVAL)
+				return NULL;           /* the socket is gone: QEMU is exiting */
+			usleep(100000);            /* EMFILE and the like: try again, never give up */
+			continue;
 		}
 		serve(fd);  /* one client at a time: the controller */
 	}
@@ -481,10 +733,11 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 					   int argc, char **argv)
 {
 	struct sockaddr_un sa = { .sun_family = AF_UNIX };
+	sigset_t all, old;
 	pthread_t t;
-	int i;
+	int i, rc;
 
-	if (info->system_emulation == false) {
+	if (!info->system_emulation) {
 		fprintf(stderr, "vmlab-hwtrace: needs system emulation\n");
 		return -1;
 	}
@@ -505,6 +758,7 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 		return -1;
 	}
 	memcpy(sa.sun_path, sock_path, strlen(sock_path) + 1);
+	unlink(sock_path);  /* a leftover of a killed QEMU in vmlab's own private directory */
 	listen_fd = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (listen_fd < 0 || bind(listen_fd, (struct sockaddr *)&sa, sizeof(sa)) ||
 	    /* nobody can connect before listen(), so the mode is set before anyone could */
@@ -512,10 +766,13 @@ QEMU_PLUGIN_EXPORT int qemu_plugin_install(qemu_plugin_id_t id, const qemu_info_
 		fprintf(stderr, "vmlab-hwtrace: control socket %s: %s\n", sock_path, strerror(errno));
 		return -1;
 	}
-	atomic_store(&va_lo, UINT64_MAX);
-	atomic_store(&va_hi, 0);
 	reset_epoch(0);
-	if (pthread_create(&t, NULL, control_thread, NULL)) {
+	/* the thread starts with every signal blocked: QEMU's signals are QEMU's business */
+	sigfillset(&all);
+	pthread_sigmask(SIG_SETMASK, &all, &old);
+	rc = pthread_create(&t, NULL, control_thread, NULL);
+	pthread_sigmask(SIG_SETMASK, &old, NULL);
+	if (rc) {
 		fprintf(stderr, "vmlab-hwtrace: cannot start the control thread\n");
 		return -1;
 	}

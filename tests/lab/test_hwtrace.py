@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+import time
 
 import pytest
 
@@ -33,14 +34,29 @@ def test_plugin_control_socket_in_real_qemu(plugin, tmp_path):
         for bad in ("range 10 5", "range zz 10", "set old 12 xyz", "epoch -1", "sample x", "frobnicate"):
             with pytest.raises(InfraError, match="hardware oracle"):
                 hw.command(bad)
-        hw.watch({0x10, 0x11}, {0x20, 0x21, 0x22}, 7, hwtrace.GUEST_MAP_VA, hwtrace.GUEST_MAP_VA + 8192)
+        hw.setup(hwtrace.GUEST_MAP_VA, hwtrace.GUEST_MAP_VA + 8192, [0x20, 0x21, 0x22, 0x21])
+        hw.epoch(7)
         d = hw.dump()
-        assert d["epoch"] == 7 and d["old"]["pages"] == 2 and d["new"]["pages"] == 3
+        assert d["epoch"] == 7 and d["old"]["pages"] == 0 and d["new"]["pages"] == 3
         assert d["va"] == [hwtrace.GUEST_MAP_VA, hwtrace.GUEST_MAP_VA + 8192]
         assert d["in_range"] == 0 and d["first_old_hit_ns"] is None and d["old_hits_by_pc"] == []
+        # a move: 0x20 and 0x21 retire, 0x22 stays, 0x30 arrives; then 0x22 leaves and 0x20
+        # comes back (current again: no longer retired)
+        hw.retire(time.monotonic_ns(), [0x22, 0x30])
+        d = hw.dump()
+        assert (d["old"]["pages"], d["new"]["pages"]) == (2, 2)
+        hw.retire(time.monotonic_ns(), [0x20, 0x30])
+        d = hw.dump()
+        assert (d["old"]["pages"], d["new"]["pages"]) == (2, 2)   # 0x21 and 0x22 retired
+        for bad in ("retire x 20", "retire 5 zz", "retire"):
+            with pytest.raises(InfraError, match="hardware oracle"):
+                hw.command(bad)
         # a 64 MiB buffer's pfn list in one line
-        hw.command("set new " + " ".join(f"{p:x}" for p in range(1 << 20, (1 << 20) + 16384)))
+        big = range(1 << 20, (1 << 20) + 16384)
+        hw.command("set new " + " ".join(f"{p:x}" for p in big))
         assert hw.dump()["new"]["pages"] == 16384
+        hw.retire(time.monotonic_ns(), [p + 16384 for p in big])
+        assert (hw.dump()["old"]["pages"], hw.dump()["new"]["pages"]) == (16384 + 2, 16384)
     finally:
         hw.close()
         q.terminate()
@@ -56,7 +72,13 @@ def test_hardware_oracle_judges_every_move(images_ready):
     npages = 256
     base = res["baseline"]["hw_oracle"]
     assert base["verdict"] == "HW_REFAULTED" and base["pages_hit_new"] == npages
-    mig, nozap, mig2, silent = res["moves"]
+    mig, nozap, mig2, *watched, silent = res["moves"]
+    assert len(watched) == 3
+    for m in watched:   # the guest reads all along; only before each move on the old pages
+        h = m["hw_oracle"]
+        assert m["verdict"] == "REFAULTED" and h["verdict"] == "HW_REFAULTED", m.get("detail")
+        assert h["guest_hits_old"] == 0 and h["accesses_elsewhere"] == 0
+    assert sum(m["hw_oracle"]["hits_before_retire"] for m in watched) > 0
     for m in (mig, mig2):
         h = m["hw_oracle"]
         assert m["verdict"] == "REFAULTED" and h["verdict"] == "HW_REFAULTED"
@@ -76,4 +98,4 @@ def test_hardware_oracle_judges_every_move(images_ready):
     assert h["verdict"] == "HW_STALE" and h["guest_hits_old"] > 0 and h["guest_hits_new"] == 0
     assert silent["verdict"] == "HW_STALE"
     assert "disagree" in silent["oracle_disagreement"]
-    assert not any(m.get("oracle_disagreement") for m in (mig, nozap, mig2))
+    assert not any(m.get("oracle_disagreement") for m in (mig, nozap, mig2, *watched))

@@ -91,7 +91,7 @@ def test_ioc_encoding():
     assert (U.IOC_CREATE >> 8) & 0xFF == 0xBB
     assert (U.IOC_CREATE >> 16) & 0x3FFF == U.CREATE.size
     assert U.IOC_PTE & 0xFF == 5
-    assert U.ABI_VERSION == 2
+    assert U.ABI_VERSION == 3
 
 
 def test_magic_is_not_nsfs_or_remoteproc():

@@ -9,49 +9,68 @@ from vmlab import config, hwtrace
 from vmlab.errors import ConfigError
 
 
-def dump(old_hits=0, old_pages_hit=0, new_hits=0, new_pages_hit=0, pages=256, other=0, io=0):
-    return {"epoch": 1, "in_range": old_hits + new_hits + other + io, "io": io, "no_hwaddr": 0,
-            "other": other,
-            "old": {"pages": pages, "hits": old_hits, "pages_hit": old_pages_hit},
+def dump(old_hits=0, old_pages_hit=0, new_hits=0, new_pages_hit=0, pages=256, other=0, io=0,
+         no_hwaddr=0, before_retire=0, before_move=0):
+    return {"epoch": 1, "in_range": old_hits + new_hits + other + io + no_hwaddr + before_retire,
+            "io": io, "no_hwaddr": no_hwaddr, "other": other,
+            "old": {"pages": pages, "hits": old_hits, "pages_hit": old_pages_hit,
+                    "before_retire": before_retire, "before_move": before_move},
             "new": {"pages": pages, "hits": new_hits, "pages_hit": new_pages_hit},
-            "first_old_hit_ns": 1500 if old_hits else None,
-            "old_hits": [{"pfn": 7, "vaddr": hwtrace.GUEST_MAP_VA, "pc": 0x406358, "ns": 1500,
+            "first_old_hit_ns": 10_001_500 if old_hits else None,
+            "old_hits": [{"pfn": 7, "vaddr": hwtrace.GUEST_MAP_VA, "pc": 0x406358, "ns": 10_001_500,
                           "store": False}] if old_hits else [],
-            "samples": []}
+            "old_hits_by_pc": [{"pc": 0x406358, "hits": old_hits, "vaddr_min": hwtrace.GUEST_MAP_VA,
+                                "vaddr_max": hwtrace.GUEST_MAP_VA + 8}] if old_hits else [],
+            "old_hits_other_pcs": 0, "samples": []}
 
 
 def test_every_page_at_its_new_pfn_is_hw_refaulted():
-    v = hwtrace.verdict(dump(new_hits=131072, new_pages_hit=256), 256)
+    v = hwtrace.verdict(dump(new_hits=131072, new_pages_hit=256, before_retire=4096), 256, 10_000_000)
     assert v["verdict"] == "HW_REFAULTED"
     assert v["guest_hits_old"] == 0 and v["guest_hits_new"] == 131072
+    assert v["hits_before_retire"] == 4096   # the old pages, read while they were current
 
 
 def test_one_access_to_a_retired_page_is_hw_stale_whatever_else_was_seen():
-    v = hwtrace.verdict(dump(old_hits=1, old_pages_hit=1, new_hits=131071, new_pages_hit=256), 256)
+    v = hwtrace.verdict(dump(old_hits=1, old_pages_hit=1, new_hits=131071, new_pages_hit=256), 256,
+                        10_000_000)
     assert v["verdict"] == "HW_STALE"
     assert v["old_hits"][0]["pc"] == "0x406358" and v["first_old_hit_ns"] == 1500
+    assert v["old_hits"][0]["ns_after_move"] == 1500 and v["old_hits_by_pc"][0]["hits"] == 1
 
 
-@pytest.mark.parametrize("d", [dump(new_hits=1000, new_pages_hit=255),      # a page never seen
-                               dump(),                                     # the oracle saw nothing
-                               dump(other=131072)])                        # all hit other pages
-def test_a_read_the_hardware_did_not_fully_see_has_no_hw_verdict(d):
-    v = hwtrace.verdict(d, 256)
-    assert v["verdict"] is None and "saw" in v["detail"]
+@pytest.mark.parametrize("d", [
+    dump(new_hits=1000, new_pages_hit=255),                          # a page never seen
+    dump(),                                                          # the oracle saw nothing
+    dump(new_hits=131072, new_pages_hit=256, other=1),               # one access went elsewhere
+    dump(new_hits=131072, new_pages_hit=256, io=1),                  # one was I/O
+    dump(new_hits=131072, new_pages_hit=256, no_hwaddr=1),           # one had no address
+    dump(new_hits=131072, new_pages_hit=256, pages=255),             # the sets are not the buffer
+    dump(new_hits=131072, new_pages_hit=256, before_move=1),         # an older stale mapping
+], ids=["page-unseen", "nothing", "elsewhere", "io", "no-hwaddr", "wrong-set", "before-move"])
+def test_a_read_the_hardware_cannot_account_for_has_no_hw_verdict(d):
+    v = hwtrace.verdict(d, 256, 10_000_000)
+    assert v["verdict"] is None and "cannot vouch" in v["detail"]
 
 
-def test_combine_takes_the_worse_and_says_why_they_disagree():
+def test_an_empty_buffer_is_never_hw_refaulted():
+    assert hwtrace.verdict(dump(pages=0), 0)["verdict"] is None
+
+
+def test_combine_takes_the_worse_and_fails_what_it_cannot_reconcile():
     stale = {"verdict": "HW_STALE", "detail": "x"}
     fine = {"verdict": "HW_REFAULTED", "detail": "y"}
-    assert hwtrace.combine("REFAULTED", fine) == ("REFAULTED", None)
-    v, why = hwtrace.combine("REFAULTED", stale)
-    assert v == "HW_STALE" and "disagree" in why
-    assert hwtrace.combine("STALE", stale) == ("STALE", None)
-    v, why = hwtrace.combine("STALE", fine)
-    assert v == "STALE" and "disagree" in why
-    v, why = hwtrace.combine("REFAULTED", {"verdict": None, "detail": "blind"})
-    assert v == "REFAULTED" and "no verdict" in why
-    assert hwtrace.combine("TORN", None) == ("TORN", None)
+    assert hwtrace.combine("REFAULTED", fine) == ("REFAULTED", None, False)
+    v, why, bad = hwtrace.combine("REFAULTED", stale)
+    assert v == "HW_STALE" and "disagree" in why and not bad
+    assert hwtrace.combine("STALE", stale) == ("STALE", None, False)
+    v, why, bad = hwtrace.combine("STALE", fine)           # one oracle is wrong: never a pass
+    assert v == "STALE" and "disagree" in why and bad
+    for content in ("TORN", "LOST_WRITE", "NOT_ZAPPED"):  # about content/counters: consistent
+        assert hwtrace.combine(content, fine) == (content, None, False)
+    v, why, bad = hwtrace.combine("REFAULTED", {"verdict": None, "detail": "blind"})
+    assert v == "REFAULTED" and "no verdict" in why and bad
+    assert hwtrace.combine("TORN", None) == ("TORN", None, False)
 
 
 def test_patch_filter_keeps_only_the_header_sections():

@@ -34,7 +34,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define VMLAB_EXPORTER_ABI_VERSION 2
+#define VMLAB_EXPORTER_ABI_VERSION 3  /* 3: MIGRATE_SILENT */
 
 /* caching */
 #define VMLAB_CACHING_WB   0
