@@ -4,6 +4,7 @@ verdict, so boots are repeated and failures counted, not retried away)."""
 from __future__ import annotations
 
 import os
+import re
 import statistics
 import tempfile
 import time
@@ -142,6 +143,110 @@ def bench_hwtrace(args, progress, repeat: int, moves: int = 20) -> dict:
     return out
 
 
+# SVM exit codes (AMD APM vol. 2, appendix C) that a nested guest boot produces most
+SVM_EXITS = {0x60: "INTR", 0x61: "NMI", 0x64: "VINTR", 0x72: "CPUID", 0x78: "HLT",
+             0x7b: "IOIO", 0x7c: "MSR", 0x7f: "SHUTDOWN", 0x81: "VMMCALL", 0x400: "NPF",
+             0x6e: "RDTSC", 0x88: "RDTSCP", 0x7d: "TASK_SWITCH", 0x4e: "EXCP_PF",
+             0x401: "AVIC_INCOMPLETE_IPI", 0x402: "AVIC_NOACCEL"}
+_EVENTS = "/sys/kernel/tracing/events/kvm"
+# (event, key): exits by reason, and the I/O-port exits by port
+_HISTS = (("kvm_exit", "exit_reason"), ("kvm_pio", "port"))
+
+
+def _svm_exit_name(code: int) -> str:
+    if code in SVM_EXITS:
+        return SVM_EXITS[code]
+    for lo, name in ((0x00, "CR_READ"), (0x10, "CR_WRITE"), (0x20, "DR_READ"), (0x30, "DR_WRITE"),
+                     (0x40, "EXCP")):
+        if lo <= code < lo + (0x20 if name == "EXCP" else 0x10):
+            return f"{name}_{code - lo}"
+    return hex(code)
+
+
+def _histogram(lab, event: str, key: str) -> dict:
+    """Counts of a kvm tracepoint by one field since its hist trigger was set."""
+    rc, out, _ = lab.run(f"cat {_EVENTS}/{event}/hist", timeout=30, check=False)
+    counts: dict = {}
+    for line in out.splitlines():
+        m = re.match(r"\{\s*" + key + r":\s*(\d+)\s*\}\s*hitcount:\s*(\d+)", line.strip())
+        if m:
+            v = int(m.group(1))
+            name = _svm_exit_name(v) if key == "exit_reason" else hex(v)
+            counts[name] = counts.get(name, 0) + int(m.group(2))
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def _set_hists(lab, on: bool) -> tuple[int, str]:
+    bang = "" if on else "!"
+    cmd = "; ".join(f"echo '{bang}hist:keys={k}' > {_EVENTS}/{e}/trigger" for e, k in _HISTS)
+    rc, _, err = lab.run("mountpoint -q /sys/kernel/tracing || mount -t tracefs nodev "
+                         f"/sys/kernel/tracing; {cmd}", timeout=30, check=False)
+    return rc, err
+
+
+def _round_trips(fn, n: int = 5) -> dict:
+    xs = []
+    for _ in range(n):
+        t = time.monotonic()
+        fn()
+        xs.append(time.monotonic() - t)
+    return _stats(xs)
+
+
+def bench_profile(args, progress, repeat: int) -> dict:
+    """Where the seconds of a run go: image check, lab boot, the guest's boot in phases
+    (QEMU launch in the lab; until the guest's init says ready, split by the guest's own
+    uptime into before-its-kernel and its kernel and init; SSH connect), the guest boot's
+    VM exits by reason (every one an emulated #VMEXIT under TCG), and the round trips a
+    move is made of (lab exec, guest exec, host agent request)."""
+    from . import config as cfgmod
+    from .exporter import HostAgent
+    from .guest import Guest, GuestOptions
+    from .stack import Stack, lab_images, lab_options
+    o = cfgmod.resolve(None, args)
+    out: dict = {"runs": []}
+    for i in range(repeat):
+        t = time.monotonic()
+        lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"], progress=progress)
+        run: dict = {"image_check_s": round(time.monotonic() - t, 3)}
+        work = _workdir(f"profile-{i}")
+        with Stack(work, progress, lab_options(o), guest_kernel=o["guest_kernel"],
+                   build=not o["no_build"]) as s:
+            lab = s.up_lab()
+            run["lab_boot_s"] = lab.boot_seconds
+            run["lab_accel"] = lab.accel
+            rc, err = _set_hists(lab, True)
+            g = Guest(lab, GuestOptions(), work)
+            s.guest = g
+            g.up(progress)
+            run["guest_boot_s"] = g.boot_seconds
+            run["guest_phases"] = dict(g.phases)
+            up = g.phases.get("guest_uptime_s", {})
+            ready_at = up.get("VMLAB-GUEST-READY")
+            if ready_at is not None:
+                # the guest's clock starts with its kernel: what came before is QEMU, the
+                # firmware, loading and decompressing the kernel
+                run["guest_phases"]["before_guest_kernel_s"] = round(g.phases["to_ready_s"] - ready_at, 3)
+            if rc == 0:
+                run["guest_boot_exits"] = _histogram(lab, "kvm_exit", "exit_reason")
+                run["guest_boot_io_exits_by_port"] = dict(list(_histogram(lab, "kvm_pio", "port").items())[:12])
+            else:
+                run["guest_boot_exits"] = {"error": err.strip()[:200]}
+            _set_hists(lab, False)
+            agent = HostAgent(lab, work / "hostagent.log")
+            try:
+                run["round_trips_s"] = {
+                    "lab_exec": _round_trips(lambda: lab.run("true", timeout=30)),
+                    "guest_exec": _round_trips(lambda: g.run("true", timeout=30)),
+                    "host_agent_request": _round_trips(lambda: agent.request("hello"))}
+            finally:
+                agent.close()
+        out["runs"].append(run)
+        progress(f"profile {i + 1}/{repeat}: lab {run['lab_boot_s']}s, guest {run['guest_boot_s']}s "
+                 f"{run['guest_phases']}")
+    return out
+
+
 def _tail(path: Path, n: int = 6) -> list[str]:
     from .qemu import console_tail
     return console_tail(path, n).splitlines() if path.exists() else []
@@ -189,7 +294,7 @@ def bench_soak(args, progress, repeat: int) -> dict:
             "wall_seconds_per_run": _stats(walls), "results": str(base)}
 
 
-KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace")
+KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile")
 
 
 def run(args, progress) -> dict:
@@ -208,6 +313,8 @@ def run(args, progress) -> dict:
         res["move"] = bench_move(args, progress)
     if "soak" in what:
         res["soak"] = bench_soak(args, progress, max(1, args.repeat))
+    if "profile" in what:
+        res["profile"] = bench_profile(args, progress, max(1, args.repeat))
     if "hwtrace" in what:
         res["hwtrace"] = bench_hwtrace(args, progress, max(1, args.repeat))
     if "fuzz" in what:
