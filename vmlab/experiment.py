@@ -22,6 +22,7 @@ from . import hwtrace, oracle, proc
 from .errors import RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
+from .guest_agent import GuestAgent
 from .paths import repo_root
 from .ssh import ChannelReader
 from .stack import Stack, lab_options
@@ -116,6 +117,7 @@ class Run:
         self.mapping = opts["guest_mapping"]
         self.hw: hwtrace.HwTrace | None = None    # the hardware oracle, when asked for
         self.hw_moved_at: int | None = None        # time.monotonic_ns() when the move returned
+        self.gagent: GuestAgent | None = None      # the guest agent's `serve` process
 
     # --- helpers ------------------------------------------------------------------------
     def save(self) -> None:
@@ -140,7 +142,10 @@ class Run:
 
     def _guest_exec(self, command: str, timeout: float) -> tuple[int, str, str]:
         """Run in the guest while watching its VMM: a vCPU stopped by KVM_RUN failing
-        would otherwise look like a slow guest until the timeout."""
+        would otherwise look like a slow guest until the timeout. Agent commands go to
+        the run's one agent process (one round trip each); anything else is an exec."""
+        if self.gagent is not None and command.startswith(AGENT + " "):
+            return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm)
         chan = self.stack.guest.session.open_exec(command)
         try:
             chan.shutdown_write()
@@ -221,6 +226,7 @@ class Run:
                           f"exported over ivshmem")
             self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=IVSHMEM_SOCK)
             guest = self.stack.up_guest()
+            self.gagent = GuestAgent(guest.session)
             self.result["guest"] = {"kernel": guest.run("uname -r", timeout=30)[1].strip(),
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
@@ -548,6 +554,9 @@ class Run:
         """Guest, buffer, host agent, lab: each step runs whatever the one before did."""
         if self.hw is not None:
             self.hw.close()
+        if self.gagent is not None:
+            self.gagent.close(wait=2)
+            self.gagent = None
         if self.stack is None:
             return
         guest_gone = True

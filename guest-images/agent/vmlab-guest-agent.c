@@ -18,6 +18,7 @@
 #include <errno.h>
 #include <fcntl.h>
 #include <inttypes.h>
+#include <poll.h>
 #include <setjmp.h>
 #include <signal.h>
 #include <stdarg.h>
@@ -29,6 +30,7 @@
 #include <sys/mount.h>
 #include <sys/stat.h>
 #include <sys/types.h>
+#include <sys/wait.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -1078,7 +1080,7 @@ static int cmd_vectors(const struct opts *o)
 	return 0;
 }
 
-int main(int argc, char **argv)
+static int dispatch(int argc, char **argv)
 {
 	struct opts o;
 	static const struct {
@@ -1103,4 +1105,144 @@ int main(int argc, char **argv)
 		}
 	}
 	usage("unknown command '%s'", argv[1]);
+	return 2;
+}
+
+/* ------------------------------------------------------------------ */
+/* serve: one process for a run's commands                             */
+
+static int write_all(int fd, const void *buf, size_t n)
+{
+	const char *p = buf;
+
+	while (n) {
+		ssize_t w = write(fd, p, n);
+
+		if (w < 0 && errno == EINTR)
+			continue;
+		if (w <= 0)
+			return -1;
+		p += w;
+		n -= (size_t)w;
+	}
+	return 0;
+}
+
+struct grow {
+	char *b;
+	size_t len, cap;
+};
+
+static int grow_read(int fd, struct grow *g)
+{
+	ssize_t r;
+
+	if (g->len == g->cap) {
+		size_t cap = g->cap ? 2 * g->cap : 65536;
+		char *nb = realloc(g->b, cap);
+
+		if (!nb)
+			return -1;
+		g->b = nb;
+		g->cap = cap;
+	}
+	r = read(fd, g->b + g->len, g->cap - g->len);
+	if (r > 0)
+		g->len += (size_t)r;
+	return r < 0 && errno == EINTR ? 1 : (int)(r > 0);
+}
+
+/*
+ * Each line on stdin is one command line ("read --caching uc"). It runs in a forked
+ * child exactly as it would as its own process (die(), the SIGBUS guard, exit code 3 on
+ * a guest fault), and the answer is framed on stdout:
+ *     VMLAB-REPLY <exit status> <stdout bytes> <stderr bytes>\n<stdout><stderr>
+ * So a move's read is one round trip on the controller's channel, not an SSH exec.
+ */
+static int cmd_serve(void)
+{
+	char line[4096];
+
+	while (fgets(line, sizeof(line), stdin)) {
+		char *argv[34], *save = NULL, *tok;
+		int argc = 1, out[2], err[2], status = 0, rc;
+		struct grow o = { 0 }, e = { 0 };
+		char hdr[96];
+		pid_t pid;
+
+		line[strcspn(line, "\r\n")] = 0;
+		argv[0] = "vmlab-guest-agent";
+		for (tok = strtok_r(line, " \t", &save); tok && argc < 33; tok = strtok_r(NULL, " \t", &save))
+			argv[argc++] = tok;
+		argv[argc] = NULL;
+		if (argc == 1 || !strcmp(argv[1], "serve") || !strcmp(argv[1], "watch")) {
+			static const char msg[] = "serve runs one-shot commands (not serve, watch)\n";
+
+			snprintf(hdr, sizeof(hdr), "VMLAB-REPLY 2 0 %zu\n", sizeof(msg) - 1);
+			if (write_all(1, hdr, strlen(hdr)) || write_all(1, msg, sizeof(msg) - 1))
+				return 1;
+			continue;
+		}
+		if (pipe(out) || pipe(err))
+			die("pipe: %s", strerror(errno));
+		fflush(stdout);
+		pid = fork();
+		if (pid < 0)
+			die("fork: %s", strerror(errno));
+		if (!pid) {
+			dup2(out[1], 1);
+			dup2(err[1], 2);
+			close(out[0]);
+			close(out[1]);
+			close(err[0]);
+			close(err[1]);
+			rc = dispatch(argc, argv);
+			fflush(stdout);
+			fflush(stderr);
+			_exit(rc);
+		}
+		close(out[1]);
+		close(err[1]);
+		for (int open_fds = 2; open_fds;) {
+			struct pollfd pf[2] = { { out[0], POLLIN, 0 }, { err[0], POLLIN, 0 } };
+
+			open_fds = 0;
+			if (poll(pf, 2, -1) < 0 && errno != EINTR)
+				die("poll: %s", strerror(errno));
+			for (int k = 0; k < 2; k++) {
+				int fd = k ? err[0] : out[0];
+
+				if (fd < 0)
+					continue;
+				if (pf[k].revents && (rc = grow_read(fd, k ? &e : &o)) <= 0) {
+					if (rc < 0)
+						die("out of memory for a reply");
+					close(fd);
+					if (k)
+						err[0] = -1;
+					else
+						out[0] = -1;
+					continue;
+				}
+				open_fds++;
+			}
+		}
+		while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+			;
+		rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+		snprintf(hdr, sizeof(hdr), "VMLAB-REPLY %d %zu %zu\n", rc, o.len, e.len);
+		if (write_all(1, hdr, strlen(hdr)) || write_all(1, o.b ? o.b : "", o.len) ||
+		    write_all(1, e.b ? e.b : "", e.len))
+			return 1;
+		free(o.b);
+		free(e.b);
+	}
+	return 0;
+}
+
+int main(int argc, char **argv)
+{
+	if (argc == 2 && !strcmp(argv[1], "serve"))
+		return cmd_serve();
+	return dispatch(argc, argv);
 }
