@@ -717,11 +717,12 @@ def resolve(exp: Experiment | None, args=None) -> dict:
     out["lab_qemu_args"] = list(getattr(args, "lab_qemu_arg", None) or ()) if args is not None else []
     out["no_build"] = bool(getattr(args, "no_build", False)) if args is not None else False
     out["sources"] = src
-    if out["kernel_image"] is not None and not os.path.isfile(out["kernel_image"]):
+    if out["kernel_image"] is not None and not (os.path.isfile(out["kernel_image"]) and
+                                                os.access(out["kernel_image"], os.R_OK)):
         # the user's path, checked before anything starts (a wrong path is input, exit 2;
         # a kernel that exists and does not boot is the kernel under test, exit 125)
         raise ConfigError("<command line>", "--kernel-image",
-                          f"{out['kernel_image']}: no such file")
+                          f"{out['kernel_image']}: no such readable file")
     out["oracle"] = list(exp.raw.get("oracle") or ["stamps"]) if exp is not None else ["stamps"]
     if "hw" in out["oracle"]:
         # a TCG plugin in the lab's QEMU: the lab must be TCG whatever else would pick

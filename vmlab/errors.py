@@ -4,6 +4,8 @@
     ├── UserError              exit 2, one line, no traceback: the user can fix it
     │   ├── ConfigError        bad YAML/CLI input (names the file and key path)
     │   ├── ImageMissing       an image that is not built and may not be built now
+    │   ├── QemuRefused        QEMU exited at once over how it was asked to run (an option,
+    │   │                      /dev/kvm, memory), not over the kernel it was given
     │   └── NotRoot            an action needs root
     ├── CouldNotTest           exit 125, one line: what belongs to the kernel or QEMU under
     │   │                      test failed before an experiment could judge anything
@@ -49,6 +51,10 @@ class BootFailure(CouldNotTest):
         self.what, self.cause, self.console, self.retryable = what, cause, console, retryable
         tail = f" (console log: {console})" if console else ""
         super().__init__(f"{what} failed to boot: {cause}{tail}")
+
+
+class QemuRefused(UserError):
+    pass
 
 
 class NotRoot(UserError):

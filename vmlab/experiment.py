@@ -25,7 +25,7 @@ from .guest import GuestOptions
 from .guest_agent import GuestAgent
 from .paths import repo_root
 from .ssh import ChannelReader
-from .stack import Stack, lab_options
+from .stack import LAB_BOOT_ATTEMPTS, Stack, lab_options
 
 log = logging.getLogger("vmlab.experiment")
 DEFAULT_CONFIG = repo_root() / "configs" / "experiments" / "default.yaml"
@@ -200,7 +200,8 @@ class Run:
             self.result["hw_oracle"] = {"plugin": plugin, "qemu": hwtrace.qemu_source_version()[1],
                                         "guest_map_va": hex(hwtrace.GUEST_MAP_VA)}
         self.stack = Stack(self.out, self.progress, lab_options(o, hwtrace_plugin=plugin), gopts,
-                           guest_kernel=o["guest_kernel"], build=not o["no_build"])
+                           guest_kernel=o["guest_kernel"], build=not o["no_build"],
+                           lab_boot_attempts=o.get("lab_boot_attempts", LAB_BOOT_ATTEMPTS))
         try:
             lab = self.stack.up_lab()
             if plugin:
@@ -209,8 +210,7 @@ class Run:
                 self.progress("hardware oracle: the TCG plugin in the lab's QEMU answers")
             release = lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
-                                  "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,
-                                  "boot_failures_retried": self.stack.boot_failures}
+                                  "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds}
             # which expectation applies is decided by the kernel that really booted
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)
@@ -531,6 +531,11 @@ class Run:
                     "note": "controller clock, from sending MOVE to receiving the guest's watch line "
                             "(an upper bound: includes SSH transport both ways)"}
         self.result["ended"] = datetime.now(timezone.utc).isoformat()
+        if self.stack is not None and self.stack.boot_failures:
+            # also when every attempt failed: the first one's console is the evidence
+            self.result.setdefault("lab", {})["boot_failures_retried"] = self.stack.boot_failures
+            self.progress(f"note: the lab's boot was retried after: "
+                          f"{'; '.join(f['cause'] for f in self.stack.boot_failures)}")
         try:
             if self.agent is not None and self.exp.section("exporter")["kind"] == "vmlab" and self.buf:
                 try:

@@ -31,11 +31,12 @@ _COPY_IMAGE = (f"if [ ! -s {IMAGE_DIR}/initramfs.img ]; then mkdir -p {IMAGE_DIR
                f"mv $t/vmlinuz {IMAGE_DIR}/vmlinuz && mv $t/initramfs.img {IMAGE_DIR}/initramfs.img "
                f"&& rmdir $t; fi")
 # Every character on the emulated 8250 is a VM exit, and under the TCG lab each exit is an
-# emulated #VMEXIT: "quiet" (warnings, oopses and panics still print) took a guest boot
-# from 57,000 to 20,000 I/O exits and 4 s off it. The rest skips probes this guest has
-# no use for: the i8042 (no keyboard), HPET, the TSC watchdog, crypto self-tests.
-BOOT_ARGS = ("console=ttyS0 panic=-1 quiet tsc=reliable i8042.noaux i8042.nokbd i8042.nopnp "
-             "cryptomgr.notests")
+# emulated #VMEXIT: leaving the boot's NOTICE and INFO lines off the console
+# (loglevel=5; WARNING and worse, so WARN splats, oopses and panics, still print; dmesg
+# keeps everything) took a guest boot from 57,000 to 20,000 I/O exits and 4 s off it.
+# The rest skips probes this guest has no use for: the i8042 (no keyboard) and the crypto
+# self-tests. The clock is left alone: a TSC the lab's KVM gets wrong must stay visible.
+BOOT_ARGS = "console=ttyS0 panic=-1 loglevel=5 i8042.noaux i8042.nokbd i8042.nopnp cryptomgr.notests"
 
 
 @dataclass
@@ -101,8 +102,9 @@ class Guest:
         (self.workdir / f"{self.opts.name}.cmdline").write_text(spec.command_line() + "\n")
         # Not -daemonize: that sends QEMU's stderr to /dev/null, and its last words
         # ("kvm run failed Bad address") are what a VMM_FAULT verdict must show.
+        self.lab.run(_COPY_IMAGE, timeout=120)   # its own step: a failed copy says why
         rc, out, err = self.lab.run(
-            f"{_COPY_IMAGE} && rm -rf {d} && mkdir -p {d} && chmod 700 {d} && umask 077 && "
+            f"rm -rf {d} && mkdir -p {d} && chmod 700 {d} && umask 077 && "
             f"(setsid {spec.command_line()} > {d}/qemu.log 2>&1 < /dev/null & echo $! > {d}/qemu.pid) && "
             f"for i in $(seq 100); do [ -S {d}/qmp.sock ] && chmod 600 {d}/qmp.sock && exit 0; "
             f"kill -0 $(cat {d}/qemu.pid) 2>/dev/null || {{ cat {d}/qemu.log; exit 1; }}; sleep 0.2; done; "
@@ -133,7 +135,12 @@ class Guest:
     def _uptime_marks(self, console: str) -> dict:
         """The guest init's own uptime stamps ("vmlab-guest: [4.27] init started"): how
         much of a boot was the guest's kernel, and how much came before it started."""
-        rc, out, _ = self.lab.run(f"grep 'vmlab-guest: \\[' {shlex.quote(console)}", timeout=20, check=False)
+        try:
+            rc, out, _ = self.lab.run(f"grep 'vmlab-guest: \\[' {shlex.quote(console)}", timeout=20,
+                                      check=False)
+        except Exception as e:   # a profile figure: never a reason to fail a booted guest
+            log.warning("%s: no uptime marks: %s", self.opts.name, e)
+            return {}
         marks = {}
         for line in out.splitlines():
             m = re.search(r"vmlab-guest: \[([0-9.]+)\] (.*)", line)

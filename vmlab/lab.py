@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import images, proc, ssh
-from .errors import BootFailure, ConfigError, UserError, WaitTimeout
+from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
 from .qemu import QemuMachine, VMSpec, console_tail, free_port
 
@@ -87,7 +87,7 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
         m.launch(timeout=20)
         m.wait_console({"VMLAB-PROBE-OK": "ok"}, timeout, "the probe kernel reaching userspace")
         accel, reason = "kvm", "a stock kernel booted to userspace under /dev/kvm"
-    except (BootFailure, WaitTimeout) as e:
+    except (BootFailure, QemuRefused, WaitTimeout) as e:
         accel, reason = "tcg", f"/dev/kvm cannot boot a stock kernel: {getattr(e, 'cause', str(e))[:160]}"
     finally:
         m.shutdown(quick=True)
@@ -145,9 +145,8 @@ class NestedLab:
 
     def up(self, lab_image: images.Image, guest_image: images.Image | None, progress=print) -> None:
         self.image, self.guest_image = lab_image, guest_image
-        # A wrong --kernel-image is left to QEMU: its own error names the file, and the
-        # failure path (early exit -> BootFailure with the console log) is the same one
-        # every other broken boot takes.
+        # --kernel-image exists (checked with the options); one QEMU cannot load is the
+        # kernel under test (125), one that loads and does not boot too.
         kernel = self.opts.kernel_image or str(lab_image.artifact("vmlinuz"))
         if self.accel == "auto":
             self.accel, self.accel_reason = probe_accel(lab_image, progress)
@@ -179,8 +178,13 @@ class NestedLab:
                 # 'vmlab lab down' must be able to find it whatever happens next
                 self._save_state()
             self.machine.wait_console({READY: "ready"}, self.opts.boot_timeout, "lab host ready")
-            self.session = ssh.SSHSession.connect("lab", "127.0.0.1", self.ssh_port, self.key,
-                                                  timeout=60, alive=self.machine.alive)
+            try:
+                self.session = ssh.SSHSession.connect("lab", "127.0.0.1", self.ssh_port, self.key,
+                                                      timeout=60, alive=self.machine.alive)
+            except (RemoteError, WaitTimeout) as e:
+                # said ready, then died or never answered (oops=panic after READY): the
+                # lab kernel did not come up, like any other boot failure
+                raise self.machine.failure(f"no SSH after {READY}: {e}")
             self.boot_seconds = round(time.monotonic() - start, 1)
             progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release()}")
             if self.detach:

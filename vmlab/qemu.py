@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shlex
 import signal
 import socket
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import proc
-from .errors import BootFailure, InfraError
+from .errors import BootFailure, InfraError, QemuRefused, VmlabError
 from .qmp import QMP, QMPGone
 
 log = logging.getLogger("vmlab.qemu")
@@ -159,12 +160,10 @@ class QemuMachine:
                 if self.proc.poll() is None:
                     self.connect_qmp(timeout)
             if self.proc.poll() is not None:
-                raise self.failure(f"QEMU exited early with status {self.proc.returncode}",
-                                   retryable=False)
+                raise self.refused()
         except QMPGone:
             self.shutdown(quick=True)
-            raise self.failure(f"QEMU exited early with status {self.proc.returncode}",
-                               retryable=False)
+            raise self.refused()
         except BaseException:
             self.shutdown(quick=True)
             raise
@@ -183,17 +182,31 @@ class QemuMachine:
         q.settimeout(30)
         self.qmp = q
 
-    def failure(self, cause: str, retryable: bool = True) -> BootFailure:
-        """A BootFailure naming QEMU's last words (stderr) and the console log."""
-        last = ""
+    def _last_words(self) -> str:
         try:
             lines = [ln for ln in self.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
-            last = lines[-1] if lines else ""
+            return lines[-1] if lines else ""
         except OSError:
-            pass
+            return ""
+
+    def failure(self, cause: str, retryable: bool = True) -> BootFailure:
+        """A BootFailure (exit 125) naming QEMU's last words (stderr) and the console log."""
+        last = self._last_words()
         if last:
             cause = f"{cause}: {last}"
         return BootFailure(self.spec.name, cause, str(self.console_path), retryable=retryable)
+
+    def refused(self) -> VmlabError:
+        """QEMU exited before it ran anything. When its last words are about the kernel it
+        was given, that kernel is what is under test: BootFailure (125), not retried.
+        Anything else is how QEMU was asked to run (an option, /dev/kvm, memory): the
+        user's input, exit 2 (git bisect must not skip every commit over a typo)."""
+        last = self._last_words()
+        cause = f"QEMU exited early with status {self.proc.returncode}"
+        if re.search(r"kernel|bzImage|initrd|PVH|multiboot", last, re.I):
+            return self.failure(cause, retryable=False)
+        return QemuRefused(f"{self.spec.name}: {cause}: {last or 'no message'} "
+                           f"(command line: {self.workdir / (self.spec.name + '.cmdline')})")
 
     def alive(self) -> bool:
         if self.proc is not None:

@@ -43,7 +43,7 @@ def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
 class Stack:
     def __init__(self, workdir: Path, progress, lab_opts: LabOptions,
                  guest_opts: GuestOptions | None = None, *, guest_kernel: str | None = None,
-                 build: bool = True):
+                 build: bool = True, lab_boot_attempts: int = LAB_BOOT_ATTEMPTS):
         self.workdir = Path(workdir)
         self.progress = progress
         self.lab_opts = lab_opts
@@ -54,6 +54,7 @@ class Stack:
         self.guest: Guest | None = None
         self.lab_image = self.guest_image = None
         self.boot_failures: list[dict] = []   # lab boots that failed and were retried
+        self.lab_boot_attempts = lab_boot_attempts  # 1 for benches that count flakes
 
     def up_lab(self) -> NestedLab:
         """Boot the lab; a started lab that does not come up (a panic or a hang: TCG's
@@ -61,19 +62,23 @@ class Stack:
         ``boot_failures``. A QEMU that refuses its arguments is not retried."""
         self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
                                                       build=self.build, progress=self.progress)
-        for attempt in range(1, LAB_BOOT_ATTEMPTS + 1):
+        for attempt in range(1, self.lab_boot_attempts + 1):
             self.lab = NestedLab(self.workdir, self.lab_opts)
             try:
                 self.lab.up(self.lab_image, self.guest_image, self.progress)
                 return self.lab
             except BootFailure as e:
                 self.lab = None
-                if not e.retryable or attempt == LAB_BOOT_ATTEMPTS:
+                if not e.retryable or attempt == self.lab_boot_attempts:
+                    if self.boot_failures:
+                        e.args = (f"{e} (attempt {attempt} of {attempt}; attempt 1: "
+                                  f"{self.boot_failures[0]['cause']})",)
                     raise
                 kept = self._keep_attempt_logs(attempt)
-                self.boot_failures.append({"attempt": attempt, "error": str(e), "logs": kept})
-                self.progress(f"lab host did not come up (attempt {attempt} of {LAB_BOOT_ATTEMPTS}): "
-                              f"{e}; booting it again")
+                self.boot_failures.append({"attempt": attempt, "cause": e.cause, "logs": kept})
+                self.progress(f"lab host did not come up (attempt {attempt} of "
+                              f"{self.lab_boot_attempts}): {e.cause} (console: {kept[0] if kept else '-'}); "
+                              f"booting it again")
         raise AssertionError("unreachable")
 
     def _keep_attempt_logs(self, attempt: int) -> list[str]:

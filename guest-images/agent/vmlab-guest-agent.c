@@ -1163,20 +1163,34 @@ static int cmd_serve(void)
 {
 	char line[4096];
 
+	/* an inherited SIG_IGN would make waitpid() fail and every status look like 0 */
+	signal(SIGCHLD, SIG_DFL);
 	while (fgets(line, sizeof(line), stdin)) {
-		char *argv[34], *save = NULL, *tok;
+		char *argv[34], *save = NULL, *tok = NULL;
 		int argc = 1, out[2], err[2], status = 0, rc;
 		struct grow o = { 0 }, e = { 0 };
 		char hdr[96];
 		pid_t pid;
 
+		if (!strchr(line, '\n') && !feof(stdin)) {
+			static const char msg[] = "command line longer than 4095 bytes\n";
+			int c;
+
+			while ((c = getchar()) != EOF && c != '\n')
+				;   /* the rest of it is no command of its own */
+			snprintf(hdr, sizeof(hdr), "VMLAB-REPLY 2 0 %zu\n", sizeof(msg) - 1);
+			if (write_all(1, hdr, strlen(hdr)) || write_all(1, msg, sizeof(msg) - 1))
+				return 1;
+			continue;
+		}
 		line[strcspn(line, "\r\n")] = 0;
 		argv[0] = "vmlab-guest-agent";
 		for (tok = strtok_r(line, " \t", &save); tok && argc < 33; tok = strtok_r(NULL, " \t", &save))
 			argv[argc++] = tok;
 		argv[argc] = NULL;
-		if (argc == 1 || !strcmp(argv[1], "serve") || !strcmp(argv[1], "watch")) {
-			static const char msg[] = "serve runs one-shot commands (not serve, watch)\n";
+		if (tok || argc == 1 || !strcmp(argv[1], "serve") || !strcmp(argv[1], "watch")) {
+			static const char msg[] = "serve runs one-shot commands of at most 32 words "
+						  "(not serve, watch)\n";
 
 			snprintf(hdr, sizeof(hdr), "VMLAB-REPLY 2 0 %zu\n", sizeof(msg) - 1);
 			if (write_all(1, hdr, strlen(hdr)) || write_all(1, msg, sizeof(msg) - 1))
@@ -1190,6 +1204,10 @@ static int cmd_serve(void)
 		if (pid < 0)
 			die("fork: %s", strerror(errno));
 		if (!pid) {
+			int null = open("/dev/null", O_RDONLY);
+
+			if (null >= 0)
+				dup2(null, 0);   /* the command channel is the server's, not the child's */
 			dup2(out[1], 1);
 			dup2(err[1], 2);
 			close(out[0]);
@@ -1204,6 +1222,8 @@ static int cmd_serve(void)
 		close(out[1]);
 		close(err[1]);
 		for (int open_fds = 2; open_fds;) {
+			/* no timeout here: the controller bounds every command, and a child that
+			 * ends (as every agent command does) closes both pipes */
 			struct pollfd pf[2] = { { out[0], POLLIN, 0 }, { err[0], POLLIN, 0 } };
 
 			open_fds = 0;
@@ -1227,8 +1247,10 @@ static int cmd_serve(void)
 				open_fds++;
 			}
 		}
-		while (waitpid(pid, &status, 0) < 0 && errno == EINTR)
+		while ((rc = (int)waitpid(pid, &status, 0)) < 0 && errno == EINTR)
 			;
+		if (rc < 0)
+			die("waitpid: %s", strerror(errno));   /* never a made-up status */
 		rc = WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
 		snprintf(hdr, sizeof(hdr), "VMLAB-REPLY %d %zu %zu\n", rc, o.len, e.len);
 		if (write_all(1, hdr, strlen(hdr)) || write_all(1, o.b ? o.b : "", o.len) ||

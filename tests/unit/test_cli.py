@@ -112,6 +112,8 @@ def test_doctor_no_boot_text(tmp_path):
      "vmlab: could not test:"),
     (lambda: errors.BootFailure("lab", "QEMU exited early", None, retryable=False), 125,
      "vmlab: could not test:"),
+    (lambda: errors.QemuRefused("lab: QEMU exited early: 'x' is not a valid device model"), 2,
+     "vmlab: error:"),
     (lambda: errors.RemoteError("agent said no"), 1, "vmlab: failed:"),
     (lambda: KeyboardInterrupt(), 130, "vmlab: interrupted"),
     (lambda: cli.Terminated(), 143, "vmlab: terminated"),

@@ -452,5 +452,5 @@ def test_resolve_rechecks_size_against_cli_memory(tmp_path):
 def test_a_kernel_image_that_does_not_exist_is_input_not_a_boot_failure(tmp_path):
     from vmlab import cli
     a = cli.parser().parse_args(["run", "--kernel-image", str(tmp_path / "nope")])
-    with pytest.raises(ConfigError, match="--kernel-image.*no such file"):
+    with pytest.raises(ConfigError, match="--kernel-image.*no such readable file"):
         config.resolve(None, a)

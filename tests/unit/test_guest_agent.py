@@ -375,3 +375,47 @@ def test_gpu_usage_errors(agent, args):
     assert r.stdout == ""
     err = r.stderr.splitlines()
     assert len(err) == 1 and err[0].startswith("vmlab-guest-agent: usage: "), r.stderr
+
+
+# -- serve: one process, framed replies ------------------------------------------------
+
+def _serve(agent: Path, lines: list[str], *, sigchld_ignored: bool = False):
+    """Feed ``lines`` to `serve`; returns [(status, stdout, stderr)] parsed from the frames."""
+    pre = (lambda: signal.signal(signal.SIGCHLD, signal.SIG_IGN)) if sigchld_ignored else None
+    r = subprocess.run([str(agent), "serve"], input="".join(ln + "\n" for ln in lines).encode(),
+                       capture_output=True, timeout=60, preexec_fn=pre)
+    assert r.returncode == 0, r.stderr
+    data, out = r.stdout, []
+    while data:
+        head, _, data = data.partition(b"\n")
+        tag, status, n_out, n_err = head.split(b" ")
+        assert tag == b"VMLAB-REPLY"
+        n_out, n_err = int(n_out), int(n_err)
+        out.append((int(status), data[:n_out].decode(), data[n_out:n_out + n_err].decode()))
+        data = data[n_out + n_err:]
+    return out
+
+
+@pytest.mark.parametrize("sigchld_ignored", [False, True])
+def test_serve_frames_each_command_with_its_own_status(agent, tmp_path, sigchld_ignored):
+    """The same statuses and output as separate processes, even when the agent was
+    started with SIGCHLD ignored (a made-up status 0 would turn a fault into a pass)."""
+    big = make_buffer(tmp_path / "big", [(9, 2, stamp.LIVE)] * 256)   # ~30 KiB of JSON: > a pipe
+    gone = tmp_path / "gone"
+    replies = _serve(agent, ["version", f"read --path {big}", f"read --path {gone}",
+                             "frobnicate", "watch --path x", " ".join(["version"] * 40),
+                             "version"], sigchld_ignored=sigchld_ignored)
+    assert len(replies) == 7, replies
+    assert replies[0][0] == 0 and json.loads(replies[0][1])["agent"] == "vmlab-guest-agent"
+    status, out, _ = replies[1]
+    assert status == 0 and len(json.loads(out)["records"]) == 256
+    assert replies[2][0] != 0 and gone.name in replies[2][2]          # die() in the child
+    assert replies[3][0] == 2 and "unknown command" in replies[3][2]
+    assert replies[4][0] == 2 and "one-shot" in replies[4][2]
+    assert replies[5][0] == 2 and "32 words" in replies[5][2]
+    assert replies[6][0] == 0                                          # still serving
+
+
+def test_serve_skips_the_rest_of_an_over_long_line(agent):
+    replies = _serve(agent, ["version " + "x" * 5000, "version"])
+    assert [r[0] for r in replies] == [2, 0] and "longer than" in replies[0][2]
