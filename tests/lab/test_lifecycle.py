@@ -122,16 +122,17 @@ def test_wrong_kernel_path(tmp_path):
     assert qemu_pids(str(tmp_path)) == [] and not list(tmp_path.glob("doctor-*/lab-console.log"))
 
 
-def test_kernel_that_does_not_boot_is_could_not_test(images_ready, tmp_path):
-    """A kernel image that exists but is no kernel (QEMU starts it and it never comes up):
-    the kernel under test did not boot, exit 125; it is booted twice, not more."""
+def test_kernel_qemu_cannot_load_is_could_not_test(images_ready, tmp_path):
+    """A kernel image that exists but is no kernel: QEMU refuses to load it. That is the
+    kernel under test (exit 125, git bisect skips it), not the user's input; booting it
+    again cannot help, so it is not retried (the retry path: test_boot_timeout_is_honoured)."""
     junk = tmp_path / "bzImage"
     junk.write_bytes(b"\0" * 65536)
     r = vmlab_cmd("doctor", "--kernel-image", str(junk), "--boot-timeout", "20",
                   env={"VMLAB_STATE_DIR": str(tmp_path / "s")}, timeout=300)
     line = _one_line_exit125(r)
-    assert "lab failed to boot" in line and "console log:" in line and "attempt 1:" in line
-    assert r.stderr.count("booting it again") == 1
+    assert "lab failed to boot" in line and "kernel" in line and "console log:" in line
+    assert "booting it again" not in r.stderr
     assert qemu_pids(str(tmp_path)) == []
 
 
