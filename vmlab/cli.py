@@ -1,5 +1,6 @@
-"""vmlab command line. Only ``main`` turns errors into exit codes:
-UserError -> 2 (one line), InfraError -> 1 (traceback in the log), Ctrl-C -> 130, SIGTERM -> 143."""
+"""vmlab command line. Only ``main`` turns errors into exit codes: UserError -> 2 (one
+line), CouldNotTest -> 125 (one line), InfraError -> 1 (traceback in the log), Ctrl-C ->
+130, SIGTERM -> 143. The users' help text is USAGE and EXIT_CODES, not this docstring."""
 from __future__ import annotations
 
 import argparse
@@ -260,7 +261,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "config lab.kernel, default trixie")
     p.add_argument("--guest-kernel", default=None,
                    help="guest kernel suite; config guest.kernel, default trixie whatever the lab kernel")
-    p.add_argument("--kernel-image", default=None, help="boot this kernel image as the lab kernel")
+    p.add_argument("--kernel-image", default=None, metavar="PATH",
+                   help="boot this bzImage as the lab kernel (with the image's modules)")
     p.add_argument("--lab-memory", type=positive_int, default=None, metavar="MIB",
                    help="lab RAM in MiB (>= 1); config lab.memory_mb, default 3072")
     p.add_argument("--boot-timeout", type=positive_float, default=None, metavar="SECONDS",
@@ -269,68 +271,112 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="guest RAM in MiB (>= 1); config guest.memory_mb, default 512")
     p.add_argument("--guest-boot-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="seconds for the guest to boot (> 0); config guest.boot_timeout, default 240")
-    p.add_argument("--lab-qemu-arg", action="append", help="extra QEMU argument for the lab VM")
-    p.add_argument("--no-build", action="store_true", help="fail instead of building missing images")
+    p.add_argument("--lab-qemu-arg", action="append", metavar="ARG",
+                   help="one extra argument for the lab's QEMU (repeat it for more)")
+    p.add_argument("--no-build", action="store_true",
+                   help="fail (exit 2) instead of building a missing image")
+
+
+USAGE = """\
+vmlab boots its own lab host (a VM with KVM and the vmlab exporter module) and guests
+inside it, maps a host dma-buf into a guest's physical address space, moves the buffer
+under the guest, and says whether the guest saw the new pages (REFAULTED) or stale ones.
+
+  vmlab run                      the default experiment: build what is missing, boot, judge
+  vmlab run configs/experiments/hw-oracle.yaml --out /tmp/r1
+  vmlab lab up; vmlab lab exec -- dmesg; vmlab lab down
+"""
+
+EXIT_CODES = """\
+exit status: 0 every expectation met; 1 an expectation missed, or vmlab itself failed;
+2 the input is wrong (one line naming the file and key or option; nothing started);
+125 could not test (the kernel under test could not be loaded or did not boot);
+130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Every VM vmlab started is stopped
+before it exits.
+"""
+
+
+def _sub(sub, name: str, help: str, example: str, merge: bool = False):
+    """A subcommand whose --help says what it does, shows an example and the exit codes."""
+    from .config import MERGE_RULE
+    import textwrap
+    merge_rule = textwrap.fill(MERGE_RULE, 88) + "\n\n" if merge else ""
+    epilog = f"example:\n  {example}\n\n{merge_rule}{EXIT_CODES}"
+    return sub.add_parser(name, help=help, description=help[0].upper() + help[1:] + ".",
+                          epilog=epilog, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def parser() -> argparse.ArgumentParser:
-    from .config import MERGE_RULE, positive_float, positive_int
-    p = argparse.ArgumentParser(prog="vmlab", description=__doc__, epilog=MERGE_RULE)
+    from .config import positive_float, positive_int
+    p = argparse.ArgumentParser(prog="vmlab", description=USAGE, epilog=EXIT_CODES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--version", action="version", version=f"vmlab {__version__}")
-    p.add_argument("-v", "--verbose", action="store_true")
-    sub = p.add_subparsers(dest="command", required=True)
+    p.add_argument("-v", "--verbose", action="store_true",
+                   help="debug logging on stderr, and tracebacks of internal failures")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    im = sub.add_parser("images", help="build or list lab/guest images")
-    ims = im.add_subparsers(dest="action", required=True)
-    b = ims.add_parser("build")
-    b.add_argument("which", nargs="?", default="all", choices=["lab", "guest", "all"])
-    b.add_argument("--kernel", default="trixie")
-    ims.add_parser("list")
+    im = _sub(sub, "images", "build or list the lab and guest images (mmdebstrap, cached by content)",
+              "vmlab images build lab --kernel trixie-backports")
+    ims = im.add_subparsers(dest="action", required=True, metavar="ACTION")
+    b = ims.add_parser("build", help="build an image if its recipe or inputs changed")
+    b.add_argument("which", nargs="?", default="all", choices=["lab", "guest", "all"],
+                   help="which image (default all)")
+    b.add_argument("--kernel", default="trixie",
+                   help="kernel suite of the image: trixie, trixie-backports, bookworm-backports "
+                        "(default trixie)")
+    ims.add_parser("list", help="the images in the cache, with their kernels")
     im.set_defaults(func=cmd_images)
 
-    lab = sub.add_parser("lab", help="the lab host VM: up, status, down, exec")
-    labs = lab.add_subparsers(dest="action", required=True)
-    up = labs.add_parser("up", epilog=MERGE_RULE)
+    lab = _sub(sub, "lab", "the lab host VM that outlives one command: up, status, down, exec",
+               "vmlab lab up --kernel trixie-backports && vmlab lab exec -- uname -r", merge=True)
+    labs = lab.add_subparsers(dest="action", required=True, metavar="ACTION")
+    up = labs.add_parser("up", help="boot the lab and leave it running")
     _common(up)
-    st = labs.add_parser("status")
-    st.add_argument("--json", action="store_true")
-    labs.add_parser("down")
-    ex = labs.add_parser("exec")
+    st = labs.add_parser("status", help="whether a lab is up, and its facts")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    labs.add_parser("down", help="stop the lab (and its guest)")
+    ex = labs.add_parser("exec", help="run a command in the lab as root")
     ex.add_argument("--timeout", type=positive_float, default=300, metavar="SECONDS",
                     help="seconds for the command (> 0, default 300)")
-    ex.add_argument("cmd", nargs=argparse.REMAINDER)
+    ex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     lab.set_defaults(func=cmd_lab)
 
-    g = sub.add_parser("guest", help="a guest inside the lab: up, down, exec")
-    gs = g.add_subparsers(dest="action", required=True)
-    gs.add_parser("up")
-    gs.add_parser("down")
-    gex = gs.add_parser("exec")
+    g = _sub(sub, "guest", "a guest inside the running lab: up, down, exec",
+             "vmlab guest up && vmlab guest exec -- cat /proc/iomem")
+    gs = g.add_subparsers(dest="action", required=True, metavar="ACTION")
+    gs.add_parser("up", help="boot a guest in the lab that 'vmlab lab up' started")
+    gs.add_parser("down", help="stop the guest")
+    gex = gs.add_parser("exec", help="run a command in the guest as root")
     gex.add_argument("--timeout", type=positive_float, default=300, metavar="SECONDS",
                      help="seconds for the command (> 0, default 300)")
-    gex.add_argument("cmd", nargs=argparse.REMAINDER)
+    gex.add_argument("cmd", nargs=argparse.REMAINDER, help="the command, after --")
     g.set_defaults(func=cmd_guest)
 
-    d = sub.add_parser("doctor", help="what this machine and the lab can do, and why", epilog=MERGE_RULE)
-    d.add_argument("--json", action="store_true")
+    d = _sub(sub, "doctor", "what this machine, the lab and a guest can do, and why",
+             "vmlab doctor --json", merge=True)
+    d.add_argument("--json", action="store_true", help="print JSON")
     d.add_argument("--no-boot", action="store_true", help="only this machine; boot nothing")
     _common(d)
     d.set_defaults(func=cmd_doctor)
 
-    be = sub.add_parser("bench", help="measure boots, builds, moves (JSON)", epilog=MERGE_RULE)
-    be.add_argument("--json", action="store_true")
+    be = _sub(sub, "bench", "measure boots, builds, moves and more; numbers only, never a verdict",
+              "vmlab bench --json --what profile,move --repeat 3", merge=True)
+    be.add_argument("--json", action="store_true", help="print JSON")
     be.add_argument("--what", default="boot,build",
                     help="comma list of: boot, build, move, soak, fuzz, hwtrace (the hardware "
                          "oracle's TCG cost, without and with the plugin), profile (where a "
-                         "boot's seconds and VM exits go)")
+                         "boot's seconds and VM exits go); default boot,build")
     be.add_argument("--repeat", type=positive_int, default=1, help="how many times (>= 1, default 1)")
     _common(be)
     be.set_defaults(func=cmd_bench)
 
-    r = sub.add_parser("run", help="run an experiment (default: configs/experiments/default.yaml)",
-                       epilog=MERGE_RULE)
-    r.add_argument("config", nargs="?", default=None)
-    r.add_argument("--out", default=None, help="results directory (default results/<UTC>-<name>/)")
+    r = _sub(sub, "run", "run an experiment and judge every move; writes a results directory",
+             "vmlab run configs/experiments/zap-only.yaml --kernel trixie-backports --out /tmp/r1",
+             merge=True)
+    r.add_argument("config", nargs="?", default=None,
+                   help="experiment YAML (default configs/experiments/default.yaml)")
+    r.add_argument("--out", default=None,
+                   help="results directory: new or empty (default results/<UTC>-<name>/)")
     _common(r)
     r.set_defaults(func=cmd_run)
     return p

@@ -23,6 +23,7 @@ from .errors import RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
 from .guest_agent import GuestAgent
+from .lab import qemu_version
 from .paths import repo_root
 from .ssh import ChannelReader
 from .stack import LAB_BOOT_ATTEMPTS, Stack, lab_options
@@ -212,6 +213,10 @@ class Run:
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds}
             # which expectation applies is decided by the kernel that really booted
+            # which VMMs: the lab's QEMU (runs the guest under KVM) and the one running the lab
+            _, lab_qemu, _ = lab.run("qemu-system-x86_64 --version | head -n 1", timeout=30, check=False)
+            self.result["lab"]["qemu"] = lab_qemu.strip().replace("QEMU emulator version ", "")
+            self.result["lab"]["outer_qemu"] = qemu_version()
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)
             self.health_start["lab"] = kernel_state(lab)

@@ -40,6 +40,9 @@ def test_default_experiment(images_ready):
     assert all(m["pages"] == {"REFAULTED": 256} for m in res["moves"][:3])
     assert res["moves"][3]["pages"] == {"STALE": 256}
     assert res["guest"]["query_kvm"]["enabled"] is True
+    # both VMMs on record: trixie's QEMU in the lab, this machine's running the lab
+    assert res["lab"]["qemu"].split(".")[0].isdigit() and "Debian" in res["lab"]["qemu"]
+    assert res["lab"]["outer_qemu"].split(".")[0].isdigit()
     # guest writes survive MIGRATE: the tag written before each move is read after it
     assert all(m["guest_write"]["readback_ok"] for m in res["moves"][:3])
     assert not any("LOST_WRITE" in m["pages"] for m in res["moves"])

@@ -134,3 +134,27 @@ def test_a_command_that_returns_passes_its_code_through(monkeypatch):
     assert cli.main(["run"]) == 1
     monkeypatch.setattr(cli, "cmd_run", lambda _a: 0)
     assert cli.main(["run"]) == 0
+
+
+def _subparsers(p):
+    import argparse as ap
+    for a in p._actions:
+        if isinstance(a, ap._SubParsersAction):
+            for name, sp in a.choices.items():
+                yield name, sp
+                yield from ((f"{name} {n}", s) for n, s in _subparsers(sp))
+
+
+def test_help_speaks_to_users():
+    """Every command says what it does with an example and the exit codes in words;
+    every argument is described; no developer docstring leaks into --help."""
+    p = cli.parser()
+    top = p.format_help()
+    assert "``" not in top and "UserError" not in top and "exit status:" in top
+    for name, sp in _subparsers(p):
+        if " " not in name:   # the commands themselves
+            h = sp.format_help()
+            assert "example:\n  vmlab " in h and "125 could not test" in h, name
+        for a in sp._actions:
+            if a.dest != "help" and not a.__class__.__name__.startswith("_SubParsers"):
+                assert a.help, f"vmlab {name}: {a.option_strings or a.dest} has no help"
