@@ -209,7 +209,8 @@ def bench_profile(args, progress, repeat: int) -> dict:
     out: dict = {"runs": []}
     for i in range(repeat):
         t = time.monotonic()
-        lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"], progress=progress)
+        lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"], progress=progress,
+                   qemu=o["qemu"])
         run: dict = {"image_check_s": round(time.monotonic() - t, 3)}
         work = _workdir(f"profile-{i}")
         with Stack(work, progress, lab_options(o), guest_kernel=o["guest_kernel"],

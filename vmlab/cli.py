@@ -91,7 +91,7 @@ def cmd_lab(a) -> int:
             for stale in ("state.json", "guest.json"):
                 (st / stale).unlink(missing_ok=True)
             lab_img, guest_img = lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"],
-                                            progress=progress)
+                                            progress=progress, qemu=o["qemu"])
             lab = NestedLab(st, lab_options(o), detach=True, rundir=st)
             lab.up(lab_img, guest_img, progress)
             lab.session.close()
@@ -261,6 +261,9 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "config lab.kernel, default trixie")
     p.add_argument("--guest-kernel", default=None,
                    help="guest kernel suite; config guest.kernel, default trixie whatever the lab kernel")
+    p.add_argument("--qemu", default=None, metavar="SOURCE",
+                   help="the lab's QEMU: default (the lab kernel's suite) or suite:NAME, e.g. "
+                        "suite:trixie-backports in a trixie lab; config lab.qemu")
     p.add_argument("--kernel-image", default=None, metavar="PATH",
                    help="boot this bzImage as the lab kernel (with the image's modules)")
     p.add_argument("--lab-memory", type=positive_int, default=None, metavar="MIB",

@@ -33,6 +33,7 @@ them (``resolve``):
     accel                --accel                 lab.accel           auto
     kernel               --kernel                lab.kernel          trixie
     kernel_image         --kernel-image          -                   none
+    qemu                 --qemu                  lab.qemu            default (the lab kernel's suite)
     guest_kernel         --guest-kernel          guest.kernel        trixie (whatever the lab kernel)
     lab_memory_mb        --lab-memory            lab.memory_mb       3072
     lab_boot_timeout     --boot-timeout          lab.boot_timeout    300
@@ -78,6 +79,7 @@ DEFAULTS = {
     "accel": "auto",
     "kernel": "trixie",
     "kernel_image": None,
+    "qemu": "default",
     "guest_kernel": "trixie",
     "lab_memory_mb": 3072,
     "lab_boot_timeout": 300.0,
@@ -92,6 +94,7 @@ _MERGE = {
     "accel": ("accel", ("lab", "accel"), "--accel"),
     "kernel": ("kernel", ("lab", "kernel"), "--kernel"),
     "kernel_image": ("kernel_image", None, "--kernel-image"),
+    "qemu": ("qemu", ("lab", "qemu"), "--qemu"),
     "guest_kernel": ("guest_kernel", ("guest", "kernel"), "--guest-kernel"),
     "lab_memory_mb": ("lab_memory", ("lab", "memory_mb"), "--lab-memory"),
     "lab_boot_timeout": ("boot_timeout", ("lab", "boot_timeout"), "--boot-timeout"),
@@ -110,6 +113,9 @@ MERGE_RULE = ("Every setting that exists both as an option and in the experiment
 # what the oracle can say, plus UNSUPPORTED (an interface with no such move)
 VERDICTS = oracle.VERDICTS + ("UNSUPPORTED",)
 DEFAULT_BASELINE_EXPECT = "REFAULTED"
+# --qemu suite:NAME -> the Debian release it belongs to (vmlab/images.py KERNEL_SUITES)
+QEMU_SUITES = {"trixie": "trixie", "trixie-backports": "trixie", "bookworm-backports": "bookworm"}
+_KERNEL_BASE = {"trixie": "trixie", "trixie-backports": "trixie", "bookworm-backports": "bookworm"}
 # QEMU 7.2's qemu_plugin_hwaddr_phys_addr() gives a RAM block offset, which is the
 # guest-physical address only below the PC machine's PCI hole (below 3.5 GiB of RAM)
 MAX_HW_LAB_MEMORY_MB = 3583
@@ -528,6 +534,11 @@ def _semantic_errors(raw: dict) -> list:
                           guest_write=m.get("guest_write") is True, inject=m.get("inject"))
     _check_hw_oracle(raw, moves, errs)
     _check_vmm_chain(raw, errs)
+    q, k = _get(raw, "lab", "qemu"), _get(raw, "lab", "kernel") or DEFAULTS["kernel"]
+    if isinstance(q, str) and q.startswith("suite:") and q[6:] in QEMU_SUITES and \
+            QEMU_SUITES[q[6:]] != _KERNEL_BASE.get(k, QEMU_SUITES[q[6:]]):
+        errs.append((["lab", "qemu"], f"{q}: a {k} lab is Debian {_KERNEL_BASE[k]}; its QEMU can "
+                     f"come from a {_KERNEL_BASE[k]} suite only"))
     return errs
 
 
@@ -723,6 +734,16 @@ def resolve(exp: Experiment | None, args=None) -> dict:
         # a kernel that exists and does not boot is the kernel under test, exit 125)
         raise ConfigError("<command line>", "--kernel-image",
                           f"{out['kernel_image']}: no such readable file")
+    if out["qemu"] != "default":
+        where = ("<command line>", "--qemu") if src["qemu"] == "cli" else (exp.path, "lab.qemu")
+        suite = out["qemu"][len("suite:"):] if out["qemu"].startswith("suite:") else None
+        base = _KERNEL_BASE.get(out["kernel"])
+        if suite not in QEMU_SUITES:
+            raise ConfigError(*where, f"{out['qemu']!r}: default or suite:NAME "
+                              f"(NAME one of {', '.join(QEMU_SUITES)})")
+        if QEMU_SUITES[suite] != base:
+            raise ConfigError(*where, f"{out['qemu']}: a {out['kernel']} lab is Debian {base}; "
+                              f"its QEMU can come from a {base} suite only")
     out["oracle"] = list(exp.raw.get("oracle") or ["stamps"]) if exp is not None else ["stamps"]
     if "hw" in out["oracle"]:
         # a TCG plugin in the lab's QEMU: the lab must be TCG whatever else would pick

@@ -216,6 +216,7 @@ class Run:
             # which VMMs: the lab's QEMU (runs the guest under KVM) and the one running the lab
             _, lab_qemu, _ = lab.run("qemu-system-x86_64 --version | head -n 1", timeout=30, check=False)
             self.result["lab"]["qemu"] = lab_qemu.strip().replace("QEMU emulator version ", "")
+            self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             self.result["lab"]["outer_qemu"] = qemu_version()
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)

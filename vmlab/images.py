@@ -67,6 +67,7 @@ class Recipe:
     inputs: tuple = ()
     mirror: str = MIRROR
     version: int = RECIPE_VERSION
+    qemu_suite: str | None = None   # lab: QEMU from this suite instead of the kernel's
 
     @property
     def suites(self) -> tuple[str, str]:
@@ -95,12 +96,15 @@ def _walk(p: Path):
                 yield Path(dirpath) / f
 
 
-def recipe(kind: str, kernel: str = "trixie") -> Recipe:
+def recipe(kind: str, kernel: str = "trixie", qemu_suite: str | None = None) -> Recipe:
     if kernel not in KERNEL_SUITES:
         raise ConfigError("<command line>", "kernel",
                           f"unknown kernel suite {kernel!r} (choose from {', '.join(KERNEL_SUITES)})")
     if kind == "lab":
-        return Recipe("lab", kernel, tuple(LAB_PACKAGES), tuple(LAB_INITRD_MODULES), tuple(LAB_INPUTS))
+        if qemu_suite == KERNEL_SUITES[kernel][1]:
+            qemu_suite = None   # the kernel's own suite already brings its QEMU: one image
+        return Recipe("lab", kernel, tuple(LAB_PACKAGES), tuple(LAB_INITRD_MODULES), tuple(LAB_INPUTS),
+                      qemu_suite=qemu_suite)
     if kind == "guest":
         return Recipe("guest", kernel, tuple(GUEST_PACKAGES), tuple(GUEST_MODULES), tuple(GUEST_INPUTS))
     raise ConfigError("<command line>", "image", f"unknown image kind {kind!r} (lab or guest)")
@@ -121,7 +125,8 @@ class Image:
 
 
 def image_dir(r: Recipe) -> Path:
-    return images_dir() / f"{r.kind}-{r.kernel}-{r.key()}"
+    qemu = f"-qemu-{r.qemu_suite}" if r.qemu_suite else ""
+    return images_dir() / f"{r.kind}-{r.kernel}{qemu}-{r.key()}"
 
 
 def find(r: Recipe) -> Image | None:
@@ -276,13 +281,22 @@ def _last_line(p: Path) -> str:
 def _sources(r: Recipe) -> list[str]:
     base, ksuite = r.suites
     src = [f"deb {r.mirror} {base} main"]
-    if ksuite != base:
-        src.append(f"deb {r.mirror} {ksuite} main")
+    for extra in dict.fromkeys((ksuite, r.qemu_suite)):
+        if extra and extra != base:
+            src.append(f"deb {r.mirror} {extra} main")
     return src
 
 
 def _pin_hook(r: Recipe) -> list[str]:
     base, ksuite = r.suites
+    if r.qemu_suite:
+        # QEMU (and, like `apt -t`, whatever its suite has) from the QEMU's suite; the
+        # kernel and its headers held at the kernel's suite: the kernel under test stays
+        pin = (f"Package: *\\nPin: release n={r.qemu_suite}\\nPin-Priority: 990\\n\\n"
+               f"Package: src:linux src:linux-signed-amd64\\nPin: release n={ksuite}\\n"
+               f"Pin-Priority: 1001\\n")
+        return [f"--setup-hook=mkdir -p \"$1/etc/apt/preferences.d\" && "
+                f"printf '{pin}' > \"$1/etc/apt/preferences.d/vmlab-qemu\""]
     if ksuite == base:
         return []
     # Like `apt -t <backports>`: whatever backports has wins, so the kernel under test and

@@ -34,6 +34,7 @@ HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py
 class LabOptions:
     accel: str = "auto"          # auto | kvm | tcg
     kernel: str = "trixie"       # image kernel suite
+    qemu: str = "default"        # the lab's QEMU: default or suite:NAME
     kernel_image: str | None = None  # boot this bzImage instead of the image's kernel
     memory_mb: int = 3072
     boot_timeout: float = 300

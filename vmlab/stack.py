@@ -21,7 +21,8 @@ LAB_BOOT_ATTEMPTS = 2
 
 def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
     """LabOptions from resolved options (``vmlab.config.resolve``)."""
-    return LabOptions(accel=o["accel"], kernel=o["kernel"], kernel_image=o.get("kernel_image"),
+    return LabOptions(accel=o["accel"], kernel=o["kernel"], qemu=o.get("qemu", "default"),
+                      kernel_image=o.get("kernel_image"),
                       memory_mb=o["lab_memory_mb"], boot_timeout=o["lab_boot_timeout"],
                       extra_qemu_args=tuple(o.get("lab_qemu_args") or ()),
                       hwtrace_plugin=hwtrace_plugin,
@@ -31,11 +32,12 @@ def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
 
 
 def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
-               need_guest: bool = True) -> tuple[images.Image, images.Image | None]:
-    """The lab image for ``kernel`` and the guest image for ``guest_kernel``: built when
-    missing, or ImageMissing (exit 2) when building is not allowed."""
+               need_guest: bool = True, qemu: str = "default") -> tuple[images.Image, images.Image | None]:
+    """The lab image for ``kernel`` (with the QEMU ``qemu`` names) and the guest image for
+    ``guest_kernel``: built when missing, or ImageMissing (exit 2) when building is not allowed."""
     get = (lambda r: images.ensure(r, progress)[0]) if build else images.require
-    lab_img = get(images.recipe("lab", kernel))
+    qemu_suite = qemu[len("suite:"):] if qemu.startswith("suite:") else None
+    lab_img = get(images.recipe("lab", kernel, qemu_suite))
     guest_img = get(images.recipe("guest", guest_kernel or "trixie")) if need_guest else None
     return lab_img, guest_img
 
@@ -61,7 +63,8 @@ class Stack:
         SVM emulation flakes about once in 80 boots) is booted once more, and counted in
         ``boot_failures``. A QEMU that refuses its arguments is not retried."""
         self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
-                                                      build=self.build, progress=self.progress)
+                                                      build=self.build, progress=self.progress,
+                                                      qemu=self.lab_opts.qemu)
         for attempt in range(1, self.lab_boot_attempts + 1):
             self.lab = NestedLab(self.workdir, self.lab_opts)
             try:

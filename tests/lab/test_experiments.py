@@ -200,3 +200,13 @@ def test_backports_kernel_under_test(images_ready, tmp_path):
     assert int(res["lab"]["kernel"].split(".")[0]) >= 7, res["lab"]["kernel"]
     assert res["guest"]["kernel"].startswith("6.12")
     assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"]
+
+
+def test_qemu_from_another_suite(images_ready):
+    """--qemu suite:trixie-backports in a trixie lab: the kernel under test stays trixie's,
+    the VMM is backports' (QEMU 11.x), and results.json says which and from where."""
+    res = run("qemu-bpo", extra=["--qemu", "suite:trixie-backports"])
+    assert res["passed"] is True
+    assert res["lab"]["kernel"].startswith("6.12."), res["lab"]["kernel"]
+    assert res["lab"]["qemu"].startswith("11."), res["lab"]["qemu"]
+    assert res["lab"]["qemu_source"] == "suite:trixie-backports"

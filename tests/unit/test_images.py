@@ -32,3 +32,15 @@ def test_unknown_suite_is_a_config_error():
     with pytest.raises(ConfigError) as e:
         images.recipe("lab", "sid")
     assert "kernel" in str(e.value) and "sid" in str(e.value)
+
+
+def test_a_lab_with_another_suites_qemu_is_its_own_image_and_holds_the_kernel():
+    from vmlab import images
+    plain = images.recipe("lab", "trixie")
+    bpo = images.recipe("lab", "trixie", "trixie-backports")
+    assert plain.key() != bpo.key() and "-qemu-trixie-backports-" in images.image_dir(bpo).name
+    assert any("trixie-backports" in s for s in images._sources(bpo))
+    hook = " ".join(images._pin_hook(bpo))
+    assert "n=trixie-backports" in hook and "src:linux" in hook and "1001" in hook
+    # the kernel's own suite already brings that QEMU: the same image as without --qemu
+    assert images.recipe("lab", "trixie-backports", "trixie-backports") == images.recipe("lab", "trixie-backports")
