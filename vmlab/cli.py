@@ -14,7 +14,7 @@ import traceback
 from pathlib import Path
 
 from . import __version__
-from .errors import CouldNotTest, UserError, VmlabError
+from .errors import ConfigError, CouldNotTest, UserError, VmlabError
 
 log = logging.getLogger("vmlab")
 _T0 = time.monotonic()
@@ -71,9 +71,14 @@ def cmd_images(a) -> int:
             print(f"{img.kind:6} {m.get('kernel_suite', '?'):20} {m.get('kernel_release', '?'):28} "
                   f"{m.get('build_seconds', '?'):>7}s  {img.path}")
         return 0
+    from .config import qemu_suite_problem
+    why = qemu_suite_problem(a.qemu, a.kernel)
+    if why:
+        raise ConfigError("<command line>", "--qemu", why)
+    qemu_suite = a.qemu[len("suite:"):] if a.qemu.startswith("suite:") else None
     kinds = ["lab", "guest"] if a.which == "all" else [a.which]
     for kind in kinds:
-        images.ensure(images.recipe(kind, a.kernel), progress)
+        images.ensure(images.recipe(kind, a.kernel, qemu_suite if kind == "lab" else None), progress)
     return 0
 
 
@@ -262,8 +267,9 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guest-kernel", default=None,
                    help="guest kernel suite; config guest.kernel, default trixie whatever the lab kernel")
     p.add_argument("--qemu", default=None, metavar="SOURCE",
-                   help="the lab's QEMU: default (the lab kernel's suite) or suite:NAME, e.g. "
-                        "suite:trixie-backports in a trixie lab; config lab.qemu")
+                   help="the QEMU inside the lab that runs the guest (the VMM under test): "
+                        "default (the lab kernel's suite) or suite:NAME, e.g. "
+                        "suite:trixie-backports with --kernel trixie; config lab.qemu")
     p.add_argument("--kernel-image", default=None, metavar="PATH",
                    help="boot this bzImage as the lab kernel (with the image's modules)")
     p.add_argument("--lab-memory", type=positive_int, default=None, metavar="MIB",
@@ -275,15 +281,17 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--guest-boot-timeout", type=positive_float, default=None, metavar="SECONDS",
                    help="seconds for the guest to boot (> 0); config guest.boot_timeout, default 240")
     p.add_argument("--lab-qemu-arg", action="append", metavar="ARG",
-                   help="one extra argument for the lab's QEMU (repeat it for more)")
+                   help="one extra argument for the QEMU that runs the lab (this machine's; "
+                        "repeat it for more)")
     p.add_argument("--no-build", action="store_true",
                    help="fail (exit 2) instead of building a missing image")
 
 
 USAGE = """\
-vmlab boots its own lab host (a VM with KVM and the vmlab exporter module) and guests
-inside it, maps a host dma-buf into a guest's physical address space, moves the buffer
-under the guest, and says whether the guest saw the new pages (REFAULTED) or stale ones.
+vmlab boots its own lab host (a VM with KVM and the vmlab exporter module) and
+guests inside it, maps a host dma-buf into a guest's physical address space, moves
+the buffer under the guest, and says whether the guest saw the new pages
+(REFAULTED) or stale ones.
 
   vmlab run                      the default experiment: build what is missing, boot, judge
   vmlab run configs/experiments/hw-oracle.yaml --out /tmp/r1
@@ -291,11 +299,13 @@ under the guest, and says whether the guest saw the new pages (REFAULTED) or sta
 """
 
 EXIT_CODES = """\
-exit status: 0 every expectation met; 1 an expectation missed, or vmlab itself failed;
-2 the input is wrong (one line naming the file and key or option; nothing started);
-125 could not test (the kernel under test could not be loaded or did not boot);
-130 interrupted (Ctrl-C); 143 terminated (SIGTERM). Every VM vmlab started is stopped
-before it exits.
+exit status (vmlab run): 0 every expectation met; 1 an expectation missed, or vmlab
+itself failed; 2 the input is wrong (one line naming the file and key or option);
+125 could not test (the kernel or QEMU under test could not be loaded, or the lab or
+guest did not come up); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
+The other commands: 0 done, the rest as above; 'exec' passes on the command's status.
+Every VM a command starts is stopped before it exits, except what 'lab up' and
+'guest up' leave running on purpose.
 """
 
 
@@ -327,13 +337,18 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--kernel", default="trixie",
                    help="kernel suite of the image: trixie, trixie-backports, bookworm-backports "
                         "(default trixie)")
+    b.add_argument("--qemu", default="default", metavar="SOURCE",
+                   help="the lab image's QEMU: default or suite:NAME, as 'vmlab run --qemu'")
     ims.add_parser("list", help="the images in the cache, with their kernels")
     im.set_defaults(func=cmd_images)
 
     lab = _sub(sub, "lab", "the lab host VM that outlives one command: up, status, down, exec",
                "vmlab lab up --kernel trixie-backports && vmlab lab exec -- uname -r", merge=True)
     labs = lab.add_subparsers(dest="action", required=True, metavar="ACTION")
-    up = labs.add_parser("up", help="boot the lab and leave it running")
+    import textwrap
+    from .config import MERGE_RULE
+    up = labs.add_parser("up", help="boot the lab and leave it running",
+                         epilog=textwrap.fill(MERGE_RULE, 88))
     _common(up)
     st = labs.add_parser("status", help="whether a lab is up, and its facts")
     st.add_argument("--json", action="store_true", help="print JSON")

@@ -535,11 +535,30 @@ def _semantic_errors(raw: dict) -> list:
     _check_hw_oracle(raw, moves, errs)
     _check_vmm_chain(raw, errs)
     q, k = _get(raw, "lab", "qemu"), _get(raw, "lab", "kernel") or DEFAULTS["kernel"]
-    if isinstance(q, str) and q.startswith("suite:") and q[6:] in QEMU_SUITES and \
-            QEMU_SUITES[q[6:]] != _KERNEL_BASE.get(k, QEMU_SUITES[q[6:]]):
-        errs.append((["lab", "qemu"], f"{q}: a {k} lab is Debian {_KERNEL_BASE[k]}; its QEMU can "
-                     f"come from a {_KERNEL_BASE[k]} suite only"))
+    why = qemu_suite_problem(q, k) if isinstance(q, str) and isinstance(k, str) else None
+    if why:
+        errs.append((["lab", "qemu"], why))
     return errs
+
+
+def qemu_suite_problem(qemu: str, kernel: str) -> str | None:
+    """Why ``qemu`` (default | suite:NAME) cannot go with lab kernel suite ``kernel``, or
+    None. The lab's QEMU may come from the kernel's own suite (the default) or, for a
+    kernel of a Debian release's base suite, from that release's backports: the newer
+    QEMU on the same libraries. The other way round (a backports kernel, an older QEMU)
+    would hold back what the newer kernel depends on."""
+    if qemu == "default" or kernel not in _KERNEL_BASE:
+        return None   # an unknown kernel suite is reported on its own
+    suite = qemu[len("suite:"):] if qemu.startswith("suite:") else None
+    if suite not in QEMU_SUITES:
+        return f"{qemu!r}: default or suite:NAME (NAME one of {', '.join(QEMU_SUITES)})"
+    base = _KERNEL_BASE[kernel]
+    if suite == kernel:
+        return None
+    if QEMU_SUITES[suite] != base or kernel != base:
+        return (f"{qemu} with a {kernel} lab kernel: the QEMU may come only from the backports "
+                f"of a base-suite kernel's release (e.g. --kernel trixie --qemu suite:trixie-backports)")
+    return None
 
 
 def _check_hw_oracle(raw: dict, moves: list, errs: list) -> None:
@@ -706,7 +725,7 @@ def resolve(exp: Experiment | None, args=None) -> dict:
     """The merged settings of one command: command line (``args``, an argparse namespace;
     None or a missing attribute means "not given") > config (``exp``, may be None) > DEFAULTS.
 
-    Returns a JSON-able dict with every key of DEFAULTS (accel, kernel, kernel_image,
+    Returns a JSON-able dict with every key of DEFAULTS (accel, kernel, qemu, kernel_image,
     guest_kernel, lab_memory_mb, lab_boot_timeout, guest_memory_mb, guest_boot_timeout,
     guest_gpu, guest_mapping), plus the command-line-only ``lab_qemu_args`` (list) and
     ``no_build`` (bool), ``oracle`` (list), and ``sources``: setting -> "cli" | "config" |
@@ -734,16 +753,13 @@ def resolve(exp: Experiment | None, args=None) -> dict:
         # a kernel that exists and does not boot is the kernel under test, exit 125)
         raise ConfigError("<command line>", "--kernel-image",
                           f"{out['kernel_image']}: no such readable file")
-    if out["qemu"] != "default":
+    why = qemu_suite_problem(out["qemu"], out["kernel"])
+    if why:
+        # name where the QEMU came from, and where the kernel did when that is elsewhere
         where = ("<command line>", "--qemu") if src["qemu"] == "cli" else (exp.path, "lab.qemu")
-        suite = out["qemu"][len("suite:"):] if out["qemu"].startswith("suite:") else None
-        base = _KERNEL_BASE.get(out["kernel"])
-        if suite not in QEMU_SUITES:
-            raise ConfigError(*where, f"{out['qemu']!r}: default or suite:NAME "
-                              f"(NAME one of {', '.join(QEMU_SUITES)})")
-        if QEMU_SUITES[suite] != base:
-            raise ConfigError(*where, f"{out['qemu']}: a {out['kernel']} lab is Debian {base}; "
-                              f"its QEMU can come from a {base} suite only")
+        if src["kernel"] != src["qemu"] and src["kernel"] != "default":
+            why += f" (the kernel is from {'--kernel' if src['kernel'] == 'cli' else 'lab.kernel'})"
+        raise ConfigError(*where, why)
     out["oracle"] = list(exp.raw.get("oracle") or ["stamps"]) if exp is not None else ["stamps"]
     if "hw" in out["oracle"]:
         # a TCG plugin in the lab's QEMU: the lab must be TCG whatever else would pick

@@ -212,12 +212,12 @@ class Run:
             release = lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds}
-            # which expectation applies is decided by the kernel that really booted
             # which VMMs: the lab's QEMU (runs the guest under KVM) and the one running the lab
-            _, lab_qemu, _ = lab.run("qemu-system-x86_64 --version | head -n 1", timeout=30, check=False)
-            self.result["lab"]["qemu"] = lab_qemu.strip().replace("QEMU emulator version ", "")
+            _, lab_qemu, _ = lab.run("qemu-system-x86_64 --version", timeout=30)
+            self.result["lab"]["qemu"] = lab_qemu.splitlines()[0].replace("QEMU emulator version ", "")
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             self.result["lab"]["outer_qemu"] = qemu_version()
+            # which expectation applies is decided by the kernel that really booted
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)
             self.health_start["lab"] = kernel_state(lab)

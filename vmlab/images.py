@@ -75,7 +75,10 @@ class Recipe:
 
     def key(self) -> str:
         # everything that decides the bytes: recipe fields, apt sources and pins, inputs
-        h = hashlib.sha256(json.dumps([asdict(self), _sources(self), _pin_hook(self)],
+        fields = asdict(self)
+        if fields["qemu_suite"] is None:
+            del fields["qemu_suite"]   # images from before --qemu keep their keys
+        h = hashlib.sha256(json.dumps([fields, _sources(self), _pin_hook(self)],
                                       sort_keys=True).encode())
         root = repo_root()
         for rel in self.inputs:
@@ -140,8 +143,9 @@ def find(r: Recipe) -> Image | None:
 def require(r: Recipe) -> Image:
     img = find(r)
     if img is None:
-        raise ImageMissing(f"{r.kind} image ({r.kernel}) is not built: expected {image_dir(r)}; "
-                           f"run 'vmlab images build {r.kind}'")
+        qemu = f" --qemu suite:{r.qemu_suite}" if r.qemu_suite else ""
+        raise ImageMissing(f"{r.kind} image ({r.kernel}{qemu}) is not built: expected {image_dir(r)}; "
+                           f"run 'vmlab images build {r.kind} --kernel {r.kernel}{qemu}'")
     return img
 
 

@@ -150,7 +150,7 @@ def test_help_speaks_to_users():
     every argument is described; no developer docstring leaks into --help."""
     p = cli.parser()
     top = p.format_help()
-    assert "``" not in top and "UserError" not in top and "exit status:" in top
+    assert "``" not in top and "UserError" not in top and "exit status (vmlab run):" in top
     for name, sp in _subparsers(p):
         if " " not in name:   # the commands themselves
             h = sp.format_help()
