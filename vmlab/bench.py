@@ -223,8 +223,8 @@ def bench_profile(args, progress, repeat: int) -> dict:
             s.guest = g
             g.up(progress)
             run["guest_boot_s"] = g.boot_seconds
-            run["guest_phases"] = dict(g.phases)
-            up = g.phases.get("guest_uptime_s", {})
+            up = g.uptime_marks()
+            run["guest_phases"] = dict(g.phases, guest_uptime_s=up)
             ready_at = up.get("VMLAB-GUEST-READY")
             if ready_at is not None:
                 # the guest's clock starts with its kernel: what came before is QEMU, the

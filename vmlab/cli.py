@@ -71,11 +71,11 @@ def cmd_images(a) -> int:
             print(f"{img.kind:6} {m.get('kernel_suite', '?'):20} {m.get('kernel_release', '?'):28} "
                   f"{m.get('build_seconds', '?'):>7}s  {img.path}")
         return 0
-    from .config import qemu_suite_problem
+    from .config import qemu_suite_of, qemu_suite_problem
     why = qemu_suite_problem(a.qemu, a.kernel)
     if why:
         raise ConfigError("<command line>", "--qemu", why)
-    qemu_suite = a.qemu[len("suite:"):] if a.qemu.startswith("suite:") else None
+    qemu_suite = qemu_suite_of(a.qemu)
     kinds = ["lab", "guest"] if a.which == "all" else [a.which]
     for kind in kinds:
         images.ensure(images.recipe(kind, a.kernel, qemu_suite if kind == "lab" else None), progress)

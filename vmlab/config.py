@@ -113,9 +113,18 @@ MERGE_RULE = ("Every setting that exists both as an option and in the experiment
 # what the oracle can say, plus UNSUPPORTED (an interface with no such move)
 VERDICTS = oracle.VERDICTS + ("UNSUPPORTED",)
 DEFAULT_BASELINE_EXPECT = "REFAULTED"
-# --qemu suite:NAME -> the Debian release it belongs to (vmlab/images.py KERNEL_SUITES)
-QEMU_SUITES = {"trixie": "trixie", "trixie-backports": "trixie", "bookworm-backports": "bookworm"}
-_KERNEL_BASE = {"trixie": "trixie", "trixie-backports": "trixie", "bookworm-backports": "bookworm"}
+# kernel choice -> (base suite, suite the kernel comes from); a --qemu suite is one of them
+KERNEL_SUITES = {
+    "trixie": ("trixie", "trixie"),
+    "trixie-backports": ("trixie", "trixie-backports"),
+    "bookworm-backports": ("bookworm", "bookworm-backports"),
+}
+_RELEASE = {suite: base for suite, (base, _) in KERNEL_SUITES.items()}
+
+
+def qemu_suite_of(qemu: str) -> str | None:
+    """"suite:NAME" -> NAME; "default" (the lab kernel's suite) -> None."""
+    return qemu[len("suite:"):] if qemu.startswith("suite:") else None
 # QEMU 7.2's qemu_plugin_hwaddr_phys_addr() gives a RAM block offset, which is the
 # guest-physical address only below the PC machine's PCI hole (below 3.5 GiB of RAM)
 MAX_HW_LAB_MEMORY_MB = 3583
@@ -547,15 +556,15 @@ def qemu_suite_problem(qemu: str, kernel: str) -> str | None:
     kernel of a Debian release's base suite, from that release's backports: the newer
     QEMU on the same libraries. The other way round (a backports kernel, an older QEMU)
     would hold back what the newer kernel depends on."""
-    if qemu == "default" or kernel not in _KERNEL_BASE:
+    if qemu == "default" or kernel not in _RELEASE:
         return None   # an unknown kernel suite is reported on its own
-    suite = qemu[len("suite:"):] if qemu.startswith("suite:") else None
-    if suite not in QEMU_SUITES:
-        return f"{qemu!r}: default or suite:NAME (NAME one of {', '.join(QEMU_SUITES)})"
-    base = _KERNEL_BASE[kernel]
+    suite = qemu_suite_of(qemu)
+    if suite not in _RELEASE:
+        return f"{qemu!r}: default or suite:NAME (NAME one of {', '.join(_RELEASE)})"
+    base = _RELEASE[kernel]
     if suite == kernel:
         return None
-    if QEMU_SUITES[suite] != base or kernel != base:
+    if _RELEASE[suite] != base or kernel != base:
         return (f"{qemu} with a {kernel} lab kernel: the QEMU may come only from the backports "
                 f"of a base-suite kernel's release (e.g. --kernel trixie --qemu suite:trixie-backports)")
     return None

@@ -12,6 +12,7 @@ cache directory (the machine's own apt configuration is not touched).
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -51,8 +52,10 @@ class HwTraceUnavailable(UserError):
 
 
 # --- which QEMU, and its source -------------------------------------------------------------
+@functools.lru_cache(maxsize=None)
 def qemu_source_version(binary: str = "qemu-system-x86_64") -> tuple[str, str]:
-    """(source package, source version) of the Debian package that ships ``binary``."""
+    """(source package, source version) of the Debian package that ships ``binary``
+    (asked of dpkg once per process)."""
     path = shutil.which(binary)
     if not path:
         raise HwTraceUnavailable(f"hardware oracle: {binary} is not installed")

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import initramfs
+from .config import KERNEL_SUITES
 from .errors import CommandFailed, ConfigError, ImageMissing, NotRoot
 from .paths import images_dir, locked, repo_root
 
@@ -32,13 +33,6 @@ log = logging.getLogger("vmlab.images")
 # Bump when the way images are assembled changes in a way the inputs below don't show.
 RECIPE_VERSION = 3
 MIRROR = "http://deb.debian.org/debian"
-
-# kernel choice -> (base suite, suite the kernel comes from)
-KERNEL_SUITES = {
-    "trixie": ("trixie", "trixie"),
-    "trixie-backports": ("trixie", "trixie-backports"),
-    "bookworm-backports": ("bookworm", "bookworm-backports"),
-}
 
 LAB_PACKAGES = [
     "linux-image-amd64", "linux-headers-amd64", "qemu-system-x86", "kmod", "busybox-static",

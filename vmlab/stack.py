@@ -11,6 +11,7 @@ import logging
 from pathlib import Path
 
 from . import images, proc
+from .config import qemu_suite_of
 from .errors import BootFailure
 from .guest import Guest, GuestOptions
 from .lab import LabOptions, NestedLab
@@ -36,8 +37,7 @@ def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
     """The lab image for ``kernel`` (with the QEMU ``qemu`` names) and the guest image for
     ``guest_kernel``: built when missing, or ImageMissing (exit 2) when building is not allowed."""
     get = (lambda r: images.ensure(r, progress)[0]) if build else images.require
-    qemu_suite = qemu[len("suite:"):] if qemu.startswith("suite:") else None
-    lab_img = get(images.recipe("lab", kernel, qemu_suite))
+    lab_img = get(images.recipe("lab", kernel, qemu_suite_of(qemu)))
     guest_img = get(images.recipe("guest", guest_kernel or "trixie")) if need_guest else None
     return lab_img, guest_img
 
