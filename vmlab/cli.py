@@ -409,6 +409,18 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _on_signal)
     signal.signal(signal.SIGINT, _on_signal)
     try:
+        return _dispatch(args)
+    finally:
+        if _first_signal is not None:
+            # Python's finalization puts SIG_DFL back in place of a Python handler, so a
+            # later Ctrl-C would kill vmlab by the signal after it has stopped everything
+            # and chosen its exit status; ignored handlers are left alone.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+def _dispatch(args) -> int:
+    try:
         return args.func(args)
     except UserError as e:
         print(f"vmlab: error: {e}", file=sys.stderr)

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -158,3 +159,26 @@ def test_help_speaks_to_users():
         for a in sp._actions:
             if a.dest != "help" and not a.__class__.__name__.startswith("_SubParsers"):
                 assert a.help, f"vmlab {name}: {a.option_strings or a.dest} has no help"
+
+
+def test_an_interrupted_vmlab_exits_with_its_own_status_not_by_the_signal(tmp_path):
+    """After the first Ctrl-C vmlab tears down and returns 130; a Ctrl-C that arrives while
+    Python finalizes (which restores SIG_DFL for Python-level handlers) must not turn that
+    into death by SIGINT (seen in CI: -2 instead of 130)."""
+    prog = textwrap.dedent("""
+        import os, signal, sys, vmlab.cli as cli
+        def fake(a):
+            os.kill(os.getpid(), signal.SIGINT)   # the first Ctrl-C, mid-command
+            raise AssertionError("the handler should have raised KeyboardInterrupt")
+        cli.cmd_doctor = fake
+        rc = cli.main(["doctor", "--no-boot"])
+        # what finalization would do to a Python handler, then the late Ctrl-C
+        if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+        os.kill(os.getpid(), signal.SIGINT)
+        sys.exit(rc)
+    """)
+    r = subprocess.run([sys.executable, "-c", prog], cwd=ROOT, capture_output=True, text=True,
+                       timeout=60, env=dict(os.environ, VMLAB_STATE_DIR=str(tmp_path)))
+    assert r.returncode == 130, (r.returncode, r.stderr)
+    assert "interrupted" in r.stderr
