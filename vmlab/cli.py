@@ -252,8 +252,13 @@ def cmd_run(a) -> int:
     return experiment.main(a, progress)
 
 
+def cmd_matrix(a) -> int:
+    from . import matrix
+    return matrix.main(a, progress)
+
+
 # --- parser ---------------------------------------------------------------------------
-def _common(p: argparse.ArgumentParser) -> None:
+def _common(p: argparse.ArgumentParser, *, one_kernel: bool = True) -> None:
     # Every default here is None: "not given" must stay visible, so that the command line
     # wins over the experiment config, which wins over the built-in default
     # (vmlab.config.resolve, vmlab.config.DEFAULTS).
@@ -261,17 +266,19 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--accel", default=None, choices=["auto", "kvm", "tcg"],
                    help="lab accelerator (auto: probe /dev/kvm, else TCG with emulated SVM+NPT); "
                         "config lab.accel, default auto")
-    p.add_argument("--kernel", default=None,
-                   help="lab kernel suite: trixie, trixie-backports, bookworm-backports; "
-                        "config lab.kernel, default trixie")
+    if one_kernel:
+        p.add_argument("--kernel", default=None,
+                       help="lab kernel suite: trixie, trixie-backports, bookworm-backports; "
+                            "config lab.kernel, default trixie")
     p.add_argument("--guest-kernel", default=None,
                    help="guest kernel suite; config guest.kernel, default trixie whatever the lab kernel")
     p.add_argument("--qemu", default=None, metavar="SOURCE",
                    help="the QEMU inside the lab that runs the guest (the VMM under test): "
                         "default (the lab kernel's suite) or suite:NAME, e.g. "
                         "suite:trixie-backports with --kernel trixie; config lab.qemu")
-    p.add_argument("--kernel-image", default=None, metavar="PATH",
-                   help="boot this bzImage as the lab kernel (with the image's modules)")
+    if one_kernel:
+        p.add_argument("--kernel-image", default=None, metavar="PATH",
+                       help="boot this bzImage as the lab kernel (with the image's modules)")
     p.add_argument("--lab-memory", type=positive_int, default=None, metavar="MIB",
                    help="lab RAM in MiB (>= 1); config lab.memory_mb, default 3072")
     p.add_argument("--boot-timeout", type=positive_float, default=None, metavar="SECONDS",
@@ -303,7 +310,8 @@ exit status (vmlab run): 0 every expectation met; 1 an expectation missed, or vm
 itself failed; 2 the input is wrong (one line naming the file and key or option);
 125 could not test (the kernel or QEMU under test could not be loaded, or the lab or
 guest did not come up); 130 interrupted (Ctrl-C); 143 terminated (SIGTERM).
-The other commands: 0 done, the rest as above; 'exec' passes on the command's status.
+vmlab matrix: 0 every applicable cell met its expectation, 1 a cell did not, 125 a
+lab did not come up or no cell applied. The other commands: 0 done, the rest as above; 'exec' passes on the command's status.
 Every VM a command starts is stopped before it exits, except what 'lab up' and
 'guest up' leave running on purpose.
 """
@@ -397,6 +405,20 @@ def parser() -> argparse.ArgumentParser:
                    help="results directory: new or empty (default results/<UTC>-<name>/)")
     _common(r)
     r.set_defaults(func=cmd_run)
+
+    mx = _sub(sub, "matrix", "run every catalog entry on every lab kernel; matrix.json, junit.xml, "
+              "report.html", "vmlab matrix --kernels trixie,trixie-backports --only pfnmap-compound "
+              "--out /tmp/m1", merge=True)
+    mx.add_argument("--kernels", default=None, metavar="K1,K2",
+                    help="lab kernels, comma-separated (default trixie,trixie-backports)")
+    mx.add_argument("--catalog", default=None, metavar="DIR",
+                    help="catalog directory (default configs/catalog)")
+    mx.add_argument("--only", default=None, metavar="ID,...",
+                    help="only these entries (their names), in this order")
+    mx.add_argument("--out", default=None,
+                    help="results directory: new or empty (default results/<UTC>-matrix/)")
+    _common(mx, one_kernel=False)
+    mx.set_defaults(func=cmd_matrix)
     return p
 
 

@@ -10,7 +10,9 @@
     ├── CouldNotTest           exit 125, one line: what belongs to the kernel or QEMU under
     │   │                      test failed before an experiment could judge anything
     │   │                      (`git bisect run` reads 125 as "skip this commit")
-    │   └── BootFailure        a VM did not come up: names cause and console log
+    │   ├── BootFailure        a VM did not come up: names cause and console log
+    │   └── NotApplicable      the lab kernel lacks what the experiment needs (udmabuf,
+    │                          a dma-heap): a matrix cell with a reason, never a verdict
     └── InfraError             exit 1, with traceback in the log: vmlab or the machine broke
         ├── CommandFailed      a subprocess exited non-zero (argv, rc, output kept)
         ├── WaitTimeout        a bounded wait ran out (what was awaited, how long)
@@ -51,6 +53,15 @@ class BootFailure(CouldNotTest):
         self.what, self.cause, self.console, self.retryable = what, cause, console, retryable
         tail = f" (console log: {console})" if console else ""
         super().__init__(f"{what} failed to boot: {cause}{tail}")
+
+
+class NotApplicable(CouldNotTest):
+    """The experiment cannot run on this lab kernel at all (a missing device or feature);
+    ``reason`` says which. Not a verdict: a matrix cell that is not applicable."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
 
 
 class QemuRefused(UserError):

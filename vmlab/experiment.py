@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
 from . import hwtrace, oracle, proc
-from .errors import RemoteError, UserError, WaitTimeout
+from .errors import NotApplicable, RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
 from .guest_agent import GuestAgent
@@ -50,7 +50,33 @@ def kernel_state(vm) -> dict:
     return {"taint": taint, "dmesg": rest}
 
 
-def results_dir(exp: cfgmod.Experiment, out: str | None) -> Path:
+# what a result needs to be reproduced on another day: the kernel package (a release
+# string names many builds), its command line and the module parameters it ran with
+_LAB_FACTS = r"""
+echo "cmdline=$(cat /proc/cmdline)"
+echo "kernel_package=$(dpkg-query -W -f '${Version}' "linux-image-$(uname -r)" 2>/dev/null || echo -)"
+for m in vmlab_exporter kvm kvm_amd; do
+  for f in /sys/module/$m/parameters/*; do [ -r "$f" ] && echo "param.$m.${f##*/}=$(cat "$f" 2>/dev/null)"; done
+done
+"""
+
+
+def lab_facts(lab) -> dict:
+    _, out, _ = lab.run(_LAB_FACTS, timeout=30, check=False)
+    facts: dict = {"module_params": {}}
+    for line in out.splitlines():
+        key, sep, value = line.partition("=")
+        if not sep:
+            continue
+        if key.startswith("param."):
+            mod, _, name = key[len("param."):].partition(".")
+            facts["module_params"].setdefault(mod, {})[name] = value
+        elif key in ("cmdline", "kernel_package"):
+            facts[key] = value
+    return facts
+
+
+def results_dir(name: str, out: str | None) -> Path:
     """The run's own results directory, created here and by nobody else.
 
     ``--out`` must not exist or be an empty directory: vmlab never writes into (or
@@ -78,7 +104,7 @@ def results_dir(exp: cfgmod.Experiment, out: str | None) -> Path:
     parent = Path.cwd() / "results"
     parent.mkdir(parents=True, exist_ok=True)
     for n in range(1000):
-        d = parent / (f"{ts}-{exp.name}" + (f"-{n}" if n else ""))
+        d = parent / (f"{ts}-{name}" + (f"-{n}" if n else ""))
         try:
             d.mkdir()
             return d
@@ -99,8 +125,12 @@ def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
 
 
 class Run:
-    def __init__(self, exp: cfgmod.Experiment, opts: dict, outdir: Path, progress):
+    def __init__(self, exp: cfgmod.Experiment, opts: dict, outdir: Path, progress, *,
+                 shared_lab=None):
+        """``shared_lab``: run in this lab, which is up and stays up (``vmlab matrix``);
+        the run boots and stops only its guest."""
         self.exp, self.out, self.progress = exp, outdir, progress
+        self.shared_lab = shared_lab
         self.result: dict = {"experiment": exp.name, "config": exp.raw, "status": "running",
                              "started": datetime.now(timezone.utc).isoformat(), "moves": [],
                              "passed": False}
@@ -202,7 +232,8 @@ class Run:
                                         "guest_map_va": hex(hwtrace.GUEST_MAP_VA)}
         self.stack = Stack(self.out, self.progress, lab_options(o, hwtrace_plugin=plugin), gopts,
                            guest_kernel=o["guest_kernel"], build=not o["no_build"],
-                           lab_boot_attempts=o.get("lab_boot_attempts", LAB_BOOT_ATTEMPTS))
+                           lab_boot_attempts=o.get("lab_boot_attempts", LAB_BOOT_ATTEMPTS),
+                           shared_lab=self.shared_lab)
         try:
             lab = self.stack.up_lab()
             if plugin:
@@ -217,6 +248,7 @@ class Run:
             self.result["lab"]["qemu"] = lab_qemu.splitlines()[0].replace("QEMU emulator version ", "")
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             self.result["lab"]["outer_qemu"] = qemu_version()
+            self.result["lab"].update(lab_facts(lab))
             # which expectation applies is decided by the kernel that really booted
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)
@@ -224,6 +256,7 @@ class Run:
             self.save()
             self.agent = HostAgent(lab, self.out / "hostagent.log")
             self.result["lab"]["agent"] = self.agent.request("hello")
+            self.check_applicable(self.result["lab"]["agent"], release)
             create = {"kind": exp_cfg["kind"], "size": size}
             if exp_cfg["kind"] == "vmlab":
                 create.update(caching=exp_cfg.get("caching", "WB"), alloc=exp_cfg.get("alloc", "ORDER0"))
@@ -267,6 +300,18 @@ class Run:
             with proc.signals_deferred():
                 self.finish()
         return 0 if self.result["passed"] else 1
+
+    def check_applicable(self, hello: dict, release: str) -> None:
+        """NotApplicable when the lab kernel lacks the exporter this experiment needs
+        (Debian's 6.1 has neither udmabuf nor dma-heaps): a cell with a reason, not a crash
+        and not a verdict. The vmlab exporter is always built for the lab kernel, so its
+        absence is a broken lab, not a missing feature."""
+        kind = self.exp.kind
+        if kind == "udmabuf" and not hello.get("udmabuf"):
+            raise NotApplicable(f"lab kernel {release} has no /dev/udmabuf (CONFIG_UDMABUF)")
+        if kind == "dmaheap" and "system" not in (hello.get("dma_heaps") or []):
+            raise NotApplicable(f"lab kernel {release} has no system dma-heap "
+                                f"(/dev/dma_heap/system, CONFIG_DMABUF_HEAPS_SYSTEM)")
 
     def check_health(self) -> None:
         """WARN/BUG/Oops or a new taint flag in either kernel fails the run unless the
@@ -525,8 +570,11 @@ class Run:
         else:
             interrupted = isinstance(self.aborted, KeyboardInterrupt) or \
                 type(self.aborted).__name__ == "Terminated"
-            self.result["status"] = "interrupted" if interrupted else "error"
+            self.result["status"] = ("interrupted" if interrupted else "not_applicable"
+                                     if isinstance(self.aborted, NotApplicable) else "error")
             self.result["error"] = f"{type(self.aborted).__name__}: {self.aborted}"
+            if isinstance(self.aborted, NotApplicable):
+                self.result["not_applicable"] = self.aborted.reason
         if self.watch is not None:
             self.result["watch"] = self.watch.close()
             lat = sorted(m["watch"]["latency_s"] for m in moves
@@ -678,6 +726,9 @@ def write_junit(path: Path, res: dict) -> None:
             msg = f"verdict {m.get('verdict')} expected {'/'.join(m.get('expected') or [])}"
             body = f"<failure message={quoteattr(msg)}>{escape(json.dumps(m, default=str)[:4000])}</failure>"
         cases.append(f'  <testcase classname={cls} name={quoteattr(name)}>{body}</testcase>')
+    if res.get("not_applicable"):
+        cases.append(f'  <testcase classname={cls} name="applicable"><skipped message='
+                     f'{quoteattr("not applicable: " + res["not_applicable"])}/></testcase>')
     if res.get("kernel_health_failed"):
         fails += 1
         msg = "kernel warnings or new taint during the run: " + ", ".join(res["kernel_health_failed"])
@@ -700,7 +751,7 @@ def main(args, progress) -> int:
     path = args.config or str(DEFAULT_CONFIG)
     exp = cfgmod.load(path)  # ConfigError -> exit 2 before anything starts
     opts = cfgmod.resolve(exp, args)
-    out = results_dir(exp, args.out)
+    out = results_dir(exp.name, args.out)
     passthrough = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
                    for flag in ("accel", "kernel", "guest_kernel", "kernel_image", "lab_memory",
                                 "boot_timeout", "guest_memory", "guest_boot_timeout")

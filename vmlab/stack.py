@@ -45,14 +45,19 @@ def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
 class Stack:
     def __init__(self, workdir: Path, progress, lab_opts: LabOptions,
                  guest_opts: GuestOptions | None = None, *, guest_kernel: str | None = None,
-                 build: bool = True, lab_boot_attempts: int = LAB_BOOT_ATTEMPTS):
+                 build: bool = True, lab_boot_attempts: int = LAB_BOOT_ATTEMPTS,
+                 shared_lab: NestedLab | None = None):
+        """``shared_lab``: a lab that is already up and belongs to the caller (``vmlab
+        matrix`` runs many experiments in one lab): up_lab() returns it and down() leaves
+        it running; only the guest is this stack's."""
         self.workdir = Path(workdir)
         self.progress = progress
         self.lab_opts = lab_opts
         self.guest_opts = guest_opts or GuestOptions()
         self.guest_kernel = guest_kernel
         self.build = build
-        self.lab: NestedLab | None = None
+        self.shared_lab = shared_lab
+        self.lab: NestedLab | None = shared_lab
         self.guest: Guest | None = None
         self.lab_image = self.guest_image = None
         self.boot_failures: list[dict] = []   # lab boots that failed and were retried
@@ -62,6 +67,8 @@ class Stack:
         """Boot the lab; a started lab that does not come up (a panic or a hang: TCG's
         SVM emulation flakes about once in 80 boots) is booted once more, and counted in
         ``boot_failures``. A QEMU that refuses its arguments is not retried."""
+        if self.shared_lab is not None:
+            return self.shared_lab
         self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
                                                       build=self.build, progress=self.progress,
                                                       qemu=self.lab_opts.qemu)
@@ -122,7 +129,8 @@ class Stack:
         finally:
             if self.lab is not None:
                 self._save_dmesg(self.lab, "lab-dmesg.log")
-                self.lab.down()
+                if self.lab is not self.shared_lab:
+                    self.lab.down()
                 self.lab = None
 
     def __enter__(self):

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import xml.etree.ElementTree as ET
 
-import pytest
 
 from .conftest import ROOT, qemu_pids, results_dir, vmlab_cmd
 
@@ -65,50 +64,6 @@ def test_caching_change_during_migrate(images_ready):
     assert res["moves"][0]["exporter_info"]["caching"] == "WC"
     assert res["moves"][0]["exporter_info"]["vm_prot"] == "WC"
     assert res["moves"][1]["exporter_info"]["caching"] == "WB"
-
-
-def test_udmabuf(images_ready):
-    res = run("udmabuf", "udmabuf.yaml")
-    assert res["caching_chain"]["exporter"]["kind"] == "udmabuf"
-    assert verdicts(res) == ["STALE"]
-    assert "punched" in res["moves"][0]["exporter_note"]
-
-
-def _kernel_at_least(res, major, minor) -> bool:
-    from vmlab.versions import matches
-    return matches(f">={major}.{minor}", res["lab"]["kernel"])
-
-
-def test_dmaheap_baseline_reads_the_heaps_content(images_ready):
-    """The system heap cannot move; what it can do is put its real pages (stamped by the
-    host agent through the heap's own mmap) into the guest: every page read back as stamped."""
-    res = run("dmaheap", "dmaheap.yaml")
-    assert res["moves"] == []
-    assert res["baseline"]["verdict"] == "REFAULTED"
-    assert res["baseline"]["pages"] == {"REFAULTED": 8}
-
-
-@pytest.mark.parametrize("config", ["dmaheap-64k.yaml", "dmaheap-1m.yaml"])
-def test_dmaheap_high_order_meets_the_refcount_rule(images_ready, config):
-    """64 KiB is one order-4 page of the system heap, 1 MiB one order-8 page: tail pages
-    without a refcount. KVM refuses them below 6.13 (EFAULT), maps them from 6.13."""
-    res = run(config.split(".")[0], config)
-    if _kernel_at_least(res, 6, 13):
-        assert res["baseline"]["verdict"] == "REFAULTED"
-    else:
-        assert res["baseline"]["verdict"] == "VMM_FAULT"
-        assert "kvm run failed" in res["vmm_fault"].lower(), res["vmm_fault"]
-    assert res["passed"] is True
-
-
-@pytest.mark.parametrize("config", ["noncompound.yaml", "compound.yaml"])
-def test_high_order_allocations_follow_the_kernel(images_ready, config):
-    res = run(config.split(".")[0], config)
-    want = "REFAULTED" if _kernel_at_least(res, 6, 13) else "VMM_FAULT"
-    assert res["baseline"]["verdict"] == want
-    assert set(verdicts(res)) == {want}
-    if want == "VMM_FAULT":
-        assert "kvm run failed" in res["vmm_fault"].lower(), res["vmm_fault"]
 
 
 def test_zap_only(images_ready):

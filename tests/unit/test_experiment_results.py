@@ -97,14 +97,14 @@ def test_write_reproducer(tmp_path):
 
 def test_results_dir(tmp_path, monkeypatch):
     exp = config.load(ROOT / "configs/experiments/default.yaml")
-    d = experiment.results_dir(exp, str(tmp_path / "given"))
+    d = experiment.results_dir(exp.name, str(tmp_path / "given"))
     assert d == tmp_path / "given" and d.is_dir()
     monkeypatch.chdir(tmp_path)
-    d = experiment.results_dir(exp, None)
+    d = experiment.results_dir(exp.name, None)
     assert d.parent == tmp_path / "results"
     assert d.name.endswith("-default") and d.name[:8].isdigit()
     # two runs started in the same second get two directories
-    d2 = experiment.results_dir(exp, None)
+    d2 = experiment.results_dir(exp.name, None)
     assert d2 != d and d2.parent == d.parent and d2.name.startswith(d.name)
 
 
@@ -116,18 +116,18 @@ def test_out_refuses_a_directory_holding_files(tmp_path):
     key = home / "id_ed25519"
     key.write_text("users-private-key")
     with pytest.raises(UserError) as e:
-        experiment.results_dir(exp, str(home))
+        experiment.results_dir(exp.name, str(home))
     assert e.value.exit_code == 2 and "not empty" in str(e.value)
     assert key.read_text() == "users-private-key"
     assert stat.S_IMODE(home.stat().st_mode) == 0o755
     f = tmp_path / "afile"
     f.write_text("x")
     with pytest.raises(UserError):
-        experiment.results_dir(exp, str(f))
+        experiment.results_dir(exp.name, str(f))
     assert f.read_text() == "x"
 
 
 def test_out_accepts_an_empty_directory(tmp_path):
     exp = config.load(ROOT / "configs/experiments/default.yaml")
     (tmp_path / "empty").mkdir()
-    assert experiment.results_dir(exp, str(tmp_path / "empty")) == tmp_path / "empty"
+    assert experiment.results_dir(exp.name, str(tmp_path / "empty")) == tmp_path / "empty"

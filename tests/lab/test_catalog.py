@@ -1,0 +1,124 @@
+"""Issue: regression catalog. The whole catalog on the two CI kernels (trixie 6.12 and
+trixie-backports 7.3) through `vmlab matrix`, for real: one lab boot per kernel, a guest
+per cell; then a matrix that must fail. Reads matrix.json and each cell's results."""
+from __future__ import annotations
+
+import json
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmlab import catalog
+from vmlab.versions import matches
+
+from .conftest import qemu_pids, results_dir, vmlab_cmd
+
+KERNELS = ["trixie", "trixie-backports"]
+
+
+@pytest.fixture(scope="module")
+def catalog_matrix(images_ready):
+    out = results_dir("catalog-matrix")
+    r = vmlab_cmd("matrix", "--kernels", ",".join(KERNELS), "--out", str(out), timeout=3000)
+    doc = json.loads((out / "matrix.json").read_text())
+    return r, out, doc
+
+
+def _cell(doc, entry, kernel):
+    [c] = [c for c in doc["cells"] if c["entry"] == entry and c["kernel_suite"] == kernel]
+    return c, json.loads((Path(c["results"]) / "results.json").read_text())
+
+
+def test_catalog_matches_on_both_kernels(catalog_matrix):
+    r, out, doc = catalog_matrix
+    assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
+    entries = [e.name for e in catalog.load()]
+    assert doc["status"] == "finished" and doc["kernels"] == KERNELS
+    assert sorted((c["entry"], c["kernel_suite"]) for c in doc["cells"]) == \
+        sorted((e, k) for e in entries for k in KERNELS)
+    assert all(c["match"] is True for c in doc["cells"]), [c for c in doc["cells"] if not c["match"]]
+    assert qemu_pids(str(out)) == []
+    # one lab boot per kernel, reused by every cell of it
+    for k in KERNELS:
+        assert (out / k / "lab" / "lab-console.log").exists()
+        boots = {_cell(doc, e, k)[1]["lab"]["boot_seconds"] for e in entries}
+        assert len(boots) == 1, boots
+    suite = ET.parse(out / "junit.xml").getroot()
+    assert suite.get("tests") == str(len(doc["cells"])) and suite.get("failures") == "0"
+    assert {t.get("name") for t in suite} == {f"{e}[{k}]" for e in entries for k in KERNELS}
+    page = (out / "report.html").read_text()
+    assert page.count('class="match"') == len(doc["cells"]) and "lore.kernel.org" in page
+    assert "cell 1/" in r.stderr    # progress per cell
+
+
+def test_every_cell_says_what_it_ran_with(catalog_matrix):
+    _, _, doc = catalog_matrix
+    for c in doc["cells"]:
+        assert c["kernel_package"] not in (None, "", "-"), c
+        assert "console=ttyS0" in c["kernel_cmdline"]
+        assert "max_quarantine_mb" in c["module_params"]["vmlab_exporter"], c["module_params"]
+        assert c["module_params"]["kvm_amd"]["npt"] == "Y"
+        for f in ("results.json", "reproduce.sh", "config.yaml", "guest-console.log", "lab-dmesg.log",
+                  "junit.xml"):
+            assert (Path(c["results"]) / f).exists(), (c["results"], f)
+        assert f"--kernel={c['kernel_suite']}" in Path(c["reproduce"]).read_text()
+
+
+def test_version_keyed_expectations_resolve_per_kernel(catalog_matrix):
+    """The refcount rule (f8be156be163 until "KVM: Stop grabbing references to PFNMAP'd
+    pages" in 6.13): refused below 6.13, mapped from 6.13, on the kernel that booted."""
+    _, _, doc = catalog_matrix
+    for entry in ("pfnmap-noncompound", "pfnmap-compound", "dmaheap-order4", "dmaheap-order8"):
+        for k in KERNELS:
+            c, res = _cell(doc, entry, k)
+            new = matches(">=6.13", c["kernel_release"])
+            want = "REFAULTED" if new else "VMM_FAULT"
+            assert c["expected"][0] == [want] and c["verdicts"][0] == want, (entry, k, c)
+            if not new:
+                assert "kvm run failed" in res["vmm_fault"].lower(), res["vmm_fault"]
+    releases = {k: _cell(doc, "calibration", k)[0]["kernel_release"] for k in KERNELS}
+    assert not matches(">=6.13", releases["trixie"]) and matches(">=6.13", releases["trixie-backports"])
+
+
+def test_entries_show_their_evidence(catalog_matrix):
+    _, _, doc = catalog_matrix
+    for k in KERNELS:
+        _, res = _cell(doc, "dmaheap-order0", k)
+        assert res["moves"] == [] and res["baseline"]["pages"] == {"REFAULTED": 8}
+        _, res = _cell(doc, "udmabuf-shmem", k)
+        assert res["caching_chain"]["exporter"]["kind"] == "udmabuf"
+        assert "punched" in res["moves"][0]["exporter_note"]
+        _, res = _cell(doc, "calibration", k)
+        z = res["moves"][0]["zap_evidence"]
+        assert z["ok"] and z["zaps"] == 1 and z["refaulted_pages"] == 256
+        assert [m["verdict"] for m in res["moves"]] == ["REFAULTED", "REFAULTED", "STALE"]
+        _, res = _cell(doc, "caching-wc-uc", k)
+        assert res["caching_chain"]["exporter"]["caching"] == "WC"
+        assert res["moves"][0]["exporter_info"]["caching"] == "UC"
+        assert res["caching_chain"]["guest"]["memtype"] == "write-back"
+        assert any("NPT does not carry host PAT" in m for m in res["caching_chain"]["mismatches"])
+
+
+def test_a_cell_that_misses_fails_the_matrix_and_keeps_its_results(images_ready, tmp_path):
+    """A catalog whose entry expects the wrong thing: exit 1, the cell is match false with
+    the reason, junit has the failure, the cell's results directory stays."""
+    cat = tmp_path / "catalog"
+    cat.mkdir()
+    (cat / "wrong.yaml").write_text(
+        "version: 1\nname: wrong\ntitle: a move without a zap cannot refault\nlinks: [abc1234]\n"
+        "why: deliberately wrong, to see the matrix fail\nguest: {gpu: none}\n"
+        "exporter: {kind: vmlab, size: 64K, caching: WB, alloc: ORDER0}\n"
+        "moves:\n  - {mode: MIGRATE_NO_ZAP, expect: REFAULTED}\n")
+    out = results_dir("catalog-wrong")
+    r = vmlab_cmd("matrix", "--kernels", "trixie", "--catalog", str(cat), "--out", str(out), timeout=900)
+    assert r.returncode == 1, f"{r.stdout}\n{r.stderr[-3000:]}"
+    doc = json.loads((out / "matrix.json").read_text())
+    [c] = doc["cells"]
+    assert c["match"] is False and "STALE (expected REFAULTED)" in c["reason"], c
+    assert (out / "trixie" / "wrong" / "results.json").exists()
+    suite = ET.parse(out / "junit.xml").getroot()
+    assert suite.get("failures") == "1"
+    assert 'class="mismatch"' in (out / "report.html").read_text()
+    assert "MISMATCH" in r.stdout
+    assert qemu_pids(str(out)) == []

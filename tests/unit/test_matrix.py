@@ -1,0 +1,164 @@
+"""The catalog and `vmlab matrix` without a lab: loading, planning, cells, exit status,
+junit and the HTML report. The lab test (tests/lab/test_catalog.py) runs it for real."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+from vmlab import catalog, config, matrix, report
+from vmlab.cli import parser
+from vmlab.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+TRIXIE, BACKPORTS = "6.12.57+deb13-amd64", "7.3.4+deb14-amd64"
+
+
+def test_catalog_entries_cite_and_resolve_on_both_ci_kernels():
+    entries = catalog.load()
+    ids = [e.name for e in entries]
+    assert len(ids) == len(set(ids)) >= 8
+    for e in entries:
+        assert e.raw["title"] and e.raw["why"] and e.raw["links"], e.name
+        for rel in (TRIXIE, BACKPORTS):
+            assert e.baseline_expect_for(rel)
+            e.expectations_for(rel)        # raises if a version key leaves a gap
+    # the refcount rule moves with 6.13: version-keyed entries really differ on the two
+    nc = {e.name: e for e in entries}["pfnmap-noncompound"]
+    assert nc.baseline_expect_for(TRIXIE) == ["VMM_FAULT"]
+    assert nc.baseline_expect_for(BACKPORTS) == ["REFAULTED"]
+
+
+def test_catalog_only_keeps_order_and_refuses_unknown_ids():
+    assert [e.name for e in catalog.load(only=["udmabuf-shmem", "calibration"])] == \
+        ["udmabuf-shmem", "calibration"]
+    with pytest.raises(ConfigError) as ei:
+        catalog.load(only=["calibration", "no-such-entry"])
+    assert "--only" in str(ei.value) and "no-such-entry" in str(ei.value)
+
+
+def test_catalog_entry_without_why_is_refused(tmp_path):
+    p = tmp_path / "e.yaml"
+    p.write_text("version: 1\nname: e\ntitle: t\nlinks: [abc1234]\nexporter: {kind: vmlab, size: 1M}\n"
+                 "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
+    with pytest.raises(ConfigError) as ei:
+        catalog.load(tmp_path)
+    assert str(ei.value).startswith(f"{p}: why: ") and "\n" not in str(ei.value)
+
+
+def test_duplicate_ids_are_refused(tmp_path):
+    body = ("version: 1\nname: same\ntitle: t\nlinks: [abc1234]\nwhy: w\n"
+            "exporter: {kind: vmlab, size: 1M}\nmoves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
+    (tmp_path / "a.yaml").write_text(body)
+    (tmp_path / "b.yaml").write_text(body)
+    with pytest.raises(ConfigError) as ei:
+        catalog.load(tmp_path)
+    assert "b.yaml: name:" in str(ei.value)
+
+
+def test_kernels_are_checked():
+    assert matrix.parse_kernels(None) == ["trixie", "trixie-backports"]
+    assert matrix.parse_kernels("trixie-backports") == ["trixie-backports"]
+    for bad in ("trixie,nope", "trixie,trixie", ""):
+        if bad:
+            with pytest.raises(ConfigError) as ei:
+                matrix.parse_kernels(bad)
+            assert "--kernels" in str(ei.value)
+
+
+def test_plan_resolves_every_cell_with_its_kernel():
+    args = parser().parse_args(["matrix", "--kernels", "trixie,trixie-backports"])
+    entries = catalog.load(only=["calibration", "dmaheap-order4"])
+    p = matrix.plan(entries, ["trixie", "trixie-backports"], args)
+    assert [o["kernel"] for _, o in p["trixie-backports"]] == ["trixie-backports"] * 2
+    # one lab per kernel for entries that agree on how the lab runs
+    assert len({matrix._lab_key(o) for _, o in p["trixie"]}) == 1
+
+
+def _res(**kw):
+    base = {"status": "finished", "passed": True, "lab": {"kernel": TRIXIE, "kernel_package": "6.12.57-1",
+                                                          "cmdline": "console=ttyS0", "module_params": {}},
+            "baseline": {"verdict": "REFAULTED", "expected": ["REFAULTED"], "passed": True},
+            "moves": [{"verdict": "STALE", "expected": ["STALE"], "passed": True}]}
+    base.update(kw)
+    return base
+
+
+def test_cell_record_match_mismatch_not_applicable_and_error(tmp_path):
+    e = catalog.load(only=["udmabuf-shmem"])[0]
+    c = matrix.cell_record(e, "trixie", _res(), tmp_path, 12.3)
+    assert c["match"] is True and c["verdicts"] == ["REFAULTED", "STALE"]
+    assert c["kernel_package"] == "6.12.57-1" and c["kernel_cmdline"] == "console=ttyS0"
+    bad = _res(passed=False, moves=[{"verdict": "REFAULTED", "expected": ["STALE"], "passed": False}])
+    c = matrix.cell_record(e, "trixie", bad, tmp_path, 1)
+    assert c["match"] is False and "REFAULTED (expected STALE)" in c["reason"]
+    na = _res(status="not_applicable", passed=False, not_applicable="lab kernel 6.1 has no /dev/udmabuf",
+              moves=[])
+    c = matrix.cell_record(e, "bookworm", na, tmp_path, 1)
+    assert c["match"] is None and "udmabuf" in c["reason"]
+    err = _res(status="error", passed=False, error="RemoteError: boom")
+    c = matrix.cell_record(e, "trixie", err, tmp_path, 1)
+    assert c["match"] is False and "boom" in c["reason"]
+
+
+@pytest.mark.parametrize("cells,rc", [
+    ([(True, "finished"), (None, "not_applicable")], 0),
+    ([(True, "finished"), (False, "finished")], 1),
+    ([(False, "finished"), (False, "could_not_test")], 1),
+    ([(True, "finished"), (False, "could_not_test")], 125),
+    ([(None, "not_applicable")], 125),
+    ([], 125),
+])
+def test_exit_status(cells, rc):
+    assert matrix.exit_status([{"match": m, "status": s} for m, s in cells]) == rc
+
+
+def test_junit_and_report(tmp_path):
+    cells = [{"entry": "a<b", "kernel_suite": "trixie", "match": True, "verdicts": ["REFAULTED"],
+              "expected": [["REFAULTED"]], "title": "<script>alert(1)</script>", "links":
+              ["f8be156be163", "20241010182427.1434605-1-seanjc@google.com", "https://x.invalid/i?a=1&b=2"],
+              "results": str(tmp_path / "trixie" / "a"), "seconds": 3.5, "kernel_release": TRIXIE},
+             {"entry": "a<b", "kernel_suite": "trixie-backports", "match": False, "verdicts": ["STALE"],
+              "expected": [["REFAULTED"]], "reason": "0: STALE", "results": "r", "seconds": 1},
+             {"entry": "c", "kernel_suite": "trixie", "match": None, "verdicts": [], "expected": [],
+              "reason": "no udmabuf", "results": "r", "seconds": 0}]
+    matrix.write_junit(tmp_path / "junit.xml", cells)
+    suite = ET.parse(tmp_path / "junit.xml").getroot()
+    assert (suite.get("tests"), suite.get("failures"), suite.get("skipped")) == ("3", "1", "1")
+    assert [t.get("name") for t in suite] == ["a<b[trixie]", "a<b[trixie-backports]", "c[trixie]"]
+    res = {"kernels": ["trixie", "trixie-backports"], "entries": ["a<b", "c"], "cells": cells,
+           "summary": {"cells": 3}, "status": "finished", "started": "now"}
+    page = report.matrix_html(res, base=tmp_path)
+    assert "<script>" not in page and "&lt;script&gt;" in page
+    assert 'href="https://git.kernel.org/linus/f8be156be163"' in page
+    assert 'href="https://lore.kernel.org/r/20241010182427.1434605-1-seanjc@google.com"' in page
+    assert "a=1&amp;b=2" in page
+    assert 'href="trixie/a/results.json"' in page
+    assert page.count('class="match"') == 1 and page.count('class="mismatch"') == 1
+    assert 'class="na"' in page and "not run" in page      # c was not run on backports
+    assert "MISMATCH" in matrix.table(res)
+
+
+def test_bad_kernels_exit_2_before_anything_is_created(tmp_path):
+    env = dict(os.environ, VMLAB_STATE_DIR=str(tmp_path / "state"))
+    r = subprocess.run([sys.executable, "-m", "vmlab.cli", "matrix", "--kernels", "trixie,sid"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("vmlab: error: <command line>: --kernels:")
+    assert not (tmp_path / "results").exists()
+    r = subprocess.run([sys.executable, "-m", "vmlab.cli", "matrix", "--only", "nope"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "--only" in r.stderr and not (tmp_path / "results").exists()
+
+
+def test_matrix_json_is_json(tmp_path):
+    m = matrix.Matrix({"trixie": [(catalog.load(only=["calibration"])[0], {})]}, tmp_path, print)
+    m.finish()
+    doc = json.loads((tmp_path / "matrix.json").read_text())
+    assert doc["entries"] == ["calibration"] and doc["cells"] == [] and doc["summary"]["cells"] == 0
+    assert (tmp_path / "report.html").exists() and (tmp_path / "junit.xml").exists()

@@ -1,0 +1,267 @@
+"""`vmlab matrix`: every catalog entry on every lab kernel, one cell each.
+
+Each lab kernel is booted once and kept for all the entries that agree on how the lab
+runs (accelerator, memory, QEMU, oracle); each entry boots its own guest in it, so a cell
+costs a guest boot, not a lab boot. A lab that stops answering between cells is booted
+again. Every cell is a full `vmlab run` results directory under
+``<out>/<kernel>/<entry>/`` (kept whatever the outcome); the matrix writes ``matrix.json``,
+``junit.xml`` (one testcase per cell, ``<entry>[<kernel>]``) and ``report.html``.
+
+Exit status: 0 when every applicable cell met its expectation; 1 when one did not (or
+its run failed); else 125 when a cell could not be tested (its lab did not come up; the
+cell is ``match: false``) or no cell was applicable; 2 for bad input (before anything
+boots).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from xml.sax.saxutils import escape, quoteattr
+
+from . import catalog, proc, report
+from . import config as cfgmod
+from .errors import CouldNotTest, ConfigError, VmlabError
+from .stack import Stack, lab_options
+
+log = logging.getLogger("vmlab.matrix")
+DEFAULT_KERNELS = ("trixie", "trixie-backports")
+
+
+def parse_kernels(text: str | None) -> list[str]:
+    if not text:
+        return list(DEFAULT_KERNELS)
+    ks = [k.strip() for k in text.split(",")]
+    for k in ks:
+        if k not in cfgmod.KERNEL_SUITES:
+            raise ConfigError("<command line>", "--kernels", f"{k!r} is not a lab kernel "
+                              f"(one of: {', '.join(cfgmod.KERNEL_SUITES)})")
+    if len(set(ks)) != len(ks):
+        raise ConfigError("<command line>", "--kernels", f"{text!r} names a kernel twice")
+    return ks
+
+
+def _lab_key(o: dict) -> tuple:
+    """Entries whose resolved settings agree on this share one lab boot."""
+    return (o["accel"], o["qemu"], o["lab_memory_mb"], o["lab_boot_timeout"],
+            tuple(o["lab_qemu_args"]), "hw" in o["oracle"], o["guest_kernel"])
+
+
+def cell_record(exp: cfgmod.Experiment, kernel: str, res: dict, cell_dir: Path,
+                seconds: float) -> dict:
+    """One matrix cell from the run's results.json: match is True/False, or None (with
+    ``reason``) when the entry does not apply to this kernel."""
+    lab = res.get("lab") or {}
+    checks = ([res["baseline"]] if "baseline" in res else []) + list(res.get("moves") or [])
+    rec = {"entry": exp.name, "title": exp.raw.get("title"), "links": exp.raw.get("links"),
+           "kernel_suite": kernel, "kernel_release": lab.get("kernel"),
+           "kernel_package": lab.get("kernel_package"), "kernel_cmdline": lab.get("cmdline"),
+           "module_params": lab.get("module_params"), "qemu": lab.get("qemu"),
+           "verdicts": [c.get("verdict") for c in checks],
+           "expected": [c.get("expected") for c in checks],
+           "kvm_evidence": [m.get("kvm_evidence", {}).get("summary") for m in res.get("moves") or []
+                            if m.get("kvm_evidence")],
+           "results": str(cell_dir), "reproduce": str(cell_dir / "reproduce.sh"),
+           "seconds": round(seconds, 2), "status": res.get("status")}
+    if res.get("not_applicable"):
+        rec.update(match=None, reason=res["not_applicable"])
+    elif res.get("status") != "finished":
+        rec.update(match=False, reason=res.get("error") or f"status {res.get('status')}")
+    else:
+        rec["match"] = bool(res.get("passed"))
+        if not rec["match"]:
+            bad = [f"{i}: {c.get('verdict')} (expected {'/'.join(c.get('expected') or [])})"
+                   for i, c in enumerate(checks) if not c.get("passed")]
+            rec["reason"] = "; ".join(bad[:4]) or (
+                "kernel health: " + ", ".join(res.get("kernel_health_failed") or []) or "not passed")
+    return rec
+
+
+def _failed_cell(exp, kernel, cell_dir: Path, why: str, status: str) -> dict:
+    return {"entry": exp.name, "title": exp.raw.get("title"), "links": exp.raw.get("links"),
+            "kernel_suite": kernel, "kernel_release": None, "verdicts": [], "expected": [],
+            "kvm_evidence": [], "results": str(cell_dir), "seconds": 0.0, "status": status,
+            "match": False, "reason": why}
+
+
+def plan(entries, kernels, args) -> dict[str, list[tuple[cfgmod.Experiment, dict]]]:
+    """Every (kernel, entry) resolved (the kernel as if given with --kernel), before
+    anything is created or booted: bad input is exit 2 with nothing started."""
+    out = {}
+    for k in kernels:
+        ns = argparse.Namespace(**{**vars(args), "kernel": k, "kernel_image": None})
+        out[k] = [(e, cfgmod.resolve(e, ns)) for e in entries]
+    return out
+
+
+class Matrix:
+    def __init__(self, planned: dict, out: Path, progress):
+        self.plan, self.out, self.progress = planned, out, progress
+        self.cells: list[dict] = []
+        entries = [e.name for e, _ in next(iter(planned.values()))]
+        self.result = {"started": datetime.now(timezone.utc).isoformat(), "status": "running",
+                       "kernels": list(planned), "entries": entries, "cells": self.cells}
+
+    def save(self) -> None:
+        tmp = self.out / "matrix.json.tmp"
+        tmp.write_text(json.dumps(self.result, indent=2, sort_keys=True, default=str) + "\n")
+        tmp.rename(self.out / "matrix.json")
+
+    def run(self) -> int:
+        from .experiment import Run, write_reproducer
+        total = sum(len(v) for v in self.plan.values())
+        try:
+            for kernel, planned in self.plan.items():
+                groups: dict[tuple, list] = {}
+                for exp, o in planned:
+                    groups.setdefault(_lab_key(o), []).append((exp, o))
+                for gi, members in enumerate(groups.values()):
+                    self._run_group(kernel, gi, members, total, Run, write_reproducer)
+            self.result["status"] = "finished"
+        except BaseException as e:
+            self.result["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) or \
+                type(e).__name__ == "Terminated" else "error"
+            self.result["error"] = f"{type(e).__name__}: {e}"
+            raise
+        finally:
+            self.finish()
+        rc = exit_status(self.cells)
+        if rc == 125:
+            self.progress("matrix: a lab did not come up, or no cell was applicable")
+        return rc
+
+    def _run_group(self, kernel, gi, members, total, Run, write_reproducer) -> None:
+        kdir = self.out / kernel / (f"lab-{gi}" if gi else "lab")
+        kdir.mkdir(parents=True)
+        o0 = members[0][1]
+        plugin = None
+        if "hw" in o0["oracle"]:
+            from . import hwtrace
+            plugin = str(hwtrace.plugin_path(self.progress))
+        stack = Stack(kdir, self.progress, lab_options(o0, hwtrace_plugin=plugin),
+                      guest_kernel=o0["guest_kernel"], build=not o0["no_build"])
+        try:
+            for exp, o in members:
+                n = len(self.cells) + 1
+                cell_dir = self.out / kernel / exp.name
+                cell_dir.mkdir(parents=True)
+                write_reproducer(cell_dir, exp, [f"--kernel={kernel}"])
+                if stack.lab is None or not _answers(stack.lab):
+                    if stack.lab is not None:
+                        self.progress(f"lab {kernel} stopped answering: booting it again")
+                        with proc.signals_deferred():
+                            stack.down()
+                    try:
+                        stack.up_lab()
+                    except CouldNotTest as e:
+                        self._add(_failed_cell(exp, kernel, cell_dir, f"the lab did not come up: {e}",
+                                               "could_not_test"), n, total)
+                        continue
+                t0 = time.monotonic()
+                self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: running")
+                r = Run(exp, o, cell_dir, self.progress, shared_lab=stack.lab)
+                r.save()
+                try:
+                    r.run()
+                except CouldNotTest:
+                    pass     # NotApplicable and friends: the run's results say which
+                except VmlabError as e:
+                    log.warning("cell %s[%s]: %s", exp.name, kernel, e)
+                self._add(cell_record(exp, kernel, r.result, cell_dir, time.monotonic() - t0), n, total)
+        finally:
+            with proc.signals_deferred():
+                stack.down()
+
+    def _add(self, cell: dict, n: int, total: int) -> None:
+        self.cells.append(cell)
+        self.save()
+        what = {True: "match", False: "MISMATCH", None: "not applicable"}[cell["match"]]
+        exp = "; ".join("/".join(e or []) for e in cell["expected"])
+        self.progress(f"cell {n}/{total} {cell['entry']}[{cell['kernel_suite']}]: "
+                      f"{' '.join(str(v) for v in cell['verdicts']) or '-'} (expected {exp or '-'}): "
+                      f"{what}{': ' + cell['reason'] if cell.get('reason') else ''}")
+
+    def finish(self) -> None:
+        self.result["ended"] = datetime.now(timezone.utc).isoformat()
+        m = [c["match"] for c in self.cells]
+        self.result["summary"] = {"cells": len(m), "match": m.count(True), "mismatch": m.count(False),
+                                  "not_applicable": m.count(None)}
+        self.save()
+        write_junit(self.out / "junit.xml", self.cells)
+        (self.out / "report.html").write_text(report.matrix_html(self.result, base=self.out))
+
+
+def exit_status(cells: list[dict]) -> int:
+    """A missed expectation is "bad" (1) even when another lab did not boot; a lab that
+    did not boot is "could not test" (125, git bisect's skip), never a silent pass."""
+    judged = [c for c in cells if c["status"] != "could_not_test"]
+    if any(c["match"] is False for c in judged):
+        return 1
+    if len(judged) < len(cells) or not any(c["match"] is not None for c in judged):
+        return 125
+    return 0
+
+
+def _answers(lab) -> bool:
+    try:
+        return lab.run("true", timeout=20, check=False)[0] == 0
+    except Exception as e:
+        log.warning("lab health probe: %s", e)
+        return False
+
+
+def write_junit(path: Path, cells: list[dict]) -> None:
+    cases, fails, skips = [], 0, 0
+    for c in cells:
+        name = quoteattr(f"{c['entry']}[{c['kernel_suite']}]")
+        body = ""
+        if c["match"] is None:
+            skips += 1
+            body = f"<skipped message={quoteattr('not applicable: ' + (c.get('reason') or ''))}/>"
+        elif not c["match"]:
+            fails += 1
+            body = (f"<failure message={quoteattr(c.get('reason') or 'mismatch')}>"
+                    f"{escape(json.dumps(c, default=str)[:4000])}</failure>")
+        cases.append(f'  <testcase classname="vmlab.matrix" name={name} '
+                     f'time="{c.get("seconds", 0)}">{body}</testcase>')
+    path.write_text(f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name="vmlab.matrix" '
+                    f'tests="{len(cases)}" failures="{fails}" skipped="{skips}">\n'
+                    + "\n".join(cases) + "\n</testsuite>\n")
+
+
+def table(result: dict) -> str:
+    kernels = result["kernels"]
+    by = {(c["entry"], c["kernel_suite"]): c for c in result["cells"]}
+    w = max([len(e) for e in result["entries"]] + [5])
+    lines = [f"{'entry':{w}}  " + "  ".join(f"{k:28}" for k in kernels)]
+    for e in result["entries"]:
+        row = []
+        for k in kernels:
+            c = by.get((e, k))
+            if c is None:
+                row.append(f"{'-':28}")
+                continue
+            mark = {True: "ok", False: "MISMATCH", None: "n/a"}[c["match"]]
+            row.append(f"{(' '.join(str(v) for v in c['verdicts']) or '-')[:18] + ' ' + mark:28}")
+        lines.append(f"{e:{w}}  " + "  ".join(row))
+    return "\n".join(lines)
+
+
+def main(args, progress) -> int:
+    from .experiment import results_dir
+    kernels = parse_kernels(args.kernels)
+    only = [i.strip() for i in args.only.split(",")] if args.only else None
+    entries = catalog.load(args.catalog, only)
+    planned = plan(entries, kernels, args)
+    out = results_dir("matrix", args.out)
+    m = Matrix(planned, out, progress)
+    progress(f"matrix: {len(entries)} entries x {len(kernels)} kernels; results in {out}")
+    try:
+        rc = m.run()
+    finally:
+        print(table(m.result))
+        print(f"matrix: {m.result.get('summary')}; {out}/report.html")
+    return rc
