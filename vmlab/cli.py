@@ -268,7 +268,7 @@ def _common(p: argparse.ArgumentParser, *, one_kernel: bool = True) -> None:
                         "config lab.accel, default auto")
     if one_kernel:
         p.add_argument("--kernel", default=None,
-                       help="lab kernel suite: trixie, trixie-backports, bookworm-backports; "
+                       help="lab kernel suite: trixie, trixie-backports, bookworm-backports, bullseye, bookworm, forky; "
                             "config lab.kernel, default trixie")
     p.add_argument("--guest-kernel", default=None,
                    help="guest kernel suite; config guest.kernel, default trixie whatever the lab kernel")
@@ -343,7 +343,7 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("which", nargs="?", default="all", choices=["lab", "guest", "all"],
                    help="which image (default all)")
     b.add_argument("--kernel", default="trixie",
-                   help="kernel suite of the image: trixie, trixie-backports, bookworm-backports "
+                   help="kernel suite of the image: trixie, trixie-backports, bookworm-backports, bullseye, bookworm, forky "
                         "(default trixie)")
     b.add_argument("--qemu", default="default", metavar="SOURCE",
                    help="the lab image's QEMU: default or suite:NAME, as 'vmlab run --qemu'")

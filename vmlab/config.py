@@ -115,9 +115,12 @@ VERDICTS = oracle.VERDICTS + ("UNSUPPORTED",)
 DEFAULT_BASELINE_EXPECT = "REFAULTED"
 # kernel choice -> (base suite, suite the kernel comes from); a --qemu suite is one of them
 KERNEL_SUITES = {
-    "trixie": ("trixie", "trixie"),
-    "trixie-backports": ("trixie", "trixie-backports"),
-    "bookworm-backports": ("bookworm", "bookworm-backports"),
+    "trixie": ("trixie", "trixie"),                         # 6.12, QEMU 10.0
+    "trixie-backports": ("trixie", "trixie-backports"),     # 7.3, QEMU 11.1
+    "bookworm-backports": ("bookworm", "bookworm-backports"),  # 6.12, QEMU 10.0
+    "bullseye": ("bullseye", "bullseye"),                   # 5.10, QEMU 5.2
+    "bookworm": ("bookworm", "bookworm"),                   # 6.1, QEMU 7.2
+    "forky": ("forky", "forky"),                            # 7.2
 }
 _RELEASE = {suite: base for suite, (base, _) in KERNEL_SUITES.items()}
 

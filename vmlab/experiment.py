@@ -18,7 +18,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
-from . import hwtrace, oracle, proc
+from . import hwtrace, kvm_evidence, oracle, proc
 from .errors import NotApplicable, RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
@@ -149,6 +149,8 @@ class Run:
         self.hw: hwtrace.HwTrace | None = None    # the hardware oracle, when asked for
         self.hw_moved_at: int | None = None        # time.monotonic_ns() when the move returned
         self.gagent: GuestAgent | None = None      # the guest agent's `serve` process
+        self.bar2_gpa: int | None = None           # where the guest sees the buffer
+        self.ktrace = False                        # KVM's tracepoints recorded per move
 
     # --- helpers ------------------------------------------------------------------------
     def save(self) -> None:
@@ -271,6 +273,7 @@ class Run:
                                     "boot_seconds": guest.boot_seconds}
             self.health_start["guest"] = kernel_state(guest)
             self.result["caching_chain"] = self.caching_chain()
+            self.start_kvm_trace()
             self.save()
             if self.exp.raw.get("gpu_roundtrip"):
                 self.gpu_roundtrip(gopts.gpu)
@@ -379,6 +382,8 @@ class Run:
                         "memtype": "none: NPT leaves the guest PAT in charge (no IPAT on AMD)"
                         if npt.strip() == "Y" else "see EPT memtype/IPAT"}
         m = self.guest_agent(f"map --caching {self.mapping}")
+        if m.get("bar2_phys"):
+            self.bar2_gpa = int(str(m["bar2_phys"]), 16)
         chain["guest"] = {"requested": self.mapping, "memtype": m.get("memtype"), "pat_line": m.get("pat_line")}
         want = {"wb": "write-back", "wc": "write-combining", "uc": "uncached-minus"}[self.mapping]
         host = chain.get("lab_host_pte", {}).get("memtype")
@@ -394,6 +399,39 @@ class Run:
             mism.append(f"host mapping {host} vs guest mapping {chain['guest']['memtype']} (NPT does not carry host PAT)")
         chain["mismatches"] = mism
         return chain
+
+    def start_kvm_trace(self) -> None:
+        """KVM's MMU tracepoints for the BAR's frames, recorded around every move
+        (``kvm_evidence``); off with the option ``kvm_evidence: false`` (benches)."""
+        if not self.opts.get("kvm_evidence", True) or self.bar2_gpa is None:
+            return
+        try:
+            st = self.agent.request("ktrace_start", gfn=self.bar2_gpa >> 12, pages=self.exp.size // 4096)
+        except AgentRequestFailed as e:
+            self.result["kvm_trace"] = {"error": str(e)}
+            return
+        self.result["kvm_trace"] = st
+        self.ktrace = True
+
+    def kvm_evidence_begin(self) -> list[int] | None:
+        if not self.ktrace:
+            return None
+        self.agent.request("ktrace_clear")
+        return self.hw_pfns() if self.exp.kind == "vmlab" else None
+
+    def kvm_evidence_end(self, rec: dict, old_pfns: list[int] | None) -> None:
+        if not self.ktrace:
+            return
+        got = self.agent.request("ktrace_collect")
+        new_pfns = self.hw_pfns() if old_pfns is not None else None
+        st = self.result["kvm_trace"]
+        tdp = st.get("tdp_mmu") == "Y" and "kvmmmu/kvm_tdp_mmu_spte_changed" in st.get("enabled", ())
+        ev = kvm_evidence.summarize(kvm_evidence.parse(got["lines"]), self.bar2_gpa >> 12,
+                                    self.exp.size // 4096, old_pfns, new_pfns, got.get("overrun", 0),
+                                    tdp_mmu=tdp)
+        rec["kvm_evidence"] = ev
+        if rec.get("verdict") == "STALE" and ev.get("kept_old_pages"):
+            rec["detail"] = "; ".join(x for x in (rec.get("detail"), ev["summary"]) if x)
 
     def read_and_judge(self, generation: int, expect_tag: int | None) -> dict:
         r = self.guest_agent(f"read --caching {self.mapping}", timeout=300)
@@ -474,6 +512,7 @@ class Run:
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
                 before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
+                ev_pfns = self.kvm_evidence_begin()
                 t_sent = time.monotonic()
                 try:
                     if mv["inject"] == "skip-zap":
@@ -533,6 +572,7 @@ class Run:
                         rec["verdict"] = oracle.worst([rec["verdict"], "STALE"])
                         rec["detail"] = ws["detail"]
                 self.hw_judge(rec)
+                self.kvm_evidence_end(rec, ev_pfns)
                 hw_clear = self.hw is None or rec.get("hw_oracle", {}).get("verdict") == "HW_REFAULTED"
                 if rec["verdict"] == "REFAULTED" and hw_clear and info is not None and generation > 1:
                     # every page was read at the new generation: no guest mapping of the

@@ -277,6 +277,14 @@ class IvshmemServer:
             pass
 
 
+def _read_first(path):
+    try:
+        with open(path) as f:
+            return f.readline().strip()
+    except OSError:
+        return None
+
+
 def log(msg):
     sys.stderr.write(f"{time.strftime('%H:%M:%S')} hostagent: {msg}\n")
     sys.stderr.flush()
@@ -758,6 +766,7 @@ class Agent:
         self.servers = {}
         self.maps = {}
         self.next = 1
+        self.ktrace = None    # this agent's tracefs instance (op_ktrace_start)
 
     def control(self):
         if self.ctl is None:
@@ -1066,10 +1075,82 @@ class Agent:
                     off = data.find(needle, off + 1)
         return {"hits": hits}
 
+    # --- KVM's own evidence: its MMU tracepoints, in a private tracefs instance ---------
+    KTRACE_EVENTS = {   # event -> filter over the buffer's guest-physical range
+        "kvmmmu/kvm_tdp_mmu_spte_changed": "gfn >= {g0} && gfn < {g1}",
+        "kvmmmu/kvm_mmu_set_spte": "gfn >= {g0} && gfn < {g1}",
+        "kvm/kvm_page_fault": "fault_address >= {a0} && fault_address < {a1}",
+        "kvm/kvm_emulate_insn": None,
+    }
+
+    def op_ktrace_start(self, req):
+        """Record KVM's MMU events for guest frames [gfn, gfn + pages) in a tracefs
+        instance of this agent's own (other tracing users are not disturbed). A 1 GiB
+        aligned start, so a huge mapping that covers the range is seen too."""
+        self.op_ktrace_stop({})
+        root = next((t for t in ("/sys/kernel/tracing", "/sys/kernel/debug/tracing")
+                     if os.path.isdir(t + "/instances")), None)
+        if root is None:
+            raise AgentError("no tracefs (neither /sys/kernel/tracing nor debugfs tracing)", errno.ENOENT)
+        g0, g1 = int(req["gfn"]) & ~0x3FFFF, int(req["gfn"]) + int(req["pages"])
+        inst = f"{root}/instances/vmlab-{os.getpid()}"
+        os.mkdir(inst)
+        self.ktrace = inst
+        with open(inst + "/buffer_size_kb", "w") as f:
+            f.write(str(int(req.get("buffer_kb", 8192))))
+        enabled, missing = [], []
+        for ev, flt in self.KTRACE_EVENTS.items():
+            d = f"{inst}/events/{ev}"
+            if not os.path.isdir(d):
+                missing.append(ev)
+                continue
+            if flt:
+                with open(d + "/filter", "w") as f:
+                    f.write(flt.format(g0=g0, g1=g1, a0=g0 << 12, a1=g1 << 12))
+            with open(d + "/enable", "w") as f:
+                f.write("1")
+            enabled.append(ev)
+        return {"instance": inst, "enabled": enabled, "missing": missing,
+                "tdp_mmu": _read_first("/sys/module/kvm/parameters/tdp_mmu")}
+
+    def op_ktrace_clear(self, req):
+        if not self.ktrace:
+            raise AgentError("ktrace_start first", errno.EINVAL)
+        with open(self.ktrace + "/trace", "w") as f:
+            f.write("")
+        return {}
+
+    def op_ktrace_collect(self, req):
+        """The events since the last clear, as tracefs prints them (one per line), and
+        whether the ring buffer overflowed (then the record is incomplete)."""
+        if not self.ktrace:
+            raise AgentError("ktrace_start first", errno.EINVAL)
+        with open(self.ktrace + "/trace") as f:
+            lines = [ln.rstrip("\n") for ln in f if not ln.startswith("#")]
+        overrun = 0
+        for cpu in os.listdir(self.ktrace + "/per_cpu"):
+            with open(f"{self.ktrace}/per_cpu/{cpu}/stats") as f:
+                overrun += sum(int(ln.split()[1]) for ln in f if ln.startswith("overrun:"))
+        return {"lines": lines, "overrun": overrun}
+
+    def op_ktrace_stop(self, req):
+        inst, self.ktrace = self.ktrace, None
+        if inst and os.path.isdir(inst):
+            try:
+                with open(inst + "/events/enable", "w") as f:
+                    f.write("0")
+            finally:
+                os.rmdir(inst)
+        return {}
+
     def op_ping(self, req):
         return {}
 
     def close_all(self):
+        try:
+            self.op_ktrace_stop({})
+        except OSError as e:
+            log(f"ktrace stop: {e}")
         for h in list(self.buffers):
             self.op_close({"buf": h})
         if self.ctl is not None:

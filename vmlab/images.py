@@ -42,6 +42,18 @@ LAB_PACKAGES = [
 ]
 LAB_INITRD_MODULES = ["virtio_pci", "virtio_blk", "ext4", "crc32c_generic", "crc32c_intel"]
 
+# suites whose QEMU has no separate OpenGL module package (bullseye's 5.2 and
+# bookworm's 7.2: virtio-gpu-gl is built in or absent; host blobs need a newer QEMU)
+_NO_OPENGL_MODULE = {"bullseye", "bookworm"}
+
+
+def lab_packages(qemu_suite: str) -> tuple:
+    """The lab image's packages, for the suite its QEMU comes from."""
+    if qemu_suite in _NO_OPENGL_MODULE:
+        return tuple(p for p in LAB_PACKAGES if p != "qemu-system-modules-opengl")
+    return tuple(LAB_PACKAGES)
+
+
 GUEST_PACKAGES = ["linux-image-amd64", "busybox-static", "dropbear-bin"]
 GUEST_MODULES = ["virtio_pci", "virtio_net", "virtio_blk", "virtio_console", "virtio_rng",
                  "virtio_gpu", "drm", "drm_kms_helper"]
@@ -72,7 +84,7 @@ class Recipe:
         fields = asdict(self)
         if fields["qemu_suite"] is None:
             del fields["qemu_suite"]   # images from before --qemu keep their keys
-        h = hashlib.sha256(json.dumps([fields, _sources(self), _pin_hook(self)],
+        h = hashlib.sha256(json.dumps([fields, _sources(self), _apt_args(self)],
                                       sort_keys=True).encode())
         root = repo_root()
         for rel in self.inputs:
@@ -100,8 +112,8 @@ def recipe(kind: str, kernel: str = "trixie", qemu_suite: str | None = None) -> 
     if kind == "lab":
         if qemu_suite == KERNEL_SUITES[kernel][1]:
             qemu_suite = None   # the kernel's own suite already brings its QEMU: one image
-        return Recipe("lab", kernel, tuple(LAB_PACKAGES), tuple(LAB_INITRD_MODULES), tuple(LAB_INPUTS),
-                      qemu_suite=qemu_suite)
+        return Recipe("lab", kernel, lab_packages(qemu_suite or KERNEL_SUITES[kernel][1]),
+                      tuple(LAB_INITRD_MODULES), tuple(LAB_INPUTS), qemu_suite=qemu_suite)
     if kind == "guest":
         return Recipe("guest", kernel, tuple(GUEST_PACKAGES), tuple(GUEST_MODULES), tuple(GUEST_INPUTS))
     raise ConfigError("<command line>", "image", f"unknown image kind {kind!r} (lab or guest)")
@@ -285,7 +297,18 @@ def _sources(r: Recipe) -> list[str]:
     return src
 
 
-def _pin_hook(r: Recipe) -> list[str]:
+# Testing suites carry a Valid-Until a week ahead; the archive this machine reaches served
+# forky's InRelease expired by 19 days (measured 2026-11-26). Signatures are still checked.
+_APT_OPTS = {"forky": ['--aptopt=Acquire::Check-Valid-Until "false"']}
+
+
+def _apt_args(r: Recipe) -> list[str]:
+    """mmdebstrap options for apt: pins (kernel and QEMU suites) and per-suite apt options."""
+    extra = [o for s in dict.fromkeys(r.suites + (r.qemu_suite,)) for o in _APT_OPTS.get(s, [])]
+    return _apt_pins(r) + extra
+
+
+def _apt_pins(r: Recipe) -> list[str]:
     base, ksuite = r.suites
     if r.qemu_suite:
         # QEMU (and, like `apt -t`, whatever its suite has) from the QEMU's suite; the
@@ -347,7 +370,7 @@ def build(r: Recipe, progress=print) -> Image:
 def _mmdebstrap(r: Recipe, variant: str, root: Path, logf: Path, progress, hooks: list[str]) -> None:
     base, _ = r.suites
     argv = ["mmdebstrap", f"--variant={variant}", "--mode=root", "--format=directory",
-            "--include=" + ",".join(r.packages), *_pin_hook(r), *hooks, base, str(root), *_sources(r)]
+            "--include=" + ",".join(r.packages), *_apt_args(r), *hooks, base, str(root), *_sources(r)]
     env = dict(os.environ, VMLAB_SRC=str(repo_root()))
     _run_logged(argv, logf, "mmdebstrap", progress, timeout=1800, env=env)
 

@@ -232,21 +232,29 @@ def write_junit(path: Path, cells: list[dict]) -> None:
                     + "\n".join(cases) + "\n</testsuite>\n")
 
 
+def compact(verdicts: list) -> str:
+    """['REFAULTED', 'REFAULTED', 'STALE'] -> 'REFAULTEDx2 STALE' (baseline first)."""
+    out: list[list] = []
+    for v in verdicts:
+        if out and out[-1][0] == v:
+            out[-1][1] += 1
+        else:
+            out.append([v, 1])
+    return " ".join(f"{v}x{n}" if n > 1 else str(v) for v, n in out) or "-"
+
+
 def table(result: dict) -> str:
     kernels = result["kernels"]
     by = {(c["entry"], c["kernel_suite"]): c for c in result["cells"]}
+    cell = {}
+    for key, c in by.items():
+        mark = {True: "ok", False: "MISMATCH", None: "n/a"}[c["match"]]
+        cell[key] = f"{compact(c['verdicts'])} {mark}" if c["verdicts"] else mark
     w = max([len(e) for e in result["entries"]] + [5])
-    lines = [f"{'entry':{w}}  " + "  ".join(f"{k:28}" for k in kernels)]
+    cw = max([len(v) for v in cell.values()] + [len(k) for k in kernels] + [3])
+    lines = [f"{'entry':{w}}  " + "  ".join(f"{k:{cw}}" for k in kernels)]
     for e in result["entries"]:
-        row = []
-        for k in kernels:
-            c = by.get((e, k))
-            if c is None:
-                row.append(f"{'-':28}")
-                continue
-            mark = {True: "ok", False: "MISMATCH", None: "n/a"}[c["match"]]
-            row.append(f"{(' '.join(str(v) for v in c['verdicts']) or '-')[:18] + ' ' + mark:28}")
-        lines.append(f"{e:{w}}  " + "  ".join(row))
+        lines.append(f"{e:{w}}  " + "  ".join(f"{cell.get((e, k), '-'):{cw}}" for k in kernels))
     return "\n".join(lines)
 
 

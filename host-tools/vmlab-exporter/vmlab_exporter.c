@@ -56,7 +56,16 @@
 #include <linux/fs.h>
 #include <linux/gfp.h>
 #include <linux/highmem.h>
+#include <linux/version.h>
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 18, 0)
 #include <linux/iosys-map.h>
+typedef struct iosys_map vmlab_map_t;
+#define vmlab_map_set_vaddr iosys_map_set_vaddr
+#elif LINUX_VERSION_CODE >= KERNEL_VERSION(5, 11, 0)
+#include <linux/dma-buf-map.h>
+typedef struct dma_buf_map vmlab_map_t;
+#define vmlab_map_set_vaddr dma_buf_map_set_vaddr
+#endif
 #include <linux/kernel.h>
 #include <linux/kref.h>
 #include <linux/list.h>
@@ -113,6 +122,16 @@ static inline void vmlab_vm_flags_set(struct vm_area_struct *vma, unsigned long 
 	vma->vm_flags |= flags;
 #endif
 }
+
+#if LINUX_VERSION_CODE < KERNEL_VERSION(5, 14, 0)
+/* vma_lookup() is 5.14: the VMA containing @addr, not merely the next one */
+static inline struct vm_area_struct *vma_lookup(struct mm_struct *mm, unsigned long addr)
+{
+	struct vm_area_struct *vma = find_vma(mm, addr);
+
+	return vma && vma->vm_start <= addr ? vma : NULL;
+}
+#endif
 
 /* Drop the lock a fault runs under (mmap_lock, or the VMA lock on newer kernels). */
 static inline void vmlab_release_fault_lock(struct vm_fault *vmf)
@@ -1010,37 +1029,30 @@ static int vmlab_end_cpu_access(struct dma_buf *dmabuf, enum dma_data_direction 
 	return 0;
 }
 
-static int vmlab_vmap(struct dma_buf *dmabuf, struct iosys_map *map)
+/* The vmap itself; refcounted here as well as in the core (be defensive). */
+static void *vmlab_vmap_vaddr(struct vmlab_buffer *buf)
 {
-	struct vmlab_buffer *buf = dmabuf->priv;
 	void *vaddr;
-	int ret = 0;
 
 	mutex_lock(&buf->lock);
 	if (buf->vmaps) {
-		/* the core refcounts vmaps; be defensive anyway */
 		buf->vmaps++;
-		iosys_map_set_vaddr(map, buf->vaddr);
+		vaddr = buf->vaddr;
 		goto out;
 	}
 	vaddr = vmap(buf->cur->pages, buf->npages, VM_MAP,
 		     vmlab_prot(PAGE_KERNEL, buf->caching));
-	if (!vaddr) {
-		ret = -ENOMEM;
+	if (!vaddr)
 		goto out;
-	}
 	buf->vaddr = vaddr;
 	buf->vmaps = 1;
-	iosys_map_set_vaddr(map, vaddr);
 out:
 	mutex_unlock(&buf->lock);
-	return ret;
+	return vaddr;
 }
 
-static void vmlab_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
+static void vmlab_vunmap_vaddr(struct vmlab_buffer *buf)
 {
-	struct vmlab_buffer *buf = dmabuf->priv;
-
 	mutex_lock(&buf->lock);
 	if (buf->vmaps && --buf->vmaps == 0) {
 		vunmap(buf->vaddr);
@@ -1048,6 +1060,34 @@ static void vmlab_vunmap(struct dma_buf *dmabuf, struct iosys_map *map)
 	}
 	mutex_unlock(&buf->lock);
 }
+
+#if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 11, 0)
+static int vmlab_vmap(struct dma_buf *dmabuf, vmlab_map_t *map)
+{
+	void *vaddr = vmlab_vmap_vaddr(dmabuf->priv);
+
+	if (!vaddr)
+		return -ENOMEM;
+	vmlab_map_set_vaddr(map, vaddr);
+	return 0;
+}
+
+static void vmlab_vunmap(struct dma_buf *dmabuf, vmlab_map_t *map)
+{
+	vmlab_vunmap_vaddr(dmabuf->priv);
+}
+#else
+/* 5.10: ->vmap returns the address (NULL on failure), ->vunmap takes it */
+static void *vmlab_vmap(struct dma_buf *dmabuf)
+{
+	return vmlab_vmap_vaddr(dmabuf->priv);
+}
+
+static void vmlab_vunmap(struct dma_buf *dmabuf, void *vaddr)
+{
+	vmlab_vunmap_vaddr(dmabuf->priv);
+}
+#endif
 
 /*
  * Mirrors vmlab_ioc_create.  Runs when the last reference to the dma-buf is
@@ -1739,6 +1779,6 @@ MODULE_DESCRIPTION("vmlab dma-buf exporter with forced buffer moves");
 MODULE_LICENSE("GPL");
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(6, 13, 0)
 MODULE_IMPORT_NS("DMA_BUF");
-#else
-MODULE_IMPORT_NS(DMA_BUF);
+#elif LINUX_VERSION_CODE >= KERNEL_VERSION(5, 16, 0)
+MODULE_IMPORT_NS(DMA_BUF);	/* dma-buf's symbols are namespaced since 5.16 */
 #endif

@@ -1,0 +1,87 @@
+"""kvm_evidence: tracefs lines (in the formats of the 6.1-7.3 kernels' printk formats)
+-> what KVM did to the buffer's frames. The lab tests check it on real moves."""
+from __future__ import annotations
+
+from vmlab import kvm_evidence as ke
+
+GFN0 = 0xFE000          # BAR2 at 0xfe000000
+OLD = [0x120000 + i for i in range(4)]
+NEW = [0x130000 + i for i in range(4)]
+NPT = 0x0000_0000_0000_0867   # low flag bits of a present, writable NPT leaf
+
+
+def spte(pfn):
+    return (pfn << 12) | NPT
+
+
+def tdp(t, gfn, old, new, level=1):
+    return (f" qemu-system-x86-812     [001] .....  {t:.6f}: kvm_tdp_mmu_spte_changed: "
+            f"as id 0 gfn {gfn:x} level {level} old_spte {old:x} new_spte {new:x}")
+
+
+def fault(t, gpa):
+    return (f" qemu-system-x86-812     [000] .....  {t:.6f}: kvm_page_fault: vcpu 0 rip 0xffffffff8100 "
+            f"address 0x{gpa:016x} error_code 0x4")
+
+
+def test_migrate_zaps_old_and_maps_new():
+    lines = ["# tracer: nop", "#"]
+    lines += [tdp(1.0 + i / 100, GFN0 + i, spte(OLD[i]), 0x5A0) for i in range(4)]    # zap (frozen)
+    lines += [tdp(1.1 + i / 100, GFN0 + i, 0x5A0, 0) for i in range(4)]
+    lines += [fault(2.0 + i / 100, (GFN0 + i) << 12) for i in range(4)]
+    lines += [tdp(2.0 + i / 100, GFN0 + i, 0, spte(NEW[i])) for i in range(4)]      # refault
+    ev = ke.summarize(ke.parse(lines), GFN0, 4, OLD, NEW)
+    assert ev["mmu_events"] == "tdp" and ev["page_faults"] == 4
+    assert ev["zapped_pages"] == 4 and ev["zapped_sptes_by_level"] == {"4K": 4}
+    assert ev["mapped_new_pages"] == 4 and ev["mapped_old_pages"] == 0
+    assert ev["kept_old_pages"] == 0
+    assert "KVM zapped 4 of 4 pages' sptes (4 4K)" in ev["summary"]
+
+
+def test_no_zap_keeps_old_sptes():
+    ev = ke.summarize(ke.parse([]), GFN0, 4, OLD, NEW)
+    assert ev["mmu_events"] is None and ev["summary"] == "no KVM MMU event for the buffer's frames"
+    # with the TDP MMU on and traced, silence means KVM left every old spte in place
+    ev = ke.summarize(ke.parse([]), GFN0, 4, OLD, NEW, tdp_mmu=True)
+    assert ev["kept_old_pages"] == 4 and "KVM kept 4 sptes to old pfns" in ev["summary"]
+    lines = [tdp(1.0, GFN0 + 3, spte(OLD[3]), 0)]
+    ev = ke.summarize(ke.parse(lines), GFN0, 4, OLD, NEW, tdp_mmu=True)
+    assert ev["kept_old_pages"] == 3 and ev["zapped_pages"] == 1
+
+
+def test_refault_onto_a_retired_pfn_is_named():
+    lines = [tdp(1.0, GFN0, spte(OLD[0]), 0), tdp(2.0, GFN0, 0, spte(OLD[0]))]
+    ev = ke.summarize(ke.parse(lines), GFN0, 4, OLD, NEW)
+    assert ev["mapped_old_pages"] == 1 and "RETIRED pfns" in ev["summary"]
+
+
+def test_zap_only_same_pfns():
+    lines = [tdp(1.0 + i, GFN0 + i, spte(OLD[i]), 0) for i in range(4)]
+    lines += [tdp(2.0 + i, GFN0 + i, 0, spte(OLD[i])) for i in range(4)]
+    ev = ke.summarize(ke.parse(lines), GFN0, 4, OLD, list(OLD))
+    assert ev["zapped_pages"] == 4 and ev["mapped_new_pages"] == 4 and ev["mapped_old_pages"] == 0
+    assert "to their pfns" in ev["summary"]
+
+
+def test_a_2m_spte_covers_512_frames():
+    old = [0x200000 + i for i in range(512)]
+    new = [0x400000 + i for i in range(512)]
+    lines = [tdp(1.0, GFN0, spte(old[0]) | 0x80, 0, level=2), tdp(2.0, GFN0, 0, spte(new[0]) | 0x80, level=2)]
+    ev = ke.summarize(ke.parse(lines), GFN0, 512, old, new)
+    assert ev["zapped_pages"] == 512 and ev["zapped_sptes_by_level"] == {"2M": 1}
+    assert ev["mapped_new_pages"] == 512 and ev["mapped_sptes_by_level"] == {"2M": 1}
+
+
+def test_shadow_mmu_and_emulation_and_unknown_pfns():
+    lines = [f" qemu-812 [000] ..... 3.000000: kvm_mmu_set_spte: gfn {GFN0:x} spte {spte(NEW[0]):x} "
+             f"(rw-u) level 1 at 12345",
+             " qemu-812 [000] ..... 3.100000: kvm_emulate_insn: 0:ffffffff81000000:89 07 (prot64)",
+             " qemu-812 [000] ..... 3.200000: kvm_emulate_insn: 0:ffffffff81000000:c5 fd 7f 07 (prot64) failed",
+             "garbage line"]
+    ev = ke.summarize(ke.parse(lines), GFN0, 4, OLD, NEW)
+    assert ev["mmu_events"] == "shadow" and ev["mapped_new_pages"] == 1
+    assert "anywhere in the VM" in ev["summary"]
+    assert ev["emulated_insns"] == 2 and ev["emulation_failed"] == 1
+    assert "kept" not in ev["summary"]       # the shadow MMU's zaps are not traced per spte
+    ev = ke.summarize(ke.parse(lines), GFN0, 4, None, None, overrun=7)
+    assert "does not list its pfns" in ev["summary"] and ev["overrun"] == 7
