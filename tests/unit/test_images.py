@@ -22,7 +22,7 @@ def test_key_covers_input_files_and_apt_pins(tmp_path, monkeypatch):
     assert k1 != k2
     (tmp_path / "in" / "x.o").write_text("build output is not an input")
     assert r.key() == k2
-    monkeypatch.setattr(images, "_pin_hook", lambda rec: ["--setup-hook=other pin"])
+    monkeypatch.setattr(images, "_apt_pins", lambda rec: ["--setup-hook=other pin"])
     assert r.key() != k2
 
 
@@ -40,7 +40,21 @@ def test_a_lab_with_another_suites_qemu_is_its_own_image_and_holds_the_kernel():
     bpo = images.recipe("lab", "trixie", "trixie-backports")
     assert plain.key() != bpo.key() and "-qemu-trixie-backports-" in images.image_dir(bpo).name
     assert any("trixie-backports" in s for s in images._sources(bpo))
-    hook = " ".join(images._pin_hook(bpo))
+    hook = " ".join(images._apt_pins(bpo))
     assert "n=trixie-backports" in hook and "src:linux" in hook and "1001" in hook
     # the kernel's own suite already brings that QEMU: the same image as without --qemu
     assert images.recipe("lab", "trixie-backports", "trixie-backports") == images.recipe("lab", "trixie-backports")
+
+
+def test_per_suite_apt_options_and_packages():
+    """forky's InRelease is served past its Valid-Until (measured): only forky's apt
+    ignores it; bookworm's and bullseye's QEMU have no separate OpenGL module package."""
+    forky = images.recipe("lab", "forky")
+    assert any("Check-Valid-Until" in a for a in images._apt_args(forky))
+    for k in ("trixie", "trixie-backports", "bookworm", "bullseye"):
+        assert not any("Check-Valid-Until" in a for a in images._apt_args(images.recipe("lab", k)))
+    assert "qemu-system-modules-opengl" not in images.recipe("lab", "bookworm").packages
+    assert "qemu-system-modules-opengl" not in images.recipe("lab", "bullseye").packages
+    assert "qemu-system-modules-opengl" in images.recipe("lab", "trixie").packages
+    # bookworm's kernel with bookworm-backports' QEMU (10.0) gets the module again
+    assert "qemu-system-modules-opengl" in images.recipe("lab", "bookworm", "bookworm-backports").packages
