@@ -16,7 +16,8 @@ VMM_FAULT or STALE). Resolve them for the lab kernel that booted with
 
 Also refused (exporter.size, ...): a buffer larger than the vmlab exporter's default
 max_buffer_mb (256 MiB), than the guest's RAM or than half the lab's RAM (rechecked by
-``resolve`` with the command line's memory); caching/alloc for udmabuf and dmaheap;
+``resolve`` with the command line's memory); caching/alloc/fault for udmabuf and dmaheap;
+store without guest_write;
 gpu_roundtrip without a guest GPU; UNSUPPORTED for a vmlab move (every mode exists);
 NOT_ZAPPED outside ZAP_ONLY; LOST_WRITE without guest_write; inject: kill-vmm expecting
 anything but VMM_FAULT, and, after a VMM that must be dead (kill-vmm, or a baseline or move
@@ -514,7 +515,7 @@ def _semantic_errors(raw: dict) -> list:
                                       "guest.memory_mb" if guest_ok else "default"):
                 errs.append((["exporter", "size"], m))
     if kind in ("udmabuf", "dmaheap"):
-        for k in ("caching", "alloc"):
+        for k in ("caching", "alloc", "fault"):
             if k in exporter:
                 errs.append((["exporter", k], f"only exporter.kind vmlab takes {k}; {kind} "
                              f"chooses its own pages and caching"))
@@ -539,6 +540,8 @@ def _semantic_errors(raw: dict) -> list:
             errs.append((["moves", i, "mode"], f"{mode} needs exporter.kind vmlab"))
         if m.get("caching", "KEEP") != "KEEP" and (kind != "vmlab" or mode == "ZAP_ONLY"):
             errs.append((["moves", i, "caching"], "a caching change needs a vmlab MIGRATE move"))
+        if "store" in m and m.get("guest_write") is not True:
+            errs.append((["moves", i, "store"], "how the guest stores needs guest_write: true"))
         if "expect" in m:
             p = ["moves", i, "expect"]
             _constraints(m["expect"], p, errs)
@@ -728,6 +731,7 @@ class Experiment:
                             "guest_write": m.get("guest_write", False),
                             "concurrent": m.get("concurrent", False),
                             "interval_ms": m.get("interval_ms", 0), "inject": m.get("inject"),
+                            "store": m.get("store", "plain"),
                             "expect": list(expect), "expect_key": key})
         return out
 

@@ -19,7 +19,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
 from . import hwtrace, kvm_evidence, oracle, proc
-from .errors import NotApplicable, RemoteError, UserError, WaitTimeout
+from .errors import CouldNotTest, NotApplicable, RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
 from .guest_agent import GuestAgent
@@ -261,7 +261,8 @@ class Run:
             self.check_applicable(self.result["lab"]["agent"], release)
             create = {"kind": exp_cfg["kind"], "size": size}
             if exp_cfg["kind"] == "vmlab":
-                create.update(caching=exp_cfg.get("caching", "WB"), alloc=exp_cfg.get("alloc", "ORDER0"))
+                create.update(caching=exp_cfg.get("caching", "WB"), alloc=exp_cfg.get("alloc", "ORDER0"),
+                              fault=exp_cfg.get("fault", "read-write"))
             self.buf = self.agent.request("create", **create)
             self.progress(f"{exp_cfg['kind']} buffer {self.buf['id']:#x} ({size} bytes) created; "
                           f"exported over ivshmem")
@@ -272,6 +273,7 @@ class Run:
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
             self.health_start["guest"] = kernel_state(guest)
+            self.check_guest_can_store()
             self.result["caching_chain"] = self.caching_chain()
             self.start_kvm_trace()
             self.save()
@@ -315,6 +317,18 @@ class Run:
         if kind == "dmaheap" and "system" not in (hello.get("dma_heaps") or []):
             raise NotApplicable(f"lab kernel {release} has no system dma-heap "
                                 f"(/dev/dma_heap/system, CONFIG_DMABUF_HEAPS_SYSTEM)")
+
+    def check_guest_can_store(self) -> None:
+        """An AVX store needs AVX in the guest: where the guest kernel turned XSAVE off
+        (the nested TCG lab's XSAVE sizes do not add up), the experiment does not apply."""
+        if not any(mv["store"] == "avx" for mv in self.moves_plan):
+            return
+        rc, out, _ = self.stack.guest.run(
+            "grep -qw avx /proc/cpuinfo && echo yes; dmesg | grep -m1 -i 'xsave consistency'",
+            timeout=30, check=False)
+        if not out.startswith("yes"):
+            why = out.strip().split("] ", 1)[-1] or "no avx flag in /proc/cpuinfo"
+            raise NotApplicable(f"the guest has no AVX, so no AVX store can be tried ({why})")
 
     def check_health(self) -> None:
         """WARN/BUG/Oops or a new taint flag in either kernel fails the run unless the
@@ -501,10 +515,20 @@ class Run:
                 if self.hw is not None:   # from here on every access counts for this move
                     self.hw.epoch(mv["n"])
                     self.hw_moved_at = None
+                # KVM's evidence covers the guest's write too (a write to a read-only
+                # PTE is where KVM emulates)
+                ev_pfns = self.kvm_evidence_begin()
                 if mv["guest_write"]:
                     tag = TAG_BASE | mv["n"]
-                    w = self.guest_agent(f"write --tag {tag} --caching {self.mapping}")
-                    rec["guest_write"] = {"tag": hex(tag), "readback_ok": w.get("readback_ok")}
+                    w = self.guest_agent(f"write --tag {tag} --caching {self.mapping} --store {mv['store']}")
+                    rec["guest_write"] = {"tag": hex(tag), "store": w.get("store", mv["store"]),
+                                          "readback_ok": w.get("readback_ok")}
+                    if "guest_fault" in w:
+                        # e.g. SIGILL: KVM could not emulate the store and injected #UD
+                        rec.update(verdict="GUEST_FAULT", pages={},
+                                   detail=f"the guest's {mv['store']} store faulted: {w['guest_fault']}")
+                        self.kvm_evidence_end(rec, ev_pfns)
+                        continue
                 if mv["concurrent"] and self.watch is None:
                     self.watch = Watch(self.stack.guest, self.mapping)
                 if mv["inject"] == "kill-vmm":
@@ -512,7 +536,6 @@ class Run:
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
                 before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
-                ev_pfns = self.kvm_evidence_begin()
                 t_sent = time.monotonic()
                 try:
                     if mv["inject"] == "skip-zap":
@@ -611,7 +634,8 @@ class Run:
             interrupted = isinstance(self.aborted, KeyboardInterrupt) or \
                 type(self.aborted).__name__ == "Terminated"
             self.result["status"] = ("interrupted" if interrupted else "not_applicable"
-                                     if isinstance(self.aborted, NotApplicable) else "error")
+                                     if isinstance(self.aborted, NotApplicable) else "could_not_test"
+                                     if isinstance(self.aborted, CouldNotTest) else "error")
             self.result["error"] = f"{type(self.aborted).__name__}: {self.aborted}"
             if isinstance(self.aborted, NotApplicable):
                 self.result["not_applicable"] = self.aborted.reason

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import struct
 
-ABI_VERSION = 3
+ABI_VERSION = 4
 IOC_MAGIC = 0xBB  # free in Documentation/userspace-api/ioctl/ioctl-number.rst (see the header)
 
 CACHING = {"WB": 0, "WC": 1, "UC": 2}
@@ -16,7 +16,8 @@ ALLOC = {"ORDER0": 0, "COMPOUND": 1, "NONCOMPOUND": 2}
 MOVE = {"MIGRATE": 1, "MIGRATE_NO_ZAP": 2, "ZAP_ONLY": 3, "MIGRATE_SILENT": 4}
 MEMTYPE = {0: "WB", 1: "WC", 2: "UC-", 3: "UC", 4: "WT", 5: "WP", 0xFFFFFFFF: "unknown"}
 CREATE_CLOEXEC = 0x1
-CREATE_FLAGS_ALL = CREATE_CLOEXEC
+CREATE_RO_FAULT = 0x2
+CREATE_FLAGS_ALL = CREATE_CLOEXEC | CREATE_RO_FAULT
 RELEASE_FORCE = 0x1
 RELEASE_FLAGS_ALL = RELEASE_FORCE
 
@@ -31,7 +32,7 @@ CREATE, CREATE_FIELDS = _layout(("size", "Q"), ("caching", "I"), ("alloc", "I"),
                                 ("fd", "i"), ("id", "Q"))
 INFO_OUT_U64 = ("size", "generation", "faults", "zaps", "moves", "mmaps", "live_mappings",
                 "quarantined_pages", "stale_mapped", "module_pages", "refaulted_pages",
-                "module_quarantined_pages", "leaked_pages")
+                "module_quarantined_pages", "leaked_pages", "mkwrites", "create_flags")
 INFO, INFO_FIELDS = _layout(("fd", "i"), ("flags", "I"), ("pfns_ptr", "Q"), ("pfns_count", "Q"),
                             ("id", "Q"), ("caching", "I"), ("vm_prot", "I"), ("alloc", "I"),
                             ("pad", "I"), *((n, "Q") for n in INFO_OUT_U64))
@@ -98,7 +99,8 @@ def dump_names() -> dict[str, int]:
          "VMLAB_IOC_ABI": IOC_ABI, "VMLAB_IOC_CREATE": IOC_CREATE, "VMLAB_IOC_INFO": IOC_INFO,
          "VMLAB_IOC_MOVE": IOC_MOVE, "VMLAB_IOC_RELEASE_QUARANTINE": IOC_RELEASE_QUARANTINE,
          "VMLAB_IOC_PTE": IOC_PTE, "VMLAB_CACHING_KEEP": CACHING_KEEP,
-         "VMLAB_CREATE_CLOEXEC": CREATE_CLOEXEC, "VMLAB_CREATE_FLAGS_ALL": CREATE_FLAGS_ALL,
+         "VMLAB_CREATE_CLOEXEC": CREATE_CLOEXEC, "VMLAB_CREATE_RO_FAULT": CREATE_RO_FAULT,
+         "VMLAB_CREATE_FLAGS_ALL": CREATE_FLAGS_ALL,
          "VMLAB_RELEASE_FORCE": RELEASE_FORCE, "VMLAB_RELEASE_FLAGS_ALL": RELEASE_FLAGS_ALL}
     for cname, (st, names) in STRUCTS.items():
         d[f"sizeof_{cname}"] = st.size

@@ -156,14 +156,18 @@ class Guest:
                 f"if grep -q {READY} {con}; then echo READY; "
                 f"elif grep -q 'Kernel panic' {con}; then echo PANIC; grep -m1 'Kernel panic' {con}; "
                 f"elif ! kill -0 {self.pid} 2>/dev/null; then echo DEAD; tail -n 3 {self.dir}/qemu.log; "
+                f"elif grep -q 'KVM internal error' {self.dir}/qemu.log; then echo STOPPED; "
+                f"grep -m1 -A1 'KVM internal error' {self.dir}/qemu.log | tr '\n' ' '; echo; "
                 f"else echo WAIT; fi", timeout=30, check=False)
             state = out.split("\n", 1)[0].strip()
             if state == "READY":
                 return
-            if state in ("PANIC", "DEAD") or time.monotonic() >= deadline:
+            # a vCPU stopped by KVM (QEMU keeps running, paused) never gets ready: say so now
+            if state in ("PANIC", "DEAD", "STOPPED") or time.monotonic() >= deadline:
                 detail = out.split("\n", 1)[1].strip() if "\n" in out else ""
                 self.fetch_logs()
-                cause = {"PANIC": "guest kernel panic", "DEAD": "guest QEMU exited"}.get(
+                cause = {"PANIC": "guest kernel panic", "DEAD": "guest QEMU exited",
+                         "STOPPED": "KVM stopped the guest during boot"}.get(
                     state, f"not ready within {self.opts.boot_timeout:.0f}s")
                 raise BootFailure(self.opts.name, f"{cause}: {detail.splitlines()[-1] if detail else ''}",
                                   str(self.workdir / f"{self.opts.name}-console.log"))

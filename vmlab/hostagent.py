@@ -107,11 +107,12 @@ class VmlabBuffer(Buffer):
     kind = "vmlab"
     movable = True
 
-    def __init__(self, ctl, size, caching, alloc):
+    def __init__(self, ctl, size, caching, alloc, ro_fault=False):
         super().__init__(size)
         self.ctl = ctl
+        flags = U.CREATE_CLOEXEC | (U.CREATE_RO_FAULT if ro_fault else 0)
         req = U.pack(U.CREATE, U.CREATE_FIELDS, size=size, caching=U.CACHING[caching],
-                     alloc=U.ALLOC[alloc], flags=U.CREATE_CLOEXEC, fd=-1)
+                     alloc=U.ALLOC[alloc], flags=flags, fd=-1)
         _ioctl(ctl, U.IOC_CREATE, req)
         out = U.unpack(U.CREATE, U.CREATE_FIELDS, req)
         self.fd, self.id = out["fd"], out["id"]
@@ -800,7 +801,8 @@ class Agent:
     def op_create(self, req):
         kind, size = req.get("kind", "vmlab"), int(req["size"])
         if kind == "vmlab":
-            b = VmlabBuffer(self.control(), size, req.get("caching", "WB"), req.get("alloc", "ORDER0"))
+            b = VmlabBuffer(self.control(), size, req.get("caching", "WB"), req.get("alloc", "ORDER0"),
+                            ro_fault=req.get("fault") == "read-only-then-mkwrite")
         elif kind == "udmabuf":
             b = UdmabufBuffer(size)
         elif kind == "dmaheap":

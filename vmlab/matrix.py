@@ -69,6 +69,8 @@ def cell_record(exp: cfgmod.Experiment, kernel: str, res: dict, cell_dir: Path,
     if res.get("not_applicable"):
         rec.update(match=None, reason=res["not_applicable"])
     elif res.get("status") != "finished":
+        # could_not_test (the guest did not come up): match false, and exit 125 unless
+        # another cell missed; an error of vmlab's own: match false
         rec.update(match=False, reason=res.get("error") or f"status {res.get('status')}")
     else:
         rec["match"] = bool(res.get("passed"))
@@ -162,18 +164,35 @@ class Matrix:
                         continue
                 t0 = time.monotonic()
                 self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: running")
-                r = Run(exp, o, cell_dir, self.progress, shared_lab=stack.lab)
-                r.save()
-                try:
-                    r.run()
-                except CouldNotTest:
-                    pass     # NotApplicable and friends: the run's results say which
-                except VmlabError as e:
-                    log.warning("cell %s[%s]: %s", exp.name, kernel, e)
+                r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
+                if r.result.get("status") == "could_not_test" and _answers(stack.lab):
+                    # a guest that did not come up (TCG's nested SVM flakes): once more,
+                    # the first attempt kept beside it
+                    first_error = r.result.get("error")
+                    kept = cell_dir.with_name(f"{exp.name}.attempt1")
+                    cell_dir.rename(kept)
+                    self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: could not test "
+                                  f"({first_error}); running it once more")
+                    cell_dir.mkdir()
+                    write_reproducer(cell_dir, exp, [f"--kernel={kernel}"])
+                    r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
+                    r.result["retried_after"] = {"error": first_error, "results": str(kept)}
+                    r.save()
                 self._add(cell_record(exp, kernel, r.result, cell_dir, time.monotonic() - t0), n, total)
         finally:
             with proc.signals_deferred():
                 stack.down()
+
+    def _run_cell(self, Run, exp, o, cell_dir: Path, lab):
+        r = Run(exp, o, cell_dir, self.progress, shared_lab=lab)
+        r.save()
+        try:
+            r.run()
+        except CouldNotTest:
+            pass     # NotApplicable, a guest that did not boot: the run's results say which
+        except VmlabError as e:
+            log.warning("cell %s: %s", cell_dir, e)
+        return r
 
     def _add(self, cell: dict, n: int, total: int) -> None:
         self.cells.append(cell)

@@ -68,7 +68,7 @@ static void __attribute__((noreturn, format(printf, 1, 2))) usage(const char *fm
 	va_start(ap, fmt);
 	agent_vfail(2, "usage: ", " (commands: find map read write watch "
 		    "vectors pat version gpu; options: --path FILE --device BDF --caching wb|wc|uc "
-		    "--first I --count N --tag T --duration S --interval-us U --pages I,J; "
+		    "--first I --count N --tag T --store plain|avx --duration S --interval-us U --pages I,J; "
 		    "pat: --phys ADDR --pat-file FILE)", fmt, ap);
 }
 
@@ -109,13 +109,16 @@ static void install_fault_handler(void)
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGBUS, &sa, NULL);
 	sigaction(SIGSEGV, &sa, NULL);
+	/* a store the hypervisor could not emulate comes back as #UD */
+	sigaction(SIGILL, &sa, NULL);
 }
 
 /* Called after siglongjmp: report the fault as the command's JSON result. */
 static void __attribute__((noreturn)) report_fault(int with_time)
 {
 	g_fault_armed = 0;
-	printf("{\"error\": \"%s\", \"page\": %ld", g_fault_sig == SIGSEGV ? "SIGSEGV" : "SIGBUS",
+	printf("{\"error\": \"%s\", \"page\": %ld",
+	       g_fault_sig == SIGSEGV ? "SIGSEGV" : g_fault_sig == SIGILL ? "SIGILL" : "SIGBUS",
 	       (long)g_cur_page);
 	if (with_time)
 		printf(", \"t_ns\": %" PRIu64, now_ns());
@@ -153,6 +156,7 @@ struct opts {
 	double duration;
 	const char *pages;
 	const char *vector_file;
+	int store_avx;          /* write --store avx: one 32-byte VEX store per page */
 	int have_phys;          /* pat --phys ADDR: also show the matching line */
 	uint64_t phys;
 	const char *pat_file;   /* pat --pat-file FILE: parse FILE (tests) */
@@ -191,7 +195,7 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		}
 		{
 			static const char *const known[] = {
-				"--path", "--device", "--caching", "--first", "--count", "--tag",
+				"--path", "--device", "--caching", "--first", "--count", "--tag", "--store",
 				"--interval-us", "--duration", "--pages", "--phys", "--pat-file",
 			};
 			size_t k;
@@ -226,6 +230,11 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 		} else if (!strcmp(a, "--tag")) {
 			o->tag = parse_u64(a, v);
 			o->have_tag = 1;
+		} else if (!strcmp(a, "--store")) {
+			if (!strcmp(v, "avx"))
+				o->store_avx = 1;
+			else if (strcmp(v, "plain"))
+				usage("--store is plain or avx, not '%s'", v);
 		} else if (!strcmp(a, "--interval-us")) {
 			o->interval_us = parse_u64(a, v);
 			o->have_interval = 1;
@@ -778,7 +787,23 @@ static int cmd_read(const struct opts *o)
 struct write_ctx {
 	const struct mapping *m;
 	uint64_t first, count, tag, bad;
+	int avx;
 };
+
+/*
+ * The tag as the first 8 bytes of one VEX-encoded 32-byte store (vmovdqu ymm):
+ * an instruction a hypervisor must emulate differently from a plain mov when
+ * the store faults into it.  The other 24 bytes are written back unchanged.
+ */
+static void store_tag_avx(volatile uint8_t *dst, uint64_t tag)
+{
+	uint64_t v[4];
+
+	memcpy(v, (const void *)dst, sizeof(v));
+	v[0] = tag;
+	__asm__ volatile("vmovdqu (%1), %%ymm0\n\tvmovdqu %%ymm0, (%0)"
+			 : : "r"(dst), "r"(v) : "memory", "xmm0");
+}
 
 static void write_pages(void *arg)
 {
@@ -788,7 +813,10 @@ static void write_pages(void *arg)
 
 	for (i = c->first; i < c->first + c->count; i++) {
 		g_cur_page = (long)i;
-		*(volatile uint64_t *)(base + i * PAGE + VMLAB_STAMP_GUEST_OFF) = c->tag;
+		if (c->avx)
+			store_tag_avx(base + i * PAGE + VMLAB_STAMP_GUEST_OFF, c->tag);
+		else
+			*(volatile uint64_t *)(base + i * PAGE + VMLAB_STAMP_GUEST_OFF) = c->tag;
 	}
 	__sync_synchronize();
 	for (i = c->first; i < c->first + c->count; i++) {
@@ -807,6 +835,11 @@ static int cmd_write(const struct opts *o)
 
 	if (!o->have_tag)
 		usage("write needs --tag T");
+	if (o->store_avx) {
+		__builtin_cpu_init();
+		if (!__builtin_cpu_supports("avx"))
+			die("--store avx: this CPU (or its kernel) has no AVX");
+	}
 	map_buffer(o, &m);
 	page_range(o, &m, &first, &count);
 	install_fault_handler();
@@ -815,12 +848,13 @@ static int cmd_write(const struct opts *o)
 	c.count = count;
 	c.tag = o->tag;
 	c.bad = 0;
+	c.avx = o->store_avx;
 	run_guarded(write_pages, &c, 0);
 	bad = c.bad;
 	if (m.is_file && msync((void *)m.base, m.size, MS_SYNC))
 		die("msync %s: %s", m.what, strerror(errno));
-	printf("{\"written\": %" PRIu64 ", \"tag\": %" PRIu64 ", \"readback_ok\": %s", count,
-	       o->tag, bad ? "false" : "true");
+	printf("{\"written\": %" PRIu64 ", \"tag\": %" PRIu64 ", \"store\": \"%s\", \"readback_ok\": %s",
+	       count, o->tag, o->store_avx ? "avx" : "plain", bad ? "false" : "true");
 	if (bad)
 		printf(", \"readback_bad\": %" PRIu64, bad);
 	printf("}\n");

@@ -97,7 +97,7 @@ typedef struct dma_buf_map vmlab_map_t;
 
 /* The uapi promises fixed sizes without implicit padding. */
 static_assert(sizeof(struct vmlab_create) == 32);
-static_assert(sizeof(struct vmlab_info) == 152);
+static_assert(sizeof(struct vmlab_info) == 168);
 static_assert(sizeof(struct vmlab_move) == 24);
 static_assert(sizeof(struct vmlab_release_quarantine) == 32);
 static_assert(sizeof(struct vmlab_pte) == 48);
@@ -247,8 +247,10 @@ struct vmlab_buffer {
 	bool published;			/* its fd reached user space: close quarantines */
 	u64 zaps;
 	u64 moves;
+	u32 create_flags;		/* VMLAB_CREATE_*, fixed at create */
 	/* touched from vm_ops without the buffer lock */
 	atomic64_t faults;
+	atomic64_t mkwrites;
 	atomic64_t mmaps;
 	atomic64_t live_mappings;
 };
@@ -923,7 +925,15 @@ static vm_fault_t vmlab_vm_fault(struct vm_fault *vmf)
 		ret = VM_FAULT_SIGBUS;
 		goto out;
 	}
-	prot = vmlab_prot(vm_get_page_prot(vma->vm_flags), buf->caching);
+	/*
+	 * RO_FAULT: a read fault maps read-only whatever the VMA allows, so the
+	 * first write comes back through vmlab_pfn_mkwrite (as gem-shmem's does).
+	 */
+	if ((buf->create_flags & VMLAB_CREATE_RO_FAULT) && !(vmf->flags & FAULT_FLAG_WRITE))
+		prot = vm_get_page_prot(vma->vm_flags & ~VM_WRITE);
+	else
+		prot = vm_get_page_prot(vma->vm_flags);
+	prot = vmlab_prot(prot, buf->caching);
 	ret = vmf_insert_pfn_prot(vma, vmf->address,
 				  page_to_pfn(buf->cur->pages[vmf->pgoff]), prot);
 	if (!(ret & VM_FAULT_ERROR)) {
@@ -940,6 +950,29 @@ static const struct vm_operations_struct vmlab_vm_ops = {
 	.open = vmlab_vm_open,
 	.close = vmlab_vm_close,
 	.fault = vmlab_vm_fault,
+};
+
+/*
+ * A write to a read-only PTE of an RO_FAULT buffer.  Returning 0 lets the core
+ * (wp_pfn_shared -> finish_mkwrite_fault) make that PTE writable, under the
+ * PTE lock and only if it is still the PTE the write hit: a MOVE that zapped
+ * it meanwhile wins, and the write refaults onto the new pages.  No buffer
+ * lock needed, and none taken (a MOVE holds it across its copy).
+ */
+static vm_fault_t vmlab_pfn_mkwrite(struct vm_fault *vmf)
+{
+	struct vmlab_buffer *buf = vmf->vma->vm_private_data;
+
+	atomic64_inc(&buf->mkwrites);
+	return 0;
+}
+
+/* separate ops: with ->pfn_mkwrite the core write-protects vm_page_prot */
+static const struct vm_operations_struct vmlab_vm_ops_ro_fault = {
+	.open = vmlab_vm_open,
+	.close = vmlab_vm_close,
+	.fault = vmlab_vm_fault,
+	.pfn_mkwrite = vmlab_pfn_mkwrite,
 };
 
 /*
@@ -960,7 +993,7 @@ static int vmlab_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 
 	vmlab_vm_flags_set(vma, VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP);
 	vma->vm_page_prot = vmlab_prot(vma->vm_page_prot, READ_ONCE(buf->caching));
-	vma->vm_ops = &vmlab_vm_ops;
+	vma->vm_ops = (buf->create_flags & VMLAB_CREATE_RO_FAULT) ? &vmlab_vm_ops_ro_fault : &vmlab_vm_ops;
 	vma->vm_private_data = buf;
 	atomic64_inc(&buf->mmaps);
 	atomic64_inc(&buf->live_mappings);	/* ->open is not called for the first VMA */
@@ -1199,6 +1232,7 @@ static long vmlab_ioc_create(void __user *argp)
 	buf->alloc = arg.alloc;
 	buf->caching = arg.caching;
 	buf->generation = 1;
+	buf->create_flags = arg.flags;
 
 	buf->faulted = kvcalloc(BITS_TO_LONGS(buf->npages), sizeof(unsigned long),
 				GFP_KERNEL | __GFP_NOWARN | __GFP_RETRY_MAYFAIL);
@@ -1343,6 +1377,8 @@ static long vmlab_ioc_info(void __user *argp)
 	mutex_unlock(&buf->lock);
 	arg.quarantined_pages = vmlab_quarantine_pages_of(buf->id);
 	arg.faults = atomic64_read(&buf->faults);
+	arg.mkwrites = atomic64_read(&buf->mkwrites);
+	arg.create_flags = buf->create_flags;
 	arg.mmaps = atomic64_read(&buf->mmaps);
 	arg.live_mappings = atomic64_read(&buf->live_mappings);
 	arg.module_pages = atomic_long_read(&vmlab_module_pages);

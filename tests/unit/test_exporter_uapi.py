@@ -91,7 +91,7 @@ def test_ioc_encoding():
     assert (U.IOC_CREATE >> 8) & 0xFF == 0xBB
     assert (U.IOC_CREATE >> 16) & 0x3FFF == U.CREATE.size
     assert U.IOC_PTE & 0xFF == 5
-    assert U.ABI_VERSION == 3
+    assert U.ABI_VERSION == 4
 
 
 def test_magic_is_not_nsfs_or_remoteproc():
@@ -108,4 +108,4 @@ def test_pack_unpack_by_name():
         U.pack(U.MOVE_S, U.MOVE_FIELDS, id=1)
     r = U.pack(U.RELEASE, U.RELEASE_FIELDS, id=3, max_generation=2, flags=U.RELEASE_FORCE)
     assert U.unpack(U.RELEASE, U.RELEASE_FIELDS, r)["flags"] == 1
-    assert U.offsets(U.INFO, U.INFO_FIELDS)["leaked_pages"] == U.INFO.size - 8
+    assert U.offsets(U.INFO, U.INFO_FIELDS)["create_flags"] == U.INFO.size - 8

@@ -198,7 +198,7 @@ def test_write_tag_then_read(agent, tmp_path):
     f = make_buffer(tmp_path / "buf", [(9, 4, stamp.LIVE)] * 5)
     tag = 0xDEADBEEFCAFEF00D  # > 2**53
     res = run_json(agent, "write", "--path", f, "--tag", tag, "--first", 1, "--count", 3)
-    assert res == {"written": 3, "tag": tag, "readback_ok": True}
+    assert res == {"written": 3, "tag": tag, "store": "plain", "readback_ok": True}
     res = run_json(agent, "read", "--path", f)
     assert [r[6] for r in res["records"]] == [0, tag, tag, tag, 0]
     assert all(r[1] == "ok" for r in res["records"])  # guest area is outside the checksum
@@ -208,8 +208,18 @@ def test_write_tag_then_read(agent, tmp_path):
     assert all(p.valid for p in parsed)
     # hex tag and whole buffer
     res = run_json(agent, "write", "--path", f, "--tag", "0x2a")
-    assert res == {"written": 5, "tag": 42, "readback_ok": True}
+    assert res == {"written": 5, "tag": 42, "store": "plain", "readback_ok": True}
     assert [stamp.parse_page(f.read_bytes()[i * PAGE:]).tag for i in range(5)] == [42] * 5
+    # the same tag through one 32-byte VEX store per page; the 24 bytes after it unchanged
+    before = f.read_bytes()
+    res = run_json(agent, "write", "--path", f, "--tag", 7, "--store", "avx")
+    assert res == {"written": 5, "tag": 7, "store": "avx", "readback_ok": True}
+    after = f.read_bytes()
+    assert [stamp.parse_page(after[i * PAGE:]).tag for i in range(5)] == [7] * 5
+    off = stamp.GUEST_OFF
+    assert all(after[i * PAGE + off + 8:i * PAGE + off + 32] == before[i * PAGE + off + 8:i * PAGE + off + 32]
+               for i in range(5))
+    assert run(agent, "write", "--path", f, "--tag", 1, "--store", "sse", check_rc=2).returncode == 2
 
 
 # -- map --------------------------------------------------------------------------

@@ -51,6 +51,7 @@ int main(void)
 	P(VMLAB_MEMTYPE_UNKNOWN);
 
 	P(VMLAB_CREATE_CLOEXEC);
+	P(VMLAB_CREATE_RO_FAULT);
 	P(VMLAB_CREATE_FLAGS_ALL);
 	P(VMLAB_RELEASE_FORCE);
 	P(VMLAB_RELEASE_FLAGS_ALL);
@@ -86,6 +87,8 @@ int main(void)
 	O(vmlab_info, refaulted_pages);
 	O(vmlab_info, module_quarantined_pages);
 	O(vmlab_info, leaked_pages);
+	O(vmlab_info, mkwrites);
+	O(vmlab_info, create_flags);
 
 	S(vmlab_move);
 	O(vmlab_move, fd);

@@ -34,7 +34,7 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define VMLAB_EXPORTER_ABI_VERSION 3  /* 3: MIGRATE_SILENT */
+#define VMLAB_EXPORTER_ABI_VERSION 4  /* 3: MIGRATE_SILENT; 4: CREATE_RO_FAULT, info.mkwrites */
 
 /* caching */
 #define VMLAB_CACHING_WB   0
@@ -74,7 +74,13 @@
 
 /* create flags */
 #define VMLAB_CREATE_CLOEXEC 0x1u  /* dma-buf fd gets O_CLOEXEC */
-#define VMLAB_CREATE_FLAGS_ALL (VMLAB_CREATE_CLOEXEC)
+/*
+ * A read fault inserts a read-only PTE; the first write to it goes through
+ * vm_ops->pfn_mkwrite, which makes it writable (counted in info.mkwrites).
+ * What gem-shmem does since 7.1 (28e3918179aa), to track dirty folios.
+ */
+#define VMLAB_CREATE_RO_FAULT 0x2u
+#define VMLAB_CREATE_FLAGS_ALL (VMLAB_CREATE_CLOEXEC | VMLAB_CREATE_RO_FAULT)
 
 /* release flags */
 #define VMLAB_RELEASE_FORCE 0x1u   /* zap the live buffer's mappings first instead of -EBUSY */
@@ -118,6 +124,8 @@ struct vmlab_info {
 	__u64 refaulted_pages;   /* out: distinct pages faulted in since the last zap */
 	__u64 module_quarantined_pages; /* out: retired pages of every buffer, open or closed */
 	__u64 leaked_pages;      /* out: pages never freed because WB could not be restored */
+	__u64 mkwrites;          /* out: read-only PTEs made writable (CREATE_RO_FAULT) */
+	__u64 create_flags;      /* out: VMLAB_CREATE_* the buffer was created with */
 };
 
 /*
