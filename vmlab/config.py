@@ -514,7 +514,7 @@ def _semantic_errors(raw: dict) -> list:
                                       guest_mb if guest_ok else DEFAULTS["guest_memory_mb"],
                                       "guest.memory_mb" if guest_ok else "default"):
                 errs.append((["exporter", "size"], m))
-    if kind in ("udmabuf", "dmaheap"):
+    if kind in ("udmabuf", "dmaheap", "vgem"):
         for k in ("caching", "alloc", "fault"):
             if k in exporter:
                 errs.append((["exporter", k], f"only exporter.kind vmlab takes {k}; {kind} "
@@ -536,9 +536,9 @@ def _semantic_errors(raw: dict) -> list:
         if not isinstance(m, dict):
             continue
         mode = m.get("mode")
-        if kind in ("udmabuf", "dmaheap") and mode in ("MIGRATE_NO_ZAP", "ZAP_ONLY"):
+        if kind in ("udmabuf", "dmaheap", "vgem") and mode in ("MIGRATE_NO_ZAP", "ZAP_ONLY"):
             errs.append((["moves", i, "mode"], f"{mode} needs exporter.kind vmlab"))
-        if m.get("caching", "KEEP") != "KEEP" and (kind != "vmlab" or mode == "ZAP_ONLY"):
+        if m.get("caching", "KEEP") != "KEEP" and (kind != "vmlab" or mode in ("ZAP_ONLY", "NONE")):
             errs.append((["moves", i, "caching"], "a caching change needs a vmlab MIGRATE move"))
         if "store" in m and m.get("guest_write") is not True:
             errs.append((["moves", i, "store"], "how the guest stores needs guest_write: true"))

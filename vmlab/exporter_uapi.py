@@ -91,6 +91,13 @@ UDMABUF_CREATE = (1 << 30) | (24 << 16) | (ord("u") << 8) | 0x42    # _IOW('u', 
 UDMABUF_CREATE_S = struct.Struct("<IIQQ")                           # memfd flags offset size
 DMA_HEAP_IOCTL_ALLOC = (3 << 30) | (24 << 16) | (ord("H") << 8) | 0x0
 DMA_HEAP_ALLOC_S = struct.Struct("<QIIQ")                           # len fd fd_flags heap_flags
+# DRM (include/uapi/drm/drm.h, drm_mode.h): a dumb buffer, exported with PRIME
+DRM_MODE_CREATE_DUMB_S = struct.Struct("<IIIIIIQ")   # height width bpp flags handle pitch size
+DRM_IOCTL_MODE_CREATE_DUMB = (3 << 30) | (32 << 16) | (ord("d") << 8) | 0xB2
+DRM_PRIME_HANDLE_S = struct.Struct("<IIi")           # handle flags fd
+DRM_IOCTL_PRIME_HANDLE_TO_FD = (3 << 30) | (12 << 16) | (ord("d") << 8) | 0x2D
+DRM_GEM_CLOSE_S = struct.Struct("<II")               # handle pad
+DRM_IOCTL_GEM_CLOSE = (1 << 30) | (8 << 16) | (ord("d") << 8) | 0x09
 
 
 def dump_names() -> dict[str, int]:

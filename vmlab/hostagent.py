@@ -224,6 +224,52 @@ class DmaHeapBuffer(Buffer):
                 m[i * PAGE:i * PAGE + stamp.GUEST_OFF] = stamp.stamp_page(self.id, 1, i)[:stamp.GUEST_OFF]
 
 
+def vgem_card():
+    """/dev/dri/cardN of the vgem driver (GEM objects on shmem, no hardware), or None."""
+    base = "/sys/class/drm"
+    for name in sorted(os.listdir(base)) if os.path.isdir(base) else []:
+        if not name.startswith("card") or "-" in name:
+            continue
+        # vgem's device is a bare platform (or faux) device named vgem, bound to no driver
+        if os.path.basename(os.path.realpath(f"{base}/{name}/device")) == "vgem":
+            return f"/dev/dri/{name}"
+    return None
+
+
+class VgemBuffer(Buffer):
+    """A vgem dumb buffer (drm_gem_shmem: shmem pages, mapped VM_PFNMAP by the GEM
+    fault handler; read-only first and pfn_mkwrite on write since 7.1), exported with
+    PRIME: a real DRM exporter's dma-buf. It cannot move."""
+    kind = "vgem"
+
+    def __init__(self, size):
+        super().__init__(size)
+        self.id = 0x5647454D  # "VGEM"
+        card = vgem_card()
+        if card is None:
+            raise AgentError("no vgem DRM device (modprobe vgem)", errno.ENODEV)
+        dev = os.open(card, os.O_RDWR | os.O_CLOEXEC)
+        try:
+            # 32 bpp x 1024 pixels = one 4 KiB row per page: the object is exactly size bytes
+            req = bytearray(U.DRM_MODE_CREATE_DUMB_S.pack(size // PAGE, 1024, 32, 0, 0, 0, 0))
+            _ioctl(dev, U.DRM_IOCTL_MODE_CREATE_DUMB, req)
+            handle, _pitch, got = U.DRM_MODE_CREATE_DUMB_S.unpack(req)[4:]
+            try:
+                if got != size:
+                    raise AgentError(f"vgem made a {got}-byte object for {size} bytes", errno.EINVAL)
+                p = bytearray(U.DRM_PRIME_HANDLE_S.pack(handle, os.O_CLOEXEC | os.O_RDWR, -1))
+                _ioctl(dev, U.DRM_IOCTL_PRIME_HANDLE_TO_FD, p)
+                self.fd = U.DRM_PRIME_HANDLE_S.unpack(p)[2]
+            finally:
+                # the dma-buf holds the object now; the handle is not needed
+                _ioctl(dev, U.DRM_IOCTL_GEM_CLOSE, bytearray(U.DRM_GEM_CLOSE_S.pack(handle, 0)))
+        finally:
+            os.close(dev)
+        with mmap.mmap(self.fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            for i in range(size // PAGE):
+                m[i * PAGE:i * PAGE + stamp.GUEST_OFF] = stamp.stamp_page(self.id, 1, i)[:stamp.GUEST_OFF]
+
+
 class IvshmemServer:
     """The ivshmem-doorbell server side for one buffer: each client (a guest QEMU) gets,
     as little-endian int64 messages, protocol version 0, its peer id, then -1 carrying
@@ -787,7 +833,8 @@ class Agent:
     def op_hello(self, req):
         return {"pid": os.getpid(), "kernel": os.uname().release,
                 "exporter": os.path.exists(EXPORTER_DEV), "udmabuf": os.path.exists("/dev/udmabuf"),
-                "dma_heaps": sorted(os.listdir("/dev/dma_heap")) if os.path.isdir("/dev/dma_heap") else []}
+                "dma_heaps": sorted(os.listdir("/dev/dma_heap")) if os.path.isdir("/dev/dma_heap") else [],
+                "vgem": vgem_card()}
 
     def op_abi(self, req):
         b = bytearray(U.ABI.size)
@@ -807,6 +854,8 @@ class Agent:
             b = UdmabufBuffer(size)
         elif kind == "dmaheap":
             b = DmaHeapBuffer(size, req.get("heap", "system"))
+        elif kind == "vgem":
+            b = VgemBuffer(size)
         else:
             raise AgentError(f"unknown exporter kind {kind!r}", errno.EINVAL)
         h = self.next

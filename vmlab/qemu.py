@@ -48,6 +48,9 @@ class VMSpec:
     daemonize: bool = False
     display: str = "none"
     memfd_ram: bool = False            # guest RAM from memory-backend-memfd (virtio-gpu blobs need it)
+    # virtio-net as a legacy (port I/O) device: its notifications then never need KVM's
+    # instruction emulator (see Guest.spec)
+    virtio_pio: bool = False
     env: dict = field(default_factory=dict)  # environment for QEMU (in the shell command line)
     extra: list[str] = field(default_factory=list)
 
@@ -71,7 +74,8 @@ class VMSpec:
         if self.ssh_forward is not None:
             a += ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_forward}-:22",
                   # romfile= : no iPXE ROM needed for -kernel boots (and ipxe-qemu is optional)
-                  "-device", "virtio-net-pci,netdev=n0,romfile="]
+                  "-device", "virtio-net-pci,netdev=n0,romfile="
+                  + (",disable-modern=on,disable-legacy=off" if self.virtio_pio else "")]
         if self.share:
             a += ["-virtfs", f"local,path={self.share},mount_tag=vmlabshare,"
                              "security_model=none,readonly=on"]
