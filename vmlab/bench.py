@@ -303,7 +303,31 @@ def bench_soak(args, progress, repeat: int) -> dict:
             "wall_seconds_per_run": _stats(walls), "results": str(base)}
 
 
-KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile")
+KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile", "matrix")
+
+
+def bench_matrix(args, progress, entries=("calibration", "dmaheap-order0", "pfnmap-compound")) -> dict:
+    """The matrix's cost per cell: one lab boot per kernel, then a guest boot and the
+    experiment per cell (--kernel picks the lab kernel; default trixie)."""
+    import argparse
+    from . import catalog
+    from . import matrix as mx
+    kernel = getattr(args, "kernel", None) or "trixie"
+    ns = argparse.Namespace(**{**vars(args), "kernels": kernel, "only": ",".join(entries)})
+    planned = mx.plan(catalog.load(only=list(entries)), [kernel], ns)
+    out = _workdir("matrix")
+    m = mx.Matrix(planned, out, progress)
+    t = time.monotonic()
+    m.run()
+    wall = time.monotonic() - t
+    cells = m.result["cells"]
+    secs = [c["seconds"] for c in cells]
+    return {"kernel": kernel, "cells": len(cells), "wall_seconds": round(wall, 1),
+            "lab_and_build_seconds": round(wall - sum(secs), 1),
+            "seconds_per_cell": _stats(secs),
+            "per_cell": {c["entry"]: {"seconds": c["seconds"], "match": c["match"],
+                                      "verdicts": c["verdicts"]} for c in cells},
+            "results": str(out)}
 
 
 def run(args, progress) -> dict:
@@ -326,6 +350,8 @@ def run(args, progress) -> dict:
         res["profile"] = bench_profile(args, progress, max(1, args.repeat))
     if "hwtrace" in what:
         res["hwtrace"] = bench_hwtrace(args, progress, max(1, args.repeat))
+    if "matrix" in what:
+        res["matrix"] = bench_matrix(args, progress)
     if "fuzz" in what:
         from .fuzz import bench_fuzz
         res["fuzz"] = bench_fuzz(args, progress, _workdir("fuzz"))

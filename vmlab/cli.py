@@ -391,7 +391,8 @@ def parser() -> argparse.ArgumentParser:
     be.add_argument("--what", default="boot,build",
                     help="comma list of: boot, build, move, soak, fuzz, hwtrace (the hardware "
                          "oracle's TCG cost, without and with the plugin), profile (where a "
-                         "boot's seconds and VM exits go); default boot,build")
+                         "boot's seconds and VM exits go), matrix (the catalog matrix's seconds "
+                         "per cell on --kernel); default boot,build")
     be.add_argument("--repeat", type=positive_int, default=1, help="how many times (>= 1, default 1)")
     _common(be)
     be.set_defaults(func=cmd_bench)

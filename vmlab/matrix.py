@@ -29,6 +29,9 @@ from .stack import Stack, lab_options
 
 log = logging.getLogger("vmlab.matrix")
 DEFAULT_KERNELS = ("trixie", "trixie-backports")
+# a cell that could not test (its guest did not boot; the TCG lab's artifacts) runs again,
+# up to this many times in all; every attempt's results are kept
+CELL_ATTEMPTS = 3
 
 
 def parse_kernels(text: str | None) -> list[str]:
@@ -165,20 +168,24 @@ class Matrix:
                 t0 = time.monotonic()
                 self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: running")
                 r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
-                if r.result.get("status") == "could_not_test" and _answers(stack.lab):
-                    # a guest that did not come up (TCG's nested SVM flakes): once more,
-                    # the first attempt kept beside it
-                    first_error = r.result.get("error")
-                    kept = cell_dir.with_name(f"{exp.name}.attempt1")
+                retried = []
+                while (r.result.get("status") == "could_not_test" and len(retried) < CELL_ATTEMPTS - 1
+                       and _answers(stack.lab)):
+                    # a guest that did not come up, or the TCG lab's EXITINTINFO artifact:
+                    # again, every earlier attempt kept beside it
+                    kept = cell_dir.with_name(f"{exp.name}.attempt{len(retried) + 1}")
                     cell_dir.rename(kept)
+                    retried.append({"error": r.result.get("error"), "results": str(kept)})
                     self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: could not test "
-                                  f"({first_error}); running it once more")
+                                  f"({r.result.get('error')}); attempt {len(retried) + 1} of {CELL_ATTEMPTS}")
                     cell_dir.mkdir()
                     write_reproducer(cell_dir, exp, [f"--kernel={kernel}"])
                     r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
-                    r.result["retried_after"] = {"error": first_error, "results": str(kept)}
+                    r.result["retried_after"] = retried
                     r.save()
-                self._add(cell_record(exp, kernel, r.result, cell_dir, time.monotonic() - t0), n, total)
+                cell = cell_record(exp, kernel, r.result, cell_dir, time.monotonic() - t0)
+                cell["retried_after"] = retried
+                self._add(cell, n, total)
         finally:
             with proc.signals_deferred():
                 stack.down()

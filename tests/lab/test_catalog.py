@@ -30,6 +30,11 @@ def _cell(doc, entry, kernel):
     return c, json.loads((Path(c["results"]) / "results.json").read_text())
 
 
+# Cells this lab cannot judge, and why (measured): a TCG lab's L2 guest has no AVX (its
+# kernel turns XSAVE off: "XSAVE consistency problem"). Anything else must match.
+NOT_APPLICABLE_HERE = {"ro-pte-avx-store": "the guest has no AVX"}
+
+
 def test_catalog_matches_on_both_kernels(catalog_matrix):
     r, out, doc = catalog_matrix
     assert r.returncode == 0, f"{r.stdout}\n{r.stderr[-4000:]}"
@@ -37,7 +42,11 @@ def test_catalog_matches_on_both_kernels(catalog_matrix):
     assert doc["status"] == "finished" and doc["kernels"] == KERNELS
     assert sorted((c["entry"], c["kernel_suite"]) for c in doc["cells"]) == \
         sorted((e, k) for e in entries for k in KERNELS)
-    assert all(c["match"] is True for c in doc["cells"]), [c for c in doc["cells"] if not c["match"]]
+    for c in doc["cells"]:
+        if c["entry"] in NOT_APPLICABLE_HERE:
+            assert c["match"] is None and NOT_APPLICABLE_HERE[c["entry"]] in c["reason"], c
+        else:
+            assert c["match"] is True, c
     assert qemu_pids(str(out)) == []
     # one lab boot per kernel, reused by every cell of it
     for k in KERNELS:
@@ -46,15 +55,18 @@ def test_catalog_matches_on_both_kernels(catalog_matrix):
         assert len(boots) == 1, boots
     suite = ET.parse(out / "junit.xml").getroot()
     assert suite.get("tests") == str(len(doc["cells"])) and suite.get("failures") == "0"
+    assert suite.get("skipped") == str(len(NOT_APPLICABLE_HERE) * len(KERNELS))
     assert {t.get("name") for t in suite} == {f"{e}[{k}]" for e in entries for k in KERNELS}
     page = (out / "report.html").read_text()
-    assert page.count('class="match"') == len(doc["cells"]) and "lore.kernel.org" in page
+    assert page.count('class="match"') == doc["summary"]["match"] and "lore.kernel.org" in page
     assert "cell 1/" in r.stderr    # progress per cell
 
 
 def test_every_cell_says_what_it_ran_with(catalog_matrix):
     _, _, doc = catalog_matrix
     for c in doc["cells"]:
+        if c["match"] is None:
+            continue
         assert c["kernel_package"] not in (None, "", "-"), c
         assert "console=ttyS0" in c["kernel_cmdline"]
         assert "max_quarantine_mb" in c["module_params"]["vmlab_exporter"], c["module_params"]
@@ -93,11 +105,27 @@ def test_entries_show_their_evidence(catalog_matrix):
         z = res["moves"][0]["zap_evidence"]
         assert z["ok"] and z["zaps"] == 1 and z["refaulted_pages"] == 256
         assert [m["verdict"] for m in res["moves"]] == ["REFAULTED", "REFAULTED", "STALE"]
+        # KVM's own evidence: the zap dropped every spte to the old pfns, the refault
+        # mapped the new ones; MIGRATE_NO_ZAP left them all (the STALE says so)
+        mig, nozap = res["moves"][1]["kvm_evidence"], res["moves"][2]
+        assert mig["zapped_pages"] == 256 and mig["mapped_new_pages"] == 256 and mig["mapped_old_pages"] == 0
+        assert mig["zapped_sptes_by_level"] == {"4K": 256}, mig
+        assert nozap["kvm_evidence"]["kept_old_pages"] == 256
+        assert "KVM kept 256 sptes to old pfns" in nozap["detail"]
         _, res = _cell(doc, "caching-wc-uc", k)
         assert res["caching_chain"]["exporter"]["caching"] == "WC"
+        assert res["caching_chain"]["exporter"]["vm_prot"] == "WC"
         assert res["moves"][0]["exporter_info"]["caching"] == "UC"
+        assert res["moves"][1]["exporter_info"]["caching"] == "WB"
         assert res["caching_chain"]["guest"]["memtype"] == "write-back"
         assert any("NPT does not carry host PAT" in m for m in res["caching_chain"]["mismatches"])
+        # read-only PTE, then a store: KVM emulated it, the exporter upgraded every page
+        _, res = _cell(doc, "ro-pte-plain-store", k)
+        first = res["moves"][0]
+        assert first["guest_write"]["store"] == "plain" and first["guest_write"]["readback_ok"]
+        assert first["exporter_info"]["mkwrites"] >= 16 and first["kvm_evidence"]["emulated_insns"] >= 16
+        _, res = _cell(doc, "vgem-read-then-write", k)
+        assert res["caching_chain"]["exporter"]["kind"] == "vgem" and res["moves"][0]["pages"] == {"REFAULTED": 16}
 
 
 def test_a_cell_that_misses_fails_the_matrix_and_keeps_its_results(images_ready, tmp_path):

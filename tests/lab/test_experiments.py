@@ -58,14 +58,6 @@ def test_default_experiment(images_ready):
     assert chain["guest"]["memtype"] == "uncached-minus"
 
 
-def test_caching_change_during_migrate(images_ready):
-    res = run("caching", "caching-wb-to-wc.yaml")
-    assert verdicts(res) == ["REFAULTED", "REFAULTED"]
-    assert res["moves"][0]["exporter_info"]["caching"] == "WC"
-    assert res["moves"][0]["exporter_info"]["vm_prot"] == "WC"
-    assert res["moves"][1]["exporter_info"]["caching"] == "WB"
-
-
 def test_zap_only(images_ready):
     res = run("zap-only", "zap-only.yaml")
     assert verdicts(res) == ["REFAULTED", "REFAULTED", "NOT_ZAPPED"]

@@ -26,7 +26,7 @@ def vmlab(args, tmp_path, timeout=60):
 def test_help(tmp_path):
     r = vmlab(["--help"], tmp_path)
     assert r.returncode == 0
-    for cmd in ("images", "lab", "guest", "doctor", "bench", "run"):
+    for cmd in ("images", "lab", "guest", "doctor", "bench", "run", "matrix"):
         assert cmd in r.stdout
 
 
