@@ -130,25 +130,6 @@ def test_gpu_host_blob_round_trip(images_ready):
     assert mi["value"] in (1, 2, 3) and mi["guest_memtype"]
 
 
-def test_backports_kernel_under_test(images_ready, tmp_path):
-    """The kernel under test swapped without rebooting anything: a 7.x lab kernel from
-    trixie-backports (its image is built here if missing) runs KVM for a 6.12 guest.
-    (A 7.3 *guest* kernel panics on an XSAVE size mismatch of the TCG-emulated CPU.)
-
-    The guest has the blob GPU here: with `gpu: none` the 7.3 lab's KVM stopped the guest
-    during boot in 2 of 3 measured runs ("KVM internal error. Suberror: 3", i.e.
-    KVM_INTERNAL_ERROR_DELIVERY_EV, on a 16-bit MMIO store at GPA 0xfeb03000), and in 0 of
-    3 with the blob GPU's PCI layout: a finding about KVM >= 6.14 on TCG's SVM, kept in the
-    closing note, not something this test is about."""
-    cfg = tmp_path / "default-blob.yaml"
-    cfg.write_text((EXP / "default.yaml").read_text().replace("  gpu: none", "  gpu: blob")
-                   .replace("name: default", "name: default-blob"))
-    res = run("backports", str(cfg), extra=["--kernel", "trixie-backports", "--guest-kernel", "trixie"])
-    assert int(res["lab"]["kernel"].split(".")[0]) >= 7, res["lab"]["kernel"]
-    assert res["guest"]["kernel"].startswith("6.12")
-    assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"]
-
-
 def test_qemu_from_another_suite(images_ready):
     """--qemu suite:trixie-backports in a trixie lab: the kernel under test stays trixie's,
     the VMM is backports' (QEMU 11.x), and results.json says which and from where."""
