@@ -90,7 +90,7 @@ def test_version_keyed_expectations_resolve_per_kernel(catalog_matrix):
             if not new:
                 assert "kvm run failed" in res["vmm_fault"].lower(), res["vmm_fault"]
     releases = {k: _cell(doc, "calibration", k)[0]["kernel_release"] for k in KERNELS}
-    assert not matches(">=6.13", releases["trixie"]) and matches(">=7", releases["trixie-backports"])
+    assert not matches(">=6.13", releases["trixie"]) and matches(">=7.0", releases["trixie-backports"])
     # the kernel under test swapped without rebooting anything; the guest stays trixie's 6.12
     for k in KERNELS:
         assert _cell(doc, "calibration", k)[1]["guest"]["kernel"].startswith("6.12"), k
