@@ -86,7 +86,9 @@ def bench_move(args, progress, sizes=("1M", "64M"), moves: int = 20) -> dict:
         cfg.write_text(f"version: 1\nname: bench-{size}\nexporter: {{kind: vmlab, size: {size}}}\n"
                        f"moves:\n  - {{mode: MIGRATE, count: {moves}, concurrent: true, expect: REFAULTED}}\n")
         exp = cfgmod.load(cfg)
-        r = Run(exp, cfgmod.resolve(exp, args), d, progress)
+        o = cfgmod.resolve(exp, args)
+        o["kvm_evidence"] = False   # the move machinery's own cost, comparable across versions
+        r = Run(exp, o, d, progress)
         r.run()
         res = r.result
         secs = [m["seconds"] for m in res["moves"] if m.get("seconds") is not None]
@@ -318,11 +320,11 @@ def bench_matrix(args, progress, entries=("calibration", "dmaheap-order0", "pfnm
     out = _workdir("matrix")
     m = mx.Matrix(planned, out, progress)
     t = time.monotonic()
-    m.run()
+    rc = m.run()
     wall = time.monotonic() - t
     cells = m.result["cells"]
     secs = [c["seconds"] for c in cells]
-    return {"kernel": kernel, "cells": len(cells), "wall_seconds": round(wall, 1),
+    return {"kernel": kernel, "cells": len(cells), "exit_status": rc, "wall_seconds": round(wall, 1),
             "lab_and_build_seconds": round(wall - sum(secs), 1),
             "seconds_per_cell": _stats(secs),
             "per_cell": {c["entry"]: {"seconds": c["seconds"], "match": c["match"],

@@ -7,6 +7,7 @@ An entry's id is its ``name``; ids are unique across the catalog.
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 from . import config as cfgmod
@@ -31,6 +32,9 @@ def load(directory: str | Path | None = None, only: list[str] | None = None) -> 
             if not exp.raw.get(key):
                 raise ConfigError(str(p), key, f"a catalog entry needs {key!r} "
                                   f"(title, links, why: what it is, the public record, which change decides it)")
+        if re.fullmatch(r"lab(-\d+)?|.*\.attempt\d+", exp.name):
+            raise ConfigError(str(p), "name", f"{exp.name!r} is the name of a directory `vmlab matrix` "
+                              f"makes for itself (lab, lab-N, NAME.attemptN)")
         if exp.name in entries:
             raise ConfigError(str(p), "name", f"{exp.name!r} is also the id of {entries[exp.name].path}")
         entries[exp.name] = exp

@@ -514,6 +514,12 @@ def _semantic_errors(raw: dict) -> list:
                                       guest_mb if guest_ok else DEFAULTS["guest_memory_mb"],
                                       "guest.memory_mb" if guest_ok else "default"):
                 errs.append((["exporter", "size"], m))
+    backing = exporter.get("backing")
+    if backing is not None and kind != "udmabuf":
+        errs.append((["exporter", "backing"], f"only exporter.kind udmabuf takes backing, not {kind}"))
+    elif backing in ("hugetlb", "thp") and isinstance(size, int) and size % (2 << 20):
+        errs.append((["exporter", "size"], f"a {backing} memfd comes in 2 MiB pages: "
+                     f"{_mib(size)} is not a multiple of 2 MiB"))
     if kind in ("udmabuf", "dmaheap", "vgem"):
         for k in ("caching", "alloc", "fault"):
             if k in exporter:

@@ -119,6 +119,17 @@ def results_dir(name: str, out: str | None) -> Path:
     raise UserError(f"cannot make a new results directory under {parent}")
 
 
+def cli_passthrough(args, **override) -> list[str]:
+    """The options of this command line that decide how an experiment runs, for its
+    reproduce.sh (``override``: e.g. kernel= for one matrix cell)."""
+    vals = {flag: getattr(args, flag, None) for flag in
+            ("accel", "kernel", "guest_kernel", "qemu", "kernel_image", "lab_memory",
+             "boot_timeout", "guest_memory", "guest_boot_timeout")}
+    vals.update(override)
+    out = [f"--{flag.replace('_', '-')}={v}" for flag, v in vals.items() if v is not None]
+    return out + [f"--lab-qemu-arg={v}" for v in (getattr(args, "lab_qemu_arg", None) or ())]
+
+
 def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
     shutil.copyfile(exp.path, d / "config.yaml")
     script = ("#!/bin/sh\n# Re-run this experiment with the same config (copied beside this script).\n"
@@ -273,7 +284,16 @@ class Run:
             if exp_cfg["kind"] == "vmlab":
                 create.update(caching=exp_cfg.get("caching", "WB"), alloc=exp_cfg.get("alloc", "ORDER0"),
                               fault=exp_cfg.get("fault", "read-write"))
-            self.buf = self.agent.request("create", **create)
+            if exp_cfg["kind"] == "udmabuf":
+                create["backing"] = exp_cfg.get("backing", "shmem")
+            try:
+                self.buf = self.agent.request("create", **create)
+            except AgentRequestFailed as e:
+                # a lab kernel that cannot make this kind of buffer at all: not applicable
+                if exp_cfg["kind"] == "udmabuf" and create["backing"] != "shmem" and \
+                        e.errname in ("ENOTSUP", "EOPNOTSUPP", "EINVAL"):
+                    raise NotApplicable(f"lab kernel {release}: {e.resp.get('error')}")
+                raise
             self.progress(f"{exp_cfg['kind']} buffer {self.buf['id']:#x} ({size} bytes) created; "
                           f"exported over ivshmem")
             self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=IVSHMEM_SOCK)
@@ -361,7 +381,10 @@ class Run:
                 h = {"ok": None if excused else False, "error": f"{type(e).__name__}: {e}",
                      "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
                 if name == "lab":
-                    tail = [ln for ln in _read_text(self.out / "lab-console.log").splitlines()
+                    # the lab's own console (a shared lab's lives beside the cells)
+                    console = Path(vm.machine.spec.console_log) if getattr(vm, "machine", None) \
+                        else self.out / "lab-console.log"
+                    tail = [ln for ln in _read_text(console).splitlines()
                             if "Kernel panic" in ln or any(w in ln for w in oracle.BAD_KERNEL_WORDS)]
                     h["bad_lines"], h["bad_line_count"] = tail[-20:], len(tail)
                 health[name] = h
@@ -440,18 +463,32 @@ class Run:
         self.ktrace = True
 
     def kvm_evidence_begin(self) -> list[int] | None:
+        """Clear the trace before a move; the exporter's pfns then. Evidence, not a
+        verdict: a trace that fails is recorded and the move goes on."""
         if not self.ktrace:
             return None
-        self.agent.request("ktrace_clear")
+        try:
+            self.agent.request("ktrace_clear", timeout=30)
+        except (AgentRequestFailed, WaitTimeout) as e:
+            self.result.setdefault("kvm_trace", {})["error"] = f"clear: {e}"
+            self.ktrace = False
+            return None
         return self.hw_pfns() if self.exp.kind == "vmlab" else None
 
     def kvm_evidence_end(self, rec: dict, old_pfns: list[int] | None) -> None:
         if not self.ktrace:
             return
-        got = self.agent.request("ktrace_collect")
+        try:
+            got = self.agent.request("ktrace_collect", timeout=120)
+        except (AgentRequestFailed, WaitTimeout) as e:
+            rec["kvm_evidence"] = {"error": str(e)}
+            self.ktrace = False
+            return
         new_pfns = self.hw_pfns() if old_pfns is not None else None
         st = self.result["kvm_trace"]
-        tdp = st.get("tdp_mmu") == "Y" and "kvmmmu/kvm_tdp_mmu_spte_changed" in st.get("enabled", ())
+        # the TDP MMU runs only with nested paging on (kvm.tdp_mmu only allows it)
+        npt = self.result.get("caching_chain", {}).get("kvm", {}).get("mmu") == "NPT"
+        tdp = npt and st.get("tdp_mmu") == "Y" and "kvmmmu/kvm_tdp_mmu_spte_changed" in st.get("enabled", ())
         ev = kvm_evidence.summarize(kvm_evidence.parse(got["lines"]), self.bar2_gpa >> 12,
                                     self.exp.size // 4096, old_pfns, new_pfns, got.get("overrun", 0),
                                     tdp_mmu=tdp)
@@ -830,12 +867,7 @@ def main(args, progress) -> int:
     exp = cfgmod.load(path)  # ConfigError -> exit 2 before anything starts
     opts = cfgmod.resolve(exp, args)
     out = results_dir(exp.name, args.out)
-    passthrough = [f"--{flag.replace('_', '-')}={getattr(args, flag)}"
-                   for flag in ("accel", "kernel", "guest_kernel", "kernel_image", "lab_memory",
-                                "boot_timeout", "guest_memory", "guest_boot_timeout")
-                   if getattr(args, flag, None) is not None]
-    passthrough += [f"--lab-qemu-arg={v}" for v in (getattr(args, "lab_qemu_arg", None) or ())]
-    write_reproducer(out, exp, passthrough)
+    write_reproducer(out, exp, cli_passthrough(args))
     fh = logging.FileHandler(out / "vmlab.log")
     fh.setLevel(logging.DEBUG)
     fh.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))

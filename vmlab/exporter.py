@@ -9,7 +9,7 @@ import time
 from enum import Enum
 from pathlib import Path
 
-from .errors import RemoteError
+from .errors import RemoteError, WaitTimeout
 from .ssh import ChannelReader
 
 log = logging.getLogger("vmlab.exporter")
@@ -38,6 +38,7 @@ class HostAgent:
         self._logf = open(self.log_path, "ab")
         self.chan = lab.session.open_exec("exec python3 -u /mnt/vmlab/hostagent.py serve")
         self._buf = bytearray()
+        self._late: str | None = None   # a request that timed out: the channel is out of step
         self._lock = threading.Lock()
         self._reader = ChannelReader(self.chan, "host agent", on_out=self._buf.extend,
                                      on_err=self._log)
@@ -49,9 +50,17 @@ class HostAgent:
 
     def request(self, op: str, timeout: float = 120, **kw) -> dict:
         with self._lock:
+            if self._late is not None:
+                # an unanswered request's reply would be taken for this one's
+                raise RemoteError(f"host agent: {op}: not sent, the answer to {self._late} is "
+                                  f"still outstanding (log: {self.log_path})")
             self.chan.sendall((json.dumps({"op": op, **kw}) + "\n").encode())
             self._reader.what = f"host agent op {op}"
-            how = self._reader.pump(time.monotonic() + timeout, stop=lambda: b"\n" in self._buf)
+            try:
+                how = self._reader.pump(time.monotonic() + timeout, stop=lambda: b"\n" in self._buf)
+            except WaitTimeout:
+                self._late = op
+                raise
             if how == "exit":
                 raise RemoteError(f"host agent exited during {op} (log: {self.log_path})")
             i = self._buf.index(b"\n")

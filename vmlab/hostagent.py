@@ -165,26 +165,57 @@ class UdmabufBuffer(Buffer):
     kind = "udmabuf"
     movable = True
 
-    def __init__(self, size):
+    HUGE = 2 << 20
+
+    def __init__(self, size, backing="shmem"):
         super().__init__(size)
         self.id = 0x55444D41  # "UDMA": any stable id, stamped by us
-        self.memfd = os.memfd_create("vmlab-udmabuf", os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC)
-        os.ftruncate(self.memfd, size)
-        fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
-        self._stamp_memfd()
-        dev = os.open("/dev/udmabuf", os.O_RDWR | os.O_CLOEXEC)
+        self.backing = backing
+        flags = os.MFD_ALLOW_SEALING | os.MFD_CLOEXEC
+        if backing in ("hugetlb", "thp") and size % self.HUGE:
+            raise AgentError(f"a {backing} memfd needs a multiple of 2 MiB, not {size} bytes", errno.EINVAL)
+        if backing == "hugetlb":
+            # 2 MiB pages: the buffer's, and as many again for the rewrite after a punch
+            # (udmabuf keeps the old folios pinned)
+            _reserve_hugepages(2 * size // self.HUGE)
+            flags |= getattr(os, "MFD_HUGETLB", 4)
+        elif backing == "thp":
+            _shmem_thp_advise()
+        self.memfd = os.memfd_create("vmlab-udmabuf", flags)
         try:
-            req = bytearray(U.UDMABUF_CREATE_S.pack(self.memfd, 0x01, 0, size))
+            os.ftruncate(self.memfd, size)
+            fcntl.fcntl(self.memfd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_SHRINK)
+            self._stamp_memfd()
+            dev = os.open("/dev/udmabuf", os.O_RDWR | os.O_CLOEXEC)
             try:
-                self.fd = fcntl.ioctl(dev, U.UDMABUF_CREATE, req)
-            except OSError as e:
-                raise AgentError(f"UDMABUF_CREATE: {os.strerror(e.errno)}", e.errno)
-        finally:
-            os.close(dev)
+                req = bytearray(U.UDMABUF_CREATE_S.pack(self.memfd, 0x01, 0, size))
+                try:
+                    self.fd = fcntl.ioctl(dev, U.UDMABUF_CREATE, req)
+                except OSError as e:
+                    raise AgentError(f"UDMABUF_CREATE over a {backing} memfd: {os.strerror(e.errno)}",
+                                     e.errno)
+            finally:
+                os.close(dev)
+        except BaseException:
+            os.close(self.memfd)
+            raise
 
     def _stamp_memfd(self):
-        for i in range(self.size // PAGE):
-            os.pwrite(self.memfd, stamp.stamp_page(self.id, self.generation, i)[:stamp.GUEST_OFF], i * PAGE)
+        if self.backing == "shmem":
+            for i in range(self.size // PAGE):
+                os.pwrite(self.memfd, stamp.stamp_page(self.id, self.generation, i)[:stamp.GUEST_OFF],
+                          i * PAGE)
+            return
+        # hugetlbfs has no write(); a THP needs a PMD-aligned fault through a mapping that
+        # asked for one (MADV_HUGEPAGE) before it was touched
+        with mmap.mmap(self.memfd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE) as m:
+            if self.backing == "thp":
+                m.madvise(mmap.MADV_HUGEPAGE)
+            for i in range(self.size // PAGE):
+                m[i * PAGE:i * PAGE + stamp.GUEST_OFF] = stamp.stamp_page(self.id, self.generation, i)[:stamp.GUEST_OFF]
+        if self.backing == "thp" and _memfd_huge_pages(self.memfd) == 0:
+            raise AgentError("the shmem memfd got no transparent huge page (shmem THP off, or "
+                             "no 2 MiB block free): nothing to test", errno.ENOTSUP)
 
     def move(self, mode, caching):
         if mode != "MIGRATE":
@@ -204,6 +235,50 @@ class UdmabufBuffer(Buffer):
     def close(self):
         super().close()
         os.close(self.memfd)
+
+
+def _reserve_hugepages(n):
+    """At least ``n`` free 2 MiB hugetlb pages (raising vm.nr_hugepages in the lab)."""
+    free = int(_read_first("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") or 0)
+    if free >= n:
+        return
+    total = int(_read_first("/proc/sys/vm/nr_hugepages") or 0)
+    with open("/proc/sys/vm/nr_hugepages", "w") as f:
+        f.write(str(total + n - free))
+    free = int(_read_first("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") or 0)
+    if free < n:
+        raise AgentError(f"only {free} free 2 MiB hugetlb pages of {n} wanted", errno.ENOMEM)
+
+
+def _shmem_thp_advise():
+    """Let shmem use a THP where the mapping asks (MADV_HUGEPAGE): the lab's own setting."""
+    path = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+    cur = _read_first(path) or ""
+    if "[always]" in cur or "[advise]" in cur or "[force]" in cur:
+        return
+    try:
+        with open(path, "w") as f:
+            f.write("advise")
+    except OSError as e:
+        raise AgentError(f"{path}: {os.strerror(e.errno)}", errno.ENOTSUP)
+
+
+def _memfd_huge_pages(fd):
+    """How many PMD-mapped (huge) pages a fresh mapping of memfd ``fd`` gets: the THP test."""
+    size = os.fstat(fd).st_size
+    with mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ) as m:
+        m.madvise(mmap.MADV_HUGEPAGE)
+        sum(m[i] for i in range(0, size, PAGE))        # fault it in
+        with open("/proc/self/smaps") as f:
+            text = f.read()
+    kb, ours = 0, False
+    for line in text.splitlines():
+        head = line.split(None, 1)[0] if line else ""
+        if "-" in head and ":" not in head:          # a mapping's header line
+            ours = "/memfd:vmlab-udmabuf" in line
+        elif ours and line.startswith(("ShmemPmdMapped:", "FilePmdMapped:")):
+            kb = max(kb, int(line.split()[1]))
+    return kb // 2048
 
 
 class DmaHeapBuffer(Buffer):
@@ -287,6 +362,7 @@ class IvshmemServer:
             self.sock.bind(path)
         finally:
             os.umask(old)
+        self.ino = os.stat(path).st_ino     # close() removes this socket, never a later one
         self.sock.listen(4)
         self.clients = []
         self.next_id = 1
@@ -319,9 +395,23 @@ class IvshmemServer:
         for c in self.clients:
             c.close()
         try:
-            os.unlink(self.path)
+            if os.stat(self.path).st_ino == self.ino:
+                os.unlink(self.path)
         except FileNotFoundError:
             pass
+
+
+def _remove_dead_instances(root):
+    """tracefs instances of agents that died without stopping theirs (SIGKILL, OOM)."""
+    for name in os.listdir(f"{root}/instances"):
+        pid = name[len("vmlab-"):] if name.startswith("vmlab-") else ""
+        if pid.isdigit() and not os.path.exists(f"/proc/{pid}"):
+            try:
+                with open(f"{root}/instances/{name}/events/enable", "w") as f:
+                    f.write("0")
+                os.rmdir(f"{root}/instances/{name}")
+            except OSError as e:
+                log(f"tracefs instance {name}: {e}")
 
 
 def _read_first(path):
@@ -851,7 +941,7 @@ class Agent:
             b = VmlabBuffer(self.control(), size, req.get("caching", "WB"), req.get("alloc", "ORDER0"),
                             ro_fault=req.get("fault") == "read-only-then-mkwrite")
         elif kind == "udmabuf":
-            b = UdmabufBuffer(size)
+            b = UdmabufBuffer(size, req.get("backing", "shmem"))
         elif kind == "dmaheap":
             b = DmaHeapBuffer(size, req.get("heap", "system"))
         elif kind == "vgem":
@@ -1130,7 +1220,7 @@ class Agent:
     KTRACE_EVENTS = {   # event -> filter over the buffer's guest-physical range
         "kvmmmu/kvm_tdp_mmu_spte_changed": "gfn >= {g0} && gfn < {g1}",
         "kvmmmu/kvm_mmu_set_spte": "gfn >= {g0} && gfn < {g1}",
-        "kvm/kvm_page_fault": "fault_address >= {a0} && fault_address < {a1}",
+        "kvm/kvm_page_fault": "fault_address >= {b0} && fault_address < {a1}",
         "kvm/kvm_emulate_insn": None,
     }
 
@@ -1144,6 +1234,7 @@ class Agent:
         if root is None:
             raise AgentError("no tracefs (neither /sys/kernel/tracing nor debugfs tracing)", errno.ENOENT)
         g0, g1 = int(req["gfn"]) & ~0x3FFFF, int(req["gfn"]) + int(req["pages"])
+        _remove_dead_instances(root)
         inst = f"{root}/instances/vmlab-{os.getpid()}"
         os.mkdir(inst)
         self.ktrace = inst
@@ -1157,7 +1248,8 @@ class Agent:
                 continue
             if flt:
                 with open(d + "/filter", "w") as f:
-                    f.write(flt.format(g0=g0, g1=g1, a0=g0 << 12, a1=g1 << 12))
+                    # page faults: the buffer's own frames (sptes: from 1 GiB below, for huge ones)
+                    f.write(flt.format(g0=g0, g1=g1, b0=int(req["gfn"]) << 12, a1=g1 << 12))
             with open(d + "/enable", "w") as f:
                 f.write("1")
             enabled.append(ev)

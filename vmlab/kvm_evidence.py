@@ -21,7 +21,6 @@ LEVEL = {1: "4K", 2: "2M", 3: "1G"}
 PAGES = {1: 1, 2: 512, 3: 512 * 512}
 
 _LINE = re.compile(r"\s(\d+\.\d+):\s+(\w+):\s+(.*)$")
-_FIELD = re.compile(r"(\w+(?: id)?)\s+(0x[0-9a-fA-F]+|[0-9a-fA-F]+)\b")
 
 
 def parse(lines: list[str]) -> list[dict]:
@@ -46,8 +45,9 @@ def parse(lines: list[str]) -> list[dict]:
                 continue
             rec.update(gfn=int(f.group(1), 16), spte=int(f.group(2), 16), level=int(f.group(3)))
         elif ev == "kvm_page_fault":
-            f = re.search(r"address (?:0x)?(\w+)", rest)
-            rec.update(address=int(f.group(1), 16) if f else None)
+            f = re.search(r"address (?:0x)?(\w+) error_code (?:0x)?(\w+)", rest)
+            rec.update(address=int(f.group(1), 16) if f else None,
+                       error_code=int(f.group(2), 16) if f else None)
         elif ev == "kvm_emulate_insn":
             rec.update(failed=rest.endswith(" failed"))
         else:
@@ -83,6 +83,8 @@ def summarize(events: list[dict], gfn0: int, npages: int, old_pfns: list[int] | 
     mapped_by_level: dict[str, int] = {}
     changes = 0
     mmu = "tdp" if tdp_mmu else None
+    # the TDP MMU also fires kvm_mmu_set_spte for each mapping it makes: count one of them
+    tdp_seen = tdp_mmu or any(e["event"] == "kvm_tdp_mmu_spte_changed" for e in events)
     for e in events:
         if e["event"] == "kvm_tdp_mmu_spte_changed":
             mmu = "tdp"
@@ -96,16 +98,20 @@ def summarize(events: list[dict], gfn0: int, npages: int, old_pfns: list[int] | 
                 zapped_by_level[lvl] = zapped_by_level.get(lvl, 0) + 1
             landed = _covered(e["gfn"], e["level"], _pfn(e["new_spte"]), gfn0, npages)
             _count_mapping(landed, old, new, mapped_old, mapped_new, mapped_by_level, lvl)
-        elif e["event"] == "kvm_mmu_set_spte":
-            mmu = mmu or "shadow"
+        elif e["event"] == "kvm_mmu_set_spte" and not tdp_seen:
+            mmu = "shadow"
             lvl = LEVEL.get(e["level"], str(e["level"]))
             landed = _covered(e["gfn"], e["level"], _pfn(e["spte"]), gfn0, npages)
             _count_mapping(landed, old, new, mapped_old, mapped_new, mapped_by_level, lvl)
     moved = old_pfns is not None and new_pfns is not None and set(old_pfns) != set(new_pfns)
+    in_range = [e for e in events if e["event"] == "kvm_page_fault" and e.get("address") is not None
+                and gfn0 <= e["address"] >> 12 < gfn0 + npages]
     out = {
         "mmu_events": mmu,
         "spte_changes": changes,
-        "page_faults": sum(1 for e in events if e["event"] == "kvm_page_fault"),
+        # the trace's filter starts 1 GiB below the buffer (huge mappings); count its own frames
+        "page_faults": sum(1 for e in in_range),
+        "write_faults": sum(1 for e in in_range if (e.get("error_code") or 0) & 2),
         "emulated_insns": sum(1 for e in events if e["event"] == "kvm_emulate_insn"),
         "emulation_failed": sum(1 for e in events if e["event"] == "kvm_emulate_insn" and e.get("failed")),
         "overrun": overrun,
@@ -126,13 +132,14 @@ def summarize(events: list[dict], gfn0: int, npages: int, old_pfns: list[int] | 
         mapped_old_pages=len({i for i in mapped_old if old_pfns[i] in retired}) if moved else 0,
         mapped_sptes_by_level=mapped_by_level,
     )
-    if mmu == "tdp":
+    if mmu == "tdp" and not overrun:
+        # silence is evidence only when the record is complete
         out["kept_old_pages"] = npages - len(zapped_pages)
     words = []
     if mmu == "tdp":
         words.append(f"KVM zapped {len(zapped_pages)} of {npages} pages' sptes "
                      f"({', '.join(f'{n} {lv}' for lv, n in sorted(zapped_by_level.items())) or 'none'})")
-        if out["kept_old_pages"]:
+        if out.get("kept_old_pages"):
             words.append(f"KVM kept {out['kept_old_pages']} sptes to {'old' if moved else 'the'} pfns")
     if mmu:
         words.append(f"mapped {out['mapped_new_pages']} pages to {'new' if moved else 'their'} pfns")
@@ -140,6 +147,8 @@ def summarize(events: list[dict], gfn0: int, npages: int, old_pfns: list[int] | 
             words.append(f"mapped {out['mapped_old_pages']} pages to RETIRED pfns after the move")
     else:
         words.append("no KVM MMU event for the buffer's frames")
+    if out["write_faults"]:
+        words.append(f"{out['write_faults']} guest write faults on the buffer")
     if out["emulated_insns"]:
         words.append(f"KVM emulated {out['emulated_insns']} instructions (anywhere in the VM)")
     if overrun:

@@ -24,8 +24,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import catalog, proc, report
 from . import config as cfgmod
-from .errors import CouldNotTest, ConfigError, VmlabError
-from .stack import Stack, lab_options
+from .errors import CouldNotTest, ConfigError
+from .stack import Stack, lab_images, lab_options
 
 log = logging.getLogger("vmlab.matrix")
 DEFAULT_KERNELS = ("trixie", "trixie-backports")
@@ -80,8 +80,11 @@ def cell_record(exp: cfgmod.Experiment, kernel: str, res: dict, cell_dir: Path,
         if not rec["match"]:
             bad = [f"{i}: {c.get('verdict')} (expected {'/'.join(c.get('expected') or [])})"
                    for i, c in enumerate(checks) if not c.get("passed")]
+            health = res.get("kernel_health_failed")
             rec["reason"] = "; ".join(bad[:4]) or (
-                "kernel health: " + ", ".join(res.get("kernel_health_failed") or []) or "not passed")
+                f"kernel health: {', '.join(health)}" if health else
+                "virtio-gpu round trip failed" if res.get("virtio_gpu") and not res["virtio_gpu"].get("passed")
+                else "not passed")
     return rec
 
 
@@ -103,8 +106,9 @@ def plan(entries, kernels, args) -> dict[str, list[tuple[cfgmod.Experiment, dict
 
 
 class Matrix:
-    def __init__(self, planned: dict, out: Path, progress):
+    def __init__(self, planned: dict, out: Path, progress, args=None):
         self.plan, self.out, self.progress = planned, out, progress
+        self.args = args       # the command line, for each cell's reproduce.sh
         self.cells: list[dict] = []
         entries = [e.name for e, _ in next(iter(planned.values()))]
         self.result = {"started": datetime.now(timezone.utc).isoformat(), "status": "running",
@@ -116,15 +120,19 @@ class Matrix:
         tmp.rename(self.out / "matrix.json")
 
     def run(self) -> int:
-        from .experiment import Run, write_reproducer
+        from .experiment import Run
         total = sum(len(v) for v in self.plan.values())
+        groups = {k: self._groups(planned) for k, planned in self.plan.items()}
         try:
-            for kernel, planned in self.plan.items():
-                groups: dict[tuple, list] = {}
-                for exp, o in planned:
-                    groups.setdefault(_lab_key(o), []).append((exp, o))
-                for gi, members in enumerate(groups.values()):
-                    self._run_group(kernel, gi, members, total, Run, write_reproducer)
+            # every image first: a missing one under --no-build is exit 2 before any boot
+            for kernel, gs in groups.items():
+                for members in gs:
+                    o = members[0][1]
+                    lab_images(kernel, o["guest_kernel"], build=not o["no_build"],
+                               progress=self.progress, qemu=o["qemu"])
+            for kernel, gs in groups.items():
+                for gi, members in enumerate(gs):
+                    self._run_group(kernel, gi, members, total, Run)
             self.result["status"] = "finished"
         except BaseException as e:
             self.result["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) or \
@@ -138,7 +146,18 @@ class Matrix:
             self.progress("matrix: a lab did not come up, or no cell was applicable")
         return rc
 
-    def _run_group(self, kernel, gi, members, total, Run, write_reproducer) -> None:
+    @staticmethod
+    def _groups(planned) -> list[list]:
+        groups: dict[tuple, list] = {}
+        for exp, o in planned:
+            groups.setdefault(_lab_key(o), []).append((exp, o))
+        return list(groups.values())
+
+    def _reproducer(self, cell_dir: Path, exp, kernel: str) -> None:
+        from .experiment import cli_passthrough, write_reproducer
+        write_reproducer(cell_dir, exp, cli_passthrough(self.args, kernel=kernel, kernel_image=None))
+
+    def _run_group(self, kernel, gi, members, total, Run) -> None:
         kdir = self.out / kernel / (f"lab-{gi}" if gi else "lab")
         kdir.mkdir(parents=True)
         o0 = members[0][1]
@@ -148,29 +167,38 @@ class Matrix:
             plugin = str(hwtrace.plugin_path(self.progress))
         stack = Stack(kdir, self.progress, lab_options(o0, hwtrace_plugin=plugin),
                       guest_kernel=o0["guest_kernel"], build=not o0["no_build"])
+        lab_failed: str | None = None
+        boots = 0
         try:
             for exp, o in members:
                 n = len(self.cells) + 1
                 cell_dir = self.out / kernel / exp.name
                 cell_dir.mkdir(parents=True)
-                write_reproducer(cell_dir, exp, [f"--kernel={kernel}"])
-                if stack.lab is None or not _answers(stack.lab):
+                self._reproducer(cell_dir, exp, kernel)
+                if lab_failed is None and (stack.lab is None or not _clean_lab(stack.lab, self.progress)):
                     if stack.lab is not None:
+                        # keep the console of the lab that stopped answering, then boot anew
                         self.progress(f"lab {kernel} stopped answering: booting it again")
                         with proc.signals_deferred():
                             stack.down()
+                        for name in ("lab-console.log", "lab.qemu.log", "lab-dmesg.log"):
+                            if (kdir / name).exists():
+                                (kdir / name).rename(kdir / name.replace(".log", f".boot{boots}.log"))
                     try:
+                        boots += 1
                         stack.up_lab()
                     except CouldNotTest as e:
-                        self._add(_failed_cell(exp, kernel, cell_dir, f"the lab did not come up: {e}",
-                                               "could_not_test"), n, total)
-                        continue
+                        lab_failed = f"the lab did not come up: {e}"
+                if lab_failed is not None:
+                    # one lab that does not boot is enough: the rest of its cells say so
+                    self._add(_failed_cell(exp, kernel, cell_dir, lab_failed, "could_not_test"), n, total)
+                    continue
                 t0 = time.monotonic()
                 self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: running")
                 r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
                 retried = []
                 while (r.result.get("status") == "could_not_test" and len(retried) < CELL_ATTEMPTS - 1
-                       and _answers(stack.lab)):
+                       and _clean_lab(stack.lab, self.progress)):
                     # a guest that did not come up, or the TCG lab's EXITINTINFO artifact:
                     # again, every earlier attempt kept beside it
                     kept = cell_dir.with_name(f"{exp.name}.attempt{len(retried) + 1}")
@@ -179,7 +207,7 @@ class Matrix:
                     self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: could not test "
                                   f"({r.result.get('error')}); attempt {len(retried) + 1} of {CELL_ATTEMPTS}")
                     cell_dir.mkdir()
-                    write_reproducer(cell_dir, exp, [f"--kernel={kernel}"])
+                    self._reproducer(cell_dir, exp, kernel)
                     r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
                     r.result["retried_after"] = retried
                     r.save()
@@ -189,6 +217,9 @@ class Matrix:
         finally:
             with proc.signals_deferred():
                 stack.down()
+            if stack.boot_failures:
+                self.result.setdefault("lab_boot_failures", []).append(
+                    {"kernel": kernel, "failures": stack.boot_failures})
 
     def _run_cell(self, Run, exp, o, cell_dir: Path, lab):
         r = Run(exp, o, cell_dir, self.progress, shared_lab=lab)
@@ -197,7 +228,9 @@ class Matrix:
             r.run()
         except CouldNotTest:
             pass     # NotApplicable, a guest that did not boot: the run's results say which
-        except VmlabError as e:
+        except Exception as e:
+            # vmlab's own failure in one cell (its results say status error) must not
+            # cost the cells after it; Ctrl-C and SIGTERM still end the matrix
             log.warning("cell %s: %s", cell_dir, e)
         return r
 
@@ -231,12 +264,32 @@ def exit_status(cells: list[dict]) -> int:
     return 0
 
 
-def _answers(lab) -> bool:
+# Between cells: nothing of the last cell may be left in a shared lab (a guest QEMU
+# holds the guest's port and directory, a host agent the ivshmem socket path).
+_CLEAN_LAB = r"""
+# [g]/[h]: the patterns must not match this script's own command line
+left=$(pgrep -f -- '-name [g]uest ' ; pgrep -f '[h]ostagent.py serve')
+[ -z "$left" ] && exit 0
+echo "left: $(echo $left)"; kill -KILL $left 2>/dev/null
+for i in $(seq 50); do
+  pgrep -f -- '-name [g]uest ' >/dev/null || pgrep -f '[h]ostagent.py serve' >/dev/null || exit 0
+  sleep 0.2
+done
+exit 1
+"""
+
+
+def _clean_lab(lab, progress) -> bool:
+    """True when the lab answers and no guest or host agent of an earlier cell is left
+    (strays are killed); False means the lab must be booted again."""
     try:
-        return lab.run("true", timeout=20, check=False)[0] == 0
+        rc, out, _ = lab.run(_CLEAN_LAB, timeout=30, check=False)
     except Exception as e:
         log.warning("lab health probe: %s", e)
         return False
+    if out.strip():
+        progress(f"lab: stopped what an earlier cell left running ({out.strip()})")
+    return rc == 0
 
 
 def write_junit(path: Path, cells: list[dict]) -> None:
@@ -291,7 +344,7 @@ def main(args, progress) -> int:
     entries = catalog.load(args.catalog, only)
     planned = plan(entries, kernels, args)
     out = results_dir("matrix", args.out)
-    m = Matrix(planned, out, progress)
+    m = Matrix(planned, out, progress, args)
     progress(f"matrix: {len(entries)} entries x {len(kernels)} kernels; results in {out}")
     try:
         rc = m.run()

@@ -24,6 +24,8 @@ def _link(text: str) -> str:
     """A link from a catalog entry's ``links``: URLs as they are, lore message ids to lore,
     commit ids to the kernel's git web."""
     t = text.strip()
+    if not t:
+        return ""
     if t.startswith(("http://", "https://")):
         href = t
     elif "@" in t:

@@ -815,7 +815,7 @@ static void store_tag_avx(volatile uint8_t *dst, uint64_t tag)
 
 	memcpy(v, (const void *)dst, sizeof(v));
 	v[0] = tag;
-	__asm__ volatile("vmovdqu (%1), %%ymm0\n\tvmovdqu %%ymm0, (%0)"
+	__asm__ volatile("vmovdqu (%1), %%ymm0\n\tvmovdqu %%ymm0, (%0)\n\tvzeroupper"
 			 : : "r"(dst), "r"(v) : "memory", "xmm0");
 }
 

@@ -1614,7 +1614,8 @@ static long vmlab_ioc_pte(void __user *argp)
 		return -EINTR;
 	vma = vma_lookup(mm, (unsigned long)arg.addr);
 	/* only our own VMAs: vm_ops identifies them, vm_file is the dma-buf */
-	if (!vma || vma->vm_ops != &vmlab_vm_ops || !vma->vm_file ||
+	if (!vma || (vma->vm_ops != &vmlab_vm_ops && vma->vm_ops != &vmlab_vm_ops_ro_fault) ||
+	    !vma->vm_file ||
 	    vma->vm_file->private_data != ((struct vmlab_buffer *)vma->vm_private_data)->dmabuf ||
 	    ((struct dma_buf *)vma->vm_file->private_data)->ops != &vmlab_dmabuf_ops) {
 		ret = -EINVAL;

@@ -456,3 +456,30 @@ def test_a_kernel_image_that_does_not_exist_is_input_not_a_boot_failure(tmp_path
     a = cli.parser().parse_args(["run", "--kernel-image", str(tmp_path / "nope")])
     with pytest.raises(ConfigError, match="--kernel-image.*no such readable file"):
         config.resolve(None, a)
+
+
+@pytest.mark.parametrize("exporter,key,words", [
+    ("{kind: vmlab, size: 2M, backing: hugetlb}", "exporter.backing", "only exporter.kind udmabuf"),
+    ("{kind: udmabuf, size: 1M, backing: thp}", "exporter.size", "not a multiple of 2 MiB"),
+    ("{kind: udmabuf, size: 2M, backing: pmem}", "exporter.backing", "pmem"),
+])
+def test_udmabuf_backing_is_checked(tmp_path, exporter, key, words):
+    p = tmp_path / "b.yaml"
+    p.write_text(f"version: 1\nname: b\nexporter: {exporter}\nbaseline: {{expect: REFAULTED}}\n")
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    assert f": {key}: " in str(ei.value) and words in str(ei.value), str(ei.value)
+
+
+def test_store_needs_a_write_and_vgem_cannot_zap(tmp_path):
+    p = tmp_path / "s.yaml"
+    p.write_text("version: 1\nname: s\nexporter: {kind: vmlab, size: 64K}\n"
+                 "moves:\n  - {mode: NONE, store: avx, expect: REFAULTED}\n")
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    assert "moves[0].store" in str(ei.value) and "guest_write" in str(ei.value)
+    p.write_text("version: 1\nname: s\nexporter: {kind: vgem, size: 64K, fault: read-write}\n"
+                 "moves:\n  - {mode: ZAP_ONLY, expect: REFAULTED}\n")
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    assert "exporter.fault" in str(ei.value) and "ZAP_ONLY needs exporter.kind vmlab" in str(ei.value)

@@ -85,3 +85,27 @@ def test_shadow_mmu_and_emulation_and_unknown_pfns():
     assert "kept" not in ev["summary"]       # the shadow MMU's zaps are not traced per spte
     ev = ke.summarize(ke.parse(lines), GFN0, 4, None, None, overrun=7)
     assert "does not list its pfns" in ev["summary"] and ev["overrun"] == 7
+
+
+def set_spte(t, gfn, pfn):
+    return (f" qemu-812 [000] ..... {t:.6f}: kvm_mmu_set_spte: gfn {gfn:x} spte {spte(pfn):x} "
+            f"(rw-u) level 1 at 12345")
+
+
+def test_tdp_mappings_are_counted_once_and_faults_only_on_the_buffer():
+    """The TDP MMU fires kvm_mmu_set_spte beside kvm_tdp_mmu_spte_changed for one mapping;
+    the page-fault filter in the lab starts 1 GiB low, so faults elsewhere are dropped."""
+    lines = []
+    for i in range(4):
+        lines += [tdp(1.0 + i, GFN0 + i, spte(OLD[i]), 0)]
+        lines += [tdp(2.0 + i, GFN0 + i, 0, spte(NEW[i])), set_spte(2.0 + i, GFN0 + i, NEW[i])]
+        lines += [fault(2.0 + i, ((GFN0 + i) << 12) | 0x800).replace("error_code 0x4", "error_code 0x6")]
+    lines += [fault(3.0, (GFN0 - 0x100) << 12)]          # another device's MMIO, same GiB
+    ev = ke.summarize(ke.parse(lines), GFN0, 4, OLD, NEW)
+    assert ev["mapped_new_pages"] == 4 and ev["mapped_sptes_by_level"] == {"4K": 4}
+    assert ev["page_faults"] == 4 and ev["write_faults"] == 4
+
+
+def test_an_overrun_trace_claims_nothing_was_kept():
+    ev = ke.summarize(ke.parse([]), GFN0, 4, OLD, NEW, overrun=999, tdp_mmu=True)
+    assert "kept_old_pages" not in ev and "kept" not in ev["summary"] and "incomplete" in ev["summary"]

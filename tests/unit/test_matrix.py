@@ -64,11 +64,11 @@ def test_duplicate_ids_are_refused(tmp_path):
 def test_kernels_are_checked():
     assert matrix.parse_kernels(None) == ["trixie", "trixie-backports"]
     assert matrix.parse_kernels("trixie-backports") == ["trixie-backports"]
-    for bad in ("trixie,nope", "trixie,trixie", ""):
-        if bad:
-            with pytest.raises(ConfigError) as ei:
-                matrix.parse_kernels(bad)
-            assert "--kernels" in str(ei.value)
+    assert matrix.parse_kernels("") == ["trixie", "trixie-backports"]     # not given
+    for bad in ("trixie,nope", "trixie,trixie", "trixie,"):
+        with pytest.raises(ConfigError) as ei:
+            matrix.parse_kernels(bad)
+        assert "--kernels" in str(ei.value)
 
 
 def test_plan_resolves_every_cell_with_its_kernel():
@@ -162,3 +162,26 @@ def test_matrix_json_is_json(tmp_path):
     doc = json.loads((tmp_path / "matrix.json").read_text())
     assert doc["entries"] == ["calibration"] and doc["cells"] == [] and doc["summary"]["cells"] == 0
     assert (tmp_path / "report.html").exists() and (tmp_path / "junit.xml").exists()
+
+
+@pytest.mark.parametrize("name", ["lab", "lab-2", "calibration.attempt1"])
+def test_entry_names_that_collide_with_matrix_directories(tmp_path, name):
+    (tmp_path / "e.yaml").write_text(
+        f"version: 1\nname: {name}\ntitle: t\nlinks: [abc1234]\nwhy: w\n"
+        "exporter: {kind: vmlab, size: 1M}\nmoves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
+    with pytest.raises(ConfigError) as ei:
+        catalog.load(tmp_path)
+    assert "name" in str(ei.value) and "directory" in str(ei.value)
+
+
+def test_a_blank_link_is_no_crash():
+    assert report._link(" ") == ""
+
+
+def test_matrix_reproducer_keeps_the_command_line(tmp_path):
+    from vmlab.experiment import cli_passthrough
+    args = parser().parse_args(["matrix", "--accel", "tcg", "--qemu", "default", "--guest-memory", "768",
+                                "--lab-qemu-arg=-smp", "--lab-qemu-arg=1"])
+    argv = cli_passthrough(args, kernel="forky", kernel_image=None)
+    assert argv == ["--accel=tcg", "--kernel=forky", "--qemu=default", "--guest-memory=768",
+                    "--lab-qemu-arg=-smp", "--lab-qemu-arg=1"]

@@ -124,7 +124,8 @@ struct vmlab_info {
 	__u64 refaulted_pages;   /* out: distinct pages faulted in since the last zap */
 	__u64 module_quarantined_pages; /* out: retired pages of every buffer, open or closed */
 	__u64 leaked_pages;      /* out: pages never freed because WB could not be restored */
-	__u64 mkwrites;          /* out: read-only PTEs made writable (CREATE_RO_FAULT) */
+	__u64 mkwrites;          /* out: pfn_mkwrite calls: writes to read-only PTEs (CREATE_RO_FAULT);
+				  * the core upgrades the PTE unless a MOVE zapped it meanwhile */
 	__u64 create_flags;      /* out: VMLAB_CREATE_* the buffer was created with */
 };
 
