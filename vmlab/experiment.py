@@ -371,6 +371,12 @@ class Run:
             start = self.health_start.get(name)
             if start is None or vm is None or getattr(vm, "session", None) is None:
                 continue
+            if name == "guest" and self.result.get("vmm_fault"):
+                # its vCPUs are stopped or its QEMU is gone (that is the verdict): asking
+                # its kernel would only wait for SSH to give up
+                health[name] = {"ok": None, "skipped": "the guest's VMM stopped: " + self.result["vmm_fault"],
+                                "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
+                continue
             try:
                 now = kernel_state(vm)
             except Exception as e:
