@@ -90,12 +90,12 @@ def summarize(events: list[dict], gfn0: int, npages: int, old_pfns: list[int] | 
             mmu = "tdp"
             changes += 1
             lvl = LEVEL.get(e["level"], str(e["level"]))
-            for idx, pfn in _covered(e["gfn"], e["level"], _pfn(e["old_spte"]), gfn0, npages):
-                if pfn in old and _pfn(e["new_spte"]) != _pfn(e["old_spte"]):
-                    zapped_pages.add(idx)
-            if any(pfn in old for _, pfn in _covered(e["gfn"], e["level"], _pfn(e["old_spte"]), gfn0, npages)) \
-                    and _pfn(e["new_spte"]) != _pfn(e["old_spte"]):
-                zapped_by_level[lvl] = zapped_by_level.get(lvl, 0) + 1
+            if _pfn(e["new_spte"]) != _pfn(e["old_spte"]):
+                gone = [idx for idx, pfn in _covered(e["gfn"], e["level"], _pfn(e["old_spte"]), gfn0, npages)
+                        if pfn in old]
+                zapped_pages.update(gone)
+                if gone:
+                    zapped_by_level[lvl] = zapped_by_level.get(lvl, 0) + 1
             landed = _covered(e["gfn"], e["level"], _pfn(e["new_spte"]), gfn0, npages)
             _count_mapping(landed, old, new, mapped_old, mapped_new, mapped_by_level, lvl)
         elif e["event"] == "kvm_mmu_set_spte" and not tdp_seen:

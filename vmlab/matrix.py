@@ -125,14 +125,12 @@ class Matrix:
         groups = {k: self._groups(planned) for k, planned in self.plan.items()}
         try:
             # every image first: a missing one under --no-build is exit 2 before any boot
-            for kernel, gs in groups.items():
-                for members in gs:
-                    o = members[0][1]
-                    lab_images(kernel, o["guest_kernel"], build=not o["no_build"],
-                               progress=self.progress, qemu=o["qemu"])
+            images = {(k, gi): lab_images(k, ms[0][1]["guest_kernel"], build=not ms[0][1]["no_build"],
+                                          progress=self.progress, qemu=ms[0][1]["qemu"])
+                      for k, gs in groups.items() for gi, ms in enumerate(gs)}
             for kernel, gs in groups.items():
                 for gi, members in enumerate(gs):
-                    self._run_group(kernel, gi, members, total, Run)
+                    self._run_group(kernel, gi, members, total, Run, images[(kernel, gi)])
             self.result["status"] = "finished"
         except BaseException as e:
             self.result["status"] = "interrupted" if isinstance(e, KeyboardInterrupt) or \
@@ -157,7 +155,7 @@ class Matrix:
         from .experiment import cli_passthrough, write_reproducer
         write_reproducer(cell_dir, exp, cli_passthrough(self.args, kernel=kernel, kernel_image=None))
 
-    def _run_group(self, kernel, gi, members, total, Run) -> None:
+    def _run_group(self, kernel, gi, members, total, Run, images) -> None:
         kdir = self.out / kernel / (f"lab-{gi}" if gi else "lab")
         kdir.mkdir(parents=True)
         o0 = members[0][1]
@@ -167,6 +165,7 @@ class Matrix:
             plugin = str(hwtrace.plugin_path(self.progress))
         stack = Stack(kdir, self.progress, lab_options(o0, hwtrace_plugin=plugin),
                       guest_kernel=o0["guest_kernel"], build=not o0["no_build"])
+        stack.lab_image, stack.guest_image = images
         lab_failed: str | None = None
         boots = 0
         try:

@@ -69,9 +69,10 @@ class Stack:
         ``boot_failures``. A QEMU that refuses its arguments is not retried."""
         if self.shared_lab is not None:
             return self.shared_lab
-        self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
-                                                      build=self.build, progress=self.progress,
-                                                      qemu=self.lab_opts.qemu)
+        if self.lab_image is None:   # found once: a reboot (the matrix) boots the same images
+            self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
+                                                          build=self.build, progress=self.progress,
+                                                          qemu=self.lab_opts.qemu)
         for attempt in range(1, self.lab_boot_attempts + 1):
             self.lab = NestedLab(self.workdir, self.lab_opts)
             try:
