@@ -42,6 +42,7 @@ them (``resolve``):
     guest_boot_timeout   --guest-boot-timeout    guest.boot_timeout  240
     guest_gpu            -                       guest.gpu           none
     guest_mapping        -                       guest.mapping       uc
+    guest_align          -                       guest.align_mappings 4K
 
 The argparse defaults are all None so that "not given" is visible; commands without a
 config (lab up, doctor, bench) call ``resolve(None, args)``; it returns a plain dict
@@ -88,6 +89,7 @@ DEFAULTS = {
     "guest_boot_timeout": 240.0,
     "guest_gpu": "none",
     "guest_mapping": "uc",
+    "guest_align": "4K",
 }
 
 # setting -> (argparse dest or None, config key path or None, CLI spelling)
@@ -103,6 +105,7 @@ _MERGE = {
     "guest_boot_timeout": ("guest_boot_timeout", ("guest", "boot_timeout"), "--guest-boot-timeout"),
     "guest_gpu": (None, ("guest", "gpu"), None),
     "guest_mapping": (None, ("guest", "mapping"), None),
+    "guest_align": (None, ("guest", "align_mappings"), None),
 }
 
 #: One line for --help texts.
@@ -520,6 +523,10 @@ def _semantic_errors(raw: dict) -> list:
     elif backing in ("hugetlb", "thp") and isinstance(size, int) and size % (2 << 20):
         errs.append((["exporter", "size"], f"a {backing} memfd comes in 2 MiB pages: "
                      f"{_mib(size)} is not a multiple of 2 MiB"))
+    alloc = exporter.get("alloc", "ORDER0")
+    if alloc == "HUGE_PMD" and isinstance(size, int) and size < (2 << 20):
+        errs.append((["exporter", "size"], f"alloc HUGE_PMD maps 2 MiB blocks: {_mib(size)} is "
+                     f"less than 2 MiB"))
     if kind in ("udmabuf", "dmaheap", "vgem"):
         for k in ("caching", "alloc", "fault"):
             if k in exporter:
@@ -533,6 +540,13 @@ def _semantic_errors(raw: dict) -> list:
     if "moves" not in raw and "baseline" not in raw:
         errs.append(([], "an experiment without moves checks only the baseline read: say what "
                      "it expects (baseline: {expect: ...})"))
+    need = raw.get("needs_lab_kernel")
+    if isinstance(need, dict) and isinstance(need.get("version"), str):
+        try:
+            versions.parse_constraint(need["version"])
+        except versions.VersionError as e:
+            errs.append((["needs_lab_kernel", "version"],
+                         f"not a lab kernel version constraint: {_one_line(e)}"))
     base = raw.get("baseline")
     if isinstance(base, dict) and "expect" in base:
         _constraints(base["expect"], ["baseline", "expect"], errs)
@@ -548,6 +562,14 @@ def _semantic_errors(raw: dict) -> list:
             errs.append((["moves", i, "caching"], "a caching change needs a vmlab MIGRATE move"))
         if "store" in m and m.get("guest_write") is not True:
             errs.append((["moves", i, "store"], "how the guest stores needs guest_write: true"))
+        pages = m.get("pages")
+        if isinstance(pages, dict):
+            errs += [(["moves", i, "pages"], e) for e in _page_range_errors(
+                pages, mode, kind, alloc, m.get("caching", "KEEP"), size)]
+            if m.get("concurrent") is True:
+                # the watcher reads the first and last page: it may never see the range move
+                errs.append((["moves", i, "concurrent"], "a page-range move cannot be watched "
+                             "(the guest watcher reads the first and the last page)"))
         if "expect" in m:
             p = ["moves", i, "expect"]
             _constraints(m["expect"], p, errs)
@@ -559,6 +581,24 @@ def _semantic_errors(raw: dict) -> list:
     why = qemu_suite_problem(q, k) if isinstance(q, str) and isinstance(k, str) else None
     if why:
         errs.append((["lab", "qemu"], why))
+    return errs
+
+
+def _page_range_errors(pages: dict, mode, kind, alloc, caching, size) -> list[str]:
+    """What stops a page-range move (the exporter refuses the same with EINVAL)."""
+    errs = []
+    if mode not in ("MIGRATE", "MIGRATE_NO_ZAP"):
+        errs.append(f"a page range moves with MIGRATE or MIGRATE_NO_ZAP, not {mode}")
+    if kind != "vmlab" or alloc not in ("ORDER0", "HUGE_PMD"):
+        errs.append("a page range needs exporter.kind vmlab with alloc ORDER0 or HUGE_PMD "
+                    "(pages that can be freed one by one)")
+    if caching != "KEEP":
+        errs.append("a page range keeps the buffer's caching (caching: KEEP)")
+    first, count = pages.get("first"), pages.get("count")
+    if isinstance(size, int) and isinstance(first, int) and isinstance(count, int) and \
+            first + count > size // 4096:
+        errs.append(f"pages {first}..{first + count - 1} are not all inside the "
+                    f"{size // 4096}-page buffer")
     return errs
 
 
@@ -713,6 +753,14 @@ class Experiment:
                               f"(keys: {', '.join(spec)}): add one for it")
         return _as_list(hit[1]), hit[0]
 
+    def not_applicable_on(self, release: str) -> str | None:
+        """Why this experiment does not apply to lab kernel ``release`` (needs_lab_kernel),
+        or None when it does."""
+        need = self.raw.get("needs_lab_kernel")
+        if need and not versions.matches(need["version"], release):
+            return f"needs a lab kernel {need['version']}, this is {release}: {need['why']}"
+        return None
+
     def baseline_expect_for(self, release: str | None) -> list[str]:
         """Verdicts the baseline read may give on a lab kernel with this ``uname -r``
         (default REFAULTED). ConfigError (exit 2) when a version key matches nothing."""
@@ -738,6 +786,7 @@ class Experiment:
                             "concurrent": m.get("concurrent", False),
                             "interval_ms": m.get("interval_ms", 0), "inject": m.get("inject"),
                             "store": m.get("store", "plain"),
+                            "pages": dict(m["pages"]) if "pages" in m else None,
                             "expect": list(expect), "expect_key": key})
         return out
 

@@ -243,6 +243,7 @@ class Run:
         size = self.exp.size
         gopts = GuestOptions(memory_mb=o["guest_memory_mb"], gpu=o["guest_gpu"],
                              boot_timeout=o["guest_boot_timeout"],
+                             align_mappings=o.get("guest_align", "4K"),
                              extra_qemu_args=["-chardev", f"socket,path={IVSHMEM_SOCK},id=ivs0",
                                               "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"])
         plugin = None
@@ -272,6 +273,9 @@ class Run:
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             self.result["lab"]["outer_qemu"] = qemu_version()
             self.result["lab"].update(lab_facts(lab))
+            why_not = self.exp.not_applicable_on(release)
+            if why_not:
+                raise NotApplicable(why_not)
             # which expectation applies is decided by the kernel that really booted
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)
@@ -293,6 +297,10 @@ class Run:
                 if exp_cfg["kind"] == "udmabuf" and create["backing"] != "shmem" and \
                         e.errname in ("ENOTSUP", "EOPNOTSUPP", "EINVAL"):
                     raise NotApplicable(f"lab kernel {release}: {e.resp.get('error')}")
+                if create.get("alloc") == "HUGE_PMD" and e.errname in ("ENOTSUP", "EOPNOTSUPP"):
+                    raise NotApplicable(f"lab kernel {release}: the exporter maps huge PFNMAP PMDs "
+                                        f"only from 6.12 (\"mm: Support huge pfnmaps\": before it "
+                                        f"GUP-fast takes such a PMD for a THP)")
                 raise
             self.progress(f"{exp_cfg['kind']} buffer {self.buf['id']:#x} ({size} bytes) created; "
                           f"exported over ivshmem")
@@ -304,6 +312,8 @@ class Run:
                                     "boot_seconds": guest.boot_seconds}
             self.health_start["guest"] = kernel_state(guest)
             self.check_guest_can_store()
+            if exp_cfg["kind"] == "vmlab":
+                self.result["vmm_mapping"] = self.vmm_mapping()
             self.result["caching_chain"] = self.caching_chain()
             self.start_kvm_trace()
             self.save()
@@ -502,7 +512,22 @@ class Run:
         if rec.get("verdict") == "STALE" and ev.get("kept_old_pages"):
             rec["detail"] = "; ".join(x for x in (rec.get("detail"), ev["summary"]) if x)
 
-    def read_and_judge(self, generation: int, expect_tag: int | None) -> dict:
+    def vmm_mapping(self) -> dict:
+        """Where the guest's QEMU mapped the buffer (BAR 2), and whether KVM could map it with
+        2 MiB nested entries: the host address must be 2 MiB-aligned like the BAR."""
+        got = self.agent.request("vmm_mapping", buf=self.buf["buf"], pid=self.stack.guest.pid)
+        vmas = got["vmas"]
+        out = {"vmas": vmas, "thp_enabled": got.get("thp_enabled"),
+               "align_mappings": self.opts.get("guest_align", "4K"),
+               "aligned_2m": bool(vmas) and all(v["aligned_2m"] for v in vmas)}
+        if self.exp.section("exporter").get("alloc") == "HUGE_PMD" and not out["aligned_2m"]:
+            out["note"] = ("QEMU mapped the BAR at " + ", ".join(v["start"] for v in vmas) +
+                           ": not 2 MiB-aligned, so neither QEMU's page tables nor KVM's nested "
+                           "ones can use 2 MiB entries (guest.align_mappings: 2M aligns it)")
+            self.progress(out["note"])
+        return out
+
+    def read_and_judge(self, generation: int | list[int], expect_tag: int | None) -> dict:
         r = self.guest_agent(f"read --caching {self.mapping}", timeout=300)
         if "guest_fault" in r:
             return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
@@ -539,6 +564,9 @@ class Run:
             self.hw.epoch(0)
         j = self.read_and_judge(1, None)
         self.hw_judge(j)
+        info = self.exporter_info()
+        if info is not None:
+            j["exporter_info"] = info
         j["expected"] = self.baseline_expect
         j["passed"] = j["verdict"] in self.baseline_expect and not j.get("hw_blind")
         self.result["baseline"] = j
@@ -553,9 +581,13 @@ class Run:
     def moves(self) -> None:
         generation = 1
         npages = self.exp.size // 4096
+        # the generation each page must show: a page-range move changes only its range
+        page_gens = [1] * npages
         base = self.result.get("baseline", {}).get("verdict")
         for mv in self.moves_plan:
             rec = {"n": mv["n"], "mode": mv["mode"], "expected": mv["expect"], "caching": mv["caching"]}
+            if mv.get("pages"):
+                rec["page_range"] = mv["pages"]
             self.result["moves"].append(rec)
             tag = None
             if self.result.get("vmm_fault"):
@@ -601,7 +633,7 @@ class Run:
                         mres = {"generation": generation, "what": "no move: the guest's write, then a read"}
                     else:
                         mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
-                                                  caching=mv["caching"])
+                                                  caching=mv["caching"], pages=mv.get("pages"))
                 except AgentRequestFailed as e:
                     if e.errname in ("EOPNOTSUPP", "ENOTSUP"):
                         rec.update(verdict="UNSUPPORTED", pages={}, detail=str(e))
@@ -610,6 +642,10 @@ class Run:
                         raise RemoteError(f"move {mv['n']}: the exporter's quarantine is full "
                                           f"(max_quarantine_mb): {e}")
                     raise
+                if mres["generation"] != generation:
+                    r = mv.get("pages") or {"first": 0, "count": npages}
+                    page_gens[r["first"]:r["first"] + r["count"]] = \
+                        [mres["generation"]] * r["count"]
                 generation = mres["generation"]
                 rec["generation"] = generation
                 rec["exporter_note"] = mres.get("what")
@@ -622,7 +658,7 @@ class Run:
                 if mv["concurrent"]:
                     rec["watch"] = self.watch.wait_generation(generation, t_sent, timeout=30)
                 self.check_vmm()
-                j = self.read_and_judge(generation, tag)
+                j = self.read_and_judge(page_gens, tag)
                 rec.update(j)
                 rec["seconds"] = round(time.monotonic() - t_sent, 4)  # move + full verified read
                 info = self.exporter_info()

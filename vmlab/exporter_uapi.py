@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import struct
 
-ABI_VERSION = 4
+ABI_VERSION = 5
 IOC_MAGIC = 0xBB  # free in Documentation/userspace-api/ioctl/ioctl-number.rst (see the header)
 
 CACHING = {"WB": 0, "WC": 1, "UC": 2}
 CACHING_KEEP = 0xFFFFFFFF
 VM_PROT = {"WC": 0, "CACHED": 1, "UC": 2}
-ALLOC = {"ORDER0": 0, "COMPOUND": 1, "NONCOMPOUND": 2}
+ALLOC = {"ORDER0": 0, "COMPOUND": 1, "NONCOMPOUND": 2, "HUGE_PMD": 3}
 MOVE = {"MIGRATE": 1, "MIGRATE_NO_ZAP": 2, "ZAP_ONLY": 3, "MIGRATE_SILENT": 4}
 MEMTYPE = {0: "WB", 1: "WC", 2: "UC-", 3: "UC", 4: "WT", 5: "WP", 0xFFFFFFFF: "unknown"}
 CREATE_CLOEXEC = 0x1
@@ -32,12 +32,12 @@ CREATE, CREATE_FIELDS = _layout(("size", "Q"), ("caching", "I"), ("alloc", "I"),
                                 ("fd", "i"), ("id", "Q"))
 INFO_OUT_U64 = ("size", "generation", "faults", "zaps", "moves", "mmaps", "live_mappings",
                 "quarantined_pages", "stale_mapped", "module_pages", "refaulted_pages",
-                "module_quarantined_pages", "leaked_pages", "mkwrites", "create_flags")
+                "module_quarantined_pages", "leaked_pages", "mkwrites", "create_flags", "pmd_faults")
 INFO, INFO_FIELDS = _layout(("fd", "i"), ("flags", "I"), ("pfns_ptr", "Q"), ("pfns_count", "Q"),
                             ("id", "Q"), ("caching", "I"), ("vm_prot", "I"), ("alloc", "I"),
                             ("pad", "I"), *((n, "Q") for n in INFO_OUT_U64))
 MOVE_S, MOVE_FIELDS = _layout(("fd", "i"), ("mode", "I"), ("caching", "I"), ("flags", "I"),
-                              ("generation", "Q"))
+                              ("generation", "Q"), ("first_page", "Q"), ("page_count", "Q"))
 RELEASE, RELEASE_FIELDS = _layout(("id", "Q"), ("max_generation", "Q"), ("flags", "I"),
                                   ("pad", "I"), ("freed_pages", "Q"))
 PTE, PTE_FIELDS = _layout(("addr", "Q"), ("flags", "I"), ("memtype", "I"), ("pfn", "Q"),

@@ -25,6 +25,9 @@ READY = "VMLAB-GUEST-READY"
 # The guest's kernel and initramfs, copied once per lab from the read-only 9p share to the
 # lab's tmpfs: QEMU reading them over 9p cost 1.5 s of every guest boot under TCG.
 IMAGE_DIR = "/run/vmlab/guest-image"
+# Built into the lab image from host-tools/vmm-align: aligns QEMU's PROT_NONE reservations
+# of 2 MiB or more to 2 MiB, so an fd-backed BAR can get KVM's 2 MiB nested mappings.
+ALIGN_PRELOAD = "/usr/lib/vmlab/align-reserve.so"
 _COPY_IMAGE = (f"if [ ! -s {IMAGE_DIR}/initramfs.img ]; then mkdir -p {IMAGE_DIR} && "
                f"t=$(mktemp -d {IMAGE_DIR}.XXXXXX) && "
                f"cp /mnt/vmlab/guest/vmlinuz /mnt/vmlab/guest/initramfs.img $t/ && "
@@ -51,6 +54,7 @@ class GuestOptions:
     append: str = ""
     gpu: str = "none"             # none | blob (virtio-gpu-pci blob=true) | host-blob (virtio-gpu-gl)
     hostmem_mb: int = 64
+    align_mappings: str = "4K"    # 2M: QEMU's large reservations 2 MiB-aligned (ALIGN_PRELOAD)
 
 
 class Guest:
@@ -80,6 +84,8 @@ class Guest:
     def spec(self) -> VMSpec:
         pub = ssh.public_key_b64(self.lab.key)
         gargs, genv, display = self.gpu_args()
+        if self.opts.align_mappings == "2M":
+            genv = dict(genv, LD_PRELOAD=ALIGN_PRELOAD)
         return VMSpec(
             name=self.opts.name, kernel=f"{IMAGE_DIR}/vmlinuz", initrd=f"{IMAGE_DIR}/initramfs.img",
             append=" ".join(filter(None, [BOOT_ARGS, f"vmlab.sshkey={pub}",

@@ -87,7 +87,7 @@ class Buffer:
     def info(self, pfns=False):
         return {"kind": self.kind, "size": self.size, "id": self.id, "generation": self.generation}
 
-    def move(self, mode, caching):
+    def move(self, mode, caching, pages=None):
         raise AgentError(f"{self.kind} buffers cannot be moved: the exporter has no move "
                          f"operation (reported as unsupported, not faked)", errno.EOPNOTSUPP)
 
@@ -137,12 +137,16 @@ class VmlabBuffer(Buffer):
             out["pfns"] = list(struct.unpack(f"<{n}Q", arr))
         return out
 
-    def move(self, mode, caching):
+    def move(self, mode, caching, pages=None):
+        """``pages``: None for the whole buffer, or {"first", "count"}: only that range moves."""
         cach = U.CACHING_KEEP if caching in (None, "KEEP") else U.CACHING[caching]
-        req = U.pack(U.MOVE_S, U.MOVE_FIELDS, fd=self.fd, mode=U.MOVE[mode], caching=cach)
+        first, count = (int(pages["first"]), int(pages["count"])) if pages else (0, 0)
+        req = U.pack(U.MOVE_S, U.MOVE_FIELDS, fd=self.fd, mode=U.MOVE[mode], caching=cach,
+                     first_page=first, page_count=count)
         _ioctl(self.ctl, U.IOC_MOVE, req)
         self.generation = U.unpack(U.MOVE_S, U.MOVE_FIELDS, req)["generation"]
-        return {"generation": self.generation, "what": f"{mode} done by the exporter"}
+        what = f"pages {first}..{first + count - 1}" if count else "the whole buffer"
+        return {"generation": self.generation, "what": f"{mode} of {what} done by the exporter"}
 
     def release_quarantine(self, max_generation=0, force=False):
         return release_quarantine(self.ctl, self.id, max_generation, force)
@@ -217,9 +221,10 @@ class UdmabufBuffer(Buffer):
             raise AgentError("the shmem memfd got no transparent huge page (shmem THP off, or "
                              "no 2 MiB block free): nothing to test", errno.ENOTSUP)
 
-    def move(self, mode, caching):
-        if mode != "MIGRATE":
-            raise AgentError(f"udmabuf supports only MIGRATE (punch hole + rewrite), not {mode}",
+    def move(self, mode, caching, pages=None):
+        if mode != "MIGRATE" or pages:
+            raise AgentError(f"udmabuf supports only a whole MIGRATE (punch hole + rewrite), not {mode}"
+                             f"{' of a page range' if pages else ''}",
                              errno.EOPNOTSUPP)
         FALLOC_FL_KEEP_SIZE, FALLOC_FL_PUNCH_HOLE = 1, 2
         import ctypes
@@ -451,6 +456,54 @@ def read_stamps(fd, size, first=0, count=None, full=False, kept=None):
                 state, bid, gen, idx, tag = s.state, s.buffer_id, s.generation, s.index, s.tag
             recs.append([i, status, bid, gen, idx, state, tag])
     return recs
+
+
+class AlignedMapping:
+    """A shared read-write mapping of a buffer at a 2 MiB-aligned address, as a VMM that
+    aligns its RAM blocks maps it: there the exporter may map whole 2 MiB blocks with one
+    PMD. Sliced like an mmap object; ``addr`` is where it starts."""
+    ALIGN = 2 << 20
+
+    def __init__(self, fd, size):
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.mmap.restype = ctypes.c_void_p
+        libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                              ctypes.c_int, ctypes.c_long]
+        libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+        self._libc, self.size = libc, size
+        res = libc.mmap(None, size + self.ALIGN, 0,  # PROT_NONE
+                        mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | 0x4000, -1, 0)  # MAP_NORESERVE
+        if res in (None, ctypes.c_void_p(-1).value):
+            raise AgentError("mmap reserve: " + os.strerror(ctypes.get_errno()), ctypes.get_errno())
+        start = (res + self.ALIGN - 1) & ~(self.ALIGN - 1)
+        if start > res:
+            libc.munmap(res, start - res)
+        libc.munmap(start + size, self.ALIGN - (start - res))
+        got = libc.mmap(start, size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED | 0x10,
+                        fd, 0)  # MAP_FIXED over our own reservation
+        if got != start:
+            err = ctypes.get_errno()
+            libc.munmap(start, size)
+            raise AgentError("mmap of the buffer: " + os.strerror(err), err)
+        self.addr = start
+        self._view = (ctypes.c_char * size).from_address(start)
+
+    def __getitem__(self, sl):
+        return self._view[sl]
+
+    def __setitem__(self, sl, data):
+        # one memmove (as mmap's slice assignment): an 8-byte tag is one store, never torn
+        import ctypes
+        start, stop, step = sl.indices(self.size)
+        if step != 1 or stop - start != len(data):
+            raise AgentError(f"write of {len(data)} bytes into [{start}:{stop}]", errno.EINVAL)
+        ctypes.memmove(self.addr + start, bytes(data), len(data))
+
+    def close(self):
+        if self._view is not None:
+            self._view = None
+            self._libc.munmap(self.addr, self.size)
 
 
 def mmap_address(m):
@@ -967,13 +1020,39 @@ class Agent:
     def op_move(self, req):
         b = self.buf(req)
         t0 = time.monotonic_ns()
-        out = b.move(req["mode"], req.get("caching"))
+        out = b.move(req["mode"], req.get("caching"), req.get("pages"))
         out["t_start_ns"], out["t_end_ns"] = t0, time.monotonic_ns()
         return out
 
-    def op_host_map(self, req):
-        """Keep a host mapping of the buffer open (as a VMM would) until host_unmap."""
+    def op_vmm_mapping(self, req):
+        """Where process ``pid`` (the guest's QEMU) maps the buffer: every VMA of the dma-buf's
+        inode in /proc/PID/maps, with its start's alignment. KVM maps a 2 MiB nested entry
+        only where the host address is 2 MiB-aligned like the guest physical address."""
         b = self.buf(req)
+        st = os.fstat(b.fd)
+        dev = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}"
+        vmas = []
+        with open(f"/proc/{int(req['pid'])}/maps") as f:
+            for ln in f:
+                parts = ln.split(None, 5)
+                if len(parts) >= 5 and parts[3] == dev and int(parts[4]) == st.st_ino:
+                    lo, hi = (int(x, 16) for x in parts[0].split("-"))
+                    vmas.append({"start": hex(lo), "bytes": hi - lo, "offset": int(parts[2], 16),
+                                 "start_align": lo & -lo, "aligned_2m": lo % (2 << 20) == 0})
+        # for a file VMA the core calls ->huge_fault only as THP's sysfs setting allows
+        return {"vmas": vmas, "thp_enabled": _read_first("/sys/kernel/mm/transparent_hugepage/enabled")}
+
+    def op_host_map(self, req):
+        """Keep a host mapping of the buffer open (as a VMM would) until host_unmap;
+        ``align_2m``: at a 2 MiB-aligned address (AlignedMapping)."""
+        b = self.buf(req)
+        old = self.maps.pop(req["buf"], None)
+        if old is not None:
+            old.close()
+        if req.get("align_2m"):
+            m = AlignedMapping(b.fd, b.size)
+            self.maps[req["buf"]] = m
+            return {"addr": hex(m.addr)}
         self.maps[req["buf"]] = mmap.mmap(b.fd, b.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
         return {}
 

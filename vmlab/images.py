@@ -58,7 +58,8 @@ GUEST_PACKAGES = ["linux-image-amd64", "busybox-static", "dropbear-bin"]
 GUEST_MODULES = ["virtio_pci", "virtio_net", "virtio_blk", "virtio_console", "virtio_rng",
                  "virtio_gpu", "drm", "drm_kms_helper"]
 
-LAB_INPUTS = ["guest-images/lab", "host-tools/vmlab-exporter", "vmlab/initramfs.py"]
+LAB_INPUTS = ["guest-images/lab", "host-tools/vmlab-exporter", "host-tools/vmm-align",
+              "vmlab/initramfs.py"]
 GUEST_INPUTS = ["guest-images/guest", "guest-images/agent", "host-tools/vmlab-exporter/include",
                 "vmlab/initramfs.py"]
 _SKIP_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".symvers", ".order", ".pyc")

@@ -133,8 +133,11 @@ def summarize(events: list[dict], gfn0: int, npages: int, old_pfns: list[int] | 
         mapped_sptes_by_level=mapped_by_level,
     )
     if mmu == "tdp" and not overrun:
-        # silence is evidence only when the record is complete
-        out["kept_old_pages"] = npages - len(zapped_pages)
+        # silence is evidence only when the record is complete. What had to go: the pages
+        # whose pfn retired (a page-range move retires only its range), or every page
+        # when nothing moved (ZAP_ONLY)
+        must_go = {i for i, p in enumerate(old_pfns) if p in retired} if moved else set(range(npages))
+        out["kept_old_pages"] = len(must_go - zapped_pages)
     words = []
     if mmu == "tdp":
         words.append(f"KVM zapped {len(zapped_pages)} of {npages} pages' sptes "

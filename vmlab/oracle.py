@@ -25,8 +25,15 @@ _RANK = {"REFAULTED": 0, "HW_STALE": 1, "STALE": 1, "LOST_WRITE": 2, "NOT_ZAPPED
          "GUEST_FAULT": 5, "VMM_FAULT": 6}
 
 
-def page_verdict(rec: list, *, buffer_id: int, generation: int, expect_tag: int | None = None) -> str:
+def page_verdict(rec: list, *, buffer_id: int, generation: int | list[int],
+                 expect_tag: int | None = None) -> str:
+    """``generation``: the one every page must show, or one per page (after a page-range
+    move only the range carries the new generation)."""
     index, status, bid, gen, idx, state, tag = rec[:7]
+    if isinstance(generation, list):
+        if not (isinstance(index, int) and 0 <= index < len(generation)):
+            return "TORN"
+        generation = generation[index]
     if status != "ok" or bid != buffer_id or idx != index or gen > generation:
         return "TORN"
     if gen < generation or state == stamp.RETIRED:
@@ -50,7 +57,7 @@ def coverage_error(records: list, npages: int) -> str | None:
     return None
 
 
-def judge(records: list, *, buffer_id: int, generation: int, npages: int,
+def judge(records: list, *, buffer_id: int, generation: int | list[int], npages: int,
           expect_tag: int | None = None) -> dict:
     verdicts = [page_verdict(r, buffer_id=buffer_id, generation=generation, expect_tag=expect_tag)
                 for r in records]

@@ -18,6 +18,10 @@ if [ -f "$root/usr/src/vmlab-exporter/tools/uapi_dump.c" ]; then
     -o /usr/local/bin/vmlab-uapi-dump /usr/src/vmlab-exporter/tools/uapi_dump.c
 fi
 mkdir -p "$root/usr/lib/vmlab"
+cp "$src/host-tools/vmm-align/vmlab_align_reserve.c" "$root/tmp/vmlab_align_reserve.c"
+chroot "$root" gcc -O2 -Wall -Werror -shared -fPIC -o /usr/lib/vmlab/align-reserve.so \
+  /tmp/vmlab_align_reserve.c -ldl
+rm -f "$root/tmp/vmlab_align_reserve.c"
 install -m 0755 "$src/guest-images/lab/lab-setup" "$root/usr/lib/vmlab/lab-setup"
 install -m 0644 "$src/guest-images/lab/inittab" "$root/etc/inittab"
 # The image is booted with init=busybox; no getty, no passwords: keys only.

@@ -56,7 +56,13 @@
 #include <linux/fs.h>
 #include <linux/gfp.h>
 #include <linux/highmem.h>
+#include <linux/huge_mm.h>
 #include <linux/version.h>
+/* pfn_t went away after 6.12 (vmf_insert_pfn_pmd takes a plain pfn since) */
+#if __has_include(<linux/pfn_t.h>)
+#include <linux/pfn_t.h>
+#define VMLAB_HAVE_PFN_T 1
+#endif
 #if LINUX_VERSION_CODE >= KERNEL_VERSION(5, 18, 0)
 #include <linux/iosys-map.h>
 typedef struct iosys_map vmlab_map_t;
@@ -97,8 +103,8 @@ typedef struct dma_buf_map vmlab_map_t;
 
 /* The uapi promises fixed sizes without implicit padding. */
 static_assert(sizeof(struct vmlab_create) == 32);
-static_assert(sizeof(struct vmlab_info) == 168);
-static_assert(sizeof(struct vmlab_move) == 24);
+static_assert(sizeof(struct vmlab_info) == 176);
+static_assert(sizeof(struct vmlab_move) == 40);
 static_assert(sizeof(struct vmlab_release_quarantine) == 32);
 static_assert(sizeof(struct vmlab_pte) == 48);
 static_assert(sizeof(struct vmlab_abi) == 48);
@@ -112,6 +118,17 @@ static_assert(sizeof(struct vmlab_abi) == 48);
 #define VMLAB_MAX_PAGE_ORDER MAX_ORDER		/* inclusive since 6.4 */
 #else
 #define VMLAB_MAX_PAGE_ORDER (MAX_ORDER - 1)	/* exclusive before 6.4 */
+#endif
+
+/*
+ * Huge PFNMAP PMDs need 6.12 ("mm: Support huge pfnmaps"): before it a PFNMAP
+ * PMD is not marked special, so GUP-fast would take it for a THP and grab a
+ * reference on the block's first page for an access to any of its 512 pages
+ * (the put goes to the subpage): a refcount imbalance on pages we own.  Older
+ * kernels refuse ALLOC_HUGE_PMD (-EOPNOTSUPP) rather than risk that.
+ */
+#if defined(CONFIG_TRANSPARENT_HUGEPAGE) && LINUX_VERSION_CODE >= KERNEL_VERSION(6, 12, 0)
+#define VMLAB_HUGE_PFNMAP 1
 #endif
 
 static inline void vmlab_vm_flags_set(struct vm_area_struct *vma, unsigned long flags)
@@ -202,6 +219,13 @@ struct vmlab_pageset {
 	struct list_head node;		/* in vmlab_quarantine once retired */
 	struct page **pages;		/* one entry per 4 KiB page */
 	struct page **chunks;		/* allocation heads, each 2^order pages */
+	/*
+	 * Per-page generation, or NULL when every page carries @generation.  A
+	 * page-range MOVE gives the current set pages of different generations,
+	 * and retires a set of just the range (@first = its first page index).
+	 */
+	u64 *gens;
+	unsigned long first;		/* buffer page index of pages[0] */
 	unsigned long npages;
 	unsigned long nchunks;
 	unsigned long nallocated;	/* chunks actually allocated */
@@ -214,7 +238,7 @@ struct vmlab_pageset {
 	 */
 	u32 caching;
 	u64 buf_id;			/* the buffer whose stamps these pages carry */
-	u64 generation;			/* the generation stamped into them */
+	u64 generation;			/* the generation stamped into them (the newest, with @gens) */
 	bool still_mapped;		/* retired, host PTEs may still map it; vmlab_quarantine_lock */
 };
 
@@ -251,6 +275,7 @@ struct vmlab_buffer {
 	/* touched from vm_ops without the buffer lock */
 	atomic64_t faults;
 	atomic64_t mkwrites;
+	atomic64_t pmd_faults;
 	atomic64_t mmaps;
 	atomic64_t live_mappings;
 };
@@ -348,6 +373,7 @@ static void vmlab_pageset_free(struct vmlab_pageset *ps)
 		pr_warn_once("vmlab-exporter: could not restore WB on %lu pages; leaking them\n",
 			     leaked);
 	}
+	kvfree(ps->gens);
 	kvfree(ps->chunks);
 	kvfree(ps->pages);
 	kfree(ps);
@@ -369,8 +395,8 @@ static struct vmlab_pageset *vmlab_pageset_alloc(unsigned long npages, u32 alloc
 	ps->npages = npages;
 	ps->alloc = alloc;
 	ps->caching = VMLAB_CACHING_WB;
-	if (alloc == VMLAB_ALLOC_ORDER0)
-		ps->order = 0;
+	if (alloc == VMLAB_ALLOC_ORDER0 || alloc == VMLAB_ALLOC_HUGE_PMD)
+		ps->order = 0;	/* HUGE_PMD: order-9 blocks split into order-0 chunks */
 	else
 		ps->order = min3((unsigned int)ilog2(npages), max_order,
 				 (unsigned int)VMLAB_MAX_PAGE_ORDER);
@@ -387,6 +413,29 @@ static struct vmlab_pageset *vmlab_pageset_alloc(unsigned long npages, u32 alloc
 	gfp = GFP_KERNEL | __GFP_ZERO | __GFP_NOWARN | __GFP_RETRY_MAYFAIL;
 	if (alloc == VMLAB_ALLOC_COMPOUND && ps->order)
 		gfp |= __GFP_COMP;
+#ifdef VMLAB_HUGE_PFNMAP
+	if (alloc == VMLAB_ALLOC_HUGE_PMD) {
+		/* the caller checked: npages is a multiple of HPAGE_PMD_NR */
+		for (i = 0; i < ps->nchunks; i += HPAGE_PMD_NR) {
+			struct page *block = alloc_pages(gfp, HPAGE_PMD_ORDER);
+
+			if (!block)
+				goto err_free_chunks;
+			/* order-0 pages with a refcount each: any one can move (and be freed) alone */
+			split_page(block, HPAGE_PMD_ORDER);
+			for (j = 0; j < HPAGE_PMD_NR; j++)
+				ps->chunks[i + j] = ps->pages[i + j] = block + j;
+			ps->nallocated = i + HPAGE_PMD_NR;
+			atomic_long_add(HPAGE_PMD_NR, &vmlab_module_pages);
+			if (fatal_signal_pending(current)) {
+				ret = -EINTR;
+				goto err_free_chunks;
+			}
+			cond_resched();
+		}
+		return ps;
+	}
+#endif
 	for (i = 0; i < ps->nchunks; i++) {
 		struct page *chunk = alloc_pages(gfp, ps->order);
 
@@ -439,9 +488,9 @@ static void vmlab_pageset_stamp(struct vmlab_pageset *ps, u64 id, u64 gen,
 	for (i = 0; i < ps->npages; i++) {
 		u8 *dst = page_address(ps->pages[i]);
 
-		vmlab_stamp_page(dst, id, gen, i, VMLAB_STAMP_LIVE);
+		vmlab_stamp_page(dst, id, gen, ps->first + i, VMLAB_STAMP_LIVE);
 		if (from) {
-			u8 *src = page_address(from->pages[i]);
+			u8 *src = page_address(from->pages[ps->first - from->first + i]);
 
 			if (flush_src)
 				clflush_cache_range(src + VMLAB_STAMP_GUEST_OFF, guest_len);
@@ -494,13 +543,14 @@ static bool vmlab_page_retire(struct vmlab_pageset *ps, unsigned long i)
 	memcpy(&hdr, page, sizeof(hdr));
 	if (hdr.magic != VMLAB_STAMP_MAGIC || hdr.version != VMLAB_STAMP_VERSION ||
 	    hdr.state != VMLAB_STAMP_LIVE || hdr.buffer_id != ps->buf_id ||
-	    hdr.generation != ps->generation || hdr.page_index != i)
+	    hdr.generation != (ps->gens ? ps->gens[i] : ps->generation) ||
+	    hdr.page_index != ps->first + i)
 		return false;
 	csum_old = vmlab_fnv1a32(VMLAB_FNV1A32_INIT, &hdr, VMLAB_STAMP_HDR_SUMMED);
 	hdr.state = VMLAB_STAMP_RETIRED;
 	csum_new = vmlab_fnv1a32(VMLAB_FNV1A32_INIT, &hdr, VMLAB_STAMP_HDR_SUMMED);
 	for (k = 0; k < VMLAB_STAMP_PATTERN_WORDS; k++) {
-		word = vmlab_stamp_word(hdr.buffer_id, hdr.generation, i, k);
+		word = vmlab_stamp_word(hdr.buffer_id, hdr.generation, hdr.page_index, k);
 		if (READ_ONCE(pattern[k]) != word)
 			return false;
 		/* little endian: the bytes of @word are the bytes in the page */
@@ -713,6 +763,23 @@ static void vmlab_zap_locked(struct vmlab_buffer *buf)
 	vmlab_quarantine_unmark(buf->id);
 }
 
+/*
+ * Zap pages [first, first + count) only.  A PMD that maps part of the range
+ * goes entirely (the core splits a special PMD by clearing it), so pages
+ * around the range refault too.  Earlier NO_ZAP marks stay: a PTE of a retired
+ * full set may sit outside the range.
+ */
+static void vmlab_zap_range_locked(struct vmlab_buffer *buf, unsigned long first,
+				   unsigned long count)
+{
+	lockdep_assert_held(&buf->lock);
+	unmap_mapping_range(buf->mapping, (loff_t)first << PAGE_SHIFT,
+			    (loff_t)count << PAGE_SHIFT, 1);
+	WRITE_ONCE(buf->zaps, buf->zaps + 1);
+	bitmap_clear(buf->faulted, first, count);
+	WRITE_ONCE(buf->refaulted, bitmap_weight(buf->faulted, buf->npages));
+}
+
 /* FORCE release: zap the mapping of live buffer @id, if it is still live. */
 static int vmlab_zap_by_id(u64 id)
 {
@@ -758,6 +825,7 @@ static void vmlab_pageset_restamp_live(struct vmlab_pageset *ps, u64 id, u64 gen
 {
 	unsigned long i;
 
+	WARN_ON_ONCE(ps->first);	/* whole sets only: page i is buffer page i */
 	for (i = 0; i < ps->npages; i++) {
 		u8 *page = page_address(ps->pages[i]);
 
@@ -837,6 +905,88 @@ err_unreserve:
 	vmlab_quarantine_unreserve(old->npages);
 err_scratch:
 	kfree(scratch);
+	return ret;
+}
+
+/*
+ * A page-range MIGRATE or MIGRATE_NO_ZAP: pages [first, first + count) move to
+ * new order-0 pages stamped with the next generation, in the same order as a
+ * whole MIGRATE (zap, copy, caching, swap); the others keep page and
+ * generation.  The range's old pages become a set of their own (@first,
+ * per-page @gens), retired and quarantined like a whole old set.  The caller
+ * checked that every page of the buffer is its own order-0 chunk.
+ */
+static int vmlab_migrate_range_locked(struct vmlab_buffer *buf, unsigned long first,
+				      unsigned long count, u32 mode)
+{
+	const gfp_t gfp = GFP_KERNEL | __GFP_NOWARN | __GFP_RETRY_MAYFAIL;
+	struct vmlab_pageset *cur = buf->cur, *part;
+	u64 gen = buf->generation + 1, newest_old = 0;
+	bool still_mapped = false;
+	unsigned long i;
+	int ret;
+
+	lockdep_assert_held(&buf->lock);
+	if (buf->mapped_attachments || buf->vmaps)
+		return -EBUSY;
+	if (!cur->gens) {	/* uniform until now; harmless to keep if we fail below */
+		cur->gens = kvmalloc_array(cur->npages, sizeof(*cur->gens), gfp);
+		if (!cur->gens)
+			return -ENOMEM;
+		for (i = 0; i < cur->npages; i++)
+			cur->gens[i] = cur->generation;
+	}
+	ret = vmlab_quarantine_reserve(count);
+	if (ret)
+		return ret;
+	part = vmlab_pageset_alloc(count, VMLAB_ALLOC_ORDER0);
+	if (IS_ERR(part)) {
+		ret = PTR_ERR(part);
+		goto err_unreserve;
+	}
+	part->gens = kvmalloc_array(count, sizeof(*part->gens), gfp);
+	if (!part->gens) {
+		ret = -ENOMEM;
+		goto err_free_part;
+	}
+	part->first = first;
+
+	if (mode == VMLAB_MOVE_MIGRATE)
+		vmlab_zap_range_locked(buf, first, count);
+	else
+		still_mapped = atomic64_read(&buf->live_mappings) > 0 && buf->refaulted > 0;
+
+	vmlab_pageset_stamp(part, buf->id, gen, cur);
+	if (READ_ONCE(move_window_ms))
+		msleep(min(READ_ONCE(move_window_ms), VMLAB_MOVE_WINDOW_MS_MAX));
+	ret = vmlab_pageset_set_caching(part, buf->caching);
+	if (ret)
+		goto err_free_part;
+
+	/* swap: @part takes the range's old pages (order 0: chunk == page) */
+	for (i = 0; i < count; i++) {
+		struct page *old = cur->pages[first + i];
+
+		part->gens[i] = cur->gens[first + i];
+		newest_old = max(newest_old, part->gens[i]);
+		cur->pages[first + i] = cur->chunks[first + i] = part->pages[i];
+		cur->gens[first + i] = gen;
+		part->pages[i] = part->chunks[i] = old;
+	}
+	part->generation = newest_old;	/* RELEASE_QUARANTINE matches on it */
+	cur->generation = gen;
+	WRITE_ONCE(buf->generation, gen);
+	if (still_mapped)
+		WRITE_ONCE(buf->stale_mapped, true);
+
+	vmlab_pageset_retire(part);
+	vmlab_quarantine_add(part, still_mapped);
+	return 0;
+
+err_free_part:
+	vmlab_pageset_free(part);
+err_unreserve:
+	vmlab_quarantine_unreserve(count);
 	return ret;
 }
 
@@ -952,6 +1102,73 @@ static const struct vm_operations_struct vmlab_vm_ops = {
 	.fault = vmlab_vm_fault,
 };
 
+#ifdef VMLAB_HUGE_PFNMAP
+/*
+ * ALLOC_HUGE_PMD: map a whole 2 MiB block with one PMD when the VMA covers it
+ * at a 2 MiB-aligned address and buffer offset, the block is still one
+ * aligned physically contiguous run (a page-range MOVE breaks that) and the
+ * buffer is WB (vmf_insert_pfn_pmd takes the VMA's prot, which may predate a
+ * caching change).  Anything else falls back to 4 KiB PTEs (vmlab_vm_fault).
+ */
+static vm_fault_t vmlab_vm_huge_fault(struct vm_fault *vmf, unsigned int order)
+{
+	struct vm_area_struct *vma = vmf->vma;
+	struct vmlab_buffer *buf = vma->vm_private_data;
+	unsigned long haddr = vmf->address & HPAGE_PMD_MASK;
+	unsigned long pgoff, pfn, i;
+	vm_fault_t ret;
+	pmd_t pmd;
+
+	if (order != HPAGE_PMD_ORDER || haddr < vma->vm_start ||
+	    haddr + HPAGE_PMD_SIZE > vma->vm_end)
+		return VM_FAULT_FALLBACK;
+	pgoff = vma->vm_pgoff + ((haddr - vma->vm_start) >> PAGE_SHIFT);
+	if (pgoff & (HPAGE_PMD_NR - 1))
+		return VM_FAULT_FALLBACK;
+	ret = vmlab_fault_lock(vmf, buf);
+	if (ret)
+		return ret;
+	ret = VM_FAULT_FALLBACK;
+	if (pgoff + HPAGE_PMD_NR > buf->npages || buf->caching != VMLAB_CACHING_WB)
+		goto out;
+	/*
+	 * The core saw this PMD empty without a lock; a 4 KiB fault may have put a page
+	 * table there since (only our ->fault does, under buf->lock, which we hold now):
+	 * inserting a PMD over it would WARN in insert_pfn_pmd.
+	 */
+	pmd = pmdp_get_lockless(vmf->pmd);
+	if (!pmd_none(pmd) && !pmd_leaf(pmd))
+		goto out;
+	pfn = page_to_pfn(buf->cur->pages[pgoff]);
+	if (pfn & (HPAGE_PMD_NR - 1))
+		goto out;
+	for (i = 1; i < HPAGE_PMD_NR; i++)
+		if (page_to_pfn(buf->cur->pages[pgoff + i]) != pfn + i)
+			goto out;
+#ifdef VMLAB_HAVE_PFN_T
+	ret = vmf_insert_pfn_pmd(vmf, __pfn_to_pfn_t(pfn, 0), vmf->flags & FAULT_FLAG_WRITE);
+#else
+	ret = vmf_insert_pfn_pmd(vmf, pfn, vmf->flags & FAULT_FLAG_WRITE);
+#endif
+	if (!(ret & VM_FAULT_ERROR) && pmd_none(pmd)) {	/* a new PMD, not a refresh */
+		atomic64_inc(&buf->pmd_faults);
+		atomic64_add(HPAGE_PMD_NR, &buf->faults);	/* faults count pages */
+		bitmap_set(buf->faulted, pgoff, HPAGE_PMD_NR);
+		WRITE_ONCE(buf->refaulted, bitmap_weight(buf->faulted, buf->npages));
+	}
+out:
+	mutex_unlock(&buf->lock);
+	return ret;
+}
+
+static const struct vm_operations_struct vmlab_vm_ops_huge = {
+	.open = vmlab_vm_open,
+	.close = vmlab_vm_close,
+	.fault = vmlab_vm_fault,
+	.huge_fault = vmlab_vm_huge_fault,
+};
+#endif
+
 /*
  * A write to a read-only PTE of an RO_FAULT buffer.  Returning 0 lets the core
  * (wp_pfn_shared -> finish_mkwrite_fault) make that PTE writable, under the
@@ -975,6 +1192,16 @@ static const struct vm_operations_struct vmlab_vm_ops_ro_fault = {
 	.pfn_mkwrite = vmlab_pfn_mkwrite,
 };
 
+/* Ours by vm_ops (the caller also checks vm_file is one of our dma-bufs) */
+static bool vmlab_vma_ours(const struct vm_area_struct *vma)
+{
+#ifdef VMLAB_HUGE_PFNMAP
+	if (vma->vm_ops == &vmlab_vm_ops_huge)
+		return true;
+#endif
+	return vma->vm_ops == &vmlab_vm_ops || vma->vm_ops == &vmlab_vm_ops_ro_fault;
+}
+
 /*
  * Runs with mmap_lock held for write: no buf->lock here (a long MOVE would
  * stall every mmap_read_lock of the VMM).  The caching read may be older than
@@ -994,6 +1221,11 @@ static int vmlab_mmap(struct dma_buf *dmabuf, struct vm_area_struct *vma)
 	vmlab_vm_flags_set(vma, VM_PFNMAP | VM_IO | VM_DONTEXPAND | VM_DONTDUMP);
 	vma->vm_page_prot = vmlab_prot(vma->vm_page_prot, READ_ONCE(buf->caching));
 	vma->vm_ops = (buf->create_flags & VMLAB_CREATE_RO_FAULT) ? &vmlab_vm_ops_ro_fault : &vmlab_vm_ops;
+#ifdef VMLAB_HUGE_PFNMAP
+	/* RO_FAULT keeps 4 KiB PTEs: pfn_mkwrite has no PMD counterpart here */
+	if (buf->alloc == VMLAB_ALLOC_HUGE_PMD && !(buf->create_flags & VMLAB_CREATE_RO_FAULT))
+		vma->vm_ops = &vmlab_vm_ops_huge;
+#endif
 	vma->vm_private_data = buf;
 	atomic64_inc(&buf->mmaps);
 	atomic64_inc(&buf->live_mappings);	/* ->open is not called for the first VMA */
@@ -1216,8 +1448,16 @@ static long vmlab_ioc_create(void __user *argp)
 	if (!vmlab_caching_valid(arg.caching))
 		return -EINVAL;
 	if (arg.alloc != VMLAB_ALLOC_ORDER0 && arg.alloc != VMLAB_ALLOC_COMPOUND &&
-	    arg.alloc != VMLAB_ALLOC_NONCOMPOUND)
+	    arg.alloc != VMLAB_ALLOC_NONCOMPOUND && arg.alloc != VMLAB_ALLOC_HUGE_PMD)
 		return -EINVAL;
+	if (arg.alloc == VMLAB_ALLOC_HUGE_PMD) {
+#ifdef VMLAB_HUGE_PFNMAP
+		if (arg.size < HPAGE_PMD_SIZE)	/* a power of two: a multiple of 2 MiB now */
+			return -EINVAL;
+#else
+		return -EOPNOTSUPP;
+#endif
+	}
 	if (arg.flags & ~VMLAB_CREATE_FLAGS_ALL)
 		return -EINVAL;
 
@@ -1378,6 +1618,7 @@ static long vmlab_ioc_info(void __user *argp)
 	arg.quarantined_pages = vmlab_quarantine_pages_of(buf->id);
 	arg.faults = atomic64_read(&buf->faults);
 	arg.mkwrites = atomic64_read(&buf->mkwrites);
+	arg.pmd_faults = atomic64_read(&buf->pmd_faults);
 	arg.create_flags = buf->create_flags;
 	arg.mmaps = atomic64_read(&buf->mmaps);
 	arg.live_mappings = atomic64_read(&buf->live_mappings);
@@ -1411,6 +1652,14 @@ static long vmlab_ioc_move(void __user *argp)
 		return -EFAULT;
 	if (arg.flags)
 		return -EINVAL;
+	if (arg.page_count) {
+		/* a range keeps the caching: one buffer, one caching */
+		if ((arg.mode != VMLAB_MOVE_MIGRATE && arg.mode != VMLAB_MOVE_MIGRATE_NO_ZAP) ||
+		    arg.caching != VMLAB_CACHING_KEEP)
+			return -EINVAL;
+	} else if (arg.first_page) {
+		return -EINVAL;
+	}
 	switch (arg.mode) {
 	case VMLAB_MOVE_MIGRATE:
 	case VMLAB_MOVE_MIGRATE_NO_ZAP:
@@ -1430,6 +1679,13 @@ static long vmlab_ioc_move(void __user *argp)
 	if (IS_ERR(dmabuf))
 		return PTR_ERR(dmabuf);
 	buf = dmabuf->priv;
+	/* a range needs pages that can be freed one by one; npages never changes */
+	if (arg.page_count &&
+	    ((buf->alloc != VMLAB_ALLOC_ORDER0 && buf->alloc != VMLAB_ALLOC_HUGE_PMD) ||
+	     arg.first_page >= buf->npages || arg.page_count > buf->npages - arg.first_page)) {
+		ret = -EINVAL;
+		goto out_put;
+	}
 
 	if (mutex_lock_killable(&buf->lock)) {
 		ret = -EINTR;
@@ -1442,7 +1698,11 @@ static long vmlab_ioc_move(void __user *argp)
 		ret = 0;
 		break;
 	default:
-		ret = vmlab_migrate_locked(buf, caching, arg.mode);
+		if (arg.page_count)
+			ret = vmlab_migrate_range_locked(buf, arg.first_page, arg.page_count,
+							 arg.mode);
+		else
+			ret = vmlab_migrate_locked(buf, caching, arg.mode);
 		break;
 	}
 	if (!ret) {
@@ -1570,7 +1830,9 @@ static int vmlab_follow(struct vm_area_struct *vma, unsigned long addr,
 	if (follow_pfnmap_start(&args))
 		return -ENOENT;
 	*pfn = args.pfn;
-	*pteval = pte_val(pfn_pte(args.pfn, args.pgprot));
+	/* a PMD leaf (ALLOC_HUGE_PMD): its PAT bit is bit 12, bit 7 is PSE */
+	*pteval = pte_val(pfn_pte(args.pfn, (pgprot_val(args.pgprot) & _PAGE_PSE) ?
+				  pgprot_large_2_4k(args.pgprot) : args.pgprot));
 	follow_pfnmap_end(&args);
 	return 0;
 #else
@@ -1614,7 +1876,7 @@ static long vmlab_ioc_pte(void __user *argp)
 		return -EINTR;
 	vma = vma_lookup(mm, (unsigned long)arg.addr);
 	/* only our own VMAs: vm_ops identifies them, vm_file is the dma-buf */
-	if (!vma || (vma->vm_ops != &vmlab_vm_ops && vma->vm_ops != &vmlab_vm_ops_ro_fault) ||
+	if (!vma || !vmlab_vma_ours(vma) ||
 	    !vma->vm_file ||
 	    vma->vm_file->private_data != ((struct vmlab_buffer *)vma->vm_private_data)->dmabuf ||
 	    ((struct dma_buf *)vma->vm_file->private_data)->ops != &vmlab_dmabuf_ops) {

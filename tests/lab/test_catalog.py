@@ -138,6 +138,33 @@ def test_entries_show_their_evidence(catalog_matrix):
         assert first["exporter_info"]["mkwrites"] >= 16, first["exporter_info"]
         _, res = _cell(doc, "vgem-read-then-write", k)
         assert res["caching_chain"]["exporter"]["kind"] == "vgem" and res["moves"][0]["pages"] == {"REFAULTED": 16}
+        # huge PFNMAP: QEMU's BAR mapping 2 MiB-aligned (the preload), the exporter mapped
+        # the block with a PMD and KVM with a 2 MiB nested entry; one page moving drops that
+        # entry whole, the block comes back at 4 KiB, and only the moved page is new
+        _, res = _cell(doc, "huge-pfnmap", k)
+        assert res["vmm_mapping"]["aligned_2m"] is True, res["vmm_mapping"]
+        assert res["baseline"]["exporter_info"]["pmd_faults"] >= 1
+        one, whole, nozap = res["moves"]
+        assert one["page_range"] == {"first": 300, "count": 1} and one["pages"] == {"REFAULTED": 512}
+        ev = one["kvm_evidence"]
+        assert ev["zapped_sptes_by_level"] == {"2M": 1} and ev["kept_old_pages"] == 0, ev
+        # after the move the block maps at 4 KiB (a 2M entry may show from the guest's write
+        # before the move: its write fault rebuilds the 2 MiB spte)
+        assert ev["mapped_sptes_by_level"].get("4K") == 512, ev
+        assert nozap["pages"] == {"REFAULTED": 511, "STALE": 1}
+        assert nozap["examples"]["STALE"]["page"] == 7
+        assert nozap["kvm_evidence"]["kept_old_pages"] == 1, nozap["kvm_evidence"]
+        # the same without the preload: QEMU's own 4 KiB alignment (a 2 MiB-aligned start
+        # by chance is 1 in 512 under ASLR: then the PMD path must show instead)
+        _, res = _cell(doc, "huge-pfnmap-qemu-unaligned", k)
+        vm, one = res["vmm_mapping"], res["moves"][0]
+        assert vm["align_mappings"] == "4K" and len(vm["vmas"]) == 1, vm
+        if vm["aligned_2m"]:
+            assert one["kvm_evidence"]["zapped_sptes_by_level"] == {"2M": 1}, one["kvm_evidence"]
+        else:
+            assert "not 2 MiB-aligned" in vm["note"], vm
+            assert one["kvm_evidence"]["zapped_sptes_by_level"] == {"4K": 1}, one["kvm_evidence"]
+        assert one["pages"] == {"REFAULTED": 512}
 
 
 def test_a_cell_that_misses_fails_the_matrix_and_keeps_its_results(images_ready, tmp_path):

@@ -285,6 +285,7 @@ BAD = [
     ("unknown caching", "CREATE", [4096, 7, 0, 0, -1, 0], {}, {"EINVAL"}),
     ("unknown alloc", "CREATE", [4096, 0, 9, 0, -1, 0], {}, {"EINVAL"}),
     ("unknown create flag", "CREATE", [4096, 0, 0, 0x80, -1, 0], {}, {"EINVAL"}),
+    ("HUGE_PMD below 2 MiB", "CREATE", [1 << 20, 0, 3, 0, -1, 0], {}, {"EINVAL"}),
     ("info on a closed fd", "INFO", {}, {"fd_of": "closed"}, {"EBADF"}),
     ("info on fd -1", "INFO", {"fd": -1}, {}, {"EBADF"}),
     ("info on a non-dma-buf fd", "INFO", {}, {"fd_of": "devnull"}, {"EINVAL"}),
@@ -318,7 +319,15 @@ def test_bad_move_arguments_on_a_real_buffer(agent):
     for fields in ({"mode": 9, "caching": KEEP},                 # unknown mode
                    {"mode": 1, "caching": 5},                    # unknown caching
                    {"mode": 1, "caching": KEEP, "flags": 1},     # flags
-                   {"mode": 3, "caching": 1}):                   # ZAP_ONLY with a caching change
+                   {"mode": 3, "caching": 1},                    # ZAP_ONLY with a caching change
+                   # page ranges: only MIGRATE / MIGRATE_NO_ZAP, caching KEEP, inside the buffer
+                   {"mode": 3, "caching": KEEP, "page_count": 1},
+                   {"mode": 4, "caching": KEEP, "page_count": 1},
+                   {"mode": 1, "caching": 1, "page_count": 1},
+                   {"mode": 1, "caching": KEEP, "first_page": 5},
+                   {"mode": 1, "caching": KEEP, "first_page": 256, "page_count": 1},
+                   {"mode": 1, "caching": KEEP, "first_page": 255, "page_count": 2},
+                   {"mode": 1, "caching": KEEP, "first_page": 1, "page_count": (1 << 64) - 1}):
         r = agent.request("raw", cmd="MOVE", fields=fields, buf=b["buf"])
         assert r["rc"] == -1 and r["errname"] == "EINVAL", (fields, r)
     r = agent.request("raw", cmd="INFO", fields={"pad": 1}, buf=b["buf"])
@@ -327,6 +336,65 @@ def test_bad_move_arguments_on_a_real_buffer(agent):
     assert r["rc"] == 0 and r["named"]["id"] == b["id"] and r["named"]["pad"] == 0
     assert agent.request("info", buf=b["buf"])["generation"] == 1
     agent.request("close", buf=b["buf"])
+
+
+def test_page_range_needs_pages_freed_one_by_one(agent):
+    b = agent.request("create", kind="vmlab", size=MiB, alloc="NONCOMPOUND")
+    r = agent.request("raw", cmd="MOVE", fields={"mode": 1, "caching": KEEP, "page_count": 1},
+                      buf=b["buf"])
+    assert r["rc"] == -1 and r["errname"] == "EINVAL", r
+    assert agent.request("info", buf=b["buf"])["generation"] == 1
+    agent.request("close", buf=b["buf"])
+
+
+def test_huge_pmd_blocks_and_one_page_moving(agent):
+    """ALLOC_HUGE_PMD: each 2 MiB block is one PMD in a 2 MiB-aligned mapping; moving one
+    page clears its block's PMD, the block refaults at 4 KiB (no longer contiguous), the
+    other block keeps its PMD; the moved page alone carries the new generation."""
+    b = agent.request("create", kind="vmlab", size=4 * MiB, caching="WB", alloc="HUGE_PMD")
+    h = b["buf"]
+    pf = agent.request("info", buf=h, pfns=True)["pfns"]
+    for blk in (0, 512):
+        assert pf[blk] % 512 == 0 and pf[blk:blk + 512] == list(range(pf[blk], pf[blk] + 512))
+    # the PTE ioctl knows these VMAs too (a PMD leaf reads as its 4 KiB equivalent)
+    assert agent.request("host_pte", buf=h)["memtype"] == "WB"
+    # pmd_faults counts every mapping's PMDs (host_pte's own may have landed aligned)
+    i0 = agent.request("info", buf=h)
+    assert int(agent.request("host_map", buf=h, align_2m=True)["addr"], 16) % (2 * MiB) == 0
+    agent.request("host_read", buf=h)
+    i1 = agent.request("info", buf=h)
+    assert i1["pmd_faults"] == i0["pmd_faults"] + 2 and i1["refaulted_pages"] == 1024, i1
+
+    assert agent.request("move", buf=h, mode="MIGRATE", pages={"first": 300, "count": 1})["generation"] == 2
+    recs = agent.request("host_read", buf=h, full=True)["records"]
+    assert all(r[1] == "ok" and r[4] == r[0] for r in recs)
+    assert (recs[300][3], recs[300][5]) == (2, stamp.LIVE)
+    assert _gens(r for r in recs if r[0] != 300) == {(1, stamp.LIVE)}
+    i2 = agent.request("info", buf=h, pfns=True)
+    assert i2["pmd_faults"] == i1["pmd_faults"] and i2["zaps"] == i1["zaps"] + 1, i2
+    assert i2["pfns"][300] != pf[300] and [p for i, p in enumerate(i2["pfns"]) if i != 300] == \
+        [p for i, p in enumerate(pf) if i != 300]
+    assert i2["quarantined_pages"] == 1
+
+    # a range without a zap: block 1's PMD still maps the old pages, now RETIRED
+    assert agent.request("move", buf=h, mode="MIGRATE_NO_ZAP",
+                         pages={"first": 700, "count": 2})["generation"] == 3
+    recs = agent.request("host_read", buf=h, full=True)["records"]
+    assert {r[0] for r in recs if (r[3], r[5]) == (1, stamp.RETIRED)} == {700, 701}
+    assert agent.request("info", buf=h)["stale_mapped"] == 1
+
+    # a whole MIGRATE: new aligned blocks. Block 1 gets its PMD again; block 0 does not:
+    # its 4 KiB refault allocated a page table under that PMD, and a zap empties page
+    # tables without freeing them, so the fault never reaches ->huge_fault (pmd not none)
+    assert agent.request("move", buf=h, mode="MIGRATE")["generation"] == 4
+    recs = agent.request("host_read", buf=h, full=True)["records"]
+    assert _gens(recs) == {(4, stamp.LIVE)}
+    i4 = agent.request("info", buf=h)
+    assert i4["pmd_faults"] == i1["pmd_faults"] + 1 and i4["quarantined_pages"] == 1 + 2 + 1024, i4
+    agent.request("host_unmap", buf=h)
+    assert agent.request("release_quarantine", buf=h)["freed_pages"] == 1027
+    agent.request("close", buf=h)
+    assert agent.request("release_quarantine", id=b["id"])["freed_pages"] == 1024
 
 
 def test_another_exporters_dma_buf_is_refused(agent):

@@ -91,7 +91,7 @@ def test_ioc_encoding():
     assert (U.IOC_CREATE >> 8) & 0xFF == 0xBB
     assert (U.IOC_CREATE >> 16) & 0x3FFF == U.CREATE.size
     assert U.IOC_PTE & 0xFF == 5
-    assert U.ABI_VERSION == 4
+    assert U.ABI_VERSION == 5
 
 
 def test_magic_is_not_nsfs_or_remoteproc():
@@ -101,11 +101,12 @@ def test_magic_is_not_nsfs_or_remoteproc():
 
 def test_pack_unpack_by_name():
     b = U.pack(U.MOVE_S, U.MOVE_FIELDS, fd=7, mode=U.MOVE["ZAP_ONLY"], caching=U.CACHING_KEEP)
-    assert len(b) == U.MOVE_S.size == 24
+    assert len(b) == U.MOVE_S.size == 40
     assert U.unpack(U.MOVE_S, U.MOVE_FIELDS, b) == {
-        "fd": 7, "mode": 3, "caching": 0xFFFFFFFF, "flags": 0, "generation": 0}
+        "fd": 7, "mode": 3, "caching": 0xFFFFFFFF, "flags": 0, "generation": 0,
+        "first_page": 0, "page_count": 0}
     with pytest.raises(KeyError):
         U.pack(U.MOVE_S, U.MOVE_FIELDS, id=1)
     r = U.pack(U.RELEASE, U.RELEASE_FIELDS, id=3, max_generation=2, flags=U.RELEASE_FORCE)
     assert U.unpack(U.RELEASE, U.RELEASE_FIELDS, r)["flags"] == 1
-    assert U.offsets(U.INFO, U.INFO_FIELDS)["create_flags"] == U.INFO.size - 8
+    assert U.offsets(U.INFO, U.INFO_FIELDS)["pmd_faults"] == U.INFO.size - 8

@@ -228,13 +228,18 @@ def test_vmlab_buffer_addresses_the_exporter_by_fd(fake_exporter):
     assert "pfns" not in info
     assert b.info(pfns=True)["pfns"] == [1000, 1001, 1002, 1003]
 
-    assert b.move("MIGRATE", "UC") == {"generation": 2, "what": "MIGRATE done by the exporter"}
+    assert b.move("MIGRATE", "UC") == {"generation": 2,
+                                       "what": "MIGRATE of the whole buffer done by the exporter"}
     name, req = fake_exporter.calls[-1]
     assert name == "vmlab_move"
     assert req == {"fd": 777, "mode": U.MOVE["MIGRATE"], "caching": U.CACHING["UC"], "flags": 0,
-                   "generation": 0}
+                   "generation": 0, "first_page": 0, "page_count": 0}
     b.move("ZAP_ONLY", None)
     assert fake_exporter.calls[-1][1]["caching"] == U.CACHING_KEEP
+    # a page range: only that range moves
+    assert "pages 3..3" in b.move("MIGRATE", "KEEP", {"first": 3, "count": 1})["what"]
+    req = fake_exporter.calls[-1][1]
+    assert (req["first_page"], req["page_count"], req["caching"]) == (3, 1, U.CACHING_KEEP)
 
     assert b.release_quarantine(max_generation=3, force=True) == {"id": 41, "freed_pages": 8}
     name, req = fake_exporter.calls[-1]

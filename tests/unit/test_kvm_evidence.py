@@ -72,6 +72,20 @@ def test_a_2m_spte_covers_512_frames():
     assert ev["mapped_new_pages"] == 512 and ev["mapped_sptes_by_level"] == {"2M": 1}
 
 
+def test_a_page_range_move_must_drop_only_its_range():
+    # one page of four moved; KVM dropped nothing: only that page's spte is "kept old"
+    new = OLD[:2] + [NEW[2]] + OLD[3:]
+    ev = ke.summarize(ke.parse([]), GFN0, 4, OLD, new, tdp_mmu=True)
+    assert ev["kept_old_pages"] == 1 and "KVM kept 1 sptes to old pfns" in ev["summary"]
+    # a 2 MiB spte over the range goes whole: the range is dropped, nothing kept
+    old = [0x200000 + i for i in range(512)]
+    new = list(old)
+    new[300] = 0x700000
+    lines = [tdp(1.0, GFN0, spte(old[0]) | 0x80, 0, level=2)]
+    ev = ke.summarize(ke.parse(lines), GFN0, 512, old, new, tdp_mmu=True)
+    assert ev["kept_old_pages"] == 0 and ev["zapped_sptes_by_level"] == {"2M": 1}
+
+
 def test_shadow_mmu_and_emulation_and_unknown_pfns():
     lines = [f" qemu-812 [000] ..... 3.000000: kvm_mmu_set_spte: gfn {GFN0:x} spte {spte(NEW[0]):x} "
              f"(rw-u) level 1 at 12345",

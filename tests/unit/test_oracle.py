@@ -183,3 +183,19 @@ def test_kernel_health_new_warn_and_taint():
 def test_kernel_health_quiet_run():
     h = oracle.kernel_health("a\n", "a\nb\n", 0x3000, 0x3000)
     assert h["ok"] is True and h["new_taint"] == ""
+
+
+def test_per_page_generations_after_a_page_range_move():
+    # page 2 moved to generation 6, the others stay at 5
+    gens = [GEN, GEN, GEN + 1, GEN]
+    recs = [rec(0), rec(1), rec(2, gen=GEN + 1), rec(3)]
+    j = oracle.judge(recs, buffer_id=BID, generation=gens, npages=4)
+    assert j["verdict"] == "REFAULTED" and j["pages"] == {"REFAULTED": 4}
+    # the moved page still old: STALE; an unmoved page at the new generation: TORN
+    j = oracle.judge([rec(0), rec(1), rec(2), rec(3)], buffer_id=BID, generation=gens, npages=4)
+    assert j["verdict"] == "STALE" and j["examples"]["STALE"]["page"] == 2
+    j = oracle.judge([rec(0, gen=GEN + 1), rec(1), rec(2, gen=GEN + 1), rec(3)], buffer_id=BID,
+                     generation=gens, npages=4)
+    assert j["verdict"] == "TORN"
+    # a record outside the per-page list is TORN, never an IndexError
+    assert pv(rec(9), gen=gens) == "TORN" and pv(rec("x"), gen=gens) == "TORN"

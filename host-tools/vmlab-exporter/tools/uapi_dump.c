@@ -36,6 +36,7 @@ int main(void)
 	P(VMLAB_ALLOC_ORDER0);
 	P(VMLAB_ALLOC_COMPOUND);
 	P(VMLAB_ALLOC_NONCOMPOUND);
+	P(VMLAB_ALLOC_HUGE_PMD);
 
 	P(VMLAB_MOVE_MIGRATE);
 	P(VMLAB_MOVE_MIGRATE_NO_ZAP);
@@ -89,6 +90,7 @@ int main(void)
 	O(vmlab_info, leaked_pages);
 	O(vmlab_info, mkwrites);
 	O(vmlab_info, create_flags);
+	O(vmlab_info, pmd_faults);
 
 	S(vmlab_move);
 	O(vmlab_move, fd);
@@ -96,6 +98,8 @@ int main(void)
 	O(vmlab_move, caching);
 	O(vmlab_move, flags);
 	O(vmlab_move, generation);
+	O(vmlab_move, first_page);
+	O(vmlab_move, page_count);
 
 	S(vmlab_release_quarantine);
 	O(vmlab_release_quarantine, id);

@@ -34,7 +34,8 @@
 #include <linux/ioctl.h>
 #include <linux/types.h>
 
-#define VMLAB_EXPORTER_ABI_VERSION 4  /* 3: MIGRATE_SILENT; 4: CREATE_RO_FAULT, info.mkwrites */
+#define VMLAB_EXPORTER_ABI_VERSION 5  /* 3: MIGRATE_SILENT; 4: CREATE_RO_FAULT, info.mkwrites;
+					* 5: ALLOC_HUGE_PMD, page-range MOVE, info.pmd_faults */
 
 /* caching */
 #define VMLAB_CACHING_WB   0
@@ -51,6 +52,13 @@
 #define VMLAB_ALLOC_ORDER0      0  /* one order-0 page at a time */
 #define VMLAB_ALLOC_COMPOUND    1  /* high-order, __GFP_COMP (folios) */
 #define VMLAB_ALLOC_NONCOMPOUND 2  /* high-order without __GFP_COMP, as TTM pools */
+/*
+ * 2 MiB-aligned order-9 blocks, split into order-0 pages (each its own
+ * refcount, so one can move alone), mapped with one PMD per block where the
+ * mapping is 2 MiB-aligned in address and offset ("mm: Support huge pfnmaps",
+ * 6.12); 4 KiB PTEs elsewhere.  size >= 2 MiB.
+ */
+#define VMLAB_ALLOC_HUGE_PMD    3
 
 /* move modes */
 #define VMLAB_MOVE_MIGRATE        1  /* new pages, zap, copy + gen+1, caching, quarantine old */
@@ -127,18 +135,30 @@ struct vmlab_info {
 	__u64 mkwrites;          /* out: pfn_mkwrite calls: writes to read-only PTEs (CREATE_RO_FAULT);
 				  * the core upgrades the PTE unless a MOVE zapped it meanwhile */
 	__u64 create_flags;      /* out: VMLAB_CREATE_* the buffer was created with */
+	__u64 pmd_faults;        /* out: ALLOC_HUGE_PMD: 2 MiB PMDs inserted, in any mapping
+				  * (each also adds 512 to faults) */
 };
 
 /*
  * -EFAULT when the generation cannot be copied back comes after a completed
  * move: the buffer did move; VMLAB_IOC_INFO gives its generation.
+ *
+ * A page range (page_count > 0) moves only pages [first_page, first_page +
+ * page_count): MIGRATE or MIGRATE_NO_ZAP, caching KEEP, on an ORDER0 or
+ * HUGE_PMD buffer (pages that can be freed one by one).  The moved pages carry
+ * the new generation, the others keep theirs: from then on a buffer's pages
+ * may differ in generation.  MIGRATE zaps only the range, which on a PMD
+ * mapping removes the whole 2 MiB entry (the rest refaults at 4 KiB: the
+ * block is no longer contiguous).
  */
 struct vmlab_move {
 	__s32 fd;          /* in: dma-buf fd of a vmlab buffer */
 	__u32 mode;        /* in: VMLAB_MOVE_* */
 	__u32 caching;     /* in: new caching for MIGRATE*, or VMLAB_CACHING_KEEP */
 	__u32 flags;       /* in: must be 0 */
-	__u64 generation;  /* out: generation after the move */
+	__u64 generation;  /* out: generation after the move (of the moved pages) */
+	__u64 first_page;  /* in: first page of the range; 0 when page_count is 0 */
+	__u64 page_count;  /* in: pages to move; 0 = the whole buffer */
 };
 
 /*
