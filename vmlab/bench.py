@@ -305,7 +305,52 @@ def bench_soak(args, progress, repeat: int) -> dict:
             "wall_seconds_per_run": _stats(walls), "results": str(base)}
 
 
-KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile", "matrix")
+KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile", "matrix", "reuse")
+
+
+def bench_reuse(args, progress, repeat: int) -> dict:
+    """The default experiment as a user runs it (``vmlab run``, a process each), with a lab
+    of its own (``--fresh``) and in the lab that ``vmlab lab up`` left running, alternating,
+    in a state directory of the bench's own (the user's running lab is not touched)."""
+    import json
+    import subprocess
+    import sys
+    work = _workdir("reuse")
+    env = dict(os.environ, VMLAB_STATE_DIR=str(work / "state"))
+    kernel = getattr(args, "kernel", None) or "trixie"
+
+    def vmlab(*a, timeout=1800):
+        t = time.monotonic()
+        r = subprocess.run([sys.executable, "-m", "vmlab.cli", *a], env=env, capture_output=True,
+                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+        if r.returncode not in (0, 1):
+            raise VmlabError(f"bench reuse: vmlab {' '.join(a)} exited {r.returncode}: "
+                             f"{r.stderr.strip().splitlines()[-1:]}")
+        return time.monotonic() - t
+
+    def verdicts(d):
+        res = json.loads((d / "results.json").read_text())
+        return [m.get("verdict") for m in res["moves"]], res["lab"].get("reused_from")
+
+    fresh, reused, lab_up, runs = [], [], None, []
+    try:
+        lab_up = vmlab("lab", "up", "--kernel", kernel)
+        for i in range(repeat):
+            for mode in ("fresh", "reused"):
+                d = work / f"{mode}{i}"
+                progress(f"bench reuse: vmlab run ({mode}) {i + 1}/{repeat}")
+                secs = vmlab("run", "--kernel", kernel, "--out", str(d),
+                             *(["--fresh"] if mode == "fresh" else []))
+                (fresh if mode == "fresh" else reused).append(secs)
+                v, where = verdicts(d)
+                runs.append({"mode": mode, "seconds": round(secs, 1), "verdicts": v,
+                             "reused_lab": where is not None})
+    finally:
+        vmlab("lab", "down", timeout=300)
+    return {"kernel": kernel, "lab_up_seconds": round(lab_up, 1) if lab_up else None,
+            "fresh_run_seconds": _stats(fresh), "reused_run_seconds": _stats(reused),
+            "same_verdicts": len({json.dumps(r["verdicts"]) for r in runs}) == 1, "runs": runs,
+            "results": str(work)}
 
 
 def bench_matrix(args, progress, entries=("calibration", "dmaheap-order0", "pfnmap-compound")) -> dict:
@@ -354,6 +399,8 @@ def run(args, progress) -> dict:
         res["hwtrace"] = bench_hwtrace(args, progress, max(1, args.repeat))
     if "matrix" in what:
         res["matrix"] = bench_matrix(args, progress)
+    if "reuse" in what:
+        res["reuse"] = bench_reuse(args, progress, max(1, args.repeat))
     if "fuzz" in what:
         from .fuzz import bench_fuzz
         res["fuzz"] = bench_fuzz(args, progress, _workdir("fuzz"))

@@ -392,7 +392,8 @@ def parser() -> argparse.ArgumentParser:
                     help="comma list of: boot, build, move, soak, fuzz, hwtrace (the hardware "
                          "oracle's TCG cost, without and with the plugin), profile (where a "
                          "boot's seconds and VM exits go), matrix (the catalog matrix's seconds "
-                         "per cell on --kernel); default boot,build")
+                         "per cell on --kernel), reuse (vmlab run with a lab of its own vs in the "
+                         "lab 'vmlab lab up' left running); default boot,build")
     be.add_argument("--repeat", type=positive_int, default=1, help="how many times (>= 1, default 1)")
     _common(be)
     be.set_defaults(func=cmd_bench)
@@ -404,6 +405,9 @@ def parser() -> argparse.ArgumentParser:
                    help="experiment YAML (default configs/experiments/default.yaml)")
     r.add_argument("--out", default=None,
                    help="results directory: new or empty (default results/<UTC>-<name>/)")
+    r.add_argument("--fresh", action="store_true",
+                   help="boot a lab of this run's own even when 'vmlab lab up' left a matching "
+                        "one running (by default the run uses that lab and boots only its guest)")
     _common(r)
     r.set_defaults(func=cmd_run)
 

@@ -18,7 +18,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
-from . import hwtrace, kvm_evidence, oracle, proc
+from . import hwtrace, kvm_evidence, oracle, proc, reuse
 from .errors import CouldNotTest, NotApplicable, RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
@@ -30,7 +30,7 @@ from .stack import LAB_BOOT_ATTEMPTS, Stack, lab_options
 
 log = logging.getLogger("vmlab.experiment")
 DEFAULT_CONFIG = repo_root() / "configs" / "experiments" / "default.yaml"
-IVSHMEM_SOCK = "/run/vmlab/ivshmem/buffer.sock"
+IVSHMEM_DIR = "/run/vmlab/ivshmem"   # one socket per guest name
 AGENT = "vmlab-guest-agent"
 TAG_BASE = 0x766D6C6100000000  # "vmla" << 32
 # Measured 2026-11-26 on lab kernel 7.3 (not on 6.1/6.12, which do not check): an NPF on
@@ -241,10 +241,16 @@ class Run:
         exp_cfg = self.exp.section("exporter")
         o = self.opts
         size = self.exp.size
-        gopts = GuestOptions(memory_mb=o["guest_memory_mb"], gpu=o["guest_gpu"],
+        name, port = "guest", GuestOptions.ssh_port
+        if self.shared_lab is not None and self.shared_lab.reused_from:
+            # a lab other commands may share: a guest name, port and socket of our own
+            name, port = reuse.guest_identity(self.shared_lab)
+        self.ivshmem_sock = f"{IVSHMEM_DIR}/{name}.sock"
+        gopts = GuestOptions(name=name, ssh_port=port,
+                             memory_mb=o["guest_memory_mb"], gpu=o["guest_gpu"],
                              boot_timeout=o["guest_boot_timeout"],
                              align_mappings=o.get("guest_align", "4K"),
-                             extra_qemu_args=["-chardev", f"socket,path={IVSHMEM_SOCK},id=ivs0",
+                             extra_qemu_args=["-chardev", f"socket,path={self.ivshmem_sock},id=ivs0",
                                               "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"])
         plugin = None
         if "hw" in o.get("oracle", ()):
@@ -266,7 +272,8 @@ class Run:
                 self.progress("hardware oracle: the TCG plugin in the lab's QEMU answers")
             release = lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
-                                  "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds}
+                                  "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,
+                                  "reused_from": lab.reused_from}
             # which VMMs: the lab's QEMU (runs the guest under KVM) and the one running the lab
             _, lab_qemu, _ = lab.run("qemu-system-x86_64 --version", timeout=30)
             self.result["lab"]["qemu"] = lab_qemu.splitlines()[0].replace("QEMU emulator version ", "")
@@ -304,10 +311,11 @@ class Run:
                 raise
             self.progress(f"{exp_cfg['kind']} buffer {self.buf['id']:#x} ({size} bytes) created; "
                           f"exported over ivshmem")
-            self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=IVSHMEM_SOCK)
+            self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.ivshmem_sock)
             guest = self.stack.up_guest()
             self.gagent = GuestAgent(guest.session)
-            self.result["guest"] = {"kernel": guest.run("uname -r", timeout=30)[1].strip(),
+            self.result["guest"] = {"name": guest.opts.name,
+                                    "kernel": guest.run("uname -r", timeout=30)[1].strip(),
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
             self.health_start["guest"] = kernel_state(guest)
@@ -920,10 +928,14 @@ def main(args, progress) -> int:
         if h is not fh and not args.verbose:
             h.setLevel(logging.WARNING)
     progress(f"experiment {exp.name}: results in {out}")
-    r = Run(exp, opts, out, progress)
-    r.save()
     try:
-        rc = r.run()
+        # the hardware oracle's plugin is never in a `vmlab lab up` lab
+        with reuse.persistent_lab(opts, progress, fresh=bool(getattr(args, "fresh", False)),
+                                  hwtrace_plugin="(the hardware oracle's plugin)"
+                                  if "hw" in opts["oracle"] else None) as lab:
+            r = Run(exp, opts, out, progress, shared_lab=lab)
+            r.save()
+            rc = r.run()
     finally:
         root.removeHandler(fh)
         fh.close()

@@ -113,6 +113,7 @@ class NestedLab:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.own_rundir = rundir is None
+        self.reused_from: str | None = None   # the state dir of a `vmlab lab up` lab in reuse
         self.rundir = private_dir(Path(rundir)) if rundir is not None else runtime_dir()
         self.opts = opts
         self.detach = detach
@@ -213,8 +214,19 @@ class NestedLab:
               "accel_reason": self.accel_reason, "qmp": self.machine.spec.qmp_socket,
               "console": self.machine.spec.console_log, "boot_seconds": self.boot_seconds,
               "image": str(self.image.path) if self.image else None,
-              "guest_image": str(self.guest_image.path) if self.guest_image else None}
+              "guest_image": str(self.guest_image.path) if self.guest_image else None,
+              "shape": self.shape()}
         write_atomic(self.workdir / "state.json", json.dumps(st, indent=2))
+
+    def shape(self) -> dict:
+        """What shaped this lab, as another command compares it before it reuses the lab
+        (``vmlab.reuse``): the options it booted with, the accelerator it got, its images."""
+        o = self.opts
+        return {"kernel": o.kernel, "qemu": o.qemu, "kernel_image": o.kernel_image,
+                "memory_mb": o.memory_mb, "extra_qemu_args": list(o.extra_qemu_args),
+                "hwtrace_plugin": o.hwtrace_plugin, "accel": self.accel,
+                "image": str(self.image.path) if self.image else None,
+                "guest_image": str(self.guest_image.path) if self.guest_image else None}
 
     @staticmethod
     def read_state(workdir: Path) -> tuple[dict | None, str]:

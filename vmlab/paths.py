@@ -75,15 +75,16 @@ def read_json(path: Path) -> dict | None:
 
 
 @contextlib.contextmanager
-def locked(path: Path, what: str, timeout: float = 900):
-    """An exclusive flock on ``path`` for the duration; waits at most ``timeout``."""
+def locked(path: Path, what: str, timeout: float = 900, shared: bool = False):
+    """An exclusive (``shared``: shared) flock on ``path`` for the duration; waits at most
+    ``timeout``."""
     from .errors import WaitTimeout
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
         end = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(f, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except BlockingIOError:
                 if time.monotonic() >= end:

@@ -1,14 +1,17 @@
 """Issue: nested lab. The debugging commands on a lab that outlives each command:
-lab up/status/exec, guest up/exec, doctor --json on the running pair, guest down, lab down."""
+lab up/status/exec, guest up/exec, doctor --json on the running pair, two `vmlab run` at
+once reusing that lab (issue speed: reuse), guest down, lab down."""
 from __future__ import annotations
 
 import json
 import os
 import signal
 import stat
+import subprocess
+import sys
 import time
 
-from .conftest import qemu_pids, vmlab_cmd
+from .conftest import ROOT, qemu_pids, vmlab_cmd
 
 
 def test_persistent_lab_and_guest(images_ready, tmp_path):
@@ -43,6 +46,35 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
         assert r.returncode == 0, r.stderr
         rep = json.loads(r.stdout)
         assert rep["guest"]["accel"] == "kvm" and rep["lab"]["nested_paging"] is True
+
+        # two experiments at once in the running lab: each boots only a guest of its own
+        # (its own name, port and socket) beside the persistent guest, which they leave be
+        lab_pid = json.loads((tmp_path / "lab" / "state.json").read_text())["pid"]
+        outs = [tmp_path / f"reuse{i}" for i in (1, 2)]
+        procs = [subprocess.Popen([sys.executable, "-m", "vmlab.cli", "run", "--out", str(o)],
+                                  cwd=ROOT, env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for o in outs]
+        try:
+            ends = [p.communicate(timeout=1200) for p in procs]
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                    p.wait()
+        names = set()
+        for p, (out, err) in zip(procs, ends):
+            assert p.returncode == 0, err[-3000:]
+            assert "running in the lab that 'vmlab lab up' started" in err, err[-2000:]
+        for o in outs:
+            res = json.loads((o / "results.json").read_text())
+            assert res["lab"]["reused_from"] == str(tmp_path / "lab")
+            assert [m["verdict"] for m in res["moves"]] == ["REFAULTED"] * 3 + ["STALE"]
+            names.add(res["guest"]["name"])
+        assert len(names) == 2 and "guest" not in names, names
+        assert qemu_pids(str(tmp_path)) == [lab_pid], "no lab of their own, the lab still up"
+        r = vmlab_cmd("guest", "exec", "--", "uname", "-n", env=env, timeout=120)
+        assert r.returncode == 0 and r.stdout.strip() == "vmlab-guest", r.stderr
 
         r = vmlab_cmd("guest", "down", env=env, timeout=300)
         assert r.returncode == 0, r.stderr

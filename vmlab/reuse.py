@@ -1,0 +1,110 @@
+"""Running an experiment in the lab that ``vmlab lab up`` left running, instead of booting one.
+
+A lab is reused only when everything that shaped it matches what the command would boot:
+kernel, QEMU, accelerator, lab memory, extra QEMU arguments, plugin, and the very lab and
+guest images (their cache keys cover the exporter build). Anything else boots a lab of
+the command's own and says which difference kept it from reusing; ``--fresh`` always
+does. While a command uses the lab it holds a shared lock on it, so ``vmlab lab down``
+waits for it, and its guest gets a name, port, socket and directory of its own, so
+commands that share the lab do not meet each other (nor the guest of ``vmlab guest up``).
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+
+from . import images
+from .config import qemu_suite_of
+from .errors import WaitTimeout
+from .lab import NestedLab
+from .paths import locked, state_dir
+
+# what must be equal, in the order a mismatch is reported
+_KEYS = ("kernel", "qemu", "kernel_image", "memory_mb", "extra_qemu_args", "hwtrace_plugin",
+         "image", "guest_image")
+
+
+def lab_dir():
+    return state_dir() / "lab"
+
+
+def wanted_shape(o: dict, hwtrace_plugin: str | None = None) -> dict:
+    """The shape of the lab this command would boot (images as found in the cache; a
+    missing one cannot match any running lab)."""
+    def path(kind, kernel, qemu_suite=None):
+        img = images.find(images.recipe(kind, kernel, qemu_suite))
+        return str(img.path) if img else None
+    return {"kernel": o["kernel"], "qemu": o.get("qemu", "default"),
+            "kernel_image": o.get("kernel_image"), "memory_mb": o["lab_memory_mb"],
+            "extra_qemu_args": list(o.get("lab_qemu_args") or ()), "hwtrace_plugin": hwtrace_plugin,
+            "accel": o["accel"],
+            "image": path("lab", o["kernel"], qemu_suite_of(o.get("qemu", "default"))),
+            "guest_image": path("guest", o.get("guest_kernel") or "trixie")}
+
+
+def shape_mismatch(have: dict | None, want: dict) -> str | None:
+    """None when a lab of shape ``have`` serves a command that wants ``want``, else the
+    first difference in words. ``accel: auto`` takes whatever the lab got."""
+    if not have:
+        return "it records no shape (started by an older vmlab)"
+    for k in _KEYS:
+        if have.get(k) != want.get(k):
+            if k in ("image", "guest_image") and want.get(k) is None:
+                return f"this run's {k.replace('_', ' ')} is not built yet"
+            return f"its {k} is {have.get(k)!r}, this run wants {want.get(k)!r}"
+    if want.get("accel") not in ("auto", have.get("accel")):
+        return f"its accel is {have.get('accel')!r}, this run wants {want['accel']!r}"
+    return None
+
+
+@contextlib.contextmanager
+def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None = None):
+    """The running ``vmlab lab up`` lab, attached and share-locked for the duration, when
+    it matches (else None, after one line saying why, when a lab is up at all)."""
+    st = lab_dir()
+    state, _ = NestedLab.read_state(st)
+    if state is None:
+        yield None
+        return
+    if fresh:
+        progress("a lab is up ('vmlab lab up'); --fresh: booting one of this run's own")
+        yield None
+        return
+    why = shape_mismatch(state.get("shape"), wanted_shape(o, hwtrace_plugin))
+    if why:
+        progress(f"not using the running lab (pid {state['pid']}): {why}; booting one of this "
+                 f"run's own")
+        yield None
+        return
+    try:
+        lock = locked(st / "lab.lock", "the persistent lab", timeout=2, shared=True)
+        lock.__enter__()
+    except WaitTimeout:
+        progress("the running lab is being started or stopped; booting one of this run's own")
+        yield None
+        return
+    try:
+        try:
+            lab = NestedLab.attach(st)
+        except Exception as e:   # recorded alive, yet not answering: not ours to fix
+            progress(f"could not attach to the running lab ({e}); booting one of this run's own")
+            yield None
+            return
+        lab.reused_from = str(st)
+        progress(f"running in the lab that 'vmlab lab up' started (pid {state['pid']}, "
+                 f"{state['accel']}); --fresh boots one of this run's own")
+        try:
+            yield lab
+        finally:
+            if lab.session is not None:
+                lab.session.close()
+    finally:
+        lock.__exit__(None, None, None)
+
+
+def guest_identity(lab) -> tuple[str, int]:
+    """A guest name and a free lab-local SSH port of this process's own, for a guest in a
+    lab that other commands may share."""
+    rc, out, _ = lab.run("python3 -c 'import socket; s=socket.socket(); "
+                         "s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])'", timeout=30)
+    return f"run{os.getpid()}", int(out.strip())
