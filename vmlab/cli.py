@@ -53,8 +53,8 @@ def _resolved(a, exp=None) -> dict:
 
 
 def _state():
-    from .paths import state_dir
-    return state_dir() / "lab"
+    from .reuse import lab_dir
+    return lab_dir()
 
 
 def _lab_lock(st: Path):
@@ -83,24 +83,12 @@ def cmd_images(a) -> int:
 
 
 def cmd_lab(a) -> int:
+    from . import reuse
     from .lab import NestedLab
-    from .stack import lab_images, lab_options
     st = _state()
     if a.action == "up":
-        o = _resolved(a)
-        with _lab_lock(st):
-            state, _ = NestedLab.read_state(st)
-            if state is not None:
-                progress(f"a lab is already up (pid {state['pid']}); 'vmlab lab down' first")
-                return 0
-            for stale in ("state.json", "guest.json"):
-                (st / stale).unlink(missing_ok=True)
-            lab_img, guest_img = lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"],
-                                            progress=progress, qemu=o["qemu"])
-            lab = NestedLab(st, lab_options(o), detach=True, rundir=st)
-            lab.up(lab_img, guest_img, progress)
-            lab.session.close()
-        progress(f"lab is up; console {st}/lab-console.log; stop with 'vmlab lab down'")
+        if reuse.lab_up(_resolved(a), progress):
+            progress(f"lab is up; console {st}/lab-console.log; stop with 'vmlab lab down'")
         return 0
     if a.action == "status":
         lab = NestedLab.attach(st, qmp=True)
@@ -115,11 +103,10 @@ def cmd_lab(a) -> int:
             lab.session.close()
         return 0
     if a.action == "down":
-        with _lab_lock(st):
-            # From the state file alone: a hung lab (no SSH, wedged QMP) stops too, and the
-            # guest inside it dies with it.
-            if NestedLab.stop_recorded(st, progress):
-                progress("lab is down")
+        # from the state file alone: a hung lab (no SSH, wedged QMP) stops too, and the
+        # guest inside it dies with it
+        if reuse.lab_down(progress):
+            progress("lab is down")
         return 0
     if a.action == "exec":
         lab = NestedLab.attach(st)
@@ -405,6 +392,10 @@ def parser() -> argparse.ArgumentParser:
                    help="experiment YAML (default configs/experiments/default.yaml)")
     r.add_argument("--out", default=None,
                    help="results directory: new or empty (default results/<UTC>-<name>/)")
+    r.add_argument("--keep", action="store_true",
+                   help="run in the lab 'vmlab lab up' keeps (starting one if none is up) and "
+                        "leave it up when the run fails, for 'vmlab lab exec'; a lab this run "
+                        "started goes down when the run passes or is interrupted")
     r.add_argument("--fresh", action="store_true",
                    help="boot a lab of this run's own even when 'vmlab lab up' left a matching "
                         "one running (by default the run uses that lab and boots only its guest)")

@@ -916,6 +916,13 @@ def main(args, progress) -> int:
     path = args.config or str(DEFAULT_CONFIG)
     exp = cfgmod.load(path)  # ConfigError -> exit 2 before anything starts
     opts = cfgmod.resolve(exp, args)
+    keep, fresh = bool(getattr(args, "keep", False)), bool(getattr(args, "fresh", False))
+    if keep and fresh:
+        raise UserError("--keep runs in the lab that 'vmlab lab up' keeps, --fresh in one of "
+                        "the run's own: choose one")
+    if keep and "hw" in opts["oracle"]:
+        raise UserError(f"--keep: {exp.path} uses the hardware oracle, whose TCG plugin a kept "
+                        f"lab does not load")
     out = results_dir(exp.name, args.out)
     write_reproducer(out, exp, cli_passthrough(args))
     fh = logging.FileHandler(out / "vmlab.log")
@@ -928,17 +935,34 @@ def main(args, progress) -> int:
         if h is not fh and not args.verbose:
             h.setLevel(logging.WARNING)
     progress(f"experiment {exp.name}: results in {out}")
+    r, started, interrupted = None, False, False
     try:
+        if keep and not reuse.lab_running():
+            started = reuse.lab_up(opts, progress)
         # the hardware oracle's plugin is never in a `vmlab lab up` lab
-        with reuse.persistent_lab(opts, progress, fresh=bool(getattr(args, "fresh", False)),
+        with reuse.persistent_lab(opts, progress, fresh=fresh,
                                   hwtrace_plugin="(the hardware oracle's plugin)"
                                   if "hw" in opts["oracle"] else None) as lab:
+            if keep and lab is None:
+                raise UserError("--keep: the run cannot use the lab that is up (said above); "
+                                "'vmlab lab down' first, or run without --keep")
             r = Run(exp, opts, out, progress, shared_lab=lab)
             r.save()
             rc = r.run()
+    except BaseException as e:
+        interrupted = not isinstance(e, Exception)   # Ctrl-C, SIGTERM
+        raise
     finally:
         root.removeHandler(fh)
         fh.close()
+        passed = r is not None and r.result.get("passed") is True
+        if started and (passed or interrupted):
+            # nothing to inspect in the lab this run started, or the user wants out
+            with proc.signals_deferred():
+                reuse.lab_down(progress)
+        elif keep and not passed and reuse.lab_running():
+            progress(f"the lab stays up for inspection: 'vmlab lab exec -- CMD' (results in "
+                     f"{out}); stop it with 'vmlab lab down'")
     print(table(r.result))
     print(f"{'PASSED' if r.result['passed'] else 'FAILED'}: results in {out}")
     return rc

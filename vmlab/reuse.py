@@ -57,6 +57,10 @@ def shape_mismatch(have: dict | None, want: dict) -> str | None:
     return None
 
 
+def lab_running() -> bool:
+    return NestedLab.read_state(lab_dir())[0] is not None
+
+
 @contextlib.contextmanager
 def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None = None):
     """The running ``vmlab lab up`` lab, attached and share-locked for the duration, when
@@ -100,6 +104,34 @@ def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None
                 lab.session.close()
     finally:
         lock.__exit__(None, None, None)
+
+
+def lab_up(o: dict, progress) -> bool:
+    """Boot the persistent lab (``vmlab lab up``, ``vmlab run --keep``): detached, its state
+    in lab_dir(). False, after saying so, when one is up already."""
+    from .stack import lab_images, lab_options
+    st = lab_dir()
+    with locked(st / "lab.lock", "the persistent lab"):
+        state, _ = NestedLab.read_state(st)
+        if state is not None:
+            progress(f"a lab is already up (pid {state['pid']}); 'vmlab lab down' first")
+            return False
+        for stale in ("state.json", "guest.json"):
+            (st / stale).unlink(missing_ok=True)
+        lab_img, guest_img = lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"],
+                                        progress=progress, qemu=o["qemu"])
+        lab = NestedLab(st, lab_options(o), detach=True, rundir=st)
+        lab.up(lab_img, guest_img, progress)
+        lab.session.close()
+    return True
+
+
+def lab_down(progress) -> bool:
+    """Stop the persistent lab from its state file alone (a hung one too); False when none
+    was up."""
+    st = lab_dir()
+    with locked(st / "lab.lock", "the persistent lab"):
+        return NestedLab.stop_recorded(st, progress)
 
 
 def guest_identity(lab) -> tuple[str, int]:

@@ -121,3 +121,29 @@ def test_corrupt_state_file_means_no_lab(tmp_path):
     r = vmlab_cmd("lab", "down", env=env, timeout=60)
     assert r.returncode == 0 and "corrupt" in r.stderr and "Traceback" not in r.stderr, r.stderr
     assert not (tmp_path / "lab" / "state.json").exists()
+
+
+def test_keep_leaves_a_failed_runs_lab_up_and_takes_a_passed_ones_down(images_ready, tmp_path):
+    env = {"VMLAB_STATE_DIR": str(tmp_path / "state")}
+    wrong = tmp_path / "wrong.yaml"
+    wrong.write_text("version: 1\nname: keep-wrong\nexporter: {kind: vmlab, size: 64K}\n"
+                     "moves:\n  - {mode: MIGRATE, expect: STALE}\n")
+    try:
+        r = vmlab_cmd("run", str(wrong), "--keep", "--out", str(tmp_path / "r1"), env=env,
+                      timeout=900)
+        assert r.returncode == 1, r.stderr[-3000:]
+        assert "the lab stays up for inspection" in r.stderr and "vmlab lab down" in r.stderr
+        [pid] = qemu_pids(str(tmp_path / "state"))
+        r = vmlab_cmd("lab", "exec", "--", "lsmod", env=env, timeout=120)
+        assert r.returncode == 0 and "vmlab_exporter" in r.stdout, r.stderr
+        # --keep and --fresh contradict each other: refused before anything starts
+        r = vmlab_cmd("run", "--keep", "--fresh", "--out", str(tmp_path / "r2"), env=env, timeout=120)
+        assert r.returncode == 2 and "choose one" in r.stderr and not (tmp_path / "r2").exists()
+    finally:
+        r = vmlab_cmd("lab", "down", env=env, timeout=300)
+    assert r.returncode == 0 and qemu_pids(str(tmp_path / "state")) == []
+    # a passing run with --keep takes the lab it started down again
+    r = vmlab_cmd("run", "--keep", "--out", str(tmp_path / "r3"), env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert qemu_pids(str(tmp_path / "state")) == [], "a passed run's lab is not kept"
+    assert not (tmp_path / "state" / "lab" / "state.json").exists()
