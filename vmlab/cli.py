@@ -244,6 +244,11 @@ def cmd_matrix(a) -> int:
     return matrix.main(a, progress)
 
 
+def cmd_report(a) -> int:
+    from . import merge
+    return merge.merge(a.dirs, a.out, progress)
+
+
 # --- parser ---------------------------------------------------------------------------
 def _common(p: argparse.ArgumentParser, *, one_kernel: bool = True) -> None:
     # Every default here is None: "not given" must stay visible, so that the command line
@@ -411,10 +416,25 @@ def parser() -> argparse.ArgumentParser:
                     help="catalog directory (default configs/catalog)")
     mx.add_argument("--only", default=None, metavar="ID,...",
                     help="only these entries (their names), in this order")
+    mx.add_argument("--shard", default=None, metavar="K/N",
+                    help="run only shard K of N: the cells in kernel order cut into N runs "
+                         "(every machine cuts alike; 'vmlab report merge' joins the shards)")
     mx.add_argument("--out", default=None,
                     help="results directory: new or empty (default results/<UTC>-matrix/)")
     _common(mx, one_kernel=False)
     mx.set_defaults(func=cmd_matrix)
+
+    rp = _sub(sub, "report", "join results: 'merge' makes one matrix (matrix.json, junit.xml, "
+              "report.html) of matrix shards and runs from many machines",
+              "vmlab report merge shard1/ shard2/ --out merged/")
+    rps = rp.add_subparsers(dest="action", required=True, metavar="ACTION")
+    rm = rps.add_parser("merge", help="merge matrix results directories (shards) and vmlab run "
+                        "results directories; exit 0/1/125 as vmlab matrix, 125 when a shard is "
+                        "missing")
+    rm.add_argument("dirs", nargs="+", metavar="DIR", help="a vmlab matrix or vmlab run results directory")
+    rm.add_argument("--out", default=None,
+                    help="merged results directory: new or empty (default results/<UTC>-merged/)")
+    rp.set_defaults(func=cmd_report)
     return p
 
 

@@ -47,6 +47,33 @@ def parse_kernels(text: str | None) -> list[str]:
     return ks
 
 
+def parse_shard(text: str | None) -> tuple[int, int] | None:
+    """``K/N`` (1 <= K <= N) -> (K, N); None when not given."""
+    if text is None:
+        return None
+    try:
+        k, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        k = n = 0
+    if not 1 <= k <= n <= 1000:
+        raise ConfigError("<command line>", "--shard", f"{text!r}: want K/N with 1 <= K <= N <= 1000, "
+                          f"e.g. 2/4")
+    return k, n
+
+
+def shard(planned: dict, k: int, n: int) -> dict:
+    """Shard ``k`` of ``n``: the cells in kernel-major order (kernels as given, entries as
+    listed) cut into ``n`` contiguous runs of near-equal length. Every machine computes
+    the same cut from the same catalog and --kernels, the shards are disjoint and cover
+    the matrix, and a shard spans as few kernels (lab boots) as the cut allows."""
+    cells = [(kern, i) for kern, lst in planned.items() for i in range(len(lst))]
+    lo, hi = (k - 1) * len(cells) // n, k * len(cells) // n
+    out: dict = {}
+    for kern, i in cells[lo:hi]:
+        out.setdefault(kern, []).append(planned[kern][i])
+    return out
+
+
 def _lab_key(o: dict) -> tuple:
     """Entries whose resolved settings agree on this share one lab boot."""
     return (o["accel"], o["qemu"], o["lab_memory_mb"], o["lab_boot_timeout"],
@@ -106,13 +133,19 @@ def plan(entries, kernels, args) -> dict[str, list[tuple[cfgmod.Experiment, dict
 
 
 class Matrix:
-    def __init__(self, planned: dict, out: Path, progress, args=None):
+    def __init__(self, planned: dict, out: Path, progress, args=None, *, entries=None,
+                 shard_of: tuple[int, int] | None = None):
+        """``entries``: the catalog's names in order (a shard's plan may lack some);
+        ``shard_of``: (K, N) when ``planned`` is shard K of N."""
         self.plan, self.out, self.progress = planned, out, progress
         self.args = args       # the command line, for each cell's reproduce.sh
         self.cells: list[dict] = []
-        entries = [e.name for e, _ in next(iter(planned.values()))]
+        if entries is None:
+            entries = [e.name for e, _ in next(iter(planned.values()))]
         self.result = {"started": datetime.now(timezone.utc).isoformat(), "status": "running",
-                       "kernels": list(planned), "entries": entries, "cells": self.cells}
+                       "kernels": list(planned), "entries": list(entries), "cells": self.cells}
+        if shard_of:
+            self.result["shard"] = f"{shard_of[0]}/{shard_of[1]}"
 
     def save(self) -> None:
         tmp = self.out / "matrix.json.tmp"
@@ -139,6 +172,8 @@ class Matrix:
             raise
         finally:
             self.finish()
+        if not self.plan:
+            return 0       # an empty shard: nothing to run, nothing failed
         rc = exit_status(self.cells)
         if rc == 125:
             self.progress("matrix: a lab did not come up, or no cell was applicable")
@@ -234,6 +269,9 @@ class Matrix:
         return r
 
     def _add(self, cell: dict, n: int, total: int) -> None:
+        # where the cell's directory is inside this matrix: a merge on another machine
+        # finds it there when the absolute path does not exist
+        cell["results_rel"] = str(Path(cell["results"]).relative_to(self.out))
         self.cells.append(cell)
         self.save()
         what = {True: "match", False: "MISMATCH", None: "not applicable"}[cell["match"]]
@@ -340,11 +378,18 @@ def main(args, progress) -> int:
     from .experiment import results_dir
     kernels = parse_kernels(args.kernels)
     only = [i.strip() for i in args.only.split(",")] if args.only else None
+    shard_of = parse_shard(getattr(args, "shard", None))
     entries = catalog.load(args.catalog, only)
     planned = plan(entries, kernels, args)
+    if shard_of:
+        planned = shard(planned, *shard_of)
     out = results_dir("matrix", args.out)
-    m = Matrix(planned, out, progress, args)
-    progress(f"matrix: {len(entries)} entries x {len(kernels)} kernels; results in {out}")
+    m = Matrix(planned, out, progress, args, entries=[e.name for e in entries], shard_of=shard_of)
+    m.result["planned_kernels"] = kernels   # what the shards of one cut share
+    cells = sum(len(v) for v in planned.values())
+    progress(f"matrix: {len(entries)} entries x {len(kernels)} kernels"
+             f"{f'; shard {shard_of[0]}/{shard_of[1]}: {cells} cells' if shard_of else ''}; "
+             f"results in {out}")
     try:
         rc = m.run()
     finally:

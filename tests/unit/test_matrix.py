@@ -185,3 +185,31 @@ def test_matrix_reproducer_keeps_the_command_line(tmp_path):
     argv = cli_passthrough(args, kernel="forky", kernel_image=None)
     assert argv == ["--accel=tcg", "--kernel=forky", "--qemu=default", "--guest-memory=768",
                     "--lab-qemu-arg=-smp", "--lab-qemu-arg=1"]
+
+
+def _planned(kernels, names):
+    from vmlab import config as cfgmod
+    return {k: [(cfgmod.Experiment(f"{n}.yaml", {"name": n}), {"kernel": k}) for n in names]
+            for k in kernels}
+
+
+def test_shards_are_disjoint_cover_the_matrix_and_group_by_kernel():
+    planned = _planned(["bullseye", "trixie", "forky"], ["a", "b", "c", "d", "e"])
+    every = [(k, e.name) for k, lst in planned.items() for e, _ in lst]
+    for n in (1, 2, 3, 4, 7, 15, 16):
+        got = []
+        for k in range(1, n + 1):
+            part = matrix.shard(planned, k, n)
+            got += [(kern, e.name) for kern, lst in part.items() for e, _ in lst]
+            # contiguous in kernel order: a shard of 15 cells cut in 2 spans at most 2 kernels
+            if n in (2, 3):
+                assert len(part) <= 2, (n, k, list(part))
+        assert got == every, n          # disjoint, covering, in order
+    assert matrix.shard(planned, 3, 3) == matrix.shard(planned, 3, 3)   # deterministic
+
+
+def test_shard_argument():
+    assert matrix.parse_shard(None) is None and matrix.parse_shard("2/4") == (2, 4)
+    for bad in ("0/2", "3/2", "x", "1/0", "1/2/3", "1/1001"):
+        with pytest.raises(ConfigError, match="--shard"):
+            matrix.parse_shard(bad)
