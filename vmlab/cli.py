@@ -244,6 +244,11 @@ def cmd_matrix(a) -> int:
     return matrix.main(a, progress)
 
 
+def cmd_compare(a) -> int:
+    from . import compare
+    return compare.main(a, progress)
+
+
 def cmd_report(a) -> int:
     from . import merge
     return merge.merge(a.dirs, a.out, progress)
@@ -435,6 +440,16 @@ def parser() -> argparse.ArgumentParser:
     rm.add_argument("--out", default=None,
                     help="merged results directory: new or empty (default results/<UTC>-merged/)")
     rp.set_defaults(func=cmd_report)
+
+    cp = _sub(sub, "compare", "what changed between two results directories (matrix or run): "
+              "verdicts per cell, move timing tested for a change; exit 1 on a regression",
+              "vmlab compare results/yesterday-matrix results/today-matrix")
+    cp.add_argument("a", metavar="A", help="the earlier (baseline) results directory")
+    cp.add_argument("b", metavar="B", help="the later results directory")
+    cp.add_argument("--out", default=None,
+                    help="directory for compare.json and report.html: new or empty "
+                         "(default results/<UTC>-compare/)")
+    cp.set_defaults(func=cmd_compare)
     return p
 
 
