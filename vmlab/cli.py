@@ -4,6 +4,7 @@ line), CouldNotTest -> 125 (one line), InfraError -> 1 (traceback in the log), C
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -57,9 +58,14 @@ def _state():
     return lab_dir()
 
 
-def _lab_lock(st: Path):
+@contextlib.contextmanager
+def _guest_lock(st: Path):
+    """The persistent guest is one: exclusive on it; the lab itself only shared, so runs
+    that reuse the lab go on meanwhile."""
     from .paths import locked
-    return locked(st / "lab.lock", "the persistent lab")
+    with locked(st / "lab.lock", "the persistent lab", shared=True), \
+            locked(st / "guest.lock", "the persistent guest"):
+        yield
 
 
 # --- commands -------------------------------------------------------------------------
@@ -159,7 +165,7 @@ def cmd_guest(a) -> int:
     lab = NestedLab.attach(st)
     try:
         if a.action == "up":
-            with _lab_lock(st):
+            with _guest_lock(st):
                 if _guest_state(lab.workdir).exists():
                     progress("a guest is already up; 'vmlab guest down' first")
                     return 0
@@ -171,7 +177,7 @@ def cmd_guest(a) -> int:
             g.disconnect()
             return 0
         if a.action == "down":
-            with _lab_lock(st):
+            with _guest_lock(st):
                 _guest_down(lab)
             progress("guest is down")
             return 0

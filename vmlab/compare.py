@@ -21,6 +21,7 @@ import statistics
 from pathlib import Path
 
 from .errors import UserError
+from .merge import results_of
 from .paths import read_json
 
 ALPHA, MIN_SAMPLES, PERMUTATIONS = 0.01, 5, 4000
@@ -37,13 +38,14 @@ def load_side(d: Path) -> dict[tuple[str, str], dict]:
     out = {}
     if doc is not None and isinstance(doc.get("cells"), list):
         for c in doc["cells"]:
-            where = Path(c.get("results") or "")
-            if not where.is_dir() and c.get("results_rel"):
-                where = d / c["results_rel"]
-            res = read_json(where / "results.json")
+            if not isinstance(c, dict) or not isinstance(c.get("entry"), str) or \
+                    not isinstance(c.get("kernel_suite"), str):
+                raise UserError(f"{d / 'matrix.json'}: a cell without entry or kernel_suite")
+            where = results_of(d, c)
+            res = read_json(where / "results.json") if where else None
             out[(c["entry"], c["kernel_suite"])] = {
                 "verdicts": c.get("verdicts") or [], "match": c.get("match"),
-                "reason": c.get("reason"), "samples": _samples(res), "results": str(where)}
+                "reason": c.get("reason"), "samples": _samples(res), "results": str(where or "")}
         return out
     res = read_json(d / "results.json")
     if res is None or "experiment" not in res:
@@ -98,8 +100,12 @@ def compare(a: dict, b: dict) -> list[dict]:
             else:
                 row["change"] = "same"
             row["timing"] = timing(ca["samples"], cb["samples"])
+        elif ca:
+            # a cell that matched and is gone is no better than one that stopped matching
+            row["change"] = "REGRESSION" if ca["match"] is True else "only in A"
+            row["why"] = "missing from B"
         else:
-            row["change"] = "only in A" if ca else "only in B"
+            row["change"] = "only in B"
         rows.append(row)
     return rows
 

@@ -923,6 +923,11 @@ def main(args, progress) -> int:
     if keep and "hw" in opts["oracle"]:
         raise UserError(f"--keep: {exp.path} uses the hardware oracle, whose TCG plugin a kept "
                         f"lab does not load")
+    if keep:
+        state, why = reuse.mismatch_of_running(opts)
+        if why:
+            raise UserError(f"--keep: the lab that is up (pid {state['pid']}) does not fit this "
+                            f"run: {why}; 'vmlab lab down' first, or run without --keep")
     out = results_dir(exp.name, args.out)
     write_reproducer(out, exp, cli_passthrough(args))
     fh = logging.FileHandler(out / "vmlab.log")
@@ -935,14 +940,18 @@ def main(args, progress) -> int:
         if h is not fh and not args.verbose:
             h.setLevel(logging.WARNING)
     progress(f"experiment {exp.name}: results in {out}")
-    r, started, interrupted = None, False, False
+    r, interrupted = None, False
+    # a lab that comes up after this point was started by this run (a Ctrl-C right after
+    # its boot must not leave it behind)
+    was_up = reuse.lab_running()
     try:
-        if keep and not reuse.lab_running():
-            started = reuse.lab_up(opts, progress)
+        if keep and not was_up:
+            reuse.lab_up(opts, progress)
         # the hardware oracle's plugin is never in a `vmlab lab up` lab
         with reuse.persistent_lab(opts, progress, fresh=fresh,
                                   hwtrace_plugin="(the hardware oracle's plugin)"
-                                  if "hw" in opts["oracle"] else None) as lab:
+                                  if "hw" in opts["oracle"] else None,
+                                  lock_wait=120 if keep else 2) as lab:
             if keep and lab is None:
                 raise UserError("--keep: the run cannot use the lab that is up (said above); "
                                 "'vmlab lab down' first, or run without --keep")
@@ -956,8 +965,10 @@ def main(args, progress) -> int:
         root.removeHandler(fh)
         fh.close()
         passed = r is not None and r.result.get("passed") is True
-        if started and (passed or interrupted):
-            # nothing to inspect in the lab this run started, or the user wants out
+        started = keep and not was_up and reuse.lab_running()
+        if started and (passed or interrupted or r is None):
+            # nothing to inspect in the lab this run started (or nothing ran in it), or
+            # the user wants out
             with proc.signals_deferred():
                 reuse.lab_down(progress)
         elif keep and not passed and reuse.lab_running():

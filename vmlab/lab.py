@@ -43,6 +43,25 @@ class LabOptions:
     accel_why: str = "chosen with --accel"  # said when accel is not auto
 
 
+def agent_digest() -> str:
+    """sha256 of the host agent's files as this vmlab would copy them into a lab."""
+    h = hashlib.sha256()
+    for f in HOSTAGENT_FILES:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def file_identity(path: str | None) -> list | None:
+    """A file as a user rebuilds it in place (--kernel-image): path, size, mtime, inode."""
+    if not path:
+        return None
+    try:
+        st = os.stat(path)
+    except OSError:
+        return [path]
+    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
+
+
 def boot_id() -> str:
     """This machine's boot: a state file from before a reboot names no live process."""
     try:
@@ -220,9 +239,11 @@ class NestedLab:
 
     def shape(self) -> dict:
         """What shaped this lab, as another command compares it before it reuses the lab
-        (``vmlab.reuse``): the options it booted with, the accelerator it got, its images."""
+        (``vmlab.reuse``): the options it booted with, the accelerator it got, its images,
+        the host agent it was given (copied into its share at boot)."""
         o = self.opts
-        return {"kernel": o.kernel, "qemu": o.qemu, "kernel_image": o.kernel_image,
+        return {"kernel": o.kernel, "qemu": o.qemu, "kernel_image": file_identity(o.kernel_image),
+                "agent": agent_digest(),
                 "memory_mb": o.memory_mb, "extra_qemu_args": list(o.extra_qemu_args),
                 "hwtrace_plugin": o.hwtrace_plugin, "accel": self.accel,
                 "image": str(self.image.path) if self.image else None,

@@ -23,6 +23,17 @@ from .matrix import cell_record, exit_status, write_junit
 from .paths import read_json
 
 
+def results_of(d: Path, c: dict) -> Path | None:
+    """A cell's results directory: beside its matrix.json first (``results_rel``, also after
+    the directory moved from another machine), the recorded absolute path only for an older
+    matrix.json without it."""
+    rel = c.get("results_rel")
+    if isinstance(rel, str) and rel and not Path(rel).is_absolute() and ".." not in Path(rel).parts:
+        return d / rel if (d / rel).is_dir() else None
+    where = Path(c.get("results") or "")
+    return where if where.is_absolute() and where.is_dir() else None
+
+
 def _cells_of(d: Path) -> tuple[dict, list[tuple[dict, Path]]]:
     """(input summary, [(cell, its results directory)]) of one input directory."""
     doc = read_json(d / "matrix.json")
@@ -31,10 +42,11 @@ def _cells_of(d: Path) -> tuple[dict, list[tuple[dict, Path]]]:
             raise UserError(f"{d / 'matrix.json'}: no 'cells' list (not a vmlab matrix.json)")
         out = []
         for c in doc["cells"]:
-            where = Path(c.get("results") or "")
-            if not where.is_dir() and c.get("results_rel"):
-                where = d / c["results_rel"]   # moved here from another machine
-            if not where.is_dir():
+            if not isinstance(c, dict) or not isinstance(c.get("entry"), str) or \
+                    not isinstance(c.get("kernel_suite"), str) or "match" not in c:
+                raise UserError(f"{d / 'matrix.json'}: a cell without entry, kernel_suite or match")
+            where = results_of(d, c)
+            if where is None:
                 raise UserError(f"{d / 'matrix.json'}: the results of cell {c.get('entry')}"
                                 f"[{c.get('kernel_suite')}] are in neither {c.get('results')} nor "
                                 f"{d / (c.get('results_rel') or '?')}")
@@ -76,15 +88,20 @@ def merge(dirs: list[str], out_arg: str | None, progress) -> int:
     cuts: dict = {}
     for s in inputs:
         if s["shard"]:
-            k, n = (int(x) for x in s["shard"].split("/"))
-            cuts.setdefault(",".join(s["planned_kernels"]), {}).setdefault(n, set()).add(k)
+            try:
+                k, n = (int(x) for x in str(s["shard"]).split("/"))
+            except ValueError:
+                raise UserError(f"{s['dir']}/matrix.json: shard {s['shard']!r} is not K/N")
+            # one cut: the same kernels and entries (--kernels, --only, the catalog)
+            cut = f"{','.join(s['planned_kernels'])} x {','.join(s['entries'])}"
+            cuts.setdefault(cut, {}).setdefault(n, set()).add(k)
     missing = []
     for kernels_cut, by_n in cuts.items():
         if len(by_n) > 1:
-            raise UserError(f"shards of --kernels {kernels_cut} cut into "
+            raise UserError(f"shards of {kernels_cut} cut into "
                             f"{' and '.join(map(str, sorted(by_n)))}: merge shards of one cut")
         [(n, have)] = by_n.items()
-        missing += [f"{k}/{n} of --kernels {kernels_cut}" for k in range(1, n + 1) if k not in have]
+        missing += [f"{k}/{n} of {kernels_cut}" for k in range(1, n + 1) if k not in have]
 
     out = results_dir("merged", out_arg)
     merged = []
@@ -93,7 +110,7 @@ def merge(dirs: list[str], out_arg: str | None, progress) -> int:
         shutil.copytree(where, dst, symlinks=True)
         merged.append(dict(c, results=str(dst), results_rel=str(dst.relative_to(out)),
                            reproduce=str(dst / "reproduce.sh")))
-    unfinished = [s["dir"] for s in inputs if s["status"] != "finished"]
+    unfinished = [s["dir"] for s in inputs if s["status"] not in ("finished", "not_applicable")]
     m = [c["match"] for c in merged]
     result = {"merged_at": datetime.now(timezone.utc).isoformat(), "merged_from": inputs,
               "status": "finished" if not (missing or unfinished) else "incomplete",

@@ -16,12 +16,12 @@ import os
 from . import images
 from .config import qemu_suite_of
 from .errors import WaitTimeout
-from .lab import NestedLab
+from .lab import NestedLab, agent_digest, file_identity
 from .paths import locked, state_dir
 
 # what must be equal, in the order a mismatch is reported
 _KEYS = ("kernel", "qemu", "kernel_image", "memory_mb", "extra_qemu_args", "hwtrace_plugin",
-         "image", "guest_image")
+         "image", "guest_image", "agent")
 
 
 def lab_dir():
@@ -35,7 +35,8 @@ def wanted_shape(o: dict, hwtrace_plugin: str | None = None) -> dict:
         img = images.find(images.recipe(kind, kernel, qemu_suite))
         return str(img.path) if img else None
     return {"kernel": o["kernel"], "qemu": o.get("qemu", "default"),
-            "kernel_image": o.get("kernel_image"), "memory_mb": o["lab_memory_mb"],
+            "kernel_image": file_identity(o.get("kernel_image")), "agent": agent_digest(),
+            "memory_mb": o["lab_memory_mb"],
             "extra_qemu_args": list(o.get("lab_qemu_args") or ()), "hwtrace_plugin": hwtrace_plugin,
             "accel": o["accel"],
             "image": path("lab", o["kernel"], qemu_suite_of(o.get("qemu", "default"))),
@@ -61,12 +62,21 @@ def lab_running() -> bool:
     return NestedLab.read_state(lab_dir())[0] is not None
 
 
+def mismatch_of_running(o: dict, hwtrace_plugin: str | None = None) -> tuple[dict | None, str | None]:
+    """(state of the running lab or None, why this command cannot use it or None)."""
+    state, _ = NestedLab.read_state(lab_dir())
+    if state is None:
+        return None, None
+    return state, shape_mismatch(state.get("shape"), wanted_shape(o, hwtrace_plugin))
+
+
 @contextlib.contextmanager
-def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None = None):
+def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None = None,
+                   lock_wait: float = 2):
     """The running ``vmlab lab up`` lab, attached and share-locked for the duration, when
     it matches (else None, after one line saying why, when a lab is up at all)."""
     st = lab_dir()
-    state, _ = NestedLab.read_state(st)
+    state, why = mismatch_of_running(o, hwtrace_plugin)
     if state is None:
         yield None
         return
@@ -74,17 +84,24 @@ def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None
         progress("a lab is up ('vmlab lab up'); --fresh: booting one of this run's own")
         yield None
         return
-    why = shape_mismatch(state.get("shape"), wanted_shape(o, hwtrace_plugin))
     if why:
         progress(f"not using the running lab (pid {state['pid']}): {why}; booting one of this "
                  f"run's own")
         yield None
         return
     try:
-        lock = locked(st / "lab.lock", "the persistent lab", timeout=2, shared=True)
+        lock = locked(st / "lab.lock", "the persistent lab", timeout=lock_wait, shared=True)
         lock.__enter__()
     except WaitTimeout:
         progress("the running lab is being started or stopped; booting one of this run's own")
+        yield None
+        return
+    # the lab may have gone down (or been replaced) while we waited for the lock
+    state, why = mismatch_of_running(o, hwtrace_plugin)
+    if state is None or why:
+        lock.__exit__(None, None, None)
+        progress(f"the running lab changed while this run waited ({why or 'it is down'}); "
+                 f"booting one of this run's own")
         yield None
         return
     try:

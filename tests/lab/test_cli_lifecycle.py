@@ -62,7 +62,7 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
                 if p.poll() is None:
                     p.kill()
                     p.wait()
-        names = set()
+        names, spans = set(), []
         for p, (out, err) in zip(procs, ends):
             assert p.returncode == 0, err[-3000:]
             assert "running in the lab that 'vmlab lab up' started" in err, err[-2000:]
@@ -71,7 +71,10 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
             assert res["lab"]["reused_from"] == str(tmp_path / "lab")
             assert [m["verdict"] for m in res["moves"]] == ["REFAULTED"] * 3 + ["STALE"]
             names.add(res["guest"]["name"])
+            spans.append((res["started"], res["ended"]))
         assert len(names) == 2 and "guest" not in names, names
+        # at once, not one after the other (ISO timestamps of one clock compare as text)
+        assert max(s for s, _ in spans) < min(e for _, e in spans), spans
         assert qemu_pids(str(tmp_path)) == [lab_pid], "no lab of their own, the lab still up"
         r = vmlab_cmd("guest", "exec", "--", "uname", "-n", env=env, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == "vmlab-guest", r.stderr
@@ -136,6 +139,11 @@ def test_keep_leaves_a_failed_runs_lab_up_and_takes_a_passed_ones_down(images_re
         [pid] = qemu_pids(str(tmp_path / "state"))
         r = vmlab_cmd("lab", "exec", "--", "lsmod", env=env, timeout=120)
         assert r.returncode == 0 and "vmlab_exporter" in r.stdout, r.stderr
+        # --keep with a lab up that does not fit the run: refused before anything starts
+        r = vmlab_cmd("run", "--keep", "--lab-memory", "2048", "--out", str(tmp_path / "r4"),
+                      env=env, timeout=120)
+        assert r.returncode == 2 and "does not fit" in r.stderr and "memory_mb" in r.stderr, r.stderr
+        assert not (tmp_path / "r4").exists() and qemu_pids(str(tmp_path / "state")) == [pid]
         # --keep and --fresh contradict each other: refused before anything starts
         r = vmlab_cmd("run", "--keep", "--fresh", "--out", str(tmp_path / "r2"), env=env, timeout=120)
         assert r.returncode == 2 and "choose one" in r.stderr and not (tmp_path / "r2").exists()

@@ -36,6 +36,9 @@ def test_a_cell_that_stops_matching_is_a_regression(tmp_path):
     assert row["change"] == "fixed"
     [row] = compare.compare(a, a)
     assert row["change"] == "same"
+    # a cell that matched and is gone from B is a regression too
+    [row] = compare.compare(a, {})
+    assert row["change"] == "REGRESSION" and row["why"] == "missing from B"
 
 
 def test_cli_exit_status_and_outputs(tmp_path):

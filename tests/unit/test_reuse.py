@@ -28,3 +28,21 @@ def test_each_difference_is_named():
     assert "image" in reuse.shape_mismatch(HAVE, want(image="/c/lab-trixie-cc"))
     assert "not built yet" in reuse.shape_mismatch(HAVE, want(guest_image=None))
     assert "no shape" in reuse.shape_mismatch(None, want())
+
+
+def test_the_recorded_shape_is_the_wanted_one(tmp_path, monkeypatch):
+    # what a lab records and what a run asks for must not drift apart (a key that only
+    # one side has would make every lab unusable, or any lab usable)
+    from vmlab import config
+    from vmlab.lab import NestedLab
+    from vmlab.stack import lab_options
+    monkeypatch.setenv("VMLAB_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "run"))
+    (tmp_path / "run").mkdir()
+    o = config.resolve(None, None)
+    have, want = NestedLab(tmp_path / "w", lab_options(o)).shape(), reuse.wanted_shape(o)
+    assert set(have) == set(want)
+    for k in set(have) - {"image", "guest_image", "accel"}:   # set at boot, not by options
+        assert have[k] == want[k], k
+    # the agent the lab was given is part of it: an edited host agent is another lab
+    assert len(want["agent"]) == 16
