@@ -81,6 +81,23 @@ def vmlab_cmd(*args, cwd=ROOT, timeout=900, env=None, **kw) -> subprocess.Comple
                           capture_output=True, text=True, env=e, stdin=subprocess.DEVNULL, **kw)
 
 
+def vmlab_at_once(arg_lists, env=None, timeout=1200) -> list[tuple[int, str, str]]:
+    """Several vmlab commands started together; (returncode, stdout, stderr) of each. None
+    outlives the call (killed at the timeout)."""
+    e = dict(os.environ, **(env or {}))
+    procs = [subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=e,
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for args in arg_lists]
+    try:
+        ends = [p.communicate(timeout=timeout) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    return [(p.returncode, out, err) for p, (out, err) in zip(procs, ends)]
+
+
 def qemu_pids(marker: str) -> list[int]:
     """QEMU processes whose command line mentions ``marker`` (a test's own directory)."""
     out = []

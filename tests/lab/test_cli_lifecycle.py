@@ -7,11 +7,9 @@ import json
 import os
 import signal
 import stat
-import subprocess
-import sys
 import time
 
-from .conftest import ROOT, qemu_pids, vmlab_cmd
+from .conftest import qemu_pids, vmlab_at_once, vmlab_cmd
 
 
 def test_persistent_lab_and_guest(images_ready, tmp_path):
@@ -51,20 +49,9 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
         # (its own name, port and socket) beside the persistent guest, which they leave be
         lab_pid = json.loads((tmp_path / "lab" / "state.json").read_text())["pid"]
         outs = [tmp_path / f"reuse{i}" for i in (1, 2)]
-        procs = [subprocess.Popen([sys.executable, "-m", "vmlab.cli", "run", "--out", str(o)],
-                                  cwd=ROOT, env=dict(os.environ, **env), stdin=subprocess.DEVNULL,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for o in outs]
-        try:
-            ends = [p.communicate(timeout=1200) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.kill()
-                    p.wait()
         names, spans = set(), []
-        for p, (out, err) in zip(procs, ends):
-            assert p.returncode == 0, err[-3000:]
+        for rc, out, err in vmlab_at_once([["run", "--out", str(o)] for o in outs], env=env):
+            assert rc == 0, err[-3000:]
             assert "running in the lab that 'vmlab lab up' started" in err, err[-2000:]
         for o in outs:
             res = json.loads((o / "results.json").read_text())

@@ -3,30 +3,18 @@ results directory, key, share and sockets, and both pass."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
-from .conftest import ROOT, qemu_pids, results_dir
+from .conftest import qemu_pids, results_dir, vmlab_at_once
 
 
 def test_two_runs_at_once_both_pass(images_ready, tmp_path):
     outs = [results_dir(f"run-concurrent-{i}") for i in (1, 2)]
     for d in outs:
         d.rmdir()  # --out must be new or empty; let each run create its own
-    env = dict(os.environ, VMLAB_STATE_DIR=str(tmp_path / "state"))
-    procs = [subprocess.Popen([sys.executable, "-m", "vmlab.cli", "run", "--out", str(d)], cwd=ROOT,
-                              env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for d in outs]
-    try:
-        results = [p.communicate(timeout=1200) for p in procs]
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-    for p, (out, err), d in zip(procs, results, outs):
-        assert p.returncode == 0, f"{d}:\n{out}\n{err}"
+    ends = vmlab_at_once([["run", "--out", str(d)] for d in outs],
+                         env={"VMLAB_STATE_DIR": str(tmp_path / "state")})
+    for (rc, out, err), d in zip(ends, outs):
+        assert rc == 0, f"{d}:\n{out}\n{err}"
         res = json.loads((d / "results.json").read_text())
         assert res["passed"] is True
         assert [m["verdict"] for m in res["moves"]] == ["REFAULTED"] * 3 + ["STALE"]
