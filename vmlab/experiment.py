@@ -924,7 +924,7 @@ def main(args, progress) -> int:
         raise UserError(f"--keep: {exp.path} uses the hardware oracle, whose TCG plugin a kept "
                         f"lab does not load")
     if keep:
-        state, why = reuse.mismatch_of_running(opts)
+        state, why = reuse.mismatch_of_running(reuse.wanted_shape(opts))
         if why:
             raise UserError(f"--keep: the lab that is up (pid {state['pid']}) does not fit this "
                             f"run: {why}; 'vmlab lab down' first, or run without --keep")

@@ -62,12 +62,13 @@ def lab_running() -> bool:
     return NestedLab.read_state(lab_dir())[0] is not None
 
 
-def mismatch_of_running(o: dict, hwtrace_plugin: str | None = None) -> tuple[dict | None, str | None]:
-    """(state of the running lab or None, why this command cannot use it or None)."""
+def mismatch_of_running(want: dict) -> tuple[dict | None, str | None]:
+    """(state of the running lab or None, why a command of shape ``want`` (wanted_shape)
+    cannot use it, or None)."""
     state, _ = NestedLab.read_state(lab_dir())
     if state is None:
         return None, None
-    return state, shape_mismatch(state.get("shape"), wanted_shape(o, hwtrace_plugin))
+    return state, shape_mismatch(state.get("shape"), want)
 
 
 @contextlib.contextmanager
@@ -76,7 +77,8 @@ def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None
     """The running ``vmlab lab up`` lab, attached and share-locked for the duration, when
     it matches (else None, after one line saying why, when a lab is up at all)."""
     st = lab_dir()
-    state, why = mismatch_of_running(o, hwtrace_plugin)
+    want = wanted_shape(o, hwtrace_plugin)   # hashes the agent and the image recipes: once
+    state, why = mismatch_of_running(want)
     if state is None:
         yield None
         return
@@ -97,7 +99,7 @@ def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None
         yield None
         return
     # the lab may have gone down (or been replaced) while we waited for the lock
-    state, why = mismatch_of_running(o, hwtrace_plugin)
+    state, why = mismatch_of_running(want)
     if state is None or why:
         lock.__exit__(None, None, None)
         progress(f"the running lab changed while this run waited ({why or 'it is down'}); "
