@@ -1,7 +1,8 @@
 // SPDX-License-Identifier: GPL-2.0
 /*
  * vmlab-guest-agent: runs inside the KVM guest, maps BAR2 of the ivshmem
- * device (or a regular file with --path) and reads / writes / watches the
+ * device (or another device's BAR with --pci-id and --bar: the shared memory
+ * region of a vhost-user device; or a regular file with --path) and reads / writes / watches the
  * vmlab page stamps (vmlab_stamp.h).  Every command prints exactly one JSON
  * object on stdout (watch: one per line).
  *
@@ -66,8 +67,8 @@ static void __attribute__((noreturn, format(printf, 1, 2))) usage(const char *fm
 	va_list ap;
 
 	va_start(ap, fmt);
-	agent_vfail(2, "usage: ", " (commands: find map read write watch "
-		    "vectors pat version gpu; options: --path FILE --device BDF --caching wb|wc|uc "
+	agent_vfail(2, "usage: ", " (commands: find map read write watch virtio-start "
+		    "vectors pat version gpu; options: --path FILE --device BDF --pci-id VVVV:DDDD --bar N --caching wb|wc|uc "
 		    "--first I --count N --tag T --store plain|avx --duration S --interval-us U --pages I,J; "
 		    "pat: --phys ADDR --pat-file FILE)", fmt, ap);
 }
@@ -160,6 +161,7 @@ struct opts {
 	int have_phys;          /* pat --phys ADDR: also show the matching line */
 	uint64_t phys;
 	const char *pat_file;   /* pat --pat-file FILE: parse FILE (tests) */
+	unsigned vendor, device_id, bar; /* which PCI device and BAR holds the buffer */
 };
 
 static uint64_t parse_u64(const char *opt, const char *s)
@@ -182,6 +184,9 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 	memset(o, 0, sizeof(*o));
 	o->caching = CACHE_UC;
 	o->interval_us = 1000;
+	o->vendor = IVSHMEM_VENDOR;
+	o->device_id = IVSHMEM_DEVICE;
+	o->bar = 2;
 	for (i = 2; i < argc; i++) {
 		const char *a = argv[i];
 		const char *v = i + 1 < argc ? argv[i + 1] : NULL;
@@ -197,6 +202,7 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 			static const char *const known[] = {
 				"--path", "--device", "--caching", "--first", "--count", "--tag", "--store",
 				"--interval-us", "--duration", "--pages", "--phys", "--pat-file",
+				"--pci-id", "--bar",
 			};
 			size_t k;
 
@@ -253,6 +259,26 @@ static void parse_opts(int argc, char **argv, struct opts *o)
 			o->have_phys = 1;
 		} else if (!strcmp(a, "--pat-file")) {
 			o->pat_file = v;
+		} else if (!strcmp(a, "--pci-id")) {
+			char *end;
+			unsigned long ven, dev;
+
+			errno = 0;
+			ven = strtoul(v, &end, 16);
+			if (errno || end == v || *end != ':' || ven > 0xffff)
+				usage("bad --pci-id '%s' (want VVVV:DDDD in hex)", v);
+			v = end + 1;
+			dev = strtoul(v, &end, 16);
+			if (errno || end == v || *end || dev > 0xffff)
+				usage("bad --pci-id (want VVVV:DDDD in hex)");
+			o->vendor = (unsigned)ven;
+			o->device_id = (unsigned)dev;
+		} else if (!strcmp(a, "--bar")) {
+			uint64_t b = parse_u64(a, v);
+
+			if (b > 5)
+				usage("--bar is 0..5, not %" PRIu64, b);
+			o->bar = (unsigned)b;
 		} else {
 			usage("unknown option '%s'", a);
 		}
@@ -290,11 +316,12 @@ static int read_hex_file(const char *path, unsigned long *v)
 
 struct dev {
 	char bdf[256];
+	unsigned bar;
 	uint64_t phys, size;
 	int has_wc;
 };
 
-static int is_ivshmem(const char *bdf)
+static int is_device(const char *bdf, unsigned vendor, unsigned device_id)
 {
 	char p[512];
 	unsigned long ven, dev;
@@ -305,7 +332,7 @@ static int is_ivshmem(const char *bdf)
 	snprintf(p, sizeof(p), PCI_DIR "/%s/device", bdf);
 	if (read_hex_file(p, &dev))
 		return 0;
-	return ven == IVSHMEM_VENDOR && dev == IVSHMEM_DEVICE;
+	return ven == vendor && dev == device_id;
 }
 
 static int cmp_str(const void *a, const void *b)
@@ -346,34 +373,34 @@ static void find_device(const struct opts *o, struct dev *d)
 		closedir(dir);
 		qsort(names, n, sizeof(names[0]), cmp_str);
 		for (i = 0; i < n; i++) {
-			if (!found && is_ivshmem(names[i])) {
+			if (!found && is_device(names[i], o->vendor, o->device_id)) {
 				snprintf(d->bdf, sizeof(d->bdf), "%s", names[i]);
 				found = 1;
 			}
 			free(names[i]);
 		}
 		if (!found)
-			die("no ivshmem device (%04x:%04x) in %s", IVSHMEM_VENDOR, IVSHMEM_DEVICE,
-			    PCI_DIR);
+			die("no PCI device %04x:%04x in %s", o->vendor, o->device_id, PCI_DIR);
 	}
 	snprintf(p, sizeof(p), PCI_DIR "/%s/resource", d->bdf);
 	f = fopen(p, "re");
 	if (!f)
 		die("cannot open %s: %s", p, strerror(errno));
-	for (i = 0; i < 3; i++) {
+	for (i = 0; i <= (int)o->bar; i++) {
 		if (!fgets(line, sizeof(line), f)) {
 			fclose(f);
-			die("%s has no line for BAR2", p);
+			die("%s has no line for BAR%u", p, o->bar);
 		}
 	}
 	fclose(f);
 	if (sscanf(line, "%llx %llx %llx", &start, &end, &flags) != 3)
-		die("cannot parse BAR2 line of %s: '%s'", p, line);
+		die("cannot parse BAR%u line of %s: '%s'", o->bar, p, line);
 	if (!start || end < start)
-		die("BAR2 of %s is not assigned (resource line '%.60s')", d->bdf, line);
+		die("BAR%u of %s is not assigned (resource line '%.60s')", o->bar, d->bdf, line);
 	d->phys = start;
 	d->size = end - start + 1;
-	snprintf(p, sizeof(p), PCI_DIR "/%s/resource2_wc", d->bdf);
+	d->bar = o->bar;
+	snprintf(p, sizeof(p), PCI_DIR "/%s/resource%u_wc", d->bdf, o->bar);
 	d->has_wc = access(p, F_OK) == 0;
 }
 
@@ -436,19 +463,19 @@ static void map_buffer(const struct opts *o, struct mapping *m)
 		find_device(o, &m->dev);
 		m->size = m->dev.size;
 		if (m->size < PAGE || m->size % PAGE)
-			die("BAR2 of %s has size %" PRIu64 ", not a multiple of %u", m->dev.bdf,
-			    m->size, PAGE);
+			die("BAR%u of %s has size %" PRIu64 ", not a multiple of %u", m->dev.bar,
+			    m->dev.bdf, m->size, PAGE);
 		enable_device(&m->dev);
 		switch (o->caching) {
 		case CACHE_UC:
-			snprintf(m->what_buf, sizeof(m->what_buf), PCI_DIR "/%s/resource2",
-				 m->dev.bdf);
+			snprintf(m->what_buf, sizeof(m->what_buf), PCI_DIR "/%s/resource%u",
+				 m->dev.bdf, m->dev.bar);
 			break;
 		case CACHE_WC:
-			snprintf(m->what_buf, sizeof(m->what_buf), PCI_DIR "/%s/resource2_wc",
-				 m->dev.bdf);
+			snprintf(m->what_buf, sizeof(m->what_buf), PCI_DIR "/%s/resource%u_wc",
+				 m->dev.bdf, m->dev.bar);
 			if (access(m->what_buf, F_OK))
-				die("%s does not exist (BAR2 not prefetchable?): wc mapping "
+				die("%s does not exist (BAR not prefetchable?): wc mapping "
 				    "impossible", m->what_buf);
 			break;
 		case CACHE_WB:
@@ -579,6 +606,8 @@ static void mapping_memtype(const struct mapping *m, struct memtype *mt)
 /* ------------------------------------------------------------------ */
 /* commands                                                            */
 
+#define WATCH_HOLE (-100)
+
 static const char *status_name(int st)
 {
 	switch (st) {
@@ -586,8 +615,26 @@ static const char *status_name(int st)
 	case VMLAB_STAMP_BAD_MAGIC: return "bad_magic";
 	case VMLAB_STAMP_BAD_CSUM: return "bad_csum";
 	case VMLAB_STAMP_BAD_PATTERN: return "bad_pattern";
+	case WATCH_HOLE: return "hole";
 	}
 	return "unknown";
+}
+
+/*
+ * A header of all zeros or all ones is no stamp at all: nothing mapped there (a VMM's
+ * unmap window: an unbacked part of a BAR reads as one or the other), which the watcher
+ * reports as its own class, never as a stale page.
+ */
+static int is_hole(const uint64_t *hdr, size_t words)
+{
+	size_t i;
+	int zeros = 1, ones = 1;
+
+	for (i = 0; i < words; i++) {
+		zeros &= hdr[i] == 0;
+		ones &= hdr[i] == ~0ull;
+	}
+	return zeros || ones;
 }
 
 static void page_range(const struct opts *o, const struct mapping *m, uint64_t *first,
@@ -601,6 +648,122 @@ static void page_range(const struct opts *o, const struct mapping *m, uint64_t *
 	if (*count > m->pages - *first)
 		die("--first %" PRIu64 " --count %" PRIu64 " exceeds %" PRIu64 " pages", *first,
 		    *count, m->pages);
+}
+
+/*
+ * virtio-start: the VIRTIO handshake (features, FEATURES_OK, DRIVER_OK) for a device that
+ * no guest driver claims (vmlab's vhost-user shared memory device), done from here through
+ * the device's common configuration structure.  The VMM starts its vhost-user back-end
+ * only at DRIVER_OK, and only a started back-end may map memory into the device's shared
+ * memory region (QEMU 11.1 crashes on a mapping sent to a stopped one).  Offers
+ * VIRTIO_F_VERSION_1 and nothing else.
+ *
+ * Linux's virtio-pci transport binds every virtio device, driver or not, and claims the
+ * BAR of its common configuration, which (IO_STRICT_DEVMEM) makes that BAR unmappable
+ * from user space: the device is unbound from it first.
+ */
+#define VIRTIO_PCI_CAP_VENDOR 0x09
+#define VIRTIO_PCI_CAP_COMMON_CFG 1
+#define VIRTIO_S_ACKNOWLEDGE 1
+#define VIRTIO_S_DRIVER 2
+#define VIRTIO_S_DRIVER_OK 4
+#define VIRTIO_S_FEATURES_OK 8
+#define VIRTIO_S_FAILED 0x80
+
+static int cmd_virtio_start(const struct opts *o)
+{
+	struct dev d;
+	uint8_t cfg[256];
+	char p[512];
+	int fd, hops = 0;
+	ssize_t n;
+	unsigned pos, cap_bar = 0, found = 0;
+	uint32_t cap_off = 0, feat_hi;
+	volatile uint8_t *base;
+	volatile uint8_t *cc;
+	size_t maplen;
+	uint8_t before, st;
+	int unbound = 0;
+
+	if (o->path)
+		usage("virtio-start starts a PCI device; --path makes no sense here");
+	find_device(o, &d);
+	snprintf(p, sizeof(p), PCI_DIR "/%s/config", d.bdf);
+	fd = open(p, O_RDONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("cannot open %s: %s", p, strerror(errno));
+	n = pread(fd, cfg, sizeof(cfg), 0);
+	close(fd);
+	if (n < (ssize_t)sizeof(cfg))
+		die("%s: read %zd of 256 bytes (root needed)", p, n);
+	if (!(cfg[6] & 0x10))
+		die("%s has no capability list", d.bdf);
+	for (pos = cfg[0x34] & ~3u; pos && hops < 48; pos = cfg[pos + 1] & ~3u, hops++) {
+		if (pos > sizeof(cfg) - 16)
+			die("%s: capability at 0x%x runs past the config space", d.bdf, pos);
+		if (cfg[pos] == VIRTIO_PCI_CAP_VENDOR && cfg[pos + 3] == VIRTIO_PCI_CAP_COMMON_CFG) {
+			cap_bar = cfg[pos + 4];
+			memcpy(&cap_off, cfg + pos + 8, 4);
+			found = 1;
+			break;
+		}
+	}
+	if (!found || cap_bar > 5)
+		die("%s has no VIRTIO common configuration capability", d.bdf);
+	snprintf(p, sizeof(p), PCI_DIR "/%s/driver/unbind", d.bdf);
+	if (access(p, F_OK) == 0) {
+		fd = open(p, O_WRONLY | O_CLOEXEC);
+		if (fd < 0)
+			die("cannot open %s: %s", p, strerror(errno));
+		if (write(fd, d.bdf, strlen(d.bdf)) != (ssize_t)strlen(d.bdf)) {
+			int e = errno;
+
+			close(fd);
+			die("cannot unbind %s from its driver: %s", d.bdf, strerror(e));
+		}
+		close(fd);
+		unbound = 1;
+	}
+	enable_device(&d);
+	snprintf(p, sizeof(p), PCI_DIR "/%s/resource%u", d.bdf, cap_bar);
+	fd = open(p, O_RDWR | O_SYNC | O_CLOEXEC);
+	if (fd < 0)
+		die("cannot open %s: %s", p, strerror(errno));
+	maplen = ((size_t)cap_off + 64 + PAGE - 1) & ~((size_t)PAGE - 1);
+	base = mmap(NULL, maplen, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+	close(fd);
+	if (base == MAP_FAILED)
+		die("mmap %s (%zu bytes): %s", p, maplen, strerror(errno));
+	cc = base + cap_off;
+	/* struct virtio_pci_common_cfg: 0 device_feature_select, 4 device_feature,
+	 * 8 driver_feature_select, 12 driver_feature, 20 device_status */
+	before = cc[20];
+	if (!(before & VIRTIO_S_DRIVER_OK)) {
+		*(volatile uint32_t *)(cc + 0) = 1;
+		feat_hi = *(volatile uint32_t *)(cc + 4);
+		if (!(feat_hi & 1))
+			die("%s does not offer VIRTIO_F_VERSION_1 (features 63..32: 0x%x)", d.bdf,
+			    feat_hi);
+		cc[20] = VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER;
+		*(volatile uint32_t *)(cc + 8) = 0;
+		*(volatile uint32_t *)(cc + 12) = 0;
+		*(volatile uint32_t *)(cc + 8) = 1;
+		*(volatile uint32_t *)(cc + 12) = 1;   /* VIRTIO_F_VERSION_1 */
+		cc[20] = VIRTIO_S_ACKNOWLEDGE | VIRTIO_S_DRIVER | VIRTIO_S_FEATURES_OK;
+		st = cc[20];
+		if (!(st & VIRTIO_S_FEATURES_OK) || (st & VIRTIO_S_FAILED))
+			die("%s refused the features (status 0x%x)", d.bdf, st);
+		cc[20] = st | VIRTIO_S_DRIVER_OK;
+	}
+	st = cc[20];
+	munmap((void *)base, maplen);
+	if (!(st & VIRTIO_S_DRIVER_OK))
+		die("%s did not take DRIVER_OK (status 0x%x)", d.bdf, st);
+	printf("{\"bdf\": ");
+	json_str(stdout, d.bdf);
+	printf(", \"unbound_from_driver\": %s, \"status_before\": %u, \"status\": %u}\n",
+	       unbound ? "true" : "false", before, st);
+	return 0;
 }
 
 static int cmd_version(const struct opts *o)
@@ -619,8 +782,9 @@ static int cmd_find(const struct opts *o)
 	find_device(o, &d);
 	printf("{\"bdf\": ");
 	json_str(stdout, d.bdf);
-	printf(", \"bar2_phys\": \"0x%" PRIx64 "\", \"bar2_size\": %" PRIu64
-	       ", \"resource2_wc\": %s}\n", d.phys, d.size, d.has_wc ? "true" : "false");
+	/* the keys keep their ivshmem names: "bar" says which BAR they describe */
+	printf(", \"bar\": %u, \"bar2_phys\": \"0x%" PRIx64 "\", \"bar2_size\": %" PRIu64
+	       ", \"resource2_wc\": %s}\n", d.bar, d.phys, d.size, d.has_wc ? "true" : "false");
 	return 0;
 }
 
@@ -931,7 +1095,7 @@ static void watch_loop(void *arg)
 				continue;
 			copy_words(full, pg, PAGE);
 			memcpy(full, hdr, sizeof(hdr)); /* status describes this header */
-			status = vmlab_stamp_check(full);
+			status = is_hole(hdr, 8) ? WATCH_HOLE : vmlab_stamp_check(full);
 			memcpy(x->hdr, hdr, sizeof(hdr));
 			memcpy(&hh, hdr, sizeof(hh));
 			if (x->seen && h->generation == x->generation && h->state == x->state &&
@@ -1138,7 +1302,7 @@ static int dispatch(int argc, char **argv)
 	} cmds[] = {
 		{ "find", cmd_find }, { "map", cmd_map }, { "read", cmd_read },
 		{ "write", cmd_write }, { "watch", cmd_watch }, { "vectors", cmd_vectors },
-		{ "pat", cmd_pat }, { "version", cmd_version },
+		{ "pat", cmd_pat }, { "version", cmd_version }, { "virtio-start", cmd_virtio_start },
 	};
 	size_t i;
 
