@@ -6,7 +6,8 @@ exporter_uapi.py through the lab's read-only share).
     hostagent.py serve          JSON lines on stdin/stdout: one request, one response
 
 It owns the buffers of a run: creates them (vmlab exporter, udmabuf, dma-heap), hands
-their fd to the guest's QEMU as an ivshmem-doorbell server, moves them on command and
+their fd to the guest's QEMU (as an ivshmem-doorbell server, or as a vhost-user back-end
+that maps it into a VIRTIO shared memory region), moves them on command and
 reports what the exporter and the lab kernel say. It lives exactly as long as the
 controller's channel: EOF on stdin closes every buffer and socket it made.
 
@@ -34,9 +35,11 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 try:
     import stamp  # shipped beside this file in the lab
     import exporter_uapi as U
+    import vhost_user
 except ImportError:  # running from the source tree (unit tests)
     from vmlab import stamp
     from vmlab import exporter_uapi as U
+    from vmlab import vhost_user
 
 EXPORTER_DEV = "/dev/vmlab-exporter"
 PAGE = 4096
@@ -1013,10 +1016,76 @@ class Agent:
         self.servers[req["buf"]] = IvshmemServer(path, b.fd)
         return {"socket": path}
 
-    def op_move(self, req):
+    def op_serve_vhost_user(self, req):
         b = self.buf(req)
+        path = req["socket"]
+        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
+        self.servers[req["buf"]] = vhost_user.Backend(path, b.fd, b.size, log=log)
+        return {"socket": path}
+
+    def backend(self, req):
+        srv = self.servers.get(req["buf"])
+        if not isinstance(srv, vhost_user.Backend):
+            raise AgentError(f"buffer {req['buf']} has no vhost-user back-end", errno.EINVAL)
+        return srv
+
+    def op_vhost_map(self, req):
+        """Map the buffer into the region once the guest has started the device (after
+        at most "wait_s" seconds): the VMM's map of a host-visible blob."""
+        srv = self.backend(req)
+        t0 = time.monotonic()
+        try:
+            srv.wait_started(float(req.get("wait_s", 30)))
+            srv.map()
+        except vhost_user.VhostUserError as e:
+            st = srv.state()
+            raise AgentError(f"{e} (device status {st['status']:#x}; QEMU's last requests: "
+                             f"{', '.join(st['last_messages']) or 'none'})", errno.EIO)
+        return {"map_s": round(time.monotonic() - t0, 6), "state": srv.state()}
+
+    def op_vhost_unmap(self, req):
+        srv = self.backend(req)
+        try:
+            srv.unmap()
+        except vhost_user.VhostUserError as e:
+            raise AgentError(str(e), errno.EIO)
+        return {"state": srv.state()}
+
+    def op_vhost_state(self, req):
+        return self.backend(req).state()
+
+    def op_move(self, req):
+        """The exporter's move. With "remap", the VMM's strategy around it: SHMEM_UNMAP
+        before, SHMEM_MAP of the same fd after (KVM deletes and recreates the memslot). A
+        refused map comes back as "remap_error" with the move's result: a verdict for the
+        controller, the buffer has moved either way."""
+        b = self.buf(req)
+        srv = self.backend(req) if req.get("remap") else None
         t0 = time.monotonic_ns()
-        out = b.move(req["mode"], req.get("caching"), req.get("pages"))
+        if srv is not None:
+            try:
+                srv.unmap()
+            except vhost_user.VhostUserError as e:
+                raise AgentError(f"SHMEM_UNMAP before the move: {e}", errno.EIO)
+        t1 = time.monotonic_ns()
+        try:
+            out = b.move(req["mode"], req.get("caching"), req.get("pages"))
+        except BaseException:
+            if srv is not None:   # a refused move leaves the buffer where it was: map it back
+                try:
+                    srv.map()
+                except vhost_user.VhostUserError as e:
+                    log(f"map after a failed move: {e}")
+            raise
+        t2 = time.monotonic_ns()
+        if srv is not None:
+            try:
+                srv.map()
+            except vhost_user.VhostUserError as e:
+                out["remap_error"] = str(e)
+            out["remap"] = {"unmap_ms": round((t1 - t0) / 1e6, 3), "move_ms": round((t2 - t1) / 1e6, 3),
+                            "map_ms": round((time.monotonic_ns() - t2) / 1e6, 3),
+                            "state": srv.state()}
         out["t_start_ns"], out["t_end_ns"] = t0, time.monotonic_ns()
         return out
 
@@ -1297,6 +1366,7 @@ class Agent:
         "kvmmmu/kvm_mmu_set_spte": "gfn >= {g0} && gfn < {g1}",
         "kvm/kvm_page_fault": "fault_address >= {b0} && fault_address < {a1}",
         "kvm/kvm_emulate_insn": None,
+        "kvmmmu/kvm_mmu_zap_all_fast": None,   # a memslot deleted (the VMM's unmap)
     }
 
     def op_ktrace_start(self, req):

@@ -27,7 +27,8 @@ log = logging.getLogger("vmlab.lab")
 TCG_CPU = "EPYC,+svm,+npt"
 READY = "VMLAB-LAB-READY"
 # The host agent and the stdlib-only modules it imports, shipped through the share.
-HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py")]
+HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py",
+                                                       "vhost_user.py")]
 
 
 @dataclass
