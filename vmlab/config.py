@@ -575,6 +575,9 @@ def _semantic_errors(raw: dict) -> list:
             _constraints(m["expect"], p, errs)
             _check_expect(m["expect"], p, errs, what="move", mode=mode, kind=kind,
                           guest_write=m.get("guest_write") is True, inject=m.get("inject"))
+    if raw.get("vmm_on_move") == "remap" and raw.get("transport", "ivshmem") != "virtio-shm":
+        errs.append((["vmm_on_move"], "remap is the VMM unmapping and mapping a VIRTIO shared "
+                     "memory region: it needs transport: virtio-shm"))
     _check_hw_oracle(raw, moves, errs)
     _check_vmm_chain(raw, errs)
     q, k = _get(raw, "lab", "qemu"), _get(raw, "lab", "kernel") or DEFAULTS["kernel"]

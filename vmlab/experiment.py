@@ -27,10 +27,19 @@ from .lab import qemu_version
 from .paths import repo_root
 from .ssh import ChannelReader
 from .stack import LAB_BOOT_ATTEMPTS, Stack, lab_options
+from .versions import qemu_upstream_version
 
 log = logging.getLogger("vmlab.experiment")
 DEFAULT_CONFIG = repo_root() / "configs" / "experiments" / "default.yaml"
 IVSHMEM_DIR = "/run/vmlab/ivshmem"   # one socket per guest name
+VHOST_USER_DIR = "/run/vmlab/vhost-user"
+# transport virtio-shm: QEMU's vhost-user-test-device-pci with a VIRTIO id that no Linux
+# driver claims (21, "signal distribution"; QEMU asserts the id has a name), so the guest
+# agent does the VIRTIO handshake itself. Its shared memory region is BAR 4.
+VIRTIO_SHM_ID = 21
+VIRTIO_SHM_PCI = f"1af4:{0x1040 + VIRTIO_SHM_ID:04x}"
+VIRTIO_SHM_BAR = 4
+MIN_SHM_QEMU = (11, 1)   # vhost-user SHMEM_MAP and GET_SHMEM_CONFIG
 AGENT = "vmlab-guest-agent"
 TAG_BASE = 0x766D6C6100000000  # "vmla" << 32
 # Measured 2026-11-26 on lab kernel 7.3 (not on 6.1/6.12, which do not check): an NPF on
@@ -163,6 +172,11 @@ class Run:
         self.aborted: BaseException | None = None   # what cut the run short, if anything
         self.injected_kill = False
         self.mapping = opts["guest_mapping"]
+        self.transport = exp.raw.get("transport", "ivshmem")
+        self.remap = exp.raw.get("vmm_on_move", "none") == "remap"
+        # how the guest agent finds the buffer: ivshmem's BAR 2 (its default) or the region
+        self.dev_args = (f" --pci-id {VIRTIO_SHM_PCI} --bar {VIRTIO_SHM_BAR}"
+                         if self.transport == "virtio-shm" else "")
         self.hw: hwtrace.HwTrace | None = None    # the hardware oracle, when asked for
         self.hw_moved_at: int | None = None        # time.monotonic_ns() when the move returned
         self.gagent: GuestAgent | None = None      # the guest agent's `serve` process
@@ -245,13 +259,21 @@ class Run:
         if self.shared_lab is not None and self.shared_lab.reused_from:
             # a lab other commands may share: a guest name, port and socket of our own
             name, port = reuse.guest_identity(self.shared_lab)
-        self.ivshmem_sock = f"{IVSHMEM_DIR}/{name}.sock"
+        if self.transport == "virtio-shm":
+            self.buffer_sock = f"{VHOST_USER_DIR}/{name}.sock"
+            device = ["-chardev", f"socket,path={self.buffer_sock},id=vu0",
+                      "-device", f"vhost-user-test-device-pci,chardev=vu0,virtio-id={VIRTIO_SHM_ID},num_vqs=1"]
+        else:
+            self.buffer_sock = f"{IVSHMEM_DIR}/{name}.sock"
+            device = ["-chardev", f"socket,path={self.buffer_sock},id=ivs0",
+                      "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"]
         gopts = GuestOptions(name=name, ssh_port=port,
                              memory_mb=o["guest_memory_mb"], gpu=o["guest_gpu"],
                              boot_timeout=o["guest_boot_timeout"],
                              align_mappings=o.get("guest_align", "4K"),
-                             extra_qemu_args=["-chardev", f"socket,path={self.ivshmem_sock},id=ivs0",
-                                              "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"])
+                             # a started vhost-user device hands the back-end the guest's RAM
+                             shared_ram=self.transport == "virtio-shm",
+                             extra_qemu_args=device)
         plugin = None
         if "hw" in o.get("oracle", ()):
             plugin = str(hwtrace.plugin_path(self.progress))
@@ -265,6 +287,9 @@ class Run:
                            lab_boot_attempts=o.get("lab_boot_attempts", LAB_BOOT_ATTEMPTS),
                            shared_lab=self.shared_lab)
         try:
+            if self.transport == "virtio-shm" and self.shared_lab is None:
+                # refused before anything boots: the lab image says which QEMU it carries
+                self.require_shm_qemu(self.stack.lab_qemu_version(), "the lab image's QEMU")
             lab = self.stack.up_lab()
             if plugin:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
@@ -280,6 +305,9 @@ class Run:
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             self.result["lab"]["outer_qemu"] = qemu_version()
             self.result["lab"].update(lab_facts(lab))
+            if self.transport == "virtio-shm" and self.shared_lab is not None:
+                self.require_shm_qemu(self.result["lab"]["qemu"], "the running lab's QEMU",
+                                      matrix=not self.shared_lab.reused_from)
             why_not = self.exp.not_applicable_on(release)
             if why_not:
                 raise NotApplicable(why_not)
@@ -310,10 +338,15 @@ class Run:
                                         f"GUP-fast takes such a PMD for a THP)")
                 raise
             self.progress(f"{exp_cfg['kind']} buffer {self.buf['id']:#x} ({size} bytes) created; "
-                          f"exported over ivshmem")
-            self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.ivshmem_sock)
+                          f"exported over {self.transport}")
+            if self.transport == "virtio-shm":
+                self.agent.request("serve_vhost_user", buf=self.buf["buf"], socket=self.buffer_sock)
+            else:
+                self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.buffer_sock)
             guest = self.stack.up_guest()
             self.gagent = GuestAgent(guest.session)
+            if self.transport == "virtio-shm":
+                self.result["vmm"] = self.map_shared_memory()
             self.result["guest"] = {"name": guest.opts.name,
                                     "kernel": guest.run("uname -r", timeout=30)[1].strip(),
                                     "query_kvm": guest.cmd("query-kvm"),
@@ -353,6 +386,52 @@ class Run:
             with proc.signals_deferred():
                 self.finish()
         return 0 if self.result["passed"] else 1
+
+    def require_shm_qemu(self, version: str | None, what: str, *, matrix: bool = False) -> None:
+        """transport virtio-shm needs QEMU's vhost-user SHMEM_MAP (11.1): a user error
+        before boot for `vmlab run`, a cell that does not apply in a matrix."""
+        have = qemu_upstream_version(version)
+        if have is not None and have >= MIN_SHM_QEMU:
+            return
+        why = (f"transport: virtio-shm needs QEMU >= {'.'.join(map(str, MIN_SHM_QEMU))} "
+               f"(vhost-user SHMEM_MAP); {what} is {version or 'unknown'} "
+               f"(e.g. --kernel trixie-backports, or --qemu suite:trixie-backports)")
+        if matrix:
+            raise NotApplicable(why)
+        raise UserError(f"{self.exp.path}: {why}")
+
+    def map_shared_memory(self) -> dict:
+        """Start the guest's VIRTIO device (the guest agent does the handshake no driver
+        does) and have the back-end map the buffer into its region: the VMM's map of a
+        host-visible blob. QEMU's memslot changes are traced from here on (its
+        kvm_set_user_memory events, in the guest's qemu.log), the evidence of a remap."""
+        g = self.stack.guest
+        start = self.guest_agent(f"virtio-start --pci-id {VIRTIO_SHM_PCI} --bar {VIRTIO_SHM_BAR}")
+        try:
+            mapped = self.agent.request("vhost_map", buf=self.buf["buf"], wait_s=30, timeout=60)
+        except AgentRequestFailed as e:
+            raise RemoteError(f"the vhost-user back-end could not map the buffer: {e}")
+        g.cmd("trace-event-set-state", name="kvm_set_user_memory", enable=True)
+        self.progress(f"virtio-shm: device {start.get('bdf')} started by the guest agent; buffer "
+                      f"mapped into its shared memory region (BAR {VIRTIO_SHM_BAR}) in "
+                      f"{mapped['map_s']:.3f}s; on a move the VMM does "
+                      f"{'SHMEM_UNMAP/SHMEM_MAP' if self.remap else 'nothing (MMU notifier only)'}")
+        return {"transport": "virtio-shm", "on_move": "remap" if self.remap else "none",
+                "virtio_id": VIRTIO_SHM_ID, "pci_id": VIRTIO_SHM_PCI, "bar": VIRTIO_SHM_BAR,
+                "guest_start": start, "backend": mapped["state"]}
+
+    def qemu_log_size(self) -> int | None:
+        _, out, _ = self.stack.lab.run(f"stat -c %s {self.stack.guest.dir}/qemu.log", timeout=20, check=False)
+        return int(out) if out.strip().isdigit() else None
+
+    def memslot_evidence(self, since: int | None) -> dict:
+        """QEMU's KVM_SET_USER_MEMORY_REGION calls since byte ``since`` of its log, for the
+        buffer's guest-physical range: a delete is size 0, a (re)creation the region's size."""
+        if since is None or self.bar2_gpa is None:
+            return {"error": "no qemu.log offset or no BAR address"}
+        _, out, _ = self.stack.lab.run(f"tail -c +{since + 1} {self.stack.guest.dir}/qemu.log | "
+                                       f"grep kvm_set_user_memory", timeout=30, check=False)
+        return kvm_evidence.memslot_changes(out.splitlines(), self.bar2_gpa, self.exp.size)
 
     def check_applicable(self, hello: dict, release: str) -> None:
         """NotApplicable when the lab kernel lacks the exporter this experiment needs
@@ -454,7 +533,7 @@ class Run:
         chain["kvm"] = {"mmu": "NPT" if npt.strip() == "Y" else "EPT/other",
                         "memtype": "none: NPT leaves the guest PAT in charge (no IPAT on AMD)"
                         if npt.strip() == "Y" else "see EPT memtype/IPAT"}
-        m = self.guest_agent(f"map --caching {self.mapping}")
+        m = self.guest_agent(f"map --caching {self.mapping}{self.dev_args}")
         if m.get("bar2_phys"):
             self.bar2_gpa = int(str(m["bar2_phys"]), 16)
         chain["guest"] = {"requested": self.mapping, "memtype": m.get("memtype"), "pat_line": m.get("pat_line")}
@@ -536,7 +615,7 @@ class Run:
         return out
 
     def read_and_judge(self, generation: int | list[int], expect_tag: int | None) -> dict:
-        r = self.guest_agent(f"read --caching {self.mapping}", timeout=300)
+        r = self.guest_agent(f"read --caching {self.mapping}{self.dev_args}", timeout=300)
         if "guest_fault" in r:
             return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
         j = oracle.judge(r["records"], buffer_id=self.buf["id"], generation=generation,
@@ -615,7 +694,8 @@ class Run:
                 ev_pfns = self.kvm_evidence_begin()
                 if mv["guest_write"]:
                     tag = TAG_BASE | mv["n"]
-                    w = self.guest_agent(f"write --tag {tag} --caching {self.mapping} --store {mv['store']}")
+                    w = self.guest_agent(f"write --tag {tag} --caching {self.mapping}{self.dev_args} "
+                                         f"--store {mv['store']}")
                     rec["guest_write"] = {"tag": hex(tag), "store": w.get("store", mv["store"]),
                                           "readback_ok": w.get("readback_ok")}
                     if "guest_fault" in w:
@@ -625,12 +705,13 @@ class Run:
                         self.kvm_evidence_end(rec, ev_pfns)
                         continue
                 if mv["concurrent"] and self.watch is None:
-                    self.watch = Watch(self.stack.guest, self.mapping)
+                    self.watch = Watch(self.stack.guest, self.mapping + self.dev_args)
                 if mv["inject"] == "kill-vmm":
                     self.injected_kill = True
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
                 before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
+                log_at = self.qemu_log_size() if self.transport == "virtio-shm" else None
                 t_sent = time.monotonic()
                 try:
                     if mv["inject"] == "skip-zap":
@@ -641,7 +722,8 @@ class Run:
                         mres = {"generation": generation, "what": "no move: the guest's write, then a read"}
                     else:
                         mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
-                                                  caching=mv["caching"], pages=mv.get("pages"))
+                                                  caching=mv["caching"], pages=mv.get("pages"),
+                                                  remap=self.remap)
                 except AgentRequestFailed as e:
                     if e.errname in ("EOPNOTSUPP", "ENOTSUP"):
                         rec.update(verdict="UNSUPPORTED", pages={}, detail=str(e))
@@ -657,6 +739,16 @@ class Run:
                 generation = mres["generation"]
                 rec["generation"] = generation
                 rec["exporter_note"] = mres.get("what")
+                if "remap" in mres:
+                    rec["vmm_remap"] = mres["remap"]
+                if mres.get("remap_error"):
+                    # the VMM could not map the moved buffer back: the guest has a hole
+                    # where its memory was, and that is the move's outcome
+                    rec.update(verdict="VMM_FAULT", pages={},
+                               detail=f"SHMEM_MAP after the move failed: {mres['remap_error']}")
+                    rec["memslot_evidence"] = self.memslot_evidence(log_at)
+                    self.kvm_evidence_end(rec, ev_pfns)
+                    continue
                 if self.hw is not None:
                     # the move is done: a hit on the pages it left, from now on, is stale
                     self.hw_moved_at = time.monotonic_ns()
@@ -697,6 +789,8 @@ class Run:
                         rec["detail"] = ws["detail"]
                 self.hw_judge(rec)
                 self.kvm_evidence_end(rec, ev_pfns)
+                if log_at is not None:
+                    rec["memslot_evidence"] = self.memslot_evidence(log_at)
                 hw_clear = self.hw is None or rec.get("hw_oracle", {}).get("verdict") == "HW_REFAULTED"
                 if rec["verdict"] == "REFAULTED" and hw_clear and info is not None and generation > 1:
                     # every page was read at the new generation: no guest mapping of the

@@ -55,6 +55,7 @@ class GuestOptions:
     gpu: str = "none"             # none | blob (virtio-gpu-pci blob=true) | host-blob (virtio-gpu-gl)
     hostmem_mb: int = 64
     align_mappings: str = "4K"    # 2M: QEMU's large reservations 2 MiB-aligned (ALIGN_PRELOAD)
+    shared_ram: bool = False      # RAM from a memfd (a vhost-user device gets it at start)
 
 
 class Guest:
@@ -94,7 +95,7 @@ class Guest:
             memory_mb=self.opts.memory_mb, accel="kvm", cpu="host", smp=self.opts.smp,
             machine=self.opts.machine, ssh_forward=self.opts.ssh_port,
             console_log=f"{self.dir}/console.log", qmp_socket=f"{self.dir}/qmp.sock",
-            display=display, env=genv, memfd_ram=self.opts.gpu != "none",
+            display=display, env=genv, memfd_ram=self.opts.gpu != "none" or self.opts.shared_ram,
             # Each MMIO exit is emulated by the lab's KVM, and in a TCG lab a 7.x KVM refuses
             # to emulate one at random (it reads event-delivery type bits that QEMU's emulated
             # SVM leaves in EXITINTINFO: KVM internal error, suberror 3). Port I/O exits
@@ -223,8 +224,9 @@ class Guest:
         q.settimeout(30)
         self.qmp = q
 
-    def cmd(self, name: str, **args):
-        out = self.qmp.cmd(name, **args)
+    def cmd(self, command: str, /, **args):
+        """A QMP command; positional-only, so an argument may be called "name"."""
+        out = self.qmp.cmd(command, **args)
         try:
             self.events += self.qmp.get_events(wait=False)
         except Exception:

@@ -50,6 +50,8 @@ def parse(lines: list[str]) -> list[dict]:
                        error_code=int(f.group(2), 16) if f else None)
         elif ev == "kvm_emulate_insn":
             rec.update(failed=rest.endswith(" failed"))
+        elif ev == "kvm_mmu_zap_all_fast":
+            pass   # a memslot went away (x86's default on a delete: every root invalidated)
         else:
             continue
         out.append(rec)
@@ -116,6 +118,9 @@ def summarize(events: list[dict], gfn0: int, npages: int, old_pfns: list[int] | 
         "emulation_failed": sum(1 for e in events if e["event"] == "kvm_emulate_insn" and e.get("failed")),
         "overrun": overrun,
     }
+    fast = sum(1 for e in events if e["event"] == "kvm_mmu_zap_all_fast")
+    if fast:
+        out["zap_all_fast"] = fast
     if old_pfns is None:
         out["summary"] = (f"{changes} spte changes, {out['page_faults']} page faults in the buffer's "
                           f"range (the exporter does not list its pfns)")
@@ -171,3 +176,28 @@ def _count_mapping(landed, old, new, mapped_old, mapped_new, by_level, lvl) -> N
             hit = True
     if hit:
         by_level[lvl] = by_level.get(lvl, 0) + 1
+
+
+_MEMSLOT = re.compile(r"kvm_set_user_memory AddrSpace#(\d+) Slot#(\d+) flags=(\w+) gpa=0x(\w+) "
+                      r"size=0x(\w+) ua=0x(\w+).*ret=(-?\d+)")
+
+
+def memslot_changes(lines: list[str], gpa: int, size: int) -> dict:
+    """QEMU's KVM_SET_USER_MEMORY_REGION calls (its ``kvm_set_user_memory`` trace event)
+    that touch guest-physical [gpa, gpa + size): a delete has size 0, a creation the
+    mapping's size. A remap must show at least one of each, in that order, all ret=0."""
+    seen = []
+    for ln in lines:
+        m = _MEMSLOT.search(ln)
+        if not m:
+            continue
+        start, length = int(m.group(4), 16), int(m.group(5), 16)
+        if not gpa <= start < gpa + size:
+            continue
+        seen.append({"slot": int(m.group(2)), "gpa": hex(start), "size": length,
+                     "ua": "0x" + m.group(6), "ret": int(m.group(7))})
+    deleted = [i for i, e in enumerate(seen) if e["size"] == 0]
+    created = [i for i, e in enumerate(seen) if e["size"] > 0]
+    ok = bool(deleted) and bool(created) and deleted[0] < created[-1] and all(e["ret"] == 0 for e in seen)
+    return {"deleted": len(deleted), "created": len(created), "failed": sum(1 for e in seen if e["ret"]),
+            "recreated": ok, "calls": seen[:8]}

@@ -87,8 +87,11 @@ def watch_stale(events: list[dict], *, generation: int) -> dict:
     so a reader that sees it went through a mapping the zap should have removed), or a
     page whose generation went back after the watcher had seen a newer one. A line that
     shows the previous generation LIVE is not stale: it may have been read before the zap.
+    A HOLE (status "hole": no stamp, all zeros or all ones) is a read that fell into a
+    VMM's unmap window: counted as its own class, never as stale.
     """
     retired, regressed, newest = [], [], {}
+    holes = sum(1 for ev in events if ev.get("status") == "hole")
     for ev in events:
         if ev.get("status") != "ok" or "generation" not in ev:
             continue
@@ -99,7 +102,8 @@ def watch_stale(events: list[dict], *, generation: int) -> dict:
             regressed.append(ev)
         newest[page] = max(newest.get(page, 0), gen)
     n = len(retired) + len(regressed)
-    res = {"stale_observations": n, "retired_seen": len(retired), "generation_regressions": len(regressed)}
+    res = {"stale_observations": n, "retired_seen": len(retired), "generation_regressions": len(regressed),
+           "holes": holes}
     if n:
         ex = (retired or regressed)[0]
         res["example"] = {k: ex.get(k) for k in ("page", "generation", "state", "t_ns")}

@@ -92,6 +92,17 @@ class Stack:
                               f"booting it again")
         raise AssertionError("unreachable")
 
+    def lab_qemu_version(self) -> str | None:
+        """The QEMU package version the lab image carries (its manifest), found or built
+        as for a boot, before anything boots."""
+        if self.shared_lab is not None:
+            return None
+        if self.lab_image is None:
+            self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
+                                                          build=self.build, progress=self.progress,
+                                                          qemu=self.lab_opts.qemu)
+        return self.lab_image.manifest.get("qemu_version")
+
     def _keep_attempt_logs(self, attempt: int) -> list[str]:
         kept = []
         for name in ("lab-console.log", "lab.qemu.log"):

@@ -175,3 +175,14 @@ def overlap(a: Constraint, b: Constraint) -> str | None:
         if a.matches_key(p) and b.matches_key(p):
             return describe_point(p)
     return None
+
+
+def qemu_upstream_version(text: str | None) -> tuple[int, ...] | None:
+    """(11, 1, 3) from "11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)" (``qemu --version``) or
+    "1:11.1.3+ds-1~bpo13+1" (a package version); None when there is no version in it."""
+    if not text:
+        return None
+    m = re.match(r"\s*(?:\d+:)?(\d+)\.(\d+)(?:\.(\d+))?", text)
+    if not m:
+        return None
+    return tuple(int(g) for g in m.groups() if g is not None)
