@@ -19,8 +19,8 @@ max_buffer_mb (256 MiB), than the guest's RAM or than half the lab's RAM (rechec
 ``resolve`` with the command line's memory); caching/alloc/fault for udmabuf and dmaheap;
 store without guest_write;
 gpu_roundtrip without a guest GPU; UNSUPPORTED for a vmlab move (every mode exists);
-NOT_ZAPPED outside ZAP_ONLY; LOST_WRITE without guest_write; inject: kill-vmm expecting
-anything but VMM_FAULT, and, after a VMM that must be dead (kill-vmm, or a baseline or move
+NOT_ZAPPED outside ZAP_ONLY; LOST_WRITE without guest_write; inject: kill-vmm or refused-map
+expecting anything but VMM_FAULT (refused-map also needs vmm_on_move remap), and, after a VMM that must be dead (kill-vmm, or a baseline or move
 expecting only VMM_FAULT), any later move expecting anything but VMM_FAULT, checked for every
 range of lab kernel versions the keys cut out. An experiment without ``moves`` is a
 baseline-only check and must say what its ``baseline.expect`` is (default REFAULTED).
@@ -420,8 +420,8 @@ def _check_expect(spec, path: list, errs: list, *, what: str, mode: str | None =
             errs.append((p, f"NOT_ZAPPED is a ZAP_ONLY verdict, not a {mode} one"))
         if "LOST_WRITE" in vs and not guest_write:
             errs.append((p, "LOST_WRITE needs guest_write: true (no write, nothing to lose)"))
-        if inject == "kill-vmm" and vs != ["VMM_FAULT"]:
-            errs.append((p, f"{'/'.join(vs)} contradicts inject: kill-vmm, which always ends "
+        if inject in ("kill-vmm", "refused-map") and vs != ["VMM_FAULT"]:
+            errs.append((p, f"{'/'.join(vs)} contradicts inject: {inject}, which always ends "
                          f"in VMM_FAULT"))
         if inject == "skip-zap" and mode != "ZAP_ONLY":
             errs.append((p[:-1] + ["inject"], f"skip-zap is the ZAP_ONLY negative control, not a {mode} one"))
@@ -469,6 +469,8 @@ def _check_vmm_chain(raw: dict, errs: list) -> None:
                              f"later move VMM_FAULT"))
             if inject == "kill-vmm":
                 dead = dead or f"moves[{who}] kills it (inject: kill-vmm)"
+            elif inject == "refused-map":
+                pass   # a map QEMU refused: a VMM_FAULT verdict, and the VMM lives on
             elif vs == ["VMM_FAULT"]:
                 dead = dead or ("the baseline read expects VMM_FAULT" if who == "baseline"
                                 else f"moves[{who}] expects VMM_FAULT")
@@ -575,6 +577,10 @@ def _semantic_errors(raw: dict) -> list:
             _constraints(m["expect"], p, errs)
             _check_expect(m["expect"], p, errs, what="move", mode=mode, kind=kind,
                           guest_write=m.get("guest_write") is True, inject=m.get("inject"))
+    for i, m in enumerate(moves):
+        if isinstance(m, dict) and m.get("inject") == "refused-map" and raw.get("vmm_on_move") != "remap":
+            errs.append((["moves", i, "inject"], "refused-map is the VMM's map after a move: it "
+                         "needs vmm_on_move: remap"))
     if raw.get("vmm_on_move") == "remap" and raw.get("transport", "ivshmem") != "virtio-shm":
         errs.append((["vmm_on_move"], "remap is the VMM unmapping and mapping a VIRTIO shared "
                      "memory region: it needs transport: virtio-shm"))

@@ -723,7 +723,7 @@ class Run:
                     else:
                         mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
                                                   caching=mv["caching"], pages=mv.get("pages"),
-                                                  remap=self.remap)
+                                                  remap=self.remap, inject=mv["inject"])
                 except AgentRequestFailed as e:
                     if e.errname in ("EOPNOTSUPP", "ENOTSUP"):
                         rec.update(verdict="UNSUPPORTED", pages={}, detail=str(e))

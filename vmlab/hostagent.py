@@ -1080,7 +1080,8 @@ class Agent:
         t2 = time.monotonic_ns()
         if srv is not None:
             try:
-                srv.map()
+                # the negative control: a length past the region, which QEMU must refuse
+                srv.map(length=2 * b.size if req.get("inject") == "refused-map" else None)
             except vhost_user.VhostUserError as e:
                 out["remap_error"] = str(e)
             out["remap"] = {"unmap_ms": round((t1 - t0) / 1e6, 3), "move_ms": round((t2 - t1) / 1e6, 3),

@@ -278,9 +278,10 @@ class Backend:
             raise VhostUserError(f"unexpected answer to request {req}: request {rreq} flags {rflags:#x}")
         return U64.unpack_from(payload)[0]
 
-    def map(self):
+    def map(self, length=None):
         """Map the whole buffer at offset 0 of the region (read-write); VhostUserError
-        when QEMU refuses (its reason is in QEMU's log) or the device is not started."""
+        when QEMU refuses (its reason is in QEMU's log) or the device is not started.
+        ``length``: another length than the buffer's (a negative control)."""
         with self.channel:
             with self.lock:
                 self.want_mapped = True
@@ -288,11 +289,12 @@ class Backend:
                     raise VhostUserError("the device is not started: a mapping now would crash QEMU")
                 if self.mapped:
                     return
-            rc = self._request(BACKEND_SHMEM_MAP, MMAP.pack(SHMID, 0, 0, self.size, MAP_RW), fd=self.fd)
+            n = length or self.size
+            rc = self._request(BACKEND_SHMEM_MAP, MMAP.pack(SHMID, 0, 0, n, MAP_RW), fd=self.fd)
             with self.lock:
                 if rc != 0:
                     self.counts["map_failures"] += 1
-                    raise VhostUserError(f"QEMU refused SHMEM_MAP of {self.size} bytes (answer {rc}; "
+                    raise VhostUserError(f"QEMU refused SHMEM_MAP of {n} bytes (answer {rc}; "
                                          f"its reason is in the guest's qemu.log)")
                 # a stop that came meanwhile dropped it already
                 self.mapped = self.started

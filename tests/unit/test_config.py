@@ -483,3 +483,15 @@ def test_store_needs_a_write_and_vgem_cannot_zap(tmp_path):
     with pytest.raises(ConfigError) as ei:
         config.load(p)
     assert "exporter.fault" in str(ei.value) and "ZAP_ONLY needs exporter.kind vmlab" in str(ei.value)
+
+
+def test_a_refused_map_leaves_the_vmm_alive_for_later_moves():
+    """Unlike kill-vmm, a map QEMU refused is a VMM_FAULT after which the VMM lives on:
+    later moves may expect REFAULTED."""
+    raw = {"version": 1, "name": "ok", "transport": "virtio-shm", "vmm_on_move": "remap",
+           "exporter": {"kind": "vmlab", "size": "1M"},
+           "moves": [{"mode": "MIGRATE", "inject": "refused-map", "expect": "VMM_FAULT"},
+                     {"mode": "MIGRATE", "expect": "REFAULTED"}]}
+    assert config.problems(raw) == []
+    raw["moves"][0]["inject"] = "kill-vmm"
+    assert any("dead VMM" in m for _, m in config.problems(raw))

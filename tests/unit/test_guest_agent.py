@@ -429,3 +429,39 @@ def test_serve_frames_each_command_with_its_own_status(agent, tmp_path, sigchld_
 def test_serve_skips_the_rest_of_an_over_long_line(agent):
     replies = _serve(agent, ["version " + "x" * 5000, "version"])
     assert [r[0] for r in replies] == [2, 0] and "longer than" in replies[0][2]
+
+
+def test_watch_reports_an_unstamped_page_as_a_hole(agent, tmp_path):
+    """A page of zeros (or of ones) has no stamp at all: a VMM's unmap window, reported as
+    "hole", which the oracle never counts as stale."""
+    f = make_buffer(tmp_path / "buf", [(5, 1, stamp.LIVE)] * 3)
+    with open(f, "r+b") as fh:
+        fh.seek(0)
+        fh.write(bytes(PAGE))
+        fh.seek(2 * PAGE)
+        fh.write(b"\xff" * PAGE)
+    r = subprocess.run([str(agent), "watch", "--path", str(f), "--duration", "0.2",
+                        "--pages", "0,1,2"], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 0, r.stderr
+    ev = {ln["page"]: ln["status"] for ln in _watch_lines(r.stdout) if "page" in ln}
+    assert ev == {0: "hole", 1: "ok", 2: "hole"}
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--pci-id", "1af4"], "bad --pci-id"),
+    (["--pci-id", "1af4:zz"], "bad --pci-id"),
+    (["--pci-id", "12345:1"], "bad --pci-id"),
+    (["--bar", "6"], "--bar is 0..5"),
+])
+def test_device_options_are_checked(agent, args, msg):
+    r = subprocess.run([str(agent), "find", *args], capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+
+
+def test_virtio_start_needs_a_device(agent):
+    r = subprocess.run([str(agent), "virtio-start", "--pci-id", "1af4:1055", "--bar", "4"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 1 and "no PCI device 1af4:1055" in r.stderr, r.stderr
+    r = subprocess.run([str(agent), "virtio-start", "--path", "/dev/null"],
+                       capture_output=True, text=True, timeout=10)
+    assert r.returncode == 2 and "--path makes no sense" in r.stderr, r.stderr

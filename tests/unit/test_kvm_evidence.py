@@ -2,6 +2,8 @@
 -> what KVM did to the buffer's frames. The lab tests check it on real moves."""
 from __future__ import annotations
 
+import pytest
+
 from vmlab import kvm_evidence as ke
 
 GFN0 = 0xFE000          # BAR2 at 0xfe000000
@@ -123,3 +125,28 @@ def test_tdp_mappings_are_counted_once_and_faults_only_on_the_buffer():
 def test_an_overrun_trace_claims_nothing_was_kept():
     ev = ke.summarize(ke.parse([]), GFN0, 4, OLD, NEW, overrun=999, tdp_mmu=True)
     assert "kept_old_pages" not in ev and "kept" not in ev["summary"] and "incomplete" in ev["summary"]
+
+
+# --- QEMU's memslot calls (its kvm_set_user_memory trace event) ---------------------------
+def _slot(gpa, size, ua="7f02baefc000", ret=0, asid=0):
+    return (f"kvm_set_user_memory AddrSpace#{asid} Slot#6 flags=0x0 gpa=0x{gpa:x} size=0x{size:x} "
+            f"ua=0x{ua} guest_memfd=-1 guest_memfd_offset=0x0 ret={ret}")
+
+
+def test_memslot_delete_then_create_is_a_recreation():
+    lines = [_slot(0xfea00000, 0), _slot(0xfea00000, 0, asid=1),
+             "some other line", _slot(0x100000, 0x1000),             # another slot: ignored
+             _slot(0xfea00000, 0x100000, ua="7f02bacff000"), _slot(0xfea00000, 0x100000, asid=1)]
+    ev = ke.memslot_changes(lines, 0xfea00000, 0x100000)
+    assert ev["deleted"] == 2 and ev["created"] == 2 and ev["recreated"] and ev["failed"] == 0
+    assert ev["calls"][2]["ua"] == "0x7f02bacff000" and ev["calls"][2]["size"] == 0x100000
+
+
+@pytest.mark.parametrize("lines", [
+    [],                                                              # nothing happened
+    [_slot(0xfea00000, 0)],                                          # deleted, never back
+    [_slot(0xfea00000, 0x100000), _slot(0xfea00000, 0)],             # created, then deleted
+    [_slot(0xfea00000, 0), _slot(0xfea00000, 0x100000, ret=-22)],    # the creation failed
+])
+def test_memslot_without_a_clean_recreation(lines):
+    assert ke.memslot_changes(lines, 0xfea00000, 0x100000)["recreated"] is False

@@ -199,3 +199,10 @@ def test_per_page_generations_after_a_page_range_move():
     assert j["verdict"] == "TORN"
     # a record outside the per-page list is TORN, never an IndexError
     assert pv(rec(9), gen=gens) == "TORN" and pv(rec("x"), gen=gens) == "TORN"
+
+
+def test_watch_holes_are_their_own_class_never_stale():
+    # reads in a VMM's unmap window see no stamp: counted, and the move is not stale for it
+    w = oracle.watch_stale([ev(0, 4), ev(0, 0, 0, status="hole"), ev(0, 0, 0, status="hole"),
+                            ev(0, 5)], generation=5)
+    assert w["holes"] == 2 and w["stale_observations"] == 0 and "detail" not in w

@@ -100,3 +100,17 @@ def test_str():
     assert str(Version(6, 13)) == "6.13"
     assert str(Version(6, 12, 57)) == "6.12.57"
     assert str(Version(6, 13, 0, 3)) == "6.13-rc3"
+
+
+@pytest.mark.parametrize("text,want", [
+    ("11.1.3 (Debian 1:11.1.3+ds-1~bpo13+1)", (11, 1, 3)),
+    ("1:11.1.3+ds-1~bpo13+1", (11, 1, 3)),
+    ("1:10.0.13+ds-0+deb13u1", (10, 0, 13)),
+    ("7.2.19", (7, 2, 19)),
+    ("9.2", (9, 2)),
+    ("", None),
+    (None, None),
+    ("unknown", None),
+])
+def test_qemu_upstream_version(text, want):
+    assert versions.qemu_upstream_version(text) == want
