@@ -424,6 +424,20 @@ class Run:
         _, out, _ = self.stack.lab.run(f"stat -c %s {self.stack.guest.dir}/qemu.log", timeout=20, check=False)
         return int(out) if out.strip().isdigit() else None
 
+    def wait_memslot(self, since: int | None, timeout: float = 10) -> float | None:
+        """Seconds until QEMU's log shows the region's memslot created again after a
+        remap, or None. QEMU acks a SHMEM_MAP before it commits the new memory map, so
+        a read right after the ack could meet the unmap window: the verified read waits
+        for the memslot (evidence, not a verdict: after the timeout the read decides)."""
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < timeout:
+            if self.memslot_evidence(since).get("created"):
+                return round(time.monotonic() - t0, 3)
+            time.sleep(0.05)
+        self.progress(f"no memslot creation for the region in QEMU's log within {timeout:.0f}s "
+                      f"after SHMEM_MAP; reading anyway")
+        return None
+
     def memslot_evidence(self, since: int | None) -> dict:
         """QEMU's KVM_SET_USER_MEMORY_REGION calls since byte ``since`` of its log, for the
         buffer's guest-physical range: a delete is size 0, a (re)creation the region's size."""
@@ -741,6 +755,8 @@ class Run:
                 rec["exporter_note"] = mres.get("what")
                 if "remap" in mres:
                     rec["vmm_remap"] = mres["remap"]
+                    if not mres.get("remap_error"):
+                        rec["vmm_remap"]["memslot_seen_s"] = self.wait_memslot(log_at)
                 if mres.get("remap_error"):
                     # the VMM could not map the moved buffer back: the guest has a hole
                     # where its memory was, and that is the move's outcome

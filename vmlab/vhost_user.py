@@ -147,9 +147,9 @@ class Backend:
                 if msg is None:
                     break
                 self._handle(conn, *msg)
-        except (OSError, VhostUserError) as e:
+        except Exception as e:   # a dead thread would leave QEMU waiting for a reply: say why
             if not self.closed:
-                self.log(f"vhost-user: main socket: {e}")
+                self.log(f"vhost-user: main socket: {type(e).__name__}: {e}")
         finally:
             with self.cond:
                 self.started = self.mapped = False
@@ -264,10 +264,14 @@ class Backend:
         try:
             s.sendmsg([msg], fds)
             got = read_message(s)
-        except socket.timeout:
-            raise VhostUserError(f"QEMU did not answer {('SHMEM_MAP', 'SHMEM_UNMAP')[req - 9]} "
-                                 f"within {timeout:.0f}s")
-        except OSError as e:
+        except (OSError, VhostUserError) as e:
+            # a late answer must never be taken for the next request's: the channel is done
+            with self.lock:
+                self.backend_sock = None
+            s.close()
+            if isinstance(e, socket.timeout):
+                raise VhostUserError(f"QEMU did not answer {('SHMEM_MAP', 'SHMEM_UNMAP')[req - 9]} "
+                                     f"within {timeout:.0f}s (back-end channel closed)")
             raise VhostUserError(f"back-end channel: {e}")
         if got is None:
             raise VhostUserError("QEMU closed the back-end channel")

@@ -71,6 +71,7 @@ def test_virtio_shm_same_verdicts_as_ivshmem_and_remap_refaults(images_ready, tm
         ev = m["memslot_evidence"]
         assert ev["recreated"] and ev["deleted"] >= 1 and ev["created"] >= 1 and ev["failed"] == 0, ev
         assert m["vmm_remap"]["state"]["mapped"], m["vmm_remap"]
+        assert m["vmm_remap"]["memslot_seen_s"] is not None, m["vmm_remap"]   # read after the commit
         assert m["kvm_evidence"]["kept_old_pages"] == 0, m["kvm_evidence"]
         assert m["kvm_evidence"].get("zap_all_fast", 0) >= 1, m["kvm_evidence"]
     assert remap["vmm"]["backend"]["counts"]["map_failures"] == 0
