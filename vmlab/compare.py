@@ -14,12 +14,12 @@ bad input. Writes compare.json and report.html into --out (default results/<UTC>
 """
 from __future__ import annotations
 
-import html
 import json
 import random
 import statistics
 from pathlib import Path
 
+from . import report
 from .errors import UserError
 from .merge import results_of
 from .paths import read_json
@@ -112,7 +112,8 @@ def compare(a: dict, b: dict) -> list[dict]:
 
 def table(rows: list[dict]) -> str:
     def v(side):
-        return " ".join(map(str, side["verdicts"])) + f" ({_word(side['match'])})" if side else "-"
+        word = {True: "match", False: "MISMATCH", None: "n/a"}[side["match"]] if side else ""
+        return " ".join(map(str, side["verdicts"])) + f" ({word})" if side else "-"
     lines = [f"{'cell':40} {'A':38} {'B':38} {'change':16} timing"]
     for r in rows:
         t = r.get("timing") or {}
@@ -121,33 +122,6 @@ def table(rows: list[dict]) -> str:
         lines.append(f"{r['entry'] + '[' + r['kernel'] + ']':40} {v(r['a']):38} {v(r['b']):38} "
                      f"{r['change']:16} {tm}")
     return "\n".join(lines)
-
-
-def _word(match) -> str:
-    return {True: "match", False: "MISMATCH", None: "n/a"}[match]
-
-
-def to_html(rows: list[dict], a: str, b: str) -> str:
-    cls = {"REGRESSION": "mismatch", "fixed": "match", "same": "none"}
-    trs = []
-    for r in rows:
-        t = r.get("timing") or {}
-        cells = [f"{r['entry']}[{r['kernel']}]"]
-        for side in (r["a"], r["b"]):
-            cells.append(" ".join(map(str, side["verdicts"])) + f" ({_word(side['match'])})"
-                         if side else "-")
-        cells.append(r["change"])
-        cells.append(f"{t.get('median_a', '-')} s / {t.get('median_b', '-')} s, p={t.get('p', '-')}"
-                     + (" changed" if t.get("changed") else ""))
-        trs.append(f'<tr class="{cls.get(r["change"], "na")}">' +
-                   "".join(f"<td>{html.escape(str(c))}</td>" for c in cells) + "</tr>")
-    return ("<!doctype html><meta charset=utf-8><title>vmlab compare</title><style>"
-            "body{font:14px system-ui,sans-serif;margin:1.5em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #999;padding:.35em .6em}tr.mismatch{background:#f8d0d0}"
-            "tr.match{background:#d9f2d9}tr.na{background:#fff6d5}</style>"
-            f"<h1>vmlab compare</h1><p>A: {html.escape(a)}<br>B: {html.escape(b)}</p><table>"
-            "<tr><th>cell</th><th>A</th><th>B</th><th>change</th><th>move seconds (median A / B, "
-            "permutation p)</th></tr>" + "".join(trs) + "</table>")
 
 
 def main(args, progress) -> int:
@@ -162,7 +136,7 @@ def main(args, progress) -> int:
     out = results_dir("compare", args.out)
     (out / "compare.json").write_text(json.dumps({"a": args.a, "b": args.b, "cells": rows,
                                                   "alpha": ALPHA}, indent=2) + "\n")
-    (out / "report.html").write_text(to_html(rows, args.a, args.b))
+    (out / "report.html").write_text(report.compare_html(rows, args.a, args.b))
     print(table(rows))
     bad = [r for r in rows if r["change"] == "REGRESSION"]
     progress(f"compare: {len(rows)} cells, {len(bad)} regressions; {out}/report.html")

@@ -18,7 +18,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from . import config as cfgmod
-from . import hwtrace, kvm_evidence, oracle, proc, reuse
+from . import hwtrace, kvm_evidence, oracle, proc, report, reuse
 from .errors import CouldNotTest, NotApplicable, RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
@@ -883,6 +883,18 @@ class Run:
             finally:
                 self.save()
                 write_junit(self.out / "junit.xml", self.result)
+                self.write_report()
+
+    def write_report(self) -> None:
+        """report.html beside results.json: a report that cannot be drawn is logged and
+        says so in its place, it never changes the run's outcome."""
+        try:
+            page = report.run_html(self.result, self.out)
+        except Exception as e:
+            log.warning("report.html: %s: %s", type(e).__name__, e)
+            page = (f"<!doctype html><meta charset=utf-8><title>vmlab run</title><p>no report: "
+                    f"{escape(type(e).__name__)}: {escape(str(e))}; see results.json</p>")
+        (self.out / "report.html").write_text(page)
 
     def teardown(self) -> None:
         """Guest, buffer, host agent, lab: each step runs whatever the one before did."""

@@ -67,13 +67,33 @@ def judge(records: list, *, buffer_id: int, generation: int | list[int], npages:
         if v != "REFAULTED" and v not in examples:
             examples[v] = {"page": r[0], "status": r[1], "buffer_id": r[2], "generation": r[3],
                            "page_index": r[4], "state": stamp.STATE_NAMES.get(r[5], r[5]), "tag": r[6]}
-    out = {"pages": dict(counts), "examples": examples}
+    out = {"pages": dict(counts), "examples": examples,
+           "page_map": page_map(records, verdicts, npages)}
     cov = coverage_error(records, npages)
     if cov:
         out.update(verdict="TORN", coverage_error=cov)
     else:
         out["verdict"] = max(counts, key=_RANK.__getitem__)
     return out
+
+
+def page_map(records: list, verdicts: list[str], npages: int) -> list[list]:
+    """Each page's verdict in page order, run-length encoded ([[verdict, pages], ...]): the
+    report's grid of the buffer. A page not read (or read twice) shows as MISSING (or the
+    worse of its verdicts)."""
+    by_page: list[str | None] = [None] * npages
+    for r, v in zip(records, verdicts):
+        i = r[0]
+        if isinstance(i, int) and 0 <= i < npages:
+            by_page[i] = v if by_page[i] is None else worst([by_page[i], v])
+    runs: list[list] = []
+    for v in by_page:
+        v = v or "MISSING"
+        if runs and runs[-1][0] == v:
+            runs[-1][1] += 1
+        else:
+            runs.append([v, 1])
+    return runs
 
 
 def worst(verdicts: list[str]) -> str:

@@ -57,6 +57,25 @@ def test_default_experiment(images_ready):
     chain = res["caching_chain"]
     assert chain["exporter"]["caching"] == "WB" and chain["lab_host_pte"]["memtype"] == "WB"
     assert chain["guest"]["memtype"] == "uncached-minus"
+    assert res["moves"][3]["page_map"] == [["STALE", 256]]
+    check_report_in_browser(res["_dir"] / "report.html", moves=4)
+
+
+def check_report_in_browser(page, moves: int):
+    """report.html as Chromium renders it: the verdict table, a page map per read, the
+    caching chain, the latency plot and the environment are in the DOM, and the
+    screenshot shows the verdict colours (the page maps: green pages, and the control's
+    red ones)."""
+    from tests.browser import colour_pixels, hex_rgb, render
+    from vmlab.report import PALETTE
+    dom, img = render(page)
+    assert dom.count("<tr class=") == 1 + moves          # baseline + moves, verdict table
+    assert dom.count('class="pagemap"') == 1 + moves
+    assert dom.count('class="box') == 4 and 'id="caching-chain"' in dom
+    assert "<svg" in dom.split('id="latency"', 1)[1].split("</div>", 1)[0]
+    assert 'id="environment"' in dom and "lab QEMU" in dom and "host CPU" in dom
+    assert colour_pixels(img, hex_rgb(PALETTE["REFAULTED"])) > 2000, "no green page map"
+    assert colour_pixels(img, hex_rgb(PALETTE["STALE"])) > 2000, "no red page map for the control"
 
 
 def test_zap_only(images_ready):

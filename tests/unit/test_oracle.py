@@ -67,7 +67,8 @@ def test_judge_torn_wins():
 
 def test_judge_all_refaulted():
     j = oracle.judge([rec(i) for i in range(8)], buffer_id=BID, generation=GEN, npages=8)
-    assert j == {"verdict": "REFAULTED", "pages": {"REFAULTED": 8}, "examples": {}}
+    assert j == {"verdict": "REFAULTED", "pages": {"REFAULTED": 8}, "examples": {},
+                 "page_map": [["REFAULTED", 8]]}
 
 
 def test_judge_stale_only():
@@ -206,3 +207,11 @@ def test_watch_holes_are_their_own_class_never_stale():
     w = oracle.watch_stale([ev(0, 4), ev(0, 0, 0, status="hole"), ev(0, 0, 0, status="hole"),
                             ev(0, 5)], generation=5)
     assert w["holes"] == 2 and w["stale_observations"] == 0 and "detail" not in w
+
+
+def test_page_map_is_the_buffer_in_page_order_run_length_encoded():
+    recs = [rec(i) for i in range(6)]
+    recs[3] = rec(3, gen=GEN - 1)          # one stale page in the middle
+    del recs[5]                            # and the last page never read
+    j = oracle.judge(recs, buffer_id=BID, generation=GEN, npages=6)
+    assert j["page_map"] == [["REFAULTED", 3], ["STALE", 1], ["REFAULTED", 1], ["MISSING", 1]]
