@@ -16,17 +16,18 @@ from pathlib import Path
 
 from . import __version__
 from .errors import ConfigError, CouldNotTest, UserError, VmlabError
+from .progress import Progress
 
 log = logging.getLogger("vmlab")
-_T0 = time.monotonic()
 
 
 class Terminated(BaseException):
     """SIGTERM, raised in the main thread so every ``finally`` and ``__exit__`` runs."""
 
 
-def progress(msg: str) -> None:
-    print(f"[vmlab {time.monotonic() - _T0:6.1f}s] {msg}", file=sys.stderr, flush=True)
+# the one progress display of this process (vmlab.progress): a live line on a terminal,
+# timestamped lines in a log
+progress = Progress()
 
 
 _first_signal: int | None = None
@@ -470,6 +471,7 @@ def main(argv=None) -> int:
     try:
         return _dispatch(args)
     finally:
+        progress.close()
         if _first_signal is not None:
             # Python's finalization puts SIG_DFL back in place of a Python handler, so a
             # later Ctrl-C would kill vmlab by the signal after it has stopped everything
@@ -480,7 +482,10 @@ def main(argv=None) -> int:
 
 def _dispatch(args) -> int:
     try:
-        return args.func(args)
+        try:
+            return args.func(args)
+        finally:
+            progress.close()   # the live line goes before the last words are printed
     except UserError as e:
         print(f"vmlab: error: {e}", file=sys.stderr)
         return 2

@@ -229,6 +229,7 @@ class Matrix:
                     continue
                 t0 = time.monotonic()
                 self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: running")
+                self.steps(n - 1, total)
                 r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
                 retried = []
                 while (r.result.get("status") == "could_not_test" and len(retried) < CELL_ATTEMPTS - 1
@@ -279,6 +280,13 @@ class Matrix:
         self.progress(f"cell {n}/{total} {cell['entry']}[{cell['kernel_suite']}]: "
                       f"{' '.join(str(v) for v in cell['verdicts']) or '-'} (expected {exp or '-'}): "
                       f"{what}{': ' + cell['reason'] if cell.get('reason') else ''}")
+        self.steps(n, total)
+
+    def steps(self, done: int, total: int) -> None:
+        """Cell k of N for a live progress line (vmlab.progress); a plain callable has none."""
+        step = getattr(self.progress, "steps", None)
+        if step is not None:
+            step(done, total)
 
     def finish(self) -> None:
         self.result["ended"] = datetime.now(timezone.utc).isoformat()
