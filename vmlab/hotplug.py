@@ -1,0 +1,186 @@
+"""Buffers that come and go in a running guest: each one an ivshmem-doorbell device
+hot-plugged over QMP into a PCIe root port the guest was booted with, and unplugged again.
+
+The guest gets ``PORTS`` root ports at boot (``root_port_args``), each with a 64-bit
+prefetchable window reserved for a hot-plugged BAR (q35's pcie.0 itself takes no
+hot-plug). A buffer: the host agent exports it (ivshmem server socket), QMP adds a socket
+chardev to that server and the device on a free port, and the guest's PCI hot-plug
+(ACPI, QEMU's default for q35 root ports) enumerates it on the port's secondary bus; the
+guest agent is then told which device to read (``--device BDF``). Unplugging is device_del
+and waiting until QEMU has finalized the device (the guest ejected it).
+
+The buffer's pages stay quarantined until the guest's QEMU exits: the caller releases
+them then (``HotBuffer.id`` names them), as ``vmlab run`` does for its one buffer.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import shlex
+import time
+
+from . import oracle
+from .errors import RemoteError, WaitTimeout
+
+log = logging.getLogger("vmlab.hotplug")
+PORTS = 4
+PORT_ID = "vmlab-hp{}"
+PREF64_RESERVE = "512M"      # the largest hot-plugged BAR (vmlab buffers are at most 256 MiB)
+IVSHMEM_DIR = "/run/vmlab/ivshmem"
+AGENT = "vmlab-guest-agent"
+
+
+def root_port_args(ports: int = PORTS) -> list[str]:
+    """QEMU arguments for the guest: hot-pluggable root ports with reserved windows."""
+    out = []
+    for i in range(ports):
+        out += ["-device", f"pcie-root-port,id={PORT_ID.format(i)},chassis={i + 1},slot={i + 1},"
+                           f"pref64-reserve={PREF64_RESERVE}"]
+    return out
+
+
+def _port_buses(guest) -> dict[str, int]:
+    """root port id -> the secondary bus number the guest gave it (QEMU's query-pci shows
+    the bridge registers as the guest programmed them)."""
+    out = {}
+    for bus in guest.cmd("query-pci"):
+        for dev in bus.get("devices", []):
+            qid = dev.get("qdev_id") or ""
+            br = (dev.get("pci_bridge") or {}).get("bus") or {}
+            if qid.startswith("vmlab-hp") and br.get("secondary"):
+                out[qid] = br["secondary"]
+    return out
+
+
+def _qdev_ids(guest) -> set[str]:
+    ids = set()
+
+    def walk(devices):
+        for d in devices:
+            if d.get("qdev_id"):
+                ids.add(d["qdev_id"])
+            walk(((d.get("pci_bridge") or {}).get("devices")) or [])
+    for bus in guest.cmd("query-pci"):
+        walk(bus.get("devices", []))
+    return ids
+
+
+class HotBuffer:
+    """One exported buffer, hot-plugged into ``guest``; ``move`` and ``read`` judge what
+    the guest reads with the oracle, page by page."""
+
+    def __init__(self, guest, agent, gagent, name: str, *, kind: str = "vmlab", size: int = 1 << 20,
+                 caching: str = "WB", alloc: str = "ORDER0", mapping: str = "uc", timeout: float = 60):
+        self.guest, self.agent, self.gagent, self.name = guest, agent, gagent, name
+        self.mapping, self.size = mapping, size
+        self.generation = 1
+        self.page_gens = [1] * (size // 4096)
+        self.history: list[dict] = []
+        self.plugged = False
+        create = {"kind": kind, "size": size}
+        if kind == "vmlab":
+            create.update(caching=caching, alloc=alloc)
+        self.buf = agent.request("create", **create)
+        self.id = self.buf["id"]
+        self.sock = f"{IVSHMEM_DIR}/{guest.opts.name}-{name}.sock"
+        self.chardev, self.device = f"{name}-chr", f"{name}-dev"
+        try:
+            agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.sock)
+            self.port = self._free_port()
+            guest.cmd("chardev-add", id=self.chardev,
+                      backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": self.sock}},
+                                                          "server": False}})
+            guest.cmd("device_add", driver="ivshmem-doorbell", id=self.device, chardev=self.chardev,
+                      vectors=1, bus=self.port)
+            self.plugged = True
+            self.bdf = f"0000:{_port_buses(guest)[self.port]:02x}:00.0"
+            self._wait_in_guest(timeout)
+        except BaseException:
+            self.close()
+            raise
+
+    def _free_port(self) -> str:
+        used = _qdev_ids(self.guest)
+        taken = set()
+        for bus in self.guest.cmd("query-pci"):
+            for dev in bus.get("devices", []):
+                for sub in ((dev.get("pci_bridge") or {}).get("devices")) or []:
+                    if sub.get("qdev_id"):
+                        taken.add(dev.get("qdev_id"))
+        for i in range(PORTS):
+            p = PORT_ID.format(i)
+            if p not in taken and p in used:
+                return p
+        raise RemoteError(f"no free hot-plug port in guest {self.guest.opts.name} "
+                          f"({PORTS} buffers at most at once)")
+
+    def _wait_in_guest(self, timeout: float) -> None:
+        """Until the guest has enumerated the device (ACPI hot-plug; a rescan after 5 s in
+        case the guest missed the event)."""
+        t0 = time.monotonic()
+        path = shlex.quote(f"/sys/bus/pci/devices/{self.bdf}/resource2")
+        rescanned = False
+        while True:
+            rc, _, _ = self.guest.run(f"test -e {path}", timeout=20, check=False)
+            if rc == 0:
+                return
+            waited = time.monotonic() - t0
+            if waited > timeout:
+                raise WaitTimeout(f"{self.name}: the guest did not enumerate {self.bdf} within "
+                                  f"{timeout:.0f}s of device_add")
+            if waited > 5 and not rescanned:
+                self.guest.run("echo 1 > /sys/bus/pci/rescan", timeout=30, check=False)
+                rescanned = True
+            time.sleep(0.2)
+
+    def _agent(self, cmd: str, timeout: float = 300) -> dict:
+        rc, out, err = self.gagent.run(f"{cmd} --device {self.bdf} --caching {self.mapping}", timeout)
+        if rc == 3:
+            return {"guest_fault": json.loads(out or "{}")}
+        if rc != 0:
+            raise RemoteError(f"guest agent '{cmd}' on {self.bdf} exited {rc}: {err.strip() or out.strip()}")
+        return json.loads(out)
+
+    def read(self) -> dict:
+        """The guest reads every page; the oracle's verdict against the current generation."""
+        r = self._agent("read")
+        if "guest_fault" in r:
+            return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
+        j = oracle.judge(r["records"], buffer_id=self.id, generation=list(self.page_gens),
+                         npages=len(self.page_gens))
+        j.update(generation=self.generation, memtype=r.get("memtype"))
+        return j
+
+    def move(self, mode: str, caching: str | None = None) -> dict:
+        """The exporter moves the buffer (MIGRATE, MIGRATE_NO_ZAP, ZAP_ONLY...), then the
+        guest reads it: {"verdict", "pages", "generation", ...}."""
+        m = self.agent.request("move", buf=self.buf["buf"], mode=mode, caching=caching or "KEEP")
+        if m["generation"] != self.generation:
+            self.page_gens = [m["generation"]] * len(self.page_gens)
+        self.generation = m["generation"]
+        out = dict(self.read(), mode=mode, exporter_note=m.get("what"))
+        self.history.append({k: out.get(k) for k in ("mode", "verdict", "pages", "generation")})
+        return out
+
+    def close(self, timeout: float = 60) -> None:
+        """device_del and wait until QEMU has let the device go; then the chardev and the
+        export. Quarantined pages stay (their owner frees them once the guest is gone)."""
+        if self.plugged:
+            self.plugged = False
+            try:
+                self.guest.cmd("device_del", id=self.device)
+                t0 = time.monotonic()
+                while self.device in _qdev_ids(self.guest):
+                    if time.monotonic() - t0 > timeout:
+                        raise WaitTimeout(f"{self.name}: the guest did not release {self.device} "
+                                          f"within {timeout:.0f}s of device_del")
+                    time.sleep(0.2)
+            finally:
+                try:
+                    self.guest.cmd("chardev-remove", id=self.chardev)
+                except Exception as e:
+                    log.warning("%s: chardev-remove: %s", self.name, e)
+        try:
+            self.agent.request("close", buf=self.buf["buf"])
+        except Exception as e:
+            log.warning("%s: closing the export: %s", self.name, e)
