@@ -428,6 +428,10 @@ def parser() -> argparse.ArgumentParser:
                     help="catalog directory (default configs/catalog)")
     mx.add_argument("--only", default=None, metavar="ID,...",
                     help="only these entries (their names), in this order")
+    mx.add_argument("--strategies", default=None, metavar="FILE",
+                    help="run a strategy file's cells instead of the catalog (e.g. "
+                         "configs/strategies/caching.yaml: exporter caching x guest mapping x a "
+                         "caching change); the report tabulates every layer's memtype per cell")
     mx.add_argument("--shard", default=None, metavar="K/N",
                     help="run only shard K of N: the cells in kernel order cut into N runs "
                          "(every machine cuts alike; 'vmlab report merge' joins the shards)")

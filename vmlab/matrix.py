@@ -22,9 +22,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
-from . import catalog, proc, report
+from . import catalog, proc, report, strategies
 from . import config as cfgmod
-from .errors import CouldNotTest, ConfigError
+from .errors import CouldNotTest, ConfigError, UserError
 from .stack import Stack, lab_images, lab_options
 
 log = logging.getLogger("vmlab.matrix")
@@ -387,13 +387,24 @@ def main(args, progress) -> int:
     kernels = parse_kernels(args.kernels)
     only = [i.strip() for i in args.only.split(",")] if args.only else None
     shard_of = parse_shard(getattr(args, "shard", None))
-    entries = catalog.load(args.catalog, only)
+    strategy = None
+    if getattr(args, "strategies", None):
+        if args.catalog or only:
+            raise UserError("--strategies runs a strategy file's cells: it takes no --catalog or --only")
+        strategy, entries = strategies.load(args.strategies)
+    else:
+        entries = catalog.load(args.catalog, only)
     planned = plan(entries, kernels, args)
     if shard_of:
         planned = shard(planned, *shard_of)
     out = results_dir("matrix", args.out)
     m = Matrix(planned, out, progress, args, entries=[e.name for e in entries], shard_of=shard_of)
     m.result["planned_kernels"] = kernels   # what the shards of one cut share
+    if strategy is not None:
+        strategies.write_cells(entries, out / "strategy-cells")
+        m.result["strategy"] = {"file": str(args.strategies), "name": strategy["name"],
+                                "title": strategy["title"], "axes": list(strategy["axes"]),
+                                "cells": strategy["cells"]}
     cells = sum(len(v) for v in planned.values())
     progress(f"matrix: {len(entries)} entries x {len(kernels)} kernels"
              f"{f'; shard {shard_of[0]}/{shard_of[1]}: {cells} cells' if shard_of else ''}; "

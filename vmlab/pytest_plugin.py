@@ -89,10 +89,14 @@ class LabSession:
                           # its own name and port: vmlab_run's guests use the defaults
                           GuestOptions(name="pytest", ssh_port=2299, extra_qemu_args=root_port_args()),
                           guest_kernel=o["guest_kernel"])
-            entry = {"stack": stack, "opts": o, "work": work, "agent": None, "gagent": None, "ids": []}
-            self.labs[kernel] = entry
-            stack.up_lab()
-            entry["agent"] = HostAgent(stack.lab, work / "hostagent.log")
+            try:
+                stack.up_lab()
+                agent = HostAgent(stack.lab, work / "hostagent.log")
+            except BaseException:
+                stack.down()       # the next test that asks boots a new one
+                raise
+            self.labs[kernel] = {"stack": stack, "opts": o, "work": work, "agent": agent,
+                                 "gagent": None, "ids": []}
         return self.labs[kernel]
 
     def guest(self, kernel: str):

@@ -228,9 +228,70 @@ def matrix_html(result: dict, base: Path | None = None) -> str:
                      "links": [_link(x) for x in (c0.get("links") or []) if x.strip()], "cells": cells})
     s = result.get("summary") or {}
     return _env().get_template("matrix.html.j2").render(
-        title="vmlab matrix", kernels=[{"name": k, "release": rel[k]} for k in kernels], rows=rows,
+        title="vmlab matrix" + (f": {result['strategy']['title']}" if result.get("strategy") else ""),
+        strategy=_strategy_rows(result, base), kernels=[{"name": k, "release": rel[k]} for k in kernels],
+        rows=rows,
         summary=", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.items()),
-        status=result.get("status"), started=result.get("started"), env=host_environment())
+        status=result.get("status"), started=result.get("started"),
+        env=_lab_environment(result, kernels, base) + host_environment())
+
+
+def _lab_environment(result: dict, kernels: list[str], base: Path | None) -> list[tuple[str, str]]:
+    """Per lab kernel, from its first cell that booted: the kernel package, the lab's
+    QEMU (the VMM under test) and the accel."""
+    out = []
+    for k in kernels:
+        for c in (c for c in result["cells"] if c["kernel_suite"] == k):
+            lab = _cell_results(c, base).get("lab") or {}
+            if lab.get("kernel"):
+                out.append((f"lab {k}", f"kernel {lab['kernel']} (package {lab.get('kernel_package', '?')}); "
+                                        f"QEMU {lab.get('qemu', '?')}; accel {lab.get('accel', '?')}"))
+                break
+    return out
+
+
+def _cell_results(cell: dict, base: Path | None) -> dict:
+    import json
+    for p in (cell.get("results"), base / cell["results_rel"] if base and cell.get("results_rel") else None):
+        if p and (Path(p) / "results.json").is_file():
+            try:
+                return json.loads((Path(p) / "results.json").read_text())
+            except ValueError:
+                return {}
+    return {}
+
+
+def _strategy_rows(result: dict, base: Path | None) -> dict | None:
+    """A strategy matrix's cells side by side: the axes, what each layer's memtype came out
+    as, the mismatches, the verdicts, the move latency and the guest's read bandwidth
+    (labelled not meaningful in a TCG lab, which models no caches)."""
+    st = result.get("strategy")
+    if not st:
+        return None
+    import statistics
+    rows = []
+    for c in result["cells"]:
+        res = _cell_results(c, base)
+        chain = res.get("caching_chain") or {}
+        moves = res.get("moves") or []
+        secs = [m["seconds"] for m in moves if isinstance(m.get("seconds"), (int, float))]
+        size = _buffer_pages(res) * 4096
+        bw = [size / m["read_ns"] * 1e3 for m in moves if isinstance(m.get("read_ns"), (int, float)) and m["read_ns"]]
+        tcg = (res.get("lab") or {}).get("accel") == "tcg"
+        rows.append({
+            "cell": c["entry"], "kernel": c["kernel_suite"], "cls": _CLASS[c["match"]],
+            "axes": [st["cells"].get(c["entry"], {}).get(a, "") for a in st["axes"]],
+            "exporter": " -> ".join(dict.fromkeys(x for x in [(chain.get("exporter") or {}).get("caching")] +
+                                   [(m.get("exporter_info") or {}).get("caching") for m in moves] if x)),
+            "host": (chain.get("lab_host_pte") or {}).get("memtype", ""),
+            "kvm": (chain.get("kvm") or {}).get("mmu", ""),
+            "guest": (chain.get("guest") or {}).get("memtype", ""),
+            "mismatches": chain.get("mismatches") or [],
+            "verdicts": " ".join(str(v) for v in c["verdicts"]) or "-",
+            "latency": f"{statistics.median(secs) * 1000:.0f} ms" if secs else "-",
+            "bandwidth": (f"{statistics.median(bw):.0f} MB/s" + (" (not meaningful: TCG lab, no caches)"
+                                                                  if tcg else "")) if bw else "-"})
+    return {"axes": st["axes"], "rows": rows, "file": st.get("file")}
 
 
 def compare_html(rows: list[dict], a: str, b: str) -> str:
