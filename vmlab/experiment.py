@@ -406,32 +406,39 @@ class Run:
         host-visible blob. QEMU's memslot changes are traced from here on (its
         kvm_set_user_memory events, in the guest's qemu.log), the evidence of a remap."""
         g = self.stack.guest
+        g.cmd("trace-event-set-state", name="kvm_set_user_memory", enable=True)
         start = self.guest_agent(f"virtio-start --pci-id {VIRTIO_SHM_PCI} --bar {VIRTIO_SHM_BAR}")
+        log_at = self.qemu_log_size()
         try:
             mapped = self.agent.request("vhost_map", buf=self.buf["buf"], wait_s=30, timeout=60)
         except AgentRequestFailed as e:
             raise RemoteError(f"the vhost-user back-end could not map the buffer: {e}")
-        g.cmd("trace-event-set-state", name="kvm_set_user_memory", enable=True)
+        m = self.guest_agent(f"map --caching {self.mapping}{self.dev_args}")   # where the BAR is
+        if m.get("bar2_phys"):
+            self.bar2_gpa = int(str(m["bar2_phys"]), 16)
+        mapped["memslot_seen_s"] = self.wait_memslot(log_at, need="present")
         self.progress(f"virtio-shm: device {start.get('bdf')} started by the guest agent; buffer "
                       f"mapped into its shared memory region (BAR {VIRTIO_SHM_BAR}) in "
                       f"{mapped['map_s']:.3f}s; on a move the VMM does "
                       f"{'SHMEM_UNMAP/SHMEM_MAP' if self.remap else 'nothing (MMU notifier only)'}")
         return {"transport": "virtio-shm", "on_move": "remap" if self.remap else "none",
                 "virtio_id": VIRTIO_SHM_ID, "pci_id": VIRTIO_SHM_PCI, "bar": VIRTIO_SHM_BAR,
-                "guest_start": start, "backend": mapped["state"]}
+                "guest_start": start, "backend": mapped["state"],
+                "memslot_seen_s": mapped["memslot_seen_s"]}
 
     def qemu_log_size(self) -> int | None:
         _, out, _ = self.stack.lab.run(f"stat -c %s {self.stack.guest.dir}/qemu.log", timeout=20, check=False)
         return int(out) if out.strip().isdigit() else None
 
-    def wait_memslot(self, since: int | None, timeout: float = 10) -> float | None:
-        """Seconds until QEMU's log shows the region's memslot created again after a
-        remap, or None. QEMU acks a SHMEM_MAP before it commits the new memory map, so
-        a read right after the ack could meet the unmap window: the verified read waits
-        for the memslot (evidence, not a verdict: after the timeout the read decides)."""
+    def wait_memslot(self, since: int | None, timeout: float = 10, need: str = "recreated") -> float | None:
+        """Seconds until QEMU's log shows the region's memslot whole again (``need``:
+        "recreated" after a remap, "present" after the first map), or None. QEMU acks a
+        SHMEM_MAP before it commits the new memory map, so a read right after the ack
+        could meet the unmap window: the verified read waits for the memslot (evidence,
+        not a verdict: after the timeout the read decides)."""
         t0 = time.monotonic()
         while time.monotonic() - t0 < timeout:
-            if self.memslot_evidence(since).get("created"):
+            if self.memslot_evidence(since).get(need):
                 return round(time.monotonic() - t0, 3)
             time.sleep(0.05)
         self.progress(f"no memslot creation for the region in QEMU's log within {timeout:.0f}s "
@@ -726,6 +733,7 @@ class Run:
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
                 before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
                 log_at = self.qemu_log_size() if self.transport == "virtio-shm" else None
+                window_end = None    # under remap: when the memslot was seen back
                 t_sent = time.monotonic()
                 try:
                     if mv["inject"] == "skip-zap":
@@ -757,6 +765,7 @@ class Run:
                     rec["vmm_remap"] = mres["remap"]
                     if not mres.get("remap_error"):
                         rec["vmm_remap"]["memslot_seen_s"] = self.wait_memslot(log_at)
+                        window_end = time.monotonic()
                 if mres.get("remap_error"):
                     # the VMM could not map the moved buffer back: the guest has a hole
                     # where its memory was, and that is the move's outcome
@@ -803,6 +812,16 @@ class Run:
                     if ws["stale_observations"]:
                         rec["verdict"] = oracle.worst([rec["verdict"], "STALE"])
                         rec["detail"] = ws["detail"]
+                    # a page with no stamp is the VMM's unmap window only under remap, and
+                    # only until the memslot is back (+1 s for the line to arrive); anywhere
+                    # else it is memory that should not be there
+                    holes = [e for e in window if e.get("status") == "hole"]
+                    outside = [e for e in holes if window_end is None or e["rx"] > window_end + 1.0]
+                    rec["watch"]["holes_outside_window"] = len(outside)
+                    if outside:
+                        rec["verdict"] = oracle.worst([rec["verdict"], "TORN"])
+                        rec["detail"] = (f"the guest watcher read {len(outside)} pages with no stamp "
+                                         f"outside the VMM's unmap window (page {outside[0].get('page')})")
                 self.hw_judge(rec)
                 self.kvm_evidence_end(rec, ev_pfns)
                 if log_at is not None:

@@ -1011,6 +1011,8 @@ class Agent:
 
     def op_serve_ivshmem(self, req):
         b = self.buf(req)
+        if req["buf"] in self.servers:
+            raise AgentError(f"buffer {req['buf']} is already served", errno.EEXIST)
         path = req["socket"]
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.servers[req["buf"]] = IvshmemServer(path, b.fd)
@@ -1018,6 +1020,8 @@ class Agent:
 
     def op_serve_vhost_user(self, req):
         b = self.buf(req)
+        if req["buf"] in self.servers:
+            raise AgentError(f"buffer {req['buf']} is already served", errno.EEXIST)
         path = req["socket"]
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
         self.servers[req["buf"]] = vhost_user.Backend(path, b.fd, b.size, log=log)
@@ -1057,8 +1061,9 @@ class Agent:
     def op_move(self, req):
         """The exporter's move. With "remap", the VMM's strategy around it: SHMEM_UNMAP
         before, SHMEM_MAP of the same fd after (KVM deletes and recreates the memslot). A
-        refused map comes back as "remap_error" with the move's result: a verdict for the
-        controller, the buffer has moved either way."""
+        map that QEMU refused comes back as "remap_error" with the move's result: a verdict
+        for the controller, the buffer has moved either way. A channel that failed (a
+        timeout, QEMU gone) is no verdict: the request fails."""
         b = self.buf(req)
         srv = self.backend(req) if req.get("remap") else None
         t0 = time.monotonic_ns()
@@ -1082,8 +1087,10 @@ class Agent:
             try:
                 # the negative control: a length past the region, which QEMU must refuse
                 srv.map(length=2 * b.size if req.get("inject") == "refused-map" else None)
-            except vhost_user.VhostUserError as e:
+            except vhost_user.Refused as e:
                 out["remap_error"] = str(e)
+            except vhost_user.VhostUserError as e:
+                raise AgentError(f"SHMEM_MAP after the move: {e}", errno.EIO)
             out["remap"] = {"unmap_ms": round((t1 - t0) / 1e6, 3), "move_ms": round((t2 - t1) / 1e6, 3),
                             "map_ms": round((time.monotonic_ns() - t2) / 1e6, 3),
                             "state": srv.state()}

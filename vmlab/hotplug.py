@@ -72,11 +72,12 @@ class HotBuffer:
     def __init__(self, guest, agent, gagent, name: str, *, kind: str = "vmlab", size: int = 1 << 20,
                  caching: str = "WB", alloc: str = "ORDER0", mapping: str = "uc", timeout: float = 60):
         self.guest, self.agent, self.gagent, self.name = guest, agent, gagent, name
-        self.mapping, self.size = mapping, size
+        self.mapping, self.size, self.kind = mapping, size, kind
         self.generation = 1
         self.page_gens = [1] * (size // 4096)
         self.history: list[dict] = []
         self.plugged = False
+        self.stuck = False          # a device_del the guest never completed
         create = {"kind": kind, "size": size}
         if kind == "vmlab":
             create.update(caching=caching, alloc=alloc)
@@ -84,19 +85,25 @@ class HotBuffer:
         self.id = self.buf["id"]
         self.sock = f"{IVSHMEM_DIR}/{guest.opts.name}-{name}.sock"
         self.chardev, self.device = f"{name}-chr", f"{name}-dev"
+        self.chardev_added = False
+        self.bdf = None
         try:
             agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.sock)
             self.port = self._free_port()
             guest.cmd("chardev-add", id=self.chardev,
                       backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": self.sock}},
                                                           "server": False}})
+            self.chardev_added = True
             guest.cmd("device_add", driver="ivshmem-doorbell", id=self.device, chardev=self.chardev,
                       vectors=1, bus=self.port)
             self.plugged = True
             self.bdf = f"0000:{_port_buses(guest)[self.port]:02x}:00.0"
             self._wait_in_guest(timeout)
         except BaseException:
-            self.close()
+            try:
+                self.close()
+            except Exception as e:   # the first error is the one to see
+                log.warning("%s: cleaning up after a failed plug: %s", name, e)
             raise
 
     def _free_port(self) -> str:
@@ -153,12 +160,30 @@ class HotBuffer:
 
     def move(self, mode: str, caching: str | None = None) -> dict:
         """The exporter moves the buffer (MIGRATE, MIGRATE_NO_ZAP, ZAP_ONLY...), then the
-        guest reads it: {"verdict", "pages", "generation", ...}."""
+        guest reads it: {"verdict", "pages", "generation", ...}. A ZAP_ONLY keeps pages
+        and generation, so its verdict also needs the exporter's counters (NOT_ZAPPED
+        when they show no zap and no refault of every page)."""
+        before = self.agent.request("info", buf=self.buf["buf"]) if mode == "ZAP_ONLY" else None
         m = self.agent.request("move", buf=self.buf["buf"], mode=mode, caching=caching or "KEEP")
         if m["generation"] != self.generation:
             self.page_gens = [m["generation"]] * len(self.page_gens)
         self.generation = m["generation"]
         out = dict(self.read(), mode=mode, exporter_note=m.get("what"))
+        if before is not None and out["verdict"] == "REFAULTED":
+            ev = oracle.zap_evidence(before, self.agent.request("info", buf=self.buf["buf"]),
+                                     len(self.page_gens))
+            out["zap_evidence"] = ev
+            if not ev["ok"]:
+                out.update(verdict="NOT_ZAPPED", detail=ev["detail"])
+        if out["verdict"] == "REFAULTED" and self.generation > 1 and self.kind == "vmlab":
+            # every page read at the new generation: the older sets may go (the exporter
+            # answers EBUSY for one a host PTE may still map), so the quarantine stays small
+            try:
+                self.agent.request("release_quarantine", buf=self.buf["buf"],
+                                   max_generation=self.generation - 1)
+            except RemoteError as e:
+                if "busy" not in str(e).lower():
+                    raise
         self.history.append({k: out.get(k) for k in ("mode", "verdict", "pages", "generation")})
         return out
 
@@ -167,19 +192,22 @@ class HotBuffer:
         export. Quarantined pages stay (their owner frees them once the guest is gone)."""
         if self.plugged:
             self.plugged = False
+            self.guest.cmd("device_del", id=self.device)
+            t0 = time.monotonic()
+            while self.device in _qdev_ids(self.guest):
+                if time.monotonic() - t0 > timeout:
+                    # still in the guest: its port, chardev and pages stay taken, and the
+                    # caller must not hand this guest to anyone else
+                    self.stuck = True
+                    raise WaitTimeout(f"{self.name}: the guest did not release {self.device} "
+                                      f"within {timeout:.0f}s of device_del")
+                time.sleep(0.2)
+        if self.chardev_added:
+            self.chardev_added = False
             try:
-                self.guest.cmd("device_del", id=self.device)
-                t0 = time.monotonic()
-                while self.device in _qdev_ids(self.guest):
-                    if time.monotonic() - t0 > timeout:
-                        raise WaitTimeout(f"{self.name}: the guest did not release {self.device} "
-                                          f"within {timeout:.0f}s of device_del")
-                    time.sleep(0.2)
-            finally:
-                try:
-                    self.guest.cmd("chardev-remove", id=self.chardev)
-                except Exception as e:
-                    log.warning("%s: chardev-remove: %s", self.name, e)
+                self.guest.cmd("chardev-remove", id=self.chardev)
+            except Exception as e:
+                log.warning("%s: chardev-remove: %s", self.name, e)
         try:
             self.agent.request("close", buf=self.buf["buf"])
         except Exception as e:

@@ -185,7 +185,9 @@ _MEMSLOT = re.compile(r"kvm_set_user_memory AddrSpace#(\d+) Slot#(\d+) flags=(\w
 def memslot_changes(lines: list[str], gpa: int, size: int) -> dict:
     """QEMU's KVM_SET_USER_MEMORY_REGION calls (its ``kvm_set_user_memory`` trace event)
     that touch guest-physical [gpa, gpa + size): a delete has size 0, a creation the
-    mapping's size. A remap must show at least one of each, in that order, all ret=0."""
+    mapping's size. ``recreated``: in every address space that changed (QEMU keeps the
+    SMM one too), a delete and, as its last word, a creation of the whole region at gpa,
+    with no call failing: the memslot is back, not just once touched."""
     seen = []
     for ln in lines:
         m = _MEMSLOT.search(ln)
@@ -194,10 +196,17 @@ def memslot_changes(lines: list[str], gpa: int, size: int) -> dict:
         start, length = int(m.group(4), 16), int(m.group(5), 16)
         if not gpa <= start < gpa + size:
             continue
-        seen.append({"slot": int(m.group(2)), "gpa": hex(start), "size": length,
+        seen.append({"as": int(m.group(1)), "slot": int(m.group(2)), "gpa": hex(start), "size": length,
                      "ua": "0x" + m.group(6), "ret": int(m.group(7))})
     deleted = [i for i, e in enumerate(seen) if e["size"] == 0]
     created = [i for i, e in enumerate(seen) if e["size"] > 0]
-    ok = bool(deleted) and bool(created) and deleted[0] < created[-1] and all(e["ret"] == 0 for e in seen)
+    spaces = {e["as"] for e in seen}
+    ok = bool(seen) and all(e["ret"] == 0 for e in seen)
+    for a in spaces:
+        mine = [e for e in seen if e["as"] == a]
+        last = mine[-1]
+        ok = ok and any(e["size"] == 0 for e in mine) and last["size"] == size and last["gpa"] == hex(gpa)
+    present = bool(seen) and all(e["ret"] == 0 for e in seen) and all(
+        [e for e in seen if e["as"] == a][-1]["size"] == size for a in spaces)
     return {"deleted": len(deleted), "created": len(created), "failed": sum(1 for e in seen if e["ret"]),
-            "recreated": ok, "calls": seen[:8]}
+            "recreated": ok, "present": present, "calls": seen[:8]}

@@ -318,6 +318,11 @@ class NestedLab:
     def ssh(self) -> ssh.SSHSession:
         return self.session
 
+    def alive(self) -> bool:
+        """Its QEMU runs and its SSH session is up (a lab that can still take commands)."""
+        return (self.machine is not None and self.machine.alive() and self.session is not None
+                and self.session.active())
+
     def run(self, command: str, **kw):
         return self.session.run(command, **kw)
 

@@ -71,9 +71,17 @@ class LabSession:
     def __init__(self, root: Path):
         self.root = root
         self.labs: dict[str, dict] = {}
+        self.failed: dict[str, str] = {}     # kernel -> why its lab did not come up
         self.seq = 0
+        self.boots = 0
 
     def lab(self, kernel: str) -> dict:
+        if kernel in self.failed:
+            # one lab that does not boot is enough: later tests fail at once with its reason
+            pytest.fail(f"the {kernel} lab did not come up earlier in this session: {self.failed[kernel]}",
+                        pytrace=False)
+        if kernel in self.labs and not self.labs[kernel]["stack"].lab.alive():
+            self._close_one(kernel, self.labs.pop(kernel))     # it died: boot another
         if kernel not in self.labs:
             from .cli import parser, progress
             from .config import resolve
@@ -82,8 +90,10 @@ class LabSession:
             from .hotplug import root_port_args
             from .stack import Stack, lab_options
             o = resolve(None, parser().parse_args(["doctor", "--kernel", kernel]))
-            work = self.root / "_labs" / kernel
-            shutil.rmtree(work, ignore_errors=True)
+            # this process's own directory (two sessions, or xdist workers, in one cwd),
+            # a new one per boot: a lab that failed keeps its console log
+            self.boots += 1
+            work = self.root / "_labs" / f"{kernel}-{os.getpid()}-{self.boots}"
             work.mkdir(parents=True)
             stack = Stack(work, progress, lab_options(o),
                           # its own name and port: vmlab_run's guests use the defaults
@@ -92,8 +102,10 @@ class LabSession:
             try:
                 stack.up_lab()
                 agent = HostAgent(stack.lab, work / "hostagent.log")
-            except BaseException:
-                stack.down()       # the next test that asks boots a new one
+            except BaseException as e:
+                stack.down()
+                if isinstance(e, Exception):
+                    self.failed[kernel] = f"{type(e).__name__}: {e} (logs: {work})"
                 raise
             self.labs[kernel] = {"stack": stack, "opts": o, "work": work, "agent": agent,
                                  "gagent": None, "ids": []}
@@ -101,34 +113,57 @@ class LabSession:
 
     def guest(self, kernel: str):
         e = self.lab(kernel)
+        g = e["stack"].guest
+        if g is not None and (e.get("tainted") or not g.alive()):
+            # dead, or holding a device it never gave back: a fresh guest for the next test
+            self._guest_down(e)
         if e["stack"].guest is None:
             from .guest_agent import GuestAgent
             g = e["stack"].up_guest()
             e["gagent"] = GuestAgent(g.session)
         return e["stack"].guest
 
+    def _guest_down(self, e: dict) -> None:
+        if e["gagent"] is not None:
+            e["gagent"].close(wait=2)
+            e["gagent"] = None
+        e["tainted"] = False
+        g = e["stack"].guest
+        if g is None:
+            return
+        e["stack"]._save_dmesg(g, "guest-dmesg.log")
+        gone = g.down()
+        e["stack"].guest = None
+        # its QEMU is gone: no mapping of the buffers' pages is left (else they stay
+        # quarantined until the lab goes)
+        for buf_id in e["ids"] if gone else []:
+            try:
+                e["agent"].request("release_quarantine", id=buf_id, force=True)
+            except Exception:
+                pass
+        e["ids"] = []
+
+    def _close_one(self, kernel: str, e: dict) -> None:
+        try:
+            try:
+                self._guest_down(e)
+            finally:
+                e["agent"].close()
+        finally:
+            e["stack"].down()
+
     def close(self) -> None:
-        """Stop every lab (and its guest); a later fixture boots a new one."""
+        """Stop every lab (and its guest); a later fixture boots a new one. Each lab is
+        stopped whatever the one before did; the first error is raised at the end."""
         labs, self.labs = self.labs, {}
+        first = None
         for kernel, e in labs.items():
             try:
-                if e["gagent"] is not None:
-                    e["gagent"].close(wait=2)
-                gone = True
-                if e["stack"].guest is not None:
-                    e["stack"]._save_dmesg(e["stack"].guest, "guest-dmesg.log")
-                    gone = e["stack"].guest.down()
-                    e["stack"].guest = None
-                if e["agent"] is not None:
-                    # the guest's QEMU is gone: no mapping of the buffers' pages is left
-                    for buf_id in e["ids"] if gone else []:
-                        try:
-                            e["agent"].request("release_quarantine", id=buf_id, force=True)
-                        except Exception:
-                            pass
-                    e["agent"].close()
-            finally:
-                e["stack"].down()
+                self._close_one(kernel, e)
+            except Exception as ex:
+                first = first or ex
+        if first is not None:
+            raise first
 
 
 @pytest.fixture(scope="session")
@@ -194,6 +229,8 @@ def vmlab_buffer(request, vmlab_guest, _vmlab_session, vmlab_results):
             b.close()
         except Exception as ex:
             errors.append(f"{b.name}: {ex}")
+            if b.stuck:
+                e["tainted"] = True      # the next test gets a fresh guest
     (vmlab_results / "buffers.json").write_text(json.dumps(
         [{"name": b.name, "id": hex(b.id), "bdf": getattr(b, "bdf", None), "moves": b.history}
          for b in made], indent=2) + "\n")

@@ -725,6 +725,17 @@ static int cmd_virtio_start(const struct opts *o)
 		unbound = 1;
 	}
 	enable_device(&d);
+	{
+		struct opts bo = *o;
+		struct dev cd;
+
+		bo.device = d.bdf;
+		bo.bar = cap_bar;
+		find_device(&bo, &cd);   /* the common config's BAR: assigned, and big enough */
+		if ((uint64_t)cap_off + 64 > cd.size)
+			die("%s: common configuration at 0x%x is outside BAR%u (%" PRIu64 " bytes)",
+			    d.bdf, cap_off, cap_bar, cd.size);
+	}
 	snprintf(p, sizeof(p), PCI_DIR "/%s/resource%u", d.bdf, cap_bar);
 	fd = open(p, O_RDWR | O_SYNC | O_CLOEXEC);
 	if (fd < 0)
@@ -739,6 +750,16 @@ static int cmd_virtio_start(const struct opts *o)
 	 * 8 driver_feature_select, 12 driver_feature, 20 device_status */
 	before = cc[20];
 	if (!(before & VIRTIO_S_DRIVER_OK)) {
+		int tries;
+
+		/* from a clean state (VIRTIO 1.x 3.1.1): reset, and wait until it reads 0 */
+		cc[20] = 0;
+		for (tries = 0; cc[20] != 0; tries++) {
+			if (tries > 1000)
+				die("%s did not reset (status 0x%x)", d.bdf, cc[20]);
+			usleep(1000);
+		}
+		cc[20] = VIRTIO_S_ACKNOWLEDGE;
 		*(volatile uint32_t *)(cc + 0) = 1;
 		feat_hi = *(volatile uint32_t *)(cc + 4);
 		if (!(feat_hi & 1))

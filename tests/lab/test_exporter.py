@@ -13,7 +13,6 @@ import pytest
 from vmlab import stamp
 from vmlab.exporter import AgentRequestFailed, HostAgent
 
-from .conftest import lab_stack, results_dir
 
 MiB = 1 << 20
 KEEP = 0xFFFFFFFF
@@ -21,14 +20,13 @@ PARAM = "/sys/module/vmlab_exporter/parameters/max_quarantine_mb"
 
 
 @pytest.fixture(scope="module")
-def lab(images_ready):
-    d = results_dir("exporter")
-    s = lab_stack(d)
+def lab(images_ready, _vmlab_session):
+    """The session's trixie lab of vmlab's pytest plugin (its harness), stopped when this
+    module is done: the module's fuzzing and rmmod must not reach another module's tests."""
     try:
-        s.up_lab()
-        yield s.lab
+        yield _vmlab_session.lab("trixie")["stack"].lab
     finally:
-        s.down()
+        _vmlab_session.close()
 
 
 @pytest.fixture

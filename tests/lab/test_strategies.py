@@ -36,7 +36,9 @@ def test_caching_strategy_matrix(images_ready):
         if res["config"]["moves"][0].get("caching") not in (None, "KEEP"):   # flip
             assert res["moves"][0]["exporter_info"]["caching"] == res["config"]["moves"][0]["caching"]
         assert (out / "strategy-cells" / f"{c['entry']}.yaml").exists()
-    assert "not meaningful: TCG lab" in table
+    accels = {json.loads((out / c["results_rel"] / "results.json").read_text())["lab"]["accel"]
+              for c in doc["cells"]}
+    assert ("not meaningful: TCG lab" in table) == ("tcg" in accels)
     assert qemu_pids(str(out)) == []
 
 

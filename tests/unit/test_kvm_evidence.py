@@ -150,3 +150,13 @@ def test_memslot_delete_then_create_is_a_recreation():
 ])
 def test_memslot_without_a_clean_recreation(lines):
     assert ke.memslot_changes(lines, 0xfea00000, 0x100000)["recreated"] is False
+
+
+@pytest.mark.parametrize("lines", [
+    [_slot(0xfea00000, 0), _slot(0xfea00000, 0x100000), _slot(0xfea00000, 0)],   # gone again
+    [_slot(0xfea00000, 0), _slot(0xfea00000, 0x1000)],                           # not the whole region
+    [_slot(0xfea00000, 0), _slot(0xfea00000, 0x100000),                          # the SMM space
+     _slot(0xfea00000, 0, asid=1)],                                              # left deleted
+])
+def test_memslot_must_end_recreated_in_every_address_space(lines):
+    assert ke.memslot_changes(lines, 0xfea00000, 0x100000)["recreated"] is False

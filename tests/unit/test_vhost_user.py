@@ -176,3 +176,37 @@ def test_an_unanswered_map_times_out(qemu):
 def test_region_must_be_a_power_of_two(tmp_path):
     with pytest.raises(ValueError, match="power of two"):
         vu.Backend(str(tmp_path / "x.sock"), 0, 3 * 4096)
+
+
+def test_a_failing_main_socket_closes_the_connection(qemu):
+    """QEMU waits for replies with its big lock held: a back-end that cannot go on must
+    hang up, never leave QEMU waiting."""
+    b, main, _, _ = qemu
+    send(main, vu.GET_FEATURES, b"")
+    reply(main, vu.GET_FEATURES)
+    main.sendall(vu.HDR.pack(vu.GET_FEATURES, vu.VERSION, vu.MAX_PAYLOAD + 1))
+    assert main.recv(1) == b""                      # EOF, not silence
+    for _ in range(100):
+        if b.state()["connected"] is False or b.disconnected:
+            break
+        threading.Event().wait(0.02)
+    assert b.disconnected
+    with pytest.raises(vu.VhostUserError, match="closed the vhost-user connection"):
+        b.wait_started(5)
+
+
+def test_a_restart_does_not_map_what_was_unmapped_meanwhile(qemu):
+    b, main, chan, _ = qemu
+    start(main)
+    t = threading.Thread(target=b.map)
+    t.start()
+    _, _, fds = answer_map(chan)
+    [os.close(f) for f in fds]
+    t.join(5)
+    start(main, on=False)
+    b.unmap()                                       # stopped: nothing to send, not wanted any more
+    start(main)
+    chan.settimeout(0.3)
+    with pytest.raises(socket.timeout):             # no MAP came after the restart
+        chan.recv(1)
+    assert not b.state()["mapped"]
