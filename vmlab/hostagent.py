@@ -360,18 +360,7 @@ class IvshmemServer:
 
     def __init__(self, path, fd):
         self.path, self.fd = path, fd
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        old = os.umask(0o177)
-        try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        self.ino = os.stat(path).st_ino     # close() removes this socket, never a later one
-        self.sock.listen(4)
+        self.sock, self.ino = vhost_user.listen_private(path, 4)
         self.clients = []
         self.next_id = 1
         self.thread = threading.Thread(target=self._serve, daemon=True)
@@ -402,11 +391,7 @@ class IvshmemServer:
         self.sock.close()
         for c in self.clients:
             c.close()
-        try:
-            if os.stat(self.path).st_ino == self.ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        vhost_user.remove_if_ours(self.path, self.ino)
 
 
 def _remove_dead_instances(root):
@@ -1009,23 +994,21 @@ class Agent:
     def op_info(self, req):
         return self.buf(req).info(pfns=bool(req.get("pfns")))
 
-    def op_serve_ivshmem(self, req):
+    def _serve(self, req, make):
+        """Hand buffer "buf" to the guest's QEMU through a server at "socket" (one per buffer)."""
         b = self.buf(req)
         if req["buf"] in self.servers:
             raise AgentError(f"buffer {req['buf']} is already served", errno.EEXIST)
         path = req["socket"]
         os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        self.servers[req["buf"]] = IvshmemServer(path, b.fd)
+        self.servers[req["buf"]] = make(path, b)
         return {"socket": path}
 
+    def op_serve_ivshmem(self, req):
+        return self._serve(req, lambda path, b: IvshmemServer(path, b.fd))
+
     def op_serve_vhost_user(self, req):
-        b = self.buf(req)
-        if req["buf"] in self.servers:
-            raise AgentError(f"buffer {req['buf']} is already served", errno.EEXIST)
-        path = req["socket"]
-        os.makedirs(os.path.dirname(path), mode=0o700, exist_ok=True)
-        self.servers[req["buf"]] = vhost_user.Backend(path, b.fd, b.size, log=log)
-        return {"socket": path}
+        return self._serve(req, lambda path, b: vhost_user.Backend(path, b.fd, b.size, log=log))
 
     def backend(self, req):
         srv = self.servers.get(req["buf"])

@@ -130,18 +130,7 @@ class Backend:
         self.counts = {"maps": 0, "unmaps": 0, "map_failures": 0, "starts": 0, "stops": 0,
                        "remaps_after_restart": 0}
         self.messages = []                   # (monotonic s, request name) as QEMU sent them
-        try:
-            os.unlink(path)
-        except FileNotFoundError:
-            pass
-        old = os.umask(0o177)
-        try:
-            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            self.sock.bind(path)
-        finally:
-            os.umask(old)
-        self.ino = os.stat(path).st_ino
-        self.sock.listen(1)
+        self.sock, self.ino = listen_private(path, 1)
         self.thread = threading.Thread(target=self._serve, daemon=True)
         self.thread.start()
 
@@ -374,11 +363,33 @@ class Backend:
                 _shut(s)
         with self.cond:
             self.cond.notify_all()
-        try:
-            if os.stat(self.path).st_ino == self.ino:
-                os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        remove_if_ours(self.path, self.ino)
+
+
+def listen_private(path, backlog):
+    """(a listening unix socket at ``path``, mode 0600 from its creation, its inode). A
+    stale socket file there is replaced."""
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
+    old = os.umask(0o177)
+    try:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.bind(path)
+    finally:
+        os.umask(old)
+    sock.listen(backlog)
+    return sock, os.stat(path).st_ino
+
+
+def remove_if_ours(path, ino) -> None:
+    """Remove the socket file we made, never a later one another server put there."""
+    try:
+        if os.stat(path).st_ino == ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _shut(s) -> None:
