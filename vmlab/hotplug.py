@@ -39,16 +39,18 @@ def root_port_args(ports: int = PORTS) -> list[str]:
     return out
 
 
-def _port_buses(guest) -> dict[str, int]:
-    """root port id -> the secondary bus number the guest gave it (QEMU's query-pci shows
-    the bridge registers as the guest programmed them)."""
+def _root_ports(guest) -> dict[str, dict]:
+    """Our root ports, in one query-pci: id -> {"secondary": the bus number the guest gave
+    it (QEMU shows the bridge registers as the guest programmed them), "occupied": a device
+    sits behind it (a buffer, or one whose unplug is still pending)}."""
     out = {}
     for bus in guest.cmd("query-pci"):
         for dev in bus.get("devices", []):
             qid = dev.get("qdev_id") or ""
-            br = (dev.get("pci_bridge") or {}).get("bus") or {}
-            if qid.startswith("vmlab-hp") and br.get("secondary"):
-                out[qid] = br["secondary"]
+            bridge = dev.get("pci_bridge") or {}
+            if qid.startswith("vmlab-hp"):
+                out[qid] = {"secondary": (bridge.get("bus") or {}).get("secondary"),
+                            "occupied": any(d.get("qdev_id") for d in bridge.get("devices") or [])}
     return out
 
 
@@ -97,7 +99,7 @@ class HotBuffer:
             guest.cmd("device_add", driver="ivshmem-doorbell", id=self.device, chardev=self.chardev,
                       vectors=1, bus=self.port)
             self.plugged = True
-            self.bdf = f"0000:{_port_buses(guest)[self.port]:02x}:00.0"
+            self.bdf = f"0000:{_root_ports(guest)[self.port]['secondary']:02x}:00.0"
             self._wait_in_guest(timeout)
         except BaseException:
             try:
@@ -107,16 +109,10 @@ class HotBuffer:
             raise
 
     def _free_port(self) -> str:
-        used = _qdev_ids(self.guest)
-        taken = set()
-        for bus in self.guest.cmd("query-pci"):
-            for dev in bus.get("devices", []):
-                for sub in ((dev.get("pci_bridge") or {}).get("devices")) or []:
-                    if sub.get("qdev_id"):
-                        taken.add(dev.get("qdev_id"))
+        ports = _root_ports(self.guest)
         for i in range(PORTS):
             p = PORT_ID.format(i)
-            if p not in taken and p in used:
+            if p in ports and not ports[p]["occupied"]:
                 return p
         raise RemoteError(f"no free hot-plug port in guest {self.guest.opts.name} "
                           f"({PORTS} buffers at most at once)")

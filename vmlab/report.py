@@ -227,22 +227,24 @@ def matrix_html(result: dict, base: Path | None = None) -> str:
         rows.append({"entry": e, "title": c0.get("title") or "",
                      "links": [_link(x) for x in (c0.get("links") or []) if x.strip()], "cells": cells})
     s = result.get("summary") or {}
+    # each cell's results.json, read once for the environment and the strategy table
+    loaded = [(c, _cell_results(c, base)) for c in result["cells"]]
     return _env().get_template("matrix.html.j2").render(
         title="vmlab matrix" + (f": {result['strategy']['title']}" if result.get("strategy") else ""),
-        strategy=_strategy_rows(result, base), kernels=[{"name": k, "release": rel[k]} for k in kernels],
+        strategy=_strategy_rows(result, loaded), kernels=[{"name": k, "release": rel[k]} for k in kernels],
         rows=rows,
         summary=", ".join(f"{k.replace('_', ' ')} {v}" for k, v in s.items()),
         status=result.get("status"), started=result.get("started"),
-        env=_lab_environment(result, kernels, base) + host_environment())
+        env=_lab_environment(result, kernels, loaded) + host_environment())
 
 
-def _lab_environment(result: dict, kernels: list[str], base: Path | None) -> list[tuple[str, str]]:
+def _lab_environment(result: dict, kernels: list[str], loaded: list) -> list[tuple[str, str]]:
     """Per lab kernel, from its first cell that booted: the kernel package, the lab's
     QEMU (the VMM under test) and the accel."""
     out = []
     for k in kernels:
-        for c in (c for c in result["cells"] if c["kernel_suite"] == k):
-            lab = _cell_results(c, base).get("lab") or {}
+        for c, res in loaded:
+            lab = (res.get("lab") or {}) if c["kernel_suite"] == k else {}
             if lab.get("kernel"):
                 out.append((f"lab {k}", f"kernel {lab['kernel']} (package {lab.get('kernel_package', '?')}); "
                                         f"QEMU {lab.get('qemu', '?')}; accel {lab.get('accel', '?')}"))
@@ -261,7 +263,7 @@ def _cell_results(cell: dict, base: Path | None) -> dict:
     return {}
 
 
-def _strategy_rows(result: dict, base: Path | None) -> dict | None:
+def _strategy_rows(result: dict, loaded: list) -> dict | None:
     """A strategy matrix's cells side by side: the axes, what each layer's memtype came out
     as, the mismatches, the verdicts, the move latency and the guest's read bandwidth
     (labelled not meaningful in a TCG lab, which models no caches)."""
@@ -270,8 +272,7 @@ def _strategy_rows(result: dict, base: Path | None) -> dict | None:
         return None
     import statistics
     rows = []
-    for c in result["cells"]:
-        res = _cell_results(c, base)
+    for c, res in loaded:
         chain = res.get("caching_chain") or {}
         moves = res.get("moves") or []
         secs = [m["seconds"] for m in moves if isinstance(m.get("seconds"), (int, float))]

@@ -70,6 +70,16 @@ def answer_map(chan, rc=0):
     return req, payload, fds
 
 
+def map_answered(b, chan) -> None:
+    """b.map() with this test playing QEMU's acknowledging side."""
+    t = threading.Thread(target=b.map)
+    t.start()
+    _, _, fds = answer_map(chan)
+    for f in fds:
+        os.close(f)
+    t.join(5)
+
+
 def test_negotiation(qemu):
     b, main, _, _ = qemu
     send(main, vu.GET_FEATURES, b"")
@@ -143,11 +153,7 @@ def test_map_unmap_and_a_refused_map(qemu):
 def test_a_stop_drops_the_mapping_and_the_next_start_maps_again(qemu):
     b, main, chan, _ = qemu
     start(main)
-    t = threading.Thread(target=b.map)
-    t.start()
-    _, _, fds = answer_map(chan)
-    [os.close(f) for f in fds]
-    t.join(5)
+    map_answered(b, chan)
     start(main, on=False)                      # a reset: QEMU dropped it without a word
     st = b.state()
     assert not st["started"] and not st["mapped"] and st["counts"]["stops"] == 1
@@ -198,11 +204,7 @@ def test_a_failing_main_socket_closes_the_connection(qemu):
 def test_a_restart_does_not_map_what_was_unmapped_meanwhile(qemu):
     b, main, chan, _ = qemu
     start(main)
-    t = threading.Thread(target=b.map)
-    t.start()
-    _, _, fds = answer_map(chan)
-    [os.close(f) for f in fds]
-    t.join(5)
+    map_answered(b, chan)
     start(main, on=False)
     b.unmap()                                       # stopped: nothing to send, not wanted any more
     start(main)
