@@ -48,6 +48,7 @@ def test_zap_only_through_vmlab_run(vmlab_run):
     assert res["moves"][0]["zap_evidence"]["ok"] and res["moves"][2]["zap_evidence"]["ok"] is False
 
 
+@pytest.mark.nightly   # a lab of its own (about 45 s): the core tier must stay under 30 min cold
 def test_a_user_test_file_runs_with_plain_pytest(tmp_path):
     out = results_dir("plugin-user-file")
     r = subprocess.run([sys.executable, "-m", "pytest", "-v", "-p", "no:cacheprovider",
