@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import images, proc, ssh
+from . import images, kvm_probe, proc, ssh
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
 from .qemu import QemuMachine, VMSpec, console_tail, free_port
@@ -26,6 +26,7 @@ log = logging.getLogger("vmlab.lab")
 
 TCG_CPU = "EPYC,+svm,+npt"
 READY = "VMLAB-LAB-READY"
+FIRST_OUTPUT_S = 10   # the accel probe's kernel must print its banner by then
 # The host agent and the stdlib-only modules it imports, shipped through the share.
 HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py",
                                                        "vhost_user.py")]
@@ -96,6 +97,11 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
             return cached["accel"], cached["reason"] + " (cached probe)"
     except (OSError, ValueError, KeyError):
         pass
+    tiny = kvm_probe.probe()
+    if not tiny["ok"]:
+        accel, reason = "tcg", f"/dev/kvm cannot run a 5-byte VM: {tiny['why']} ({tiny['seconds']}s)"
+        write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
+        return accel, reason
     progress("probing /dev/kvm: booting the lab kernel under -accel kvm ...")
     work = runtime_dir("vmlab-probe-")
     spec = VMSpec(name="kvm-probe", kernel=str(lab_image.artifact("vmlinuz")),
@@ -106,6 +112,9 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
     m = QemuMachine(spec, work)
     try:
         m.launch(timeout=20)
+        # A usable KVM has the kernel's banner on the console within a second; one that
+        # hangs the vCPU is known by its silence long before the boot's own deadline.
+        m.wait_console({"Linux version": "banner"}, FIRST_OUTPUT_S, "the probe kernel's first line")
         m.wait_console({"VMLAB-PROBE-OK": "ok"}, timeout, "the probe kernel reaching userspace")
         accel, reason = "kvm", "a stock kernel booted to userspace under /dev/kvm"
     except (BootFailure, QemuRefused, WaitTimeout) as e:
