@@ -127,52 +127,34 @@ def cmd_lab(a) -> int:
     raise UserError(f"unknown lab action {a.action}")
 
 
-def _guest_state(st: Path) -> Path:
-    return st / "guest.json"
-
-
-def _guest_attach(lab):
-    from .guest import Guest, GuestOptions
-    from .paths import read_json
-    gs = _guest_state(lab.workdir)
-    rec = read_json(gs)
-    if rec is None or not isinstance(rec.get("opts"), dict) or not isinstance(rec.get("pid"), int):
-        raise UserError("no guest is up; start one with 'vmlab guest up'" if not gs.exists() else
-                        f"no guest is up: {gs} is corrupt; 'vmlab guest down' removes it")
-    try:
-        g = Guest(lab, GuestOptions(**rec["opts"]), lab.workdir)
-    except TypeError as e:
-        raise UserError(f"no guest is up: {gs} is from another vmlab ({e}); 'vmlab guest down' removes it")
-    g.pid = rec["pid"]
-    return g
-
-
 def _guest_down(lab) -> None:
+    from .reuse import guest_attach, guest_state
     try:
-        g = _guest_attach(lab)
+        g, _ = guest_attach(lab)
     except UserError:
-        _guest_state(lab.workdir).unlink(missing_ok=True)
+        guest_state(lab.workdir).unlink(missing_ok=True)
         return
     g.down()
-    _guest_state(lab.workdir).unlink(missing_ok=True)
+    guest_state(lab.workdir).unlink(missing_ok=True)
 
 
 def cmd_guest(a) -> int:
-    from dataclasses import asdict
     from .guest import Guest, GuestOptions
+    from .hotplug import PORTS, root_port_args
     from .lab import NestedLab
-    from .paths import write_atomic
+    from .reuse import guest_attach, guest_state, record_guest
     st = _state()
     lab = NestedLab.attach(st)
     try:
         if a.action == "up":
             with _guest_lock(st):
-                if _guest_state(lab.workdir).exists():
+                if guest_state(lab.workdir).exists():
                     progress("a guest is already up; 'vmlab guest down' first")
                     return 0
-                g = Guest(lab, GuestOptions(), lab.workdir)
+                # hot-plug ports: `vmlab run` brings its buffer to this guest by hot-plug
+                g = Guest(lab, GuestOptions(extra_qemu_args=root_port_args()), lab.workdir)
                 g.up(progress)
-                write_atomic(_guest_state(lab.workdir), json.dumps({"pid": g.pid, "opts": asdict(g.opts)}))
+                record_guest(lab.workdir, g, PORTS)
             kvm = g.cmd("query-kvm")
             progress(f"guest is up: query-kvm {kvm}")
             g.disconnect()
@@ -183,7 +165,7 @@ def cmd_guest(a) -> int:
             progress("guest is down")
             return 0
         if a.action == "exec":
-            g = _guest_attach(lab)
+            g, _ = guest_attach(lab)
             g.connect(timeout=30, qmp=False)
             try:
                 rc, out, err = g.run(" ".join(a.cmd), timeout=a.timeout, check=False)
@@ -207,11 +189,12 @@ def cmd_doctor(a) -> int:
     st = _state()
     if (st / "state.json").exists():
         from .lab import NestedLab
+        from .reuse import guest_attach, guest_state
         lab = NestedLab.attach(st)
         try:
             rep["lab"] = doctor.lab_facts(lab)
-            if _guest_state(st).exists():
-                g = _guest_attach(lab)
+            if guest_state(st).exists():
+                g, _ = guest_attach(lab)
                 g.connect(timeout=30)
                 try:
                     rep["guest"] = doctor.guest_facts(g)

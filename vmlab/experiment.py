@@ -23,6 +23,7 @@ from .errors import CouldNotTest, NotApplicable, RemoteError, UserError, WaitTim
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
 from .guest_agent import GuestAgent
+from .hotplug import HotPlug
 from .lab import qemu_version
 from .paths import repo_root
 from .ssh import ChannelReader
@@ -66,28 +67,37 @@ def kernel_state(vm) -> dict:
 
 
 # what a result needs to be reproduced on another day: the kernel package (a release
-# string names many builds), its command line and the module parameters it ran with
+# string names many builds), its command line and the module parameters it ran with; and
+# the kernel release and QEMU the run checks against. One exec and one grep for the
+# parameters: under the TCG lab each process costs ~10 ms, and a `cat` per parameter
+# (some 90 of them) took 1.1 s of every run.
 _LAB_FACTS = r"""
+echo "release=$(uname -r)"
+echo "qemu=$(qemu-system-x86_64 --version | head -n1)"
 echo "cmdline=$(cat /proc/cmdline)"
 echo "kernel_package=$(dpkg-query -W -f '${Version}' "linux-image-$(uname -r)" 2>/dev/null || echo -)"
-for m in vmlab_exporter kvm kvm_amd; do
-  for f in /sys/module/$m/parameters/*; do [ -r "$f" ] && echo "param.$m.${f##*/}=$(cat "$f" 2>/dev/null)"; done
-done
+grep -H '' /sys/module/vmlab_exporter/parameters/* /sys/module/kvm/parameters/* \
+  /sys/module/kvm_amd/parameters/* 2>/dev/null
+true
 """
 
 
 def lab_facts(lab) -> dict:
+    """{"release", "qemu", "cmdline", "kernel_package", "module_params": {module: {name: value}}}"""
     _, out, _ = lab.run(_LAB_FACTS, timeout=30, check=False)
     facts: dict = {"module_params": {}}
     for line in out.splitlines():
-        key, sep, value = line.partition("=")
-        if not sep:
+        if line.startswith("/sys/module/"):
+            path, _, value = line.partition(":")
+            parts = path.split("/")   # ['', 'sys', 'module', MOD, 'parameters', NAME]
+            if len(parts) == 6:
+                facts["module_params"].setdefault(parts[3], {})[parts[5]] = value
             continue
-        if key.startswith("param."):
-            mod, _, name = key[len("param."):].partition(".")
-            facts["module_params"].setdefault(mod, {})[name] = value
-        elif key in ("cmdline", "kernel_package"):
+        key, sep, value = line.partition("=")
+        if sep and key in ("release", "qemu", "cmdline", "kernel_package"):
             facts[key] = value
+    if "qemu" in facts:
+        facts["qemu"] = facts["qemu"].replace("QEMU emulator version ", "")
     return facts
 
 
@@ -150,13 +160,49 @@ def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
     os.chmod(d / "reproduce.sh", 0o755)
 
 
+def guest_options(exp: cfgmod.Experiment, o: dict, name: str = "guest",
+                  port: int = GuestOptions.ssh_port) -> tuple[GuestOptions, str]:
+    """The guest this experiment boots, with its buffer's device on the command line, and
+    the buffer's socket in the lab."""
+    if exp.raw.get("transport", "ivshmem") == "virtio-shm":
+        sock = f"{VHOST_USER_DIR}/{name}.sock"
+        device = ["-chardev", f"socket,path={sock},id=vu0",
+                  "-device", f"vhost-user-test-device-pci,chardev=vu0,virtio-id={VIRTIO_SHM_ID},num_vqs=1"]
+    else:
+        sock = f"{IVSHMEM_DIR}/{name}.sock"
+        device = ["-chardev", f"socket,path={sock},id=ivs0",
+                  "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"]
+    return GuestOptions(name=name, ssh_port=port,
+                        memory_mb=o["guest_memory_mb"], gpu=o["guest_gpu"],
+                        boot_timeout=o["guest_boot_timeout"],
+                        align_mappings=o.get("guest_align", "4K"),
+                        # a started vhost-user device hands the back-end the guest's RAM
+                        shared_ram=exp.raw.get("transport") == "virtio-shm",
+                        extra_qemu_args=device), sock
+
+
+def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
+    """Why this experiment's buffer cannot be hot-plugged into a running guest, or None."""
+    if exp.raw.get("transport", "ivshmem") != "ivshmem":
+        return "its buffer travels over a vhost-user device that boots with the guest"
+    if exp.raw.get("gpu_roundtrip"):
+        return "it drives the guest's virtio-gpu"
+    if any(mv.get("inject") == "kill-vmm" for mv in exp.raw.get("moves") or []):
+        return "it kills the guest's QEMU"
+    return None
+
+
 class Run:
     def __init__(self, exp: cfgmod.Experiment, opts: dict, outdir: Path, progress, *,
-                 shared_lab=None):
+                 shared_lab=None, shared_guest=None):
         """``shared_lab``: run in this lab, which is up and stays up (``vmlab matrix``);
-        the run boots and stops only its guest."""
+        the run boots and stops only its guest. ``shared_guest``: run in this guest of
+        that lab (``vmlab guest up``'s, reuse.persistent_guest), which stays up: the
+        buffer is hot-plugged into it and unplugged at the end."""
         self.exp, self.out, self.progress = exp, outdir, progress
         self.shared_lab = shared_lab
+        self.shared_guest = shared_guest
+        self.plug: HotPlug | None = None           # the buffer's device in a shared guest
         self.result: dict = {"experiment": exp.name, "config": exp.raw, "status": "running",
                              "started": datetime.now(timezone.utc).isoformat(), "moves": [],
                              "passed": False}
@@ -221,15 +267,14 @@ class Run:
 
     def check_vmm(self) -> None:
         g = self.stack.guest
-        alive = g.alive()
-        status = None
-        if alive:
-            try:
-                status = g.cmd("query-status").get("status")
-            except Exception as e:  # a wedged QMP is itself a VMM problem...
-                status = f"qmp-error: {e}"
-                time.sleep(1.0)      # ...unless QEMU is just dying: then say that
-                alive = g.alive()
+        # a QEMU that answers QMP is alive: the process check (an exec in the lab) is
+        # only needed when it does not
+        try:
+            status, alive = g.cmd("query-status").get("status"), True
+        except Exception as e:  # a wedged QMP is itself a VMM problem...
+            status = f"qmp-error: {e}"
+            time.sleep(1.0)      # ...unless QEMU is just dying: then say that
+            alive = g.alive()
         if not alive or status in ("internal-error", "shutdown", "guest-panicked") or \
                 (status and status.startswith("qmp-error")):
             _, qlog, _ = self.stack.lab.run(
@@ -255,25 +300,16 @@ class Run:
         exp_cfg = self.exp.section("exporter")
         o = self.opts
         size = self.exp.size
-        name, port = "guest", GuestOptions.ssh_port
-        if self.shared_lab is not None and self.shared_lab.reused_from:
-            # a lab other commands may share: a guest name, port and socket of our own
-            name, port = reuse.guest_identity(self.shared_lab)
-        if self.transport == "virtio-shm":
-            self.buffer_sock = f"{VHOST_USER_DIR}/{name}.sock"
-            device = ["-chardev", f"socket,path={self.buffer_sock},id=vu0",
-                      "-device", f"vhost-user-test-device-pci,chardev=vu0,virtio-id={VIRTIO_SHM_ID},num_vqs=1"]
+        if self.shared_guest is not None:
+            # a guest other runs use after us: a socket of this run's own, a device by hot-plug
+            gopts = self.shared_guest.opts
+            self.buffer_sock = f"{IVSHMEM_DIR}/{gopts.name}-run{os.getpid()}.sock"
         else:
-            self.buffer_sock = f"{IVSHMEM_DIR}/{name}.sock"
-            device = ["-chardev", f"socket,path={self.buffer_sock},id=ivs0",
-                      "-device", "ivshmem-doorbell,chardev=ivs0,vectors=1"]
-        gopts = GuestOptions(name=name, ssh_port=port,
-                             memory_mb=o["guest_memory_mb"], gpu=o["guest_gpu"],
-                             boot_timeout=o["guest_boot_timeout"],
-                             align_mappings=o.get("guest_align", "4K"),
-                             # a started vhost-user device hands the back-end the guest's RAM
-                             shared_ram=self.transport == "virtio-shm",
-                             extra_qemu_args=device)
+            name, port = "guest", GuestOptions.ssh_port
+            if self.shared_lab is not None and self.shared_lab.reused_from:
+                # a lab other commands may share: a guest name, port and socket of our own
+                name, port = reuse.guest_identity(self.shared_lab)
+            gopts, self.buffer_sock = guest_options(self.exp, o, name, port)
         plugin = None
         if "hw" in o.get("oracle", ()):
             plugin = str(hwtrace.plugin_path(self.progress))
@@ -285,7 +321,7 @@ class Run:
         self.stack = Stack(self.out, self.progress, lab_options(o, hwtrace_plugin=plugin), gopts,
                            guest_kernel=o["guest_kernel"], build=not o["no_build"],
                            lab_boot_attempts=o.get("lab_boot_attempts", LAB_BOOT_ATTEMPTS),
-                           shared_lab=self.shared_lab)
+                           shared_lab=self.shared_lab, shared_guest=self.shared_guest)
         try:
             if self.transport == "virtio-shm" and self.shared_lab is None:
                 # refused before anything boots: the lab image says which QEMU it carries
@@ -295,16 +331,16 @@ class Run:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
                 self.result["hw_oracle"]["plugin_hello"] = self.hw.connect()
                 self.progress("hardware oracle: the TCG plugin in the lab's QEMU answers")
-            release = lab.kernel_release()
+            facts = lab_facts(lab)
+            release = facts.pop("release", None) or lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,
                                   "reused_from": lab.reused_from}
             # which VMMs: the lab's QEMU (runs the guest under KVM) and the one running the lab
-            _, lab_qemu, _ = lab.run("qemu-system-x86_64 --version", timeout=30)
-            self.result["lab"]["qemu"] = lab_qemu.splitlines()[0].replace("QEMU emulator version ", "")
+            self.result["lab"]["qemu"] = facts.pop("qemu", None)
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             self.result["lab"]["outer_qemu"] = qemu_version()
-            self.result["lab"].update(lab_facts(lab))
+            self.result["lab"].update(facts)
             if self.transport == "virtio-shm" and self.shared_lab is not None:
                 self.require_shm_qemu(self.result["lab"]["qemu"], "the running lab's QEMU",
                                       matrix=not self.shared_lab.reused_from)
@@ -351,6 +387,14 @@ class Run:
                                     "kernel": guest.run("uname -r", timeout=30)[1].strip(),
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
+            if self.shared_guest is not None:
+                t0 = time.monotonic()
+                self.plug = HotPlug(guest, self.buffer_sock, f"run{os.getpid()}")
+                self.dev_args = f" --device {self.plug.bdf}"
+                self.result["guest"].update(reused_from=str(reuse.guest_state(reuse.lab_dir())),
+                                            hotplug={"port": self.plug.port, "bdf": self.plug.bdf,
+                                                     "seconds": round(time.monotonic() - t0, 3)})
+                self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")
             self.health_start["guest"] = kernel_state(guest)
             self.check_guest_can_store()
             if exp_cfg["kind"] == "vmlab":
@@ -549,8 +593,7 @@ class Run:
                 chain["lab_host_pte"] = self.agent.request("host_pte", buf=self.buf["buf"])
             except AgentRequestFailed as e:
                 chain["lab_host_pte"] = {"error": str(e)}
-        lab = self.stack.lab
-        _, npt, _ = lab.run("cat /sys/module/kvm_amd/parameters/npt 2>/dev/null || echo -", timeout=20, check=False)
+        npt = self.result["lab"].get("module_params", {}).get("kvm_amd", {}).get("npt", "-")
         chain["kvm"] = {"mmu": "NPT" if npt.strip() == "Y" else "EPT/other",
                         "memtype": "none: NPT leaves the guest PAT in charge (no IPAT on AMD)"
                         if npt.strip() == "Y" else "see EPT memtype/IPAT"}
@@ -926,7 +969,10 @@ class Run:
             return
         guest_gone = True
         try:
-            if self.stack.guest is not None:
+            if self.stack.guest is not None and self.stack.guest is self.shared_guest:
+                guest_gone = self.unplug()
+                self.stack.guest = None
+            elif self.stack.guest is not None:
                 guest_gone = self.stack.guest.down()
                 self.stack.guest = None
         finally:
@@ -940,6 +986,18 @@ class Run:
                 self.stack.down()
 
 
+    def unplug(self) -> bool:
+        """The buffer's device out of the shared guest; True once QEMU has finalized it
+        (no BAR, memslot or mapping of the buffer left in that VM)."""
+        if self.plug is None:
+            return True
+        try:
+            self.plug.close()
+        except Exception as e:
+            log.warning("unplugging the buffer: %s", e)
+            self.result.setdefault("guest", {})["unplug_error"] = str(e)
+        return not (self.plug.plugged or self.plug.stuck)
+
     def release_buffer(self, guest_gone: bool) -> None:
         """Close the buffer; once the guest's QEMU is gone (its VM, and with it every KVM
         mapping of the buffer, destroyed) release the quarantine the exporter keeps for
@@ -950,12 +1008,31 @@ class Run:
         try:
             bid = self.agent.request("close", buf=self.buf["buf"])["id"]
             if guest_gone and bid:
-                self.result["released_at_end"] = self.agent.request("release_quarantine", id=bid)["freed_pages"]
+                self.result["released_at_end"] = self._release_quarantine(bid)
             else:
                 self.result["released_at_end"] = None
                 log.warning("guest QEMU not confirmed gone: buffer %s stays quarantined", bid)
         except Exception as e:
             log.warning("closing the buffer: %s", e)
+
+
+    def _release_quarantine(self, bid: int) -> int | None:
+        """Free a closed buffer's quarantine. After an unplug the guest's QEMU drops its
+        mapping a moment later (an RCU callback): the exporter answers EBUSY while a host
+        PTE may still map a page, so ask again for a few seconds, then leave the pages
+        quarantined (they go with the lab) rather than force anything."""
+        deadline = time.monotonic() + (5 if self.plug is not None else 0)
+        while True:
+            try:
+                return self.agent.request("release_quarantine", id=bid)["freed_pages"]
+            except AgentRequestFailed as e:
+                if e.errname != "EBUSY" or time.monotonic() >= deadline:
+                    if e.errname == "EBUSY":
+                        log.warning("buffer %s: still mapped 5 s after the unplug; it stays "
+                                    "quarantined until the lab goes", bid)
+                        return None
+                    raise
+                time.sleep(0.2)
 
 
 class Watch:
@@ -1096,9 +1173,11 @@ def main(args, progress) -> int:
             if keep and lab is None:
                 raise UserError("--keep: the run cannot use the lab that is up (said above); "
                                 "'vmlab lab down' first, or run without --keep")
-            r = Run(exp, opts, out, progress, shared_lab=lab)
-            r.save()
-            rc = r.run()
+            with reuse.persistent_guest(lab, guest_options(exp, opts)[0], hotplug_blocker(exp, opts),
+                                        progress, out) as guest:
+                r = Run(exp, opts, out, progress, shared_lab=lab, shared_guest=guest)
+                r.save()
+                rc = r.run()
     except BaseException as e:
         interrupted = not isinstance(e, Exception)   # Ctrl-C, SIGTERM
         raise

@@ -54,6 +54,12 @@ def _root_ports(guest) -> dict[str, dict]:
     return out
 
 
+def free_ports(guest) -> list[str]:
+    """Our root ports with nothing behind them."""
+    ports = _root_ports(guest)
+    return [p for p in (PORT_ID.format(i) for i in range(PORTS)) if p in ports and not ports[p]["occupied"]]
+
+
 def _qdev_ids(guest) -> set[str]:
     ids = set()
 
@@ -67,33 +73,21 @@ def _qdev_ids(guest) -> set[str]:
     return ids
 
 
-class HotBuffer:
-    """One exported buffer, hot-plugged into ``guest``; ``move`` and ``read`` judge what
-    the guest reads with the oracle, page by page."""
+class HotPlug:
+    """One ivshmem-doorbell device hot-plugged into a free root port of ``guest``, its
+    chardev connected to an ivshmem server socket that is already serving (the host
+    agent's ``serve_ivshmem``); ``bdf`` is where the guest found it. ``close()`` unplugs
+    it and waits until QEMU has let it go; ``stuck`` says the guest never did."""
 
-    def __init__(self, guest, agent, gagent, name: str, *, kind: str = "vmlab", size: int = 1 << 20,
-                 caching: str = "WB", alloc: str = "ORDER0", mapping: str = "uc", timeout: float = 60):
-        self.guest, self.agent, self.gagent, self.name = guest, agent, gagent, name
-        self.mapping, self.size, self.kind = mapping, size, kind
-        self.generation = 1
-        self.page_gens = [1] * (size // 4096)
-        self.history: list[dict] = []
-        self.plugged = False
-        self.stuck = False          # a device_del the guest never completed
-        create = {"kind": kind, "size": size}
-        if kind == "vmlab":
-            create.update(caching=caching, alloc=alloc)
-        self.buf = agent.request("create", **create)
-        self.id = self.buf["id"]
-        self.sock = f"{IVSHMEM_DIR}/{guest.opts.name}-{name}.sock"
+    def __init__(self, guest, sock: str, name: str, *, timeout: float = 60):
+        self.guest, self.sock, self.name = guest, sock, name
         self.chardev, self.device = f"{name}-chr", f"{name}-dev"
-        self.chardev_added = False
-        self.bdf = None
+        self.chardev_added = self.plugged = self.stuck = False
+        self.bdf: str | None = None
         try:
-            agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.sock)
             self.port = self._free_port()
             guest.cmd("chardev-add", id=self.chardev,
-                      backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": self.sock}},
+                      backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": sock}},
                                                           "server": False}})
             self.chardev_added = True
             guest.cmd("device_add", driver="ivshmem-doorbell", id=self.device, chardev=self.chardev,
@@ -109,11 +103,8 @@ class HotBuffer:
             raise
 
     def _free_port(self) -> str:
-        ports = _root_ports(self.guest)
-        for i in range(PORTS):
-            p = PORT_ID.format(i)
-            if p in ports and not ports[p]["occupied"]:
-                return p
+        for p in free_ports(self.guest):
+            return p
         raise RemoteError(f"no free hot-plug port in guest {self.guest.opts.name} "
                           f"({PORTS} buffers at most at once)")
 
@@ -135,6 +126,65 @@ class HotBuffer:
                 self.guest.run("echo 1 > /sys/bus/pci/rescan", timeout=30, check=False)
                 rescanned = True
             time.sleep(0.2)
+
+    def close(self, timeout: float = 60) -> None:
+        """device_del and wait until QEMU has finalized the device (its BAR, memslot and
+        mapping of the buffer gone); then the chardev."""
+        if self.plugged:
+            self.plugged = False
+            self.guest.cmd("device_del", id=self.device)
+            t0 = time.monotonic()
+            while self.device in _qdev_ids(self.guest):
+                if time.monotonic() - t0 > timeout:
+                    # still in the guest: its port, chardev and pages stay taken, and the
+                    # caller must not hand this guest to anyone else
+                    self.stuck = True
+                    raise WaitTimeout(f"{self.name}: the guest did not release {self.device} "
+                                      f"within {timeout:.0f}s of device_del")
+                time.sleep(0.2)
+        if self.chardev_added:
+            self.chardev_added = False
+            try:
+                self.guest.cmd("chardev-remove", id=self.chardev)
+            except Exception as e:
+                log.warning("%s: chardev-remove: %s", self.name, e)
+
+
+class HotBuffer:
+    """One exported buffer, hot-plugged into ``guest``; ``move`` and ``read`` judge what
+    the guest reads with the oracle, page by page."""
+
+    def __init__(self, guest, agent, gagent, name: str, *, kind: str = "vmlab", size: int = 1 << 20,
+                 caching: str = "WB", alloc: str = "ORDER0", mapping: str = "uc", timeout: float = 60):
+        self.guest, self.agent, self.gagent, self.name = guest, agent, gagent, name
+        self.mapping, self.size, self.kind = mapping, size, kind
+        self.generation = 1
+        self.page_gens = [1] * (size // 4096)
+        self.history: list[dict] = []
+        self.plug: HotPlug | None = None
+        create = {"kind": kind, "size": size}
+        if kind == "vmlab":
+            create.update(caching=caching, alloc=alloc)
+        self.buf = agent.request("create", **create)
+        self.id = self.buf["id"]
+        self.sock = f"{IVSHMEM_DIR}/{guest.opts.name}-{name}.sock"
+        try:
+            agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.sock)
+            self.plug = HotPlug(guest, self.sock, name, timeout=timeout)
+        except BaseException:
+            try:
+                self._close_export()
+            except Exception as e:   # the first error is the one to see
+                log.warning("%s: cleaning up after a failed plug: %s", name, e)
+            raise
+
+    @property
+    def bdf(self) -> str | None:
+        return self.plug.bdf if self.plug else None
+
+    @property
+    def stuck(self) -> bool:
+        return bool(self.plug and self.plug.stuck)
 
     def _agent(self, cmd: str, timeout: float = 300) -> dict:
         rc, out, err = self.gagent.run(f"{cmd} --device {self.bdf} --caching {self.mapping}", timeout)
@@ -184,26 +234,13 @@ class HotBuffer:
         return out
 
     def close(self, timeout: float = 60) -> None:
-        """device_del and wait until QEMU has let the device go; then the chardev and the
-        export. Quarantined pages stay (their owner frees them once the guest is gone)."""
-        if self.plugged:
-            self.plugged = False
-            self.guest.cmd("device_del", id=self.device)
-            t0 = time.monotonic()
-            while self.device in _qdev_ids(self.guest):
-                if time.monotonic() - t0 > timeout:
-                    # still in the guest: its port, chardev and pages stay taken, and the
-                    # caller must not hand this guest to anyone else
-                    self.stuck = True
-                    raise WaitTimeout(f"{self.name}: the guest did not release {self.device} "
-                                      f"within {timeout:.0f}s of device_del")
-                time.sleep(0.2)
-        if self.chardev_added:
-            self.chardev_added = False
-            try:
-                self.guest.cmd("chardev-remove", id=self.chardev)
-            except Exception as e:
-                log.warning("%s: chardev-remove: %s", self.name, e)
+        """Unplug, then close the export. Quarantined pages stay (their owner frees them
+        once the guest is gone)."""
+        if self.plug is not None:
+            self.plug.close(timeout)
+        self._close_export()
+
+    def _close_export(self) -> None:
         try:
             self.agent.request("close", buf=self.buf["buf"])
         except Exception as e:

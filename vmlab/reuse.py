@@ -1,4 +1,5 @@
-"""Running an experiment in the lab that ``vmlab lab up`` left running, instead of booting one.
+"""Running an experiment in the lab that ``vmlab lab up`` left running (and in the guest
+that ``vmlab guest up`` left running in it), instead of booting them.
 
 A lab is reused only when everything that shaped it matches what the command would boot:
 kernel, QEMU, accelerator, lab memory, extra QEMU arguments, plugin, and the very lab and
@@ -7,17 +8,28 @@ the command's own and says which difference kept it from reusing; ``--fresh`` al
 does. While a command uses the lab it holds a shared lock on it, so ``vmlab lab down``
 waits for it, and its guest gets a name, port, socket and directory of its own, so
 commands that share the lab do not meet each other (nor the guest of ``vmlab guest up``).
+
+The guest of ``vmlab guest up`` is booted with hot-plug root ports and no buffer. A run
+whose guest would be booted the same way (memory, vCPUs, machine, GPU, mappings...) and
+whose buffer can arrive by hot-plug (ivshmem; no virtio-gpu round trip, no injected VMM
+kill) takes that guest under an exclusive lock for its duration, hot-plugs its buffer
+(vmlab/hotplug.py) and unplugs it at the end; the guest stays up. A guest that is busy
+(another run holds it), dead, or has no free port is said in one line, and the run boots
+a guest of its own.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+from dataclasses import asdict, fields
 
 from . import images
 from .config import qemu_suite_of
-from .errors import WaitTimeout
+from .errors import UserError, WaitTimeout
+from .guest import Guest, GuestOptions
 from .lab import NestedLab, agent_digest, file_identity
-from .paths import locked, state_dir
+from .paths import locked, read_json, state_dir, write_atomic
 
 # what must be equal, in the order a mismatch is reported
 _KEYS = ("kernel", "qemu", "kernel_image", "memory_mb", "extra_qemu_args", "hwtrace_plugin",
@@ -159,3 +171,110 @@ def guest_identity(lab) -> tuple[str, int]:
     rc, out, _ = lab.run("python3 -c 'import socket; s=socket.socket(); "
                          "s.bind((\"127.0.0.1\", 0)); print(s.getsockname()[1])'", timeout=30)
     return f"run{os.getpid()}", int(out.strip())
+
+
+# --- the guest of `vmlab guest up` -------------------------------------------------------
+# what a guest's boot fixed and an experiment may ask for differently (name, port, boot
+# timeout and the devices on its command line are the guest's own)
+GUEST_SHAPE = ("memory_mb", "smp", "machine", "append", "gpu", "hostmem_mb", "align_mappings",
+               "shared_ram")
+
+
+def guest_state(st) -> "os.PathLike":
+    return st / "guest.json"
+
+
+def record_guest(st, guest: Guest, hotplug_ports: int) -> None:
+    write_atomic(guest_state(st), json.dumps({"pid": guest.pid, "opts": asdict(guest.opts),
+                                              "hotplug_ports": hotplug_ports}))
+
+
+def guest_attach(lab, workdir=None) -> tuple[Guest, dict]:
+    """The recorded guest of the lab, not yet connected, and its record; UserError (exit 2)
+    when none is recorded or the record is not this vmlab's."""
+    gs = guest_state(lab.workdir)
+    rec = read_json(gs)
+    if rec is None or not isinstance(rec.get("opts"), dict) or not isinstance(rec.get("pid"), int):
+        raise UserError("no guest is up; start one with 'vmlab guest up'" if not gs.exists() else
+                        f"no guest is up: {gs} is corrupt; 'vmlab guest down' removes it")
+    known = {f.name for f in fields(GuestOptions)}
+    if set(rec["opts"]) - known:
+        raise UserError(f"no guest is up: {gs} is from another vmlab (options "
+                        f"{sorted(set(rec['opts']) - known)}); 'vmlab guest down' removes it")
+    g = Guest(lab, GuestOptions(**rec["opts"]), workdir or lab.workdir)
+    g.pid = rec["pid"]
+    return g, rec
+
+
+def guest_mismatch(have: dict, want: GuestOptions) -> str | None:
+    """None when a guest booted with options ``have`` serves a run that would boot one
+    with ``want``, else the first difference in words."""
+    w = asdict(want)
+    for k in GUEST_SHAPE:
+        if have.get(k) != w[k]:
+            return f"its {k} is {have.get(k)!r}, this run wants {w[k]!r}"
+    return None
+
+
+@contextlib.contextmanager
+def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, workdir, *,
+                     lock_wait: float = 2):
+    """The guest of ``vmlab guest up`` in ``lab`` (a reused persistent lab), connected and
+    exclusively locked for the duration, when the run may use it (else None, after one
+    line saying why, when such a guest is up at all). ``blocker``: why this experiment's
+    buffer cannot arrive by hot-plug, or None. The guest is disconnected, never stopped."""
+    st = lab_dir()
+    if lab is None or not lab.reused_from or not guest_state(st).exists():
+        yield None
+        return
+    if blocker is None:   # a guest that cannot serve this run is said as such, busy or not
+        try:
+            blocker = guest_mismatch(guest_attach(lab)[1]["opts"], want)
+        except UserError:
+            pass             # said after the lock, with the rest
+    if blocker:
+        progress(f"not using the running guest: {blocker}; booting one of this run's own")
+        yield None
+        return
+    try:
+        lock = locked(st / "guest.lock", "the persistent guest", timeout=lock_wait)
+        lock.__enter__()
+    except WaitTimeout:
+        progress("the running guest is in use by another command; booting one of this run's own")
+        yield None
+        return
+    g = None
+    try:
+        why = None
+        try:
+            g, rec = guest_attach(lab, workdir)
+        except UserError as e:
+            why = str(e)
+        if why is None:
+            why = guest_mismatch(rec["opts"], want)
+        if why is None and not rec.get("hotplug_ports"):
+            why = "it was booted without hot-plug ports (by an older vmlab)"
+        if why is None and not g.alive():
+            why = f"its QEMU (lab pid {g.pid}) is gone; 'vmlab guest down' clears it"
+        if why is None:
+            try:
+                g.connect(timeout=30)
+            except Exception as e:
+                why = f"could not connect to it ({e})"
+        if why is None:
+            from .hotplug import free_ports
+            if not free_ports(g):
+                why = "every hot-plug port holds a device (a buffer it never gave back)"
+        if why:
+            progress(f"not using the running guest: {why}; booting one of this run's own")
+            yield None
+            return
+        progress(f"running in the guest that 'vmlab guest up' started (lab pid {g.pid}); its "
+                 f"buffer arrives by hot-plug")
+        yield g
+    finally:
+        try:
+            if g is not None:
+                g.disconnect()
+        finally:
+            lock.__exit__(None, None, None)

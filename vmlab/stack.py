@@ -46,10 +46,11 @@ class Stack:
     def __init__(self, workdir: Path, progress, lab_opts: LabOptions,
                  guest_opts: GuestOptions | None = None, *, guest_kernel: str | None = None,
                  build: bool = True, lab_boot_attempts: int = LAB_BOOT_ATTEMPTS,
-                 shared_lab: NestedLab | None = None):
+                 shared_lab: NestedLab | None = None, shared_guest: Guest | None = None):
         """``shared_lab``: a lab that is already up and belongs to the caller (``vmlab
         matrix`` runs many experiments in one lab): up_lab() returns it and down() leaves
-        it running; only the guest is this stack's."""
+        it running; only the guest is this stack's. ``shared_guest``: a guest of that
+        lab, up and the caller's too: up_guest() returns it and down() leaves it."""
         self.workdir = Path(workdir)
         self.progress = progress
         self.lab_opts = lab_opts
@@ -57,6 +58,7 @@ class Stack:
         self.guest_kernel = guest_kernel
         self.build = build
         self.shared_lab = shared_lab
+        self.shared_guest = shared_guest
         self.lab: NestedLab | None = shared_lab
         self.guest: Guest | None = None
         self.lab_image = self.guest_image = None
@@ -114,6 +116,9 @@ class Stack:
         return kept
 
     def up_guest(self) -> Guest:
+        if self.shared_guest is not None:
+            self.guest = self.shared_guest
+            return self.guest
         self.guest = Guest(self.lab, self.guest_opts, self.workdir)
         self.guest.up(self.progress)
         return self.guest
@@ -136,7 +141,8 @@ class Stack:
         try:
             if self.guest is not None:
                 self._save_dmesg(self.guest, f"{self.guest.opts.name}-dmesg.log")
-                self.guest.down()
+                if self.guest is not self.shared_guest:
+                    self.guest.down()
                 self.guest = None
         finally:
             if self.lab is not None:

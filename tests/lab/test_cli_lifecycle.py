@@ -3,6 +3,7 @@ lab up/status/exec, guest up/exec, doctor --json on the running pair, two `vmlab
 once reusing that lab (issue speed: reuse), guest down, lab down."""
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import signal
@@ -45,14 +46,18 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
         rep = json.loads(r.stdout)
         assert rep["guest"]["accel"] == "kvm" and rep["lab"]["nested_paging"] is True
 
-        # two experiments at once in the running lab: each boots only a guest of its own
-        # (its own name, port and socket) beside the persistent guest, which they leave be
+        # two experiments at once in the running lab, whose guest would differ from the
+        # persistent one (memory): each boots only a guest of its own (its own name, port
+        # and socket) beside the persistent guest, which they leave be
         lab_pid = json.loads((tmp_path / "lab" / "state.json").read_text())["pid"]
+        guest_pid = json.loads((tmp_path / "lab" / "guest.json").read_text())["pid"]
         outs = [tmp_path / f"reuse{i}" for i in (1, 2)]
         names, spans = set(), []
-        for rc, out, err in vmlab_at_once([["run", "--out", str(o)] for o in outs], env=env):
+        for rc, out, err in vmlab_at_once([["run", "--guest-memory", "384", "--out", str(o)]
+                                           for o in outs], env=env):
             assert rc == 0, err[-3000:]
             assert "running in the lab that 'vmlab lab up' started" in err, err[-2000:]
+            assert "not using the running guest: its memory_mb is 512, this run wants 384" in err, err[-2000:]
         for o in outs:
             res = json.loads((o / "results.json").read_text())
             assert res["lab"]["reused_from"] == str(tmp_path / "lab")
@@ -65,6 +70,36 @@ def test_persistent_lab_and_guest(images_ready, tmp_path):
         assert qemu_pids(str(tmp_path)) == [lab_pid], "no lab of their own, the lab still up"
         r = vmlab_cmd("guest", "exec", "--", "uname", "-n", env=env, timeout=120)
         assert r.returncode == 0 and r.stdout.strip() == "vmlab-guest", r.stderr
+
+        # issue speed: experiments whose guest matches run in the persistent guest, their
+        # buffer hot-plugged and unplugged, twice in a row in one guest QEMU; the verdicts
+        # are those of a run with a guest (and lab) of its own (test_default_experiment)
+        bdfs = []
+        for i in (3, 4):
+            o = tmp_path / f"reuse{i}"
+            r = vmlab_cmd("run", "--out", str(o), env=env, timeout=600)
+            assert r.returncode == 0, r.stderr[-3000:]
+            assert "running in the guest that 'vmlab guest up' started" in r.stderr, r.stderr[-2000:]
+            res = json.loads((o / "results.json").read_text())
+            assert res["guest"]["reused_from"] == str(tmp_path / "lab" / "guest.json")
+            assert res["guest"]["name"] == "guest" and res["guest"]["boot_seconds"] is None
+            assert res["baseline"]["verdict"] == "REFAULTED"
+            assert [m["verdict"] for m in res["moves"]] == ["REFAULTED"] * 3 + ["STALE"]
+            # unplugged: QEMU let the device go, so the quarantine could be freed
+            assert res["released_at_end"] and res["released_at_end"] > 0, res.get("released_at_end")
+            bdfs.append(res["guest"]["hotplug"]["bdf"])
+            r = vmlab_cmd("guest", "exec", "--", "test", "-e", f"/sys/bus/pci/devices/{bdfs[-1]}",
+                          env=env, timeout=120)
+            assert r.returncode == 1, f"{bdfs[-1]} still in the guest after the run"
+        assert json.loads((tmp_path / "lab" / "guest.json").read_text())["pid"] == guest_pid
+        # while another command holds the persistent guest (here: this test holds its
+        # lock, as a run in it does), a run does not wait for it: it boots a guest of its own
+        with open(tmp_path / "lab" / "guest.lock", "a") as lk:
+            fcntl.flock(lk, fcntl.LOCK_EX)
+            r = vmlab_cmd("run", "--out", str(tmp_path / "busy"), env=env, timeout=600)
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "the running guest is in use by another command" in r.stderr, r.stderr[-2000:]
+        assert json.loads((tmp_path / "busy" / "results.json").read_text())["guest"]["name"] != "guest"
 
         r = vmlab_cmd("guest", "down", env=env, timeout=300)
         assert r.returncode == 0, r.stderr

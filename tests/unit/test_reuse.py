@@ -46,3 +46,32 @@ def test_the_recorded_shape_is_the_wanted_one(tmp_path, monkeypatch):
         assert have[k] == want[k], k
     # the agent the lab was given is part of it: an edited host agent is another lab
     assert len(want["agent"]) == 16
+
+
+# --- the guest of `vmlab guest up` -------------------------------------------------------
+def test_guest_shape_compares_what_a_boot_fixes_not_the_guests_own_names():
+    from dataclasses import asdict
+    from vmlab.guest import GuestOptions
+    have = asdict(GuestOptions(extra_qemu_args=["-device", "pcie-root-port,id=vmlab-hp0"]))
+    # name, port, boot timeout and devices are the guest's own
+    assert reuse.guest_mismatch(have, GuestOptions(name="run1", ssh_port=2300, boot_timeout=9,
+                                                   extra_qemu_args=["-device", "ivshmem"])) is None
+    assert "memory_mb is 512, this run wants 384" in reuse.guest_mismatch(have, GuestOptions(memory_mb=384))
+    assert "gpu" in reuse.guest_mismatch(have, GuestOptions(gpu="blob"))
+    assert "align_mappings" in reuse.guest_mismatch(have, GuestOptions(align_mappings="2M"))
+    assert "shared_ram" in reuse.guest_mismatch(have, GuestOptions(shared_ram=True))
+
+
+def test_which_experiments_can_take_their_buffer_by_hot_plug(tmp_path):
+    from vmlab import config as cfgmod
+    from vmlab.experiment import hotplug_blocker
+
+    def exp(body):
+        p = tmp_path / "e.yaml"
+        p.write_text("version: 1\nname: e\nexporter: {kind: vmlab, size: 1M}\n" + body)
+        return cfgmod.load(p)
+    plain = "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n"
+    assert hotplug_blocker(exp(plain), {}) is None
+    assert "vhost-user" in hotplug_blocker(exp("transport: virtio-shm\n" + plain), {})
+    kill = "moves:\n  - {mode: MIGRATE, inject: kill-vmm, expect: VMM_FAULT}\n"
+    assert "kills the guest's QEMU" in hotplug_blocker(exp(kill), {})
