@@ -354,27 +354,36 @@ def bench_reuse(args, progress, repeat: int) -> dict:
 
 
 def bench_matrix(args, progress, entries=("calibration", "dmaheap-order0", "pfnmap-compound")) -> dict:
-    """The matrix's cost per cell: one lab boot per kernel, then a guest boot and the
-    experiment per cell (--kernel picks the lab kernel; default trixie)."""
+    """The matrix's cost per cell on one lab kernel (--kernel; default trixie), once with a
+    guest boot per cell (--own-guests) and once with the cells sharing the lab's hot-plug
+    guest (the default), in that order, each with a lab boot of its own."""
     import argparse
     from . import catalog
     from . import matrix as mx
     kernel = getattr(args, "kernel", None) or "trixie"
-    ns = argparse.Namespace(**{**vars(args), "kernels": kernel, "only": ",".join(entries)})
-    planned = mx.plan(catalog.load(only=list(entries)), [kernel], ns)
-    out = _workdir("matrix")
-    m = mx.Matrix(planned, out, progress)
-    t = time.monotonic()
-    rc = m.run()
-    wall = time.monotonic() - t
-    cells = m.result["cells"]
-    secs = [c["seconds"] for c in cells]
-    return {"kernel": kernel, "cells": len(cells), "exit_status": rc, "wall_seconds": round(wall, 1),
-            "lab_and_build_seconds": round(wall - sum(secs), 1),
-            "seconds_per_cell": _stats(secs),
-            "per_cell": {c["entry"]: {"seconds": c["seconds"], "match": c["match"],
-                                      "verdicts": c["verdicts"]} for c in cells},
-            "results": str(out)}
+    res: dict = {"kernel": kernel, "entries": list(entries)}
+    for mode in ("own_guests", "shared_guest"):
+        ns = argparse.Namespace(**{**vars(args), "kernels": kernel, "only": ",".join(entries),
+                                   "own_guests": mode == "own_guests"})
+        planned = mx.plan(catalog.load(only=list(entries)), [kernel], ns)
+        out = _workdir(f"matrix-{mode}")
+        progress(f"bench matrix: {mode.replace('_', ' ')}")
+        m = mx.Matrix(planned, out, progress, ns)
+        t = time.monotonic()
+        rc = m.run()
+        wall = time.monotonic() - t
+        cells = m.result["cells"]
+        secs = [c["seconds"] for c in cells]
+        res[mode] = {"cells": len(cells), "exit_status": rc, "wall_seconds": round(wall, 1),
+                     "lab_and_build_seconds": round(wall - sum(secs), 1),
+                     "seconds_per_cell": _stats(secs),
+                     "per_cell": {c["entry"]: {"seconds": c["seconds"], "match": c["match"],
+                                               "verdicts": c["verdicts"]} for c in cells},
+                     "results": str(out)}
+    res["same_verdicts"] = all(res["own_guests"]["per_cell"][e]["verdicts"] ==
+                               res["shared_guest"]["per_cell"][e]["verdicts"] for e in entries
+                               if e in res["own_guests"]["per_cell"] and e in res["shared_guest"]["per_cell"])
+    return res
 
 
 def run(args, progress) -> dict:

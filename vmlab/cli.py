@@ -415,6 +415,9 @@ def parser() -> argparse.ArgumentParser:
                     help="run a strategy file's cells instead of the catalog (e.g. "
                          "configs/strategies/caching.yaml: exporter caching x guest mapping x a "
                          "caching change); the report tabulates every layer's memtype per cell")
+    mx.add_argument("--own-guests", action="store_true",
+                    help="every cell boots a guest of its own (by default the cells that can "
+                         "take their buffer by hot-plug share one guest per lab)")
     mx.add_argument("--shard", default=None, metavar="K/N",
                     help="run only shard K of N: the cells in kernel order cut into N runs "
                          "(every machine cuts alike; 'vmlab report merge' joins the shards)")

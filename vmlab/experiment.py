@@ -391,7 +391,7 @@ class Run:
                 t0 = time.monotonic()
                 self.plug = HotPlug(guest, self.buffer_sock, f"run{os.getpid()}")
                 self.dev_args = f" --device {self.plug.bdf}"
-                self.result["guest"].update(reused_from=str(reuse.guest_state(reuse.lab_dir())),
+                self.result["guest"].update(reused_from=guest.reused_from,
                                             hotplug={"port": self.plug.port, "bdf": self.plug.bdf,
                                                      "seconds": round(time.monotonic() - t0, 3)})
                 self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")
@@ -971,6 +971,9 @@ class Run:
         try:
             if self.stack.guest is not None and self.stack.guest is self.shared_guest:
                 guest_gone = self.unplug()
+                # the shared guest's whole console and QEMU log so far: this run's evidence too
+                self.stack.guest.fetch_logs(self.out)
+                self.stack._save_dmesg(self.stack.guest, f"{self.stack.guest.opts.name}-dmesg.log")
                 self.stack.guest = None
             elif self.stack.guest is not None:
                 guest_gone = self.stack.guest.down()
@@ -991,6 +994,15 @@ class Run:
         (no BAR, memslot or mapping of the buffer left in that VM)."""
         if self.plug is None:
             return True
+        try:
+            status = self.stack.guest.cmd("query-status").get("status")
+        except Exception as e:
+            status = f"no answer over QMP ({e})"
+        if status != "running":
+            # a stopped vCPU (KVM_RUN failed) never ejects the device: waiting for it
+            # would only run out the unplug's timeout
+            self.result.setdefault("guest", {})["unplug_error"] = f"not unplugged: the guest is {status}"
+            return False
         try:
             self.plug.close()
         except Exception as e:

@@ -69,6 +69,7 @@ class Guest:
         self._fwd: ssh.ChannelForward | None = None
         self.session: ssh.SSHSession | None = None
         self.boot_seconds: float | None = None
+        self.reused_from: str | None = None   # who else this guest serves (reuse, matrix)
         self.phases: dict = {}      # where the boot's seconds went (the profile bench)
         self.events: list[dict] = []
 
@@ -252,14 +253,15 @@ class Guest:
                                 timeout=20, check=False)
         return rc == 0
 
-    def fetch_logs(self) -> None:
-        """Copy the guest's console and QEMU log from the lab into the results directory."""
+    def fetch_logs(self, into: Path | None = None) -> None:
+        """Copy the guest's console and QEMU log from the lab into the results directory
+        (``into``: another one, e.g. a run's in a guest it shares)."""
         for name, dest in (("console.log", f"{self.opts.name}-console.log"),
                            ("qemu.log", f"{self.opts.name}.qemu.log")):
             try:
                 rc, out, _ = self.lab.run(f"cat {self.dir}/{name}", timeout=60, check=False)
                 if rc == 0:
-                    (self.workdir / dest).write_text(out)
+                    (Path(into or self.workdir) / dest).write_text(out)
             except Exception as e:  # the lab itself may be gone: keep going, say why
                 log.warning("could not fetch %s of %s: %s", name, self.opts.name, e)
 

@@ -1,9 +1,11 @@
 """`vmlab matrix`: every catalog entry on every lab kernel, one cell each.
 
 Each lab kernel is booted once and kept for all the entries that agree on how the lab
-runs (accelerator, memory, QEMU, oracle); each entry boots its own guest in it, so a cell
-costs a guest boot, not a lab boot. A lab that stops answering between cells is booted
-again. Every cell is a full `vmlab run` results directory under
+runs (accelerator, memory, QEMU, oracle). In it one guest with hot-plug root ports is kept
+across cells (``CellGuest``): a cell whose guest would boot the same way and whose buffer
+can arrive by hot-plug runs in it, its buffer plugged and unplugged, so such a cell costs
+neither a lab nor a guest boot; any other cell boots a guest of its own. A lab that stops
+answering between cells is booted again. Every cell is a full `vmlab run` results directory under
 ``<out>/<kernel>/<entry>/`` (kept whatever the outcome); the matrix writes ``matrix.json``,
 ``junit.xml`` (one testcase per cell, ``<entry>[<kernel>]``) and ``report.html``.
 
@@ -24,7 +26,7 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import catalog, proc, report, strategies
 from . import config as cfgmod
-from .errors import CouldNotTest, ConfigError, UserError
+from .errors import BootFailure, CouldNotTest, ConfigError, UserError
 from .stack import Stack, lab_images, lab_options
 
 log = logging.getLogger("vmlab.matrix")
@@ -32,6 +34,70 @@ DEFAULT_KERNELS = ("trixie", "trixie-backports")
 # a cell that could not test (its guest did not boot; the TCG lab's artifacts) runs again,
 # up to this many times in all; every attempt's results are kept
 CELL_ATTEMPTS = 3
+
+
+class CellGuest:
+    """The matrix's guest in one lab, shared by the cells that can take their buffer by
+    hot-plug. Booted at the first such cell, with that cell's guest shape and hot-plug
+    ports; kept while later cells want the same shape; stopped when a cell wants another,
+    and when a cell leaves it in doubt (anything but a finished or not-applicable run, a
+    VMM fault, a failed kernel health check, a device it did not give back), so no cell
+    runs in a guest an earlier cell may have damaged."""
+
+    NAME, PORT = "cells", 2223     # never "guest": _CLEAN_LAB stops those between cells
+
+    def __init__(self, workdir: Path, progress, enabled: bool = True):
+        self.workdir, self.progress, self.enabled = workdir, progress, enabled
+        self.guest = None
+
+    def get(self, lab, exp, o):
+        """The guest for this cell, or None: the cell boots its own."""
+        from dataclasses import asdict, replace
+        from .experiment import guest_options, hotplug_blocker
+        from .guest import Guest
+        from .hotplug import root_port_args
+        from .reuse import guest_mismatch
+        if not self.enabled or hotplug_blocker(exp, o):
+            return None
+        want = guest_options(exp, o)[0]
+        if self.guest is not None and self.guest.lab is not lab:
+            self.guest = None          # the lab was booted again: its guests went with it
+        if self.guest is not None:
+            why = guest_mismatch(asdict(self.guest.opts), want)
+            if why is None and not self.guest.alive():
+                why = "its QEMU is gone"
+            if why:
+                self.progress(f"matrix guest: {why}; stopping it")
+                self.stop()
+        if self.guest is None:
+            g = Guest(lab, replace(want, name=self.NAME, ssh_port=self.PORT,
+                                   extra_qemu_args=root_port_args()), self.workdir)
+            try:
+                g.up(self.progress)
+            except BootFailure as e:
+                self.progress(f"matrix guest did not come up ({e}); the cell boots a guest of its own")
+                return None
+            g.reused_from = f"the matrix's guest '{self.NAME}' of this lab"
+            self.guest = g
+        return self.guest
+
+    def after(self, result: dict) -> None:
+        """Keep the guest only when the cell left it as it found it."""
+        if self.guest is None:
+            return
+        g = result.get("guest") or {}
+        doubt = (result.get("status") not in ("finished", "not_applicable") and "status "
+                 f"{result.get('status')}") or (result.get("vmm_fault") and "a VMM fault") or \
+            (result.get("kernel_health_failed") and "a kernel health check failed") or \
+            (g.get("unplug_error") and f"the unplug did not finish ({g['unplug_error']})")
+        if doubt:
+            self.progress(f"matrix guest: the cell ended with {doubt}; stopping it")
+            self.stop()
+
+    def stop(self) -> None:
+        if self.guest is not None:
+            g, self.guest = self.guest, None
+            g.down()
 
 
 def parse_kernels(text: str | None) -> list[str]:
@@ -203,6 +269,8 @@ class Matrix:
         stack.lab_image, stack.guest_image = images
         lab_failed: str | None = None
         boots = 0
+        cell_guest = CellGuest(kdir, self.progress,
+                               enabled=not getattr(self.args, "own_guests", False))
         try:
             for exp, o in members:
                 n = len(self.cells) + 1
@@ -230,7 +298,7 @@ class Matrix:
                 t0 = time.monotonic()
                 self.progress(f"cell {n}/{total} {exp.name}[{kernel}]: running")
                 self.steps(n - 1, total)
-                r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
+                r = self._run_cell(Run, exp, o, cell_dir, stack.lab, cell_guest)
                 retried = []
                 while (r.result.get("status") == "could_not_test" and len(retried) < CELL_ATTEMPTS - 1
                        and _clean_lab(stack.lab, self.progress)):
@@ -243,7 +311,7 @@ class Matrix:
                                   f"({r.result.get('error')}); attempt {len(retried) + 1} of {CELL_ATTEMPTS}")
                     cell_dir.mkdir()
                     self._reproducer(cell_dir, exp, kernel)
-                    r = self._run_cell(Run, exp, o, cell_dir, stack.lab)
+                    r = self._run_cell(Run, exp, o, cell_dir, stack.lab, cell_guest)
                     r.result["retried_after"] = retried
                     r.save()
                 cell = cell_record(exp, kernel, r.result, cell_dir, time.monotonic() - t0)
@@ -251,13 +319,17 @@ class Matrix:
                 self._add(cell, n, total)
         finally:
             with proc.signals_deferred():
-                stack.down()
+                try:
+                    cell_guest.stop()
+                finally:
+                    stack.down()
             if stack.boot_failures:
                 self.result.setdefault("lab_boot_failures", []).append(
                     {"kernel": kernel, "failures": stack.boot_failures})
 
-    def _run_cell(self, Run, exp, o, cell_dir: Path, lab):
-        r = Run(exp, o, cell_dir, self.progress, shared_lab=lab)
+    def _run_cell(self, Run, exp, o, cell_dir: Path, lab, cell_guest: CellGuest):
+        guest = cell_guest.get(lab, exp, o)
+        r = Run(exp, o, cell_dir, self.progress, shared_lab=lab, shared_guest=guest)
         r.save()
         try:
             r.run()
@@ -267,6 +339,9 @@ class Matrix:
             # vmlab's own failure in one cell (its results say status error) must not
             # cost the cells after it; Ctrl-C and SIGTERM still end the matrix
             log.warning("cell %s: %s", cell_dir, e)
+        finally:
+            if guest is not None:
+                cell_guest.after(r.result)
         return r
 
     def _add(self, cell: dict, n: int, total: int) -> None:

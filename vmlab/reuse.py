@@ -262,6 +262,11 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
             except Exception as e:
                 why = f"could not connect to it ({e})"
         if why is None:
+            status = g.cmd("query-status").get("status")
+            if status != "running":
+                why = (f"its QEMU is {status} (an earlier run's VMM fault?); 'vmlab guest down' "
+                       f"and 'vmlab guest up' replace it")
+        if why is None:
             from .hotplug import free_ports
             if not free_ports(g):
                 why = "every hot-plug port holds a device (a buffer it never gave back)"
@@ -269,6 +274,7 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
             progress(f"not using the running guest: {why}; booting one of this run's own")
             yield None
             return
+        g.reused_from = str(guest_state(st))
         progress(f"running in the guest that 'vmlab guest up' started (lab pid {g.pid}); its "
                  f"buffer arrives by hot-plug")
         yield g

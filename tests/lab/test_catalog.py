@@ -48,11 +48,19 @@ def test_catalog_matches_on_both_kernels(catalog_matrix):
         else:
             assert c["match"] is True, c
     assert qemu_pids(str(out)) == []
-    # one lab boot per kernel, reused by every cell of it
+    # one lab boot per kernel, reused by every cell of it; the cells whose buffer can
+    # arrive by hot-plug share the lab's guest (issue speed), the others boot their own
+    from vmlab.experiment import hotplug_blocker
     for k in KERNELS:
         assert (out / k / "lab" / "lab-console.log").exists()
         boots = {_cell(doc, e, k)[1]["lab"]["boot_seconds"] for e in entries}
         assert len(boots) == 1, boots
+        shared = {e.name: _cell(doc, e.name, k)[1]["guest"].get("reused_from") for e in catalog.load()
+                  if _cell(doc, e.name, k)[0]["match"] is not None}
+        for e in catalog.load():
+            if e.name in shared and hotplug_blocker(e, {}) is not None:
+                assert shared[e.name] is None, (e.name, k)
+        assert sum(1 for v in shared.values() if v) >= 3, shared
     suite = ET.parse(out / "junit.xml").getroot()
     assert suite.get("tests") == str(len(doc["cells"])) and suite.get("failures") == "0"
     assert suite.get("skipped") == str(doc["summary"]["not_applicable"])
@@ -72,8 +80,9 @@ def test_every_cell_says_what_it_ran_with(catalog_matrix):
         assert "console=ttyS0" in c["kernel_cmdline"]
         assert "max_quarantine_mb" in c["module_params"]["vmlab_exporter"], c["module_params"]
         assert c["module_params"]["kvm_amd"]["npt"] == "Y"
-        for f in ("results.json", "reproduce.sh", "config.yaml", "guest-console.log", "lab-dmesg.log",
-                  "junit.xml"):
+        guest = json.loads((Path(c["results"]) / "results.json").read_text())["guest"]["name"]
+        for f in ("results.json", "reproduce.sh", "config.yaml", f"{guest}-console.log", "lab-dmesg.log",
+                  f"{guest}-dmesg.log", "junit.xml"):
             assert (Path(c["results"]) / f).exists(), (c["results"], f)
         assert f"--kernel={c['kernel_suite']}" in Path(c["reproduce"]).read_text()
 
