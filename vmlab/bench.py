@@ -309,9 +309,10 @@ KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile", "matrix"
 
 
 def bench_reuse(args, progress, repeat: int) -> dict:
-    """The default experiment as a user runs it (``vmlab run``, a process each), with a lab
-    of its own (``--fresh``) and in the lab that ``vmlab lab up`` left running, alternating,
-    in a state directory of the bench's own (the user's running lab is not touched)."""
+    """The default experiment as a user runs it (``vmlab run``, a process each), in a state
+    directory of the bench's own (the user's running lab is not touched): with a lab of
+    its own (``--fresh``) and in the lab that ``vmlab lab up`` left running, alternating;
+    then, after ``vmlab guest up``, in that running guest (the buffer hot-plugged)."""
     import json
     import subprocess
     import sys
@@ -330,25 +331,38 @@ def bench_reuse(args, progress, repeat: int) -> dict:
 
     def verdicts(d):
         res = json.loads((d / "results.json").read_text())
-        return [m.get("verdict") for m in res["moves"]], res["lab"].get("reused_from")
+        return ([res.get("baseline", {}).get("verdict")] + [m.get("verdict") for m in res["moves"]],
+                res["lab"].get("reused_from"), (res.get("guest") or {}).get("reused_from"))
 
-    fresh, reused, lab_up, runs = [], [], None, []
+    secs: dict[str, list[float]] = {"fresh": [], "reused_lab": [], "reused_guest": []}
+    lab_up = guest_up = None
+    runs = []
+
+    def one(mode, i):
+        d = work / f"{mode}{i}"
+        progress(f"bench reuse: vmlab run ({mode.replace('_', ' ')}) {i + 1}/{repeat}")
+        t = vmlab("run", "--kernel", kernel, "--out", str(d), *(["--fresh"] if mode == "fresh" else []))
+        secs[mode].append(t)
+        v, lab_from, guest_from = verdicts(d)
+        runs.append({"mode": mode, "seconds": round(t, 1), "verdicts": v,
+                     "reused_lab": lab_from is not None, "reused_guest": guest_from is not None})
+
     try:
         lab_up = vmlab("lab", "up", "--kernel", kernel)
         for i in range(repeat):
-            for mode in ("fresh", "reused"):
-                d = work / f"{mode}{i}"
-                progress(f"bench reuse: vmlab run ({mode}) {i + 1}/{repeat}")
-                secs = vmlab("run", "--kernel", kernel, "--out", str(d),
-                             *(["--fresh"] if mode == "fresh" else []))
-                (fresh if mode == "fresh" else reused).append(secs)
-                v, where = verdicts(d)
-                runs.append({"mode": mode, "seconds": round(secs, 1), "verdicts": v,
-                             "reused_lab": where is not None})
+            one("fresh", i)
+            one("reused_lab", i)
+        guest_up = vmlab("guest", "up")
+        for i in range(repeat):
+            one("reused_guest", i)
     finally:
         vmlab("lab", "down", timeout=300)
     return {"kernel": kernel, "lab_up_seconds": round(lab_up, 1) if lab_up else None,
-            "fresh_run_seconds": _stats(fresh), "reused_run_seconds": _stats(reused),
+            "guest_up_seconds": round(guest_up, 1) if guest_up else None,
+            "fresh_run_seconds": _stats(secs["fresh"]), "reused_run_seconds": _stats(secs["reused_lab"]),
+            "reused_guest_run_seconds": _stats(secs["reused_guest"]),
+            "every_run_where_meant": all(r["reused_lab"] == (r["mode"] != "fresh") and
+                                         r["reused_guest"] == (r["mode"] == "reused_guest") for r in runs),
             "same_verdicts": len({json.dumps(r["verdicts"]) for r in runs}) == 1, "runs": runs,
             "results": str(work)}
 

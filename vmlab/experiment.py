@@ -194,14 +194,18 @@ def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
 
 class Run:
     def __init__(self, exp: cfgmod.Experiment, opts: dict, outdir: Path, progress, *,
-                 shared_lab=None, shared_guest=None):
+                 shared_lab=None, shared_guest=None, stop_guest_in_doubt: bool = False):
         """``shared_lab``: run in this lab, which is up and stays up (``vmlab matrix``);
         the run boots and stops only its guest. ``shared_guest``: run in this guest of
         that lab (``vmlab guest up``'s, reuse.persistent_guest), which stays up: the
-        buffer is hot-plugged into it and unplugged at the end."""
+        buffer is hot-plugged into it and unplugged at the end. ``stop_guest_in_doubt``: the
+        caller lets this run stop that guest when its device cannot be unplugged (a VMM
+        fault stopped the guest), so the buffer's quarantine can be freed (``vmlab matrix``;
+        the guest of ``vmlab guest up`` is the user's and stays)."""
         self.exp, self.out, self.progress = exp, outdir, progress
         self.shared_lab = shared_lab
         self.shared_guest = shared_guest
+        self.stop_guest_in_doubt = stop_guest_in_doubt
         self.plug: HotPlug | None = None           # the buffer's device in a shared guest
         self.result: dict = {"experiment": exp.name, "config": exp.raw, "status": "running",
                              "started": datetime.now(timezone.utc).isoformat(), "moves": [],
@@ -970,10 +974,16 @@ class Run:
         guest_gone = True
         try:
             if self.stack.guest is not None and self.stack.guest is self.shared_guest:
+                g = self.stack.guest
                 guest_gone = self.unplug()
+                if guest_gone:   # running (a stopped guest would leave dmesg to its timeout)
+                    self.stack._save_dmesg(g, f"{g.opts.name}-dmesg.log")
+                if not guest_gone and self.stop_guest_in_doubt:
+                    # no KVM mapping of the buffer is left once its QEMU is gone
+                    guest_gone = g.down()
+                    self.result["guest"]["stopped_by_run"] = "its device could not be unplugged"
                 # the shared guest's whole console and QEMU log so far: this run's evidence too
-                self.stack.guest.fetch_logs(self.out)
-                self.stack._save_dmesg(self.stack.guest, f"{self.stack.guest.opts.name}-dmesg.log")
+                g.fetch_logs(self.out)
                 self.stack.guest = None
             elif self.stack.guest is not None:
                 guest_gone = self.stack.guest.down()

@@ -329,7 +329,8 @@ class Matrix:
 
     def _run_cell(self, Run, exp, o, cell_dir: Path, lab, cell_guest: CellGuest):
         guest = cell_guest.get(lab, exp, o)
-        r = Run(exp, o, cell_dir, self.progress, shared_lab=lab, shared_guest=guest)
+        r = Run(exp, o, cell_dir, self.progress, shared_lab=lab, shared_guest=guest,
+                stop_guest_in_doubt=True)
         r.save()
         try:
             r.run()
