@@ -1,9 +1,10 @@
 """A guest: a QEMU process of the lab host, booted with -accel kvm from the guest image.
 
-The controller never runs this QEMU itself: it starts it over the lab's SSH session
-(setsid, pid recorded, stderr and console kept in files in the lab), reaches its QMP socket through a
-relay channel (local unix socket 0600 -> SSH exec -> lab unix socket 0600) and its SSH
-server through a direct-tcpip channel of the lab session.
+Its QEMU is a ``QemuMachine`` like the lab's own, run inside the lab by ``LabProcess``
+(vmlab/lab_process.py: started over the lab's SSH session, QMP through a relay channel);
+this class adds what a guest is: its spec, readiness (the init's marker, or why it will
+never come), its SSH server through a direct-tcpip channel of the lab session, and its
+logs copied into the results directory.
 """
 from __future__ import annotations
 
@@ -16,9 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ssh
-from .errors import BootFailure, RemoteError
-from .qemu import VMSpec
-from .qmp import QMP
+from .errors import BootFailure, QemuRefused, RemoteError
+from .lab_process import LabProcess
+from .qemu import QemuMachine, VMSpec
 
 log = logging.getLogger("vmlab.guest")
 READY = "VMLAB-GUEST-READY"
@@ -64,14 +65,33 @@ class Guest:
         self.opts = opts
         self.workdir = Path(workdir)
         self.dir = f"/run/vmlab/{opts.name}"
-        self.pid: int | None = None
-        self.qmp: QMP | None = None
-        self._fwd: ssh.ChannelForward | None = None
+        self._machine: QemuMachine | None = None
         self.session: ssh.SSHSession | None = None
         self.boot_seconds: float | None = None
         self.reused_from: str | None = None   # who else this guest serves (reuse, matrix)
         self.phases: dict = {}      # where the boot's seconds went (the profile bench)
-        self.events: list[dict] = []
+
+    @property
+    def machine(self) -> QemuMachine:
+        """Its QEMU, run in the lab; the QMP relay's local end in the lab's private run
+        directory (short: AF_UNIX paths end at 107 bytes; never in a results directory)."""
+        if self._machine is None:
+            self._machine = QemuMachine(self.spec(), self.workdir,
+                                        host=LabProcess(self.lab, self.dir,
+                                                        self.lab.rundir / f"{self.opts.name}-qmp.sock"))
+        return self._machine
+
+    @property
+    def pid(self) -> int | None:
+        return self.machine.pid
+
+    @pid.setter
+    def pid(self, value: int | None) -> None:
+        self.machine.pid = value
+
+    @property
+    def qmp(self):
+        return self.machine.qmp
 
     def gpu_args(self) -> tuple[list[str], dict, str]:
         """(QEMU args, environment, display) for the guest's virtio-gpu mode."""
@@ -108,33 +128,23 @@ class Guest:
         return self.spec().command_line()
 
     def up(self, progress=print) -> None:
-        spec = self.spec()
-        d = shlex.quote(self.dir)
-        progress(f"booting guest '{self.opts.name}' in the lab (-accel kvm); console: lab:{spec.console_log}")
+        m = self.machine
+        progress(f"booting guest '{self.opts.name}' in the lab (-accel kvm); console: lab:{m.spec.console_log}")
         start = time.monotonic()
-        (self.workdir / f"{self.opts.name}.cmdline").write_text(spec.command_line() + "\n")
-        # Not -daemonize: that sends QEMU's stderr to /dev/null, and its last words
-        # ("kvm run failed Bad address") are what a VMM_FAULT verdict must show.
         self.lab.run(_COPY_IMAGE, timeout=120)   # its own step: a failed copy says why
-        rc, out, err = self.lab.run(
-            f"rm -rf {d} && mkdir -p {d} && chmod 700 {d} && umask 077 && "
-            f"(setsid {spec.command_line()} > {d}/qemu.log 2>&1 < /dev/null & echo $! > {d}/qemu.pid) && "
-            f"for i in $(seq 100); do [ -S {d}/qmp.sock ] && chmod 600 {d}/qmp.sock && exit 0; "
-            f"kill -0 $(cat {d}/qemu.pid) 2>/dev/null || {{ cat {d}/qemu.log; exit 1; }}; sleep 0.2; done; "
-            f"echo 'no QMP socket after 20s'; exit 1", timeout=60, check=False)
-        if rc != 0:
-            last = (out.strip().splitlines() or ["<no output>"])[-1]
-            self.lab.run(f"[ -f {d}/qemu.pid ] && kill -KILL $(cat {d}/qemu.pid) 2>/dev/null; true",
-                         timeout=20, check=False)
+        try:
+            m.launch(timeout=60)
+        except (BootFailure, QemuRefused) as e:
+            # the guest's QEMU is the VMM under test: one that will not start is "could
+            # not test" (125) whatever it objected to
             self.fetch_logs()
-            raise BootFailure(self.opts.name, f"QEMU in the lab exited early: {last}",
+            raise BootFailure(self.opts.name, f"QEMU in the lab exited early: {m._last_words() or e}",
                               str(self.workdir / f"{self.opts.name}-console.log"))
-        self.pid = int(self.lab.run(f"cat {d}/qemu.pid", timeout=20)[1].strip())
         launched = time.monotonic()
         try:
-            self._wait_ready(spec)
+            self._wait_ready()
             ready = time.monotonic()
-            self.connect()
+            self.connect(qmp=False)
         except BaseException:
             self.down()
             raise
@@ -161,36 +171,26 @@ class Guest:
                 marks[m.group(2).split(" kernel=")[0]] = float(m.group(1))
         return marks
 
-    def _wait_ready(self, spec: VMSpec) -> None:
-        deadline = time.monotonic() + self.opts.boot_timeout
-        con = shlex.quote(spec.console_log)
-        while True:
-            rc, out, _ = self.lab.run(
-                f"if grep -q {READY} {con}; then echo READY; "
-                f"elif grep -q 'Kernel panic' {con}; then echo PANIC; grep -m1 'Kernel panic' {con}; "
-                f"elif ! kill -0 {self.pid} 2>/dev/null; then echo DEAD; tail -n 3 {self.dir}/qemu.log; "
-                f"elif grep -q 'KVM internal error' {self.dir}/qemu.log; then echo STOPPED; "
-                f"grep -m1 -A1 'KVM internal error' {self.dir}/qemu.log | tr '\n' ' '; echo; "
-                f"else echo WAIT; fi", timeout=30, check=False)
-            state = out.split("\n", 1)[0].strip()
-            if state == "READY":
-                return
-            # a vCPU stopped by KVM (QEMU keeps running, paused) never gets ready: say so now
-            if state in ("PANIC", "DEAD", "STOPPED") or time.monotonic() >= deadline:
-                detail = out.split("\n", 1)[1].strip() if "\n" in out else ""
-                self.fetch_logs()
-                cause = {"PANIC": "guest kernel panic", "DEAD": "guest QEMU exited",
-                         "STOPPED": "KVM stopped the guest during boot"}.get(
-                    state, f"not ready within {self.opts.boot_timeout:.0f}s")
-                raise BootFailure(self.opts.name, f"{cause}: {detail.splitlines()[-1] if detail else ''}",
-                                  str(self.workdir / f"{self.opts.name}-console.log"))
-            time.sleep(0.2)
+    def _stopped_by_kvm(self) -> str | None:
+        """A vCPU that KVM stopped (QEMU keeps running, paused) never gets ready: say so."""
+        rc, out, _ = self.lab.run(f"grep -m1 -A1 'KVM internal error' {self.dir}/qemu.log",
+                                  timeout=30, check=False)
+        return f"KVM stopped the guest during boot: {' '.join(out.split())}" if rc == 0 else None
+
+    def _wait_ready(self) -> None:
+        try:
+            self.machine.wait_console({READY: "ready"}, self.opts.boot_timeout, "guest ready",
+                                      stopped=self._stopped_by_kvm)
+        except BootFailure as e:
+            self.fetch_logs()
+            raise BootFailure(self.opts.name, e.cause,
+                              str(self.workdir / f"{self.opts.name}-console.log"))
 
     def connect(self, timeout: float = 60, *, qmp: bool = True) -> None:
         """SSH (through the lab's session) and, unless ``qmp`` is false, QMP to an already
         running guest (QEMU serves one QMP client at a time: don't hold it needlessly)."""
-        if qmp:
-            self._connect_qmp()
+        if qmp and self.machine.qmp is None:
+            self.machine.connect_qmp(30)
         self.session = ssh.SSHSession.connect(
             self.opts.name, "127.0.0.1", self.opts.ssh_port, self.lab.key, timeout=timeout,
             sock_factory=lambda: self.lab.session.open_tcp("127.0.0.1", self.opts.ssh_port),
@@ -201,38 +201,16 @@ class Guest:
         if self.session is not None:
             self.session.close()
             self.session = None
-        if self.qmp is not None:
-            self.qmp.close()
-            self.qmp = None
-        if self._fwd is not None:
-            self._fwd.close()
-            self._fwd = None
-
-    def _connect_qmp(self) -> None:
-        # in the lab's private run directory: short (AF_UNIX paths end at 107 bytes) and
-        # never inside the user's results directory
-        local = self.lab.rundir / f"{self.opts.name}-qmp.sock"
-        sock = shlex.quote(f"{self.dir}/qmp.sock")
-        self._fwd = ssh.ChannelForward(
-            local, lambda: self.lab.session.open_exec(f"python3 /mnt/vmlab/hostagent.py relay {sock}"),
-            f"{self.opts.name}-qmp")
-        q = QMP(str(local), nickname=f"{self.opts.name}-qmp")
-        try:
-            q.connect_within(30, f"QMP of guest {self.opts.name} (relay through the lab)")
-        except BaseException:
-            q.close()
-            raise
-        q.settimeout(30)
-        self.qmp = q
+        if self.machine.qmp is not None:
+            self.machine.qmp.close()
+            self.machine.qmp = None
+        self.machine.host.close_relay()
 
     def cmd(self, command: str, /, **args):
         """A QMP command; positional-only, so an argument may be called "name"."""
-        out = self.qmp.cmd(command, **args)
-        try:
-            self.events += self.qmp.get_events(wait=False)
-        except Exception:
-            pass
-        return out
+        if self.machine.qmp is None:
+            self.machine.connect_qmp(30)
+        return self.machine.cmd(command, **args)
 
     def run(self, command: str, **kw):
         if self.session is None:
@@ -246,12 +224,7 @@ class Guest:
         return self.lab.session.read_bytes(path)
 
     def alive(self) -> bool:
-        if self.pid is None:
-            return False
-        # a killed QEMU is a zombie until the lab's init reaps it: that is dead too
-        rc, _, _ = self.lab.run(f"grep -q '^State:[[:space:]]*[^Z]' /proc/{self.pid}/status",
-                                timeout=20, check=False)
-        return rc == 0
+        return self.machine.alive()
 
     def fetch_logs(self, into: Path | None = None) -> None:
         """Copy the guest's console and QEMU log from the lab into the results directory
@@ -266,45 +239,28 @@ class Guest:
                 log.warning("could not fetch %s of %s: %s", name, self.opts.name, e)
 
     def down(self, timeout: float = 15) -> bool:
-        """quit over QMP, then SIGTERM, then SIGKILL in the lab; logs are fetched after.
-        True when the guest's QEMU is known to be gone (so no KVM mapping of its memory
-        is left); False when that could not be confirmed.
+        """The QEMU machine's ladder (quit over QMP, then SIGTERM, then SIGKILL in the lab);
+        logs are fetched after. True when the guest's QEMU is known to be gone (so no KVM
+        mapping of its memory is left); False when that could not be confirmed.
         Works when the transport is already gone (an interrupt that closed the lab's SSH
         session, a dead lab): then the guest dies with the lab and nothing here may raise."""
         if self.session is not None:
             _quietly(self.session.close, "guest SSH close")
             self.session = None
-        if self.qmp is not None:
-            def quit_guest():
-                self.events += self.qmp.get_events(wait=False)
-                self.qmp.quit_within(5)
-            _quietly(quit_guest, "guest QMP quit")
-            _quietly(self.qmp.close, "guest QMP close")
-            self.qmp = None
-        if self._fwd is not None:
-            _quietly(self._fwd.close, "guest QMP relay close")
-            self._fwd = None
         lab_up = self.lab.session is not None and self.lab.session.active()
         gone = self.pid is None
         if self.pid is not None and lab_up:
-            def stop():
-                rc, _, _ = self.lab.run(
-                    f"p={self.pid}; for s in 0 0 0 0 0 0 0 0 0 0 TERM 0 0 0 0 0 KILL 0 0 0 0; do "
-                    f"kill -0 $p 2>/dev/null || exit 0; [ $s = 0 ] && sleep 0.5 || kill -$s $p; done; "
-                    f"exit 1", timeout=timeout + 10, check=False)
-                return rc == 0
-            gone = bool(_quietly(stop, f"stopping guest QEMU pid {self.pid}"))
+            _quietly(lambda: self.machine.shutdown(timeout=timeout), f"stopping guest QEMU pid {self.pid}")
+            gone = bool(_quietly(lambda: not self.machine.alive(), "checking the guest QEMU is gone"))
             self.fetch_logs()
-        elif self.pid is not None:
-            log.warning("%s: the lab's SSH session is gone; the guest stops with the lab",
-                        self.opts.name)
-        if self.events:
-            def write_events():
-                with open(self.workdir / f"{self.opts.name}.qmp-events.jsonl", "a") as f:
-                    for ev in self.events:
-                        f.write(json.dumps(ev) + "\n")
-            _quietly(write_events, "guest QMP event log")
-            self.events = []
+        else:
+            if self.pid is not None:
+                log.warning("%s: the lab's SSH session is gone; the guest stops with the lab",
+                            self.opts.name)
+            _quietly(self.machine.host.close_relay, "guest QMP relay close")
+            if self.machine.qmp is not None:
+                _quietly(self.machine.qmp.close, "guest QMP close")
+                self.machine.qmp = None
         self.pid = None
         return gone
 

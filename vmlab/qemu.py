@@ -1,8 +1,11 @@
 """One class owns one QEMU process: argv, launch, console log, QMP, shutdown ladder.
 
-``QemuMachine`` runs QEMU on *this* machine (the nested lab host). Guests inside the lab
-are QEMU processes of the lab host; ``vmlab.guest`` drives them over SSH with the same
-argv builder, so both levels get the same device lines.
+``QemuMachine`` is that class at both levels. Where its process runs is a small runner:
+``HostProcess`` runs QEMU on *this* machine (the nested lab host); ``LabProcess``
+(vmlab/lab_process.py) runs it inside the lab host over SSH (the guests). The machine
+does the rest alike at both levels: the argv from one ``VMSpec``, QMP up within a
+timeout, the console watched for a marker, a kernel panic or QEMU's death, and the
+shutdown ladder (QMP quit, SIGTERM, SIGKILL, each with a timeout).
 """
 from __future__ import annotations
 
@@ -106,64 +109,132 @@ def console_tail(path: Path, lines: int = 15) -> str:
     return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
 
-class QemuMachine:
-    """A QEMU process on this machine. Use as a context manager; ``shutdown`` is a ladder
-    (QMP quit -> SIGTERM -> SIGKILL, each with a timeout) and is safe to call twice."""
+class HostProcess:
+    """Runs a QemuMachine's QEMU on this machine: a child process in a session of its
+    own, stderr in the workdir, QMP on a local socket (mode 0600)."""
 
-    def __init__(self, spec: VMSpec, workdir: Path, *, detach: bool = False):
+    where = "this machine"
+
+    def stderr_path(self, m: "QemuMachine") -> Path:
+        return m.workdir / f"{m.spec.name}.qemu.log"
+
+    def prepare(self, m: "QemuMachine") -> None:
+        Path(m.spec.console_log).write_bytes(b"")
+        if not m.spec.qmp_client:
+            # a socket left by a killed QEMU would look ready before the new one listens
+            Path(m.spec.qmp_socket).unlink(missing_ok=True)
+
+    def spawn(self, m: "QemuMachine") -> None:
+        err = open(self.stderr_path(m), "wb")
+        try:
+            # Its own session: a terminal's Ctrl-C or a signal to vmlab's process group must
+            # not reach QEMU behind vmlab's back (vmlab stops it in order); PDEATHSIG still
+            # ties it to vmlab unless detached.
+            m.proc = proc.popen(m.spec.argv(), detach=m.detach, stdin=subprocess.DEVNULL,
+                                stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
+                                preexec_fn=_detached_setup if m.detach else _child_setup)
+        finally:
+            err.close()
+        m.pid = m.proc.pid
+        m.start_time = proc.pid_start_time(m.pid)
+
+    def alive(self, m: "QemuMachine") -> bool:
+        if m.proc is not None:
+            return m.proc.poll() is None
+        if m.pid is None or not proc.pid_alive(m.pid):
+            return False
+        return m.start_time is None or proc.pid_start_time(m.pid) == m.start_time
+
+    def signal(self, m: "QemuMachine", sig) -> None:
+        # Never signal a recycled pid: the start time recorded at launch must still match.
+        if m.pid is None or (m.start_time is not None and
+                             proc.pid_start_time(m.pid) != m.start_time):
+            return
+        try:
+            os.kill(m.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def read_text(self, path: str) -> str:
+        return _read(Path(path))
+
+    def exit_status(self, m: "QemuMachine"):
+        return m.proc.returncode if m.proc is not None else "?"
+
+    def qmp_socket_ready(self, m: "QemuMachine") -> bool:
+        return os.path.exists(m.spec.qmp_socket)
+
+    def open_qmp(self, m: "QemuMachine", timeout: float) -> QMP:
+        os.chmod(m.spec.qmp_socket, 0o600)
+        q = QMP(m.spec.qmp_socket, nickname=m.spec.name)
+        try:
+            q.connect_within(timeout, f"QMP of {m.spec.name}")
+        except BaseException:
+            q.close()
+            raise
+        return q
+
+    def cleanup(self, m: "QemuMachine") -> None:
+        if m.proc is not None:
+            try:
+                m.proc.wait(timeout=1)
+            except subprocess.TimeoutExpired:
+                log.warning("%s: pid %s still there after SIGKILL", m.spec.name, m.pid)
+        try:
+            os.unlink(m.spec.qmp_socket)
+        except (FileNotFoundError, TypeError):
+            pass
+
+
+class QemuMachine:
+    """One QEMU process, on this machine or (``host=LabProcess``) inside the lab. Use as a
+    context manager; ``shutdown`` is a ladder (QMP quit -> SIGTERM -> SIGKILL, each with a
+    timeout) and is safe to call twice."""
+
+    def __init__(self, spec: VMSpec, workdir: Path, *, detach: bool = False, host=None):
         self.spec = spec
         self.workdir = Path(workdir)
         self.detach = detach
+        self.host = host or HostProcess()
         self.proc: subprocess.Popen | None = None
         self.pid: int | None = None
         self.qmp: QMP | None = None
         self.start_time: int | None = None
         self.events: list[dict] = []
-        self.stderr_path = self.workdir / f"{spec.name}.qemu.log"
 
     @property
     def console_path(self) -> Path:
         return Path(self.spec.console_log)
 
+    @property
+    def stderr_path(self) -> Path:
+        return self.host.stderr_path(self)
+
     def launch(self, timeout: float = 30) -> None:
         """Start QEMU and bring up QMP within ``timeout``; on any failure nothing is left
         running (BootFailure names QEMU's last words and the console log)."""
         self.workdir.mkdir(parents=True, exist_ok=True)
-        Path(self.spec.console_log).write_bytes(b"")
-        argv = self.spec.argv()
         (self.workdir / f"{self.spec.name}.cmdline").write_text(self.spec.command_line() + "\n")
-        log.info("launching %s: %s", self.spec.name, self.spec.command_line())
+        log.info("launching %s on %s: %s", self.spec.name, self.host.where, self.spec.command_line())
+        self.host.prepare(self)
         if self.spec.qmp_client:
             self.qmp = QMP.serve(self.spec.qmp_socket, nickname=self.spec.name)
-        else:
-            # a socket left by a killed QEMU would look ready before the new one listens
-            Path(self.spec.qmp_socket).unlink(missing_ok=True)
-        err = open(self.stderr_path, "wb")
         try:
-            # Its own session: a terminal's Ctrl-C or a signal to vmlab's process group must
-            # not reach QEMU behind vmlab's back (vmlab stops it in order); PDEATHSIG still
-            # ties it to vmlab unless detached.
-            self.proc = proc.popen(argv, detach=self.detach, stdin=subprocess.DEVNULL,
-                                   stdout=err, stderr=subprocess.STDOUT, start_new_session=True,
-                                   preexec_fn=_detached_setup if self.detach else _child_setup)
+            self.host.spawn(self)
         except BaseException:
             self._post_shutdown()
             raise
-        finally:
-            err.close()
-        self.pid = self.proc.pid
-        self.start_time = proc.pid_start_time(self.pid)
         try:
             what = f"QMP of {self.spec.name}"
             if self.spec.qmp_client:
-                self.qmp.accept_while(lambda: self.proc.poll() is None, timeout, what)
+                self.qmp.accept_while(self.alive, timeout, what)
                 self.qmp.settimeout(30)
             else:
-                proc.wait_until(lambda: self._qmp_ready() or self.proc.poll() is not None,
+                proc.wait_until(lambda: self.host.qmp_socket_ready(self) or not self.alive(),
                                 timeout, f"QMP socket of {self.spec.name}")
-                if self.proc.poll() is None:
+                if self.alive():
                     self.connect_qmp(timeout)
-            if self.proc.poll() is not None:
+            if not self.alive():
                 raise self.refused()
         except QMPGone:
             self.shutdown(quick=True)
@@ -172,25 +243,16 @@ class QemuMachine:
             self.shutdown(quick=True)
             raise
 
-    def _qmp_ready(self) -> bool:
-        return os.path.exists(self.spec.qmp_socket)
-
     def connect_qmp(self, timeout: float = 30) -> None:
-        os.chmod(self.spec.qmp_socket, 0o600)
-        q = QMP(self.spec.qmp_socket, nickname=self.spec.name)
-        try:
-            q.connect_within(timeout, f"QMP of {self.spec.name}")
-        except BaseException:
-            q.close()
-            raise
+        q = self.host.open_qmp(self, timeout)
         q.settimeout(30)
         self.qmp = q
 
     def _last_words(self) -> str:
         try:
-            lines = [ln for ln in self.stderr_path.read_text(errors="replace").splitlines() if ln.strip()]
+            lines = [ln for ln in self.host.read_text(str(self.stderr_path)).splitlines() if ln.strip()]
             return lines[-1] if lines else ""
-        except OSError:
+        except Exception:   # the words of a failure: never a failure of their own
             return ""
 
     def failure(self, cause: str, retryable: bool = True) -> BootFailure:
@@ -206,18 +268,14 @@ class QemuMachine:
         Anything else is how QEMU was asked to run (an option, /dev/kvm, memory): the
         user's input, exit 2 (git bisect must not skip every commit over a typo)."""
         last = self._last_words()
-        cause = f"QEMU exited early with status {self.proc.returncode}"
+        cause = f"QEMU exited early with status {self.host.exit_status(self)}"
         if re.search(r"kernel|bzImage|initrd|PVH|multiboot", last, re.I):
             return self.failure(cause, retryable=False)
         return QemuRefused(f"{self.spec.name}: {cause}: {last or 'no message'} "
                            f"(command line: {self.workdir / (self.spec.name + '.cmdline')})")
 
     def alive(self) -> bool:
-        if self.proc is not None:
-            return self.proc.poll() is None
-        if self.pid is None or not proc.pid_alive(self.pid):
-            return False
-        return self.start_time is None or proc.pid_start_time(self.pid) == self.start_time
+        return self.host.alive(self)
 
     def cmd(self, name: str, **args):
         if self.qmp is None:
@@ -234,12 +292,14 @@ class QemuMachine:
                 pass
         return self.events
 
-    def wait_console(self, markers: dict[str, str], timeout: float, what: str) -> str:
+    def wait_console(self, markers: dict[str, str], timeout: float, what: str,
+                     stopped=None) -> str:
         """Wait for the first of ``markers`` (text -> outcome) in the console log.
-        Fails fast when QEMU exits or the kernel panics; returns the outcome."""
+        Fails fast when QEMU exits, the kernel panics, or ``stopped()`` names why the VM
+        cannot get there (e.g. KVM stopped its vCPU); returns the outcome."""
         deadline = time.monotonic() + timeout
         while True:
-            text = _read(self.console_path)
+            text = self.host.read_text(self.spec.console_log)
             for marker, outcome in markers.items():
                 if marker in text:
                     return outcome
@@ -247,11 +307,13 @@ class QemuMachine:
                 line = next((ln for ln in text.splitlines() if "Kernel panic" in ln), "")
                 raise self.failure(f"kernel panic: {line.strip()}")
             if not self.alive():
-                rc = self.proc.returncode if self.proc else "?"
-                raise self.failure(f"QEMU exited (status {rc}) before {what}")
+                raise self.failure(f"QEMU exited (status {self.host.exit_status(self)}) before {what}")
+            why = stopped() if stopped is not None else None
+            if why:
+                raise self.failure(why)
             if time.monotonic() >= deadline:
-                raise self.failure(f"no '{what}' within {timeout:.0f}s; last console line: "
-                                   f"{(console_tail(self.console_path, 1) or '<empty>')[:160]}")
+                last = (text.replace("\r", "").splitlines() or ["<empty>"])[-1]
+                raise self.failure(f"no '{what}' within {timeout:.0f}s; last console line: {last[:160]}")
             time.sleep(0.25)
 
     def shutdown(self, timeout: float = 10, quick: bool = False) -> None:
@@ -263,28 +325,26 @@ class QemuMachine:
                     pass
                 self._wait_gone(timeout)
             if self.alive():
-                self._signal(signal.SIGTERM)
+                self.host.signal(self, signal.SIGTERM)
                 self._wait_gone(5)
             if self.alive():
-                self._signal(signal.SIGKILL)
+                self.host.signal(self, signal.SIGKILL)
                 self._wait_gone(5)
         finally:
             self._post_shutdown()
-
-    def _signal(self, sig) -> None:
-        # Never signal a recycled pid: the start time recorded at launch must still match.
-        if self.pid is None or (self.start_time is not None and
-                                proc.pid_start_time(self.pid) != self.start_time):
-            return
-        try:
-            os.kill(self.pid, sig)
-        except ProcessLookupError:
-            pass
 
     def _wait_gone(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
+
+    def gone(self) -> bool:
+        """True when the process is known to be gone (False also when that cannot be
+        known now: a lab whose SSH session is down)."""
+        try:
+            return not self.alive()
+        except Exception:
+            return False
 
     def _post_shutdown(self) -> None:
         self.collect_events()
@@ -294,21 +354,15 @@ class QemuMachine:
             except Exception:
                 pass
             self.qmp = None
-        if self.proc is not None:
-            try:
-                self.proc.wait(timeout=1)
-            except subprocess.TimeoutExpired:
-                log.warning("%s: pid %s still there after SIGKILL", self.spec.name, self.pid)
+        try:
+            self.host.cleanup(self)
+        except Exception as e:   # a lab gone meanwhile: its processes went with it
+            log.warning("%s: cleanup on %s: %s", self.spec.name, self.host.where, e)
         if self.events:
             with open(self.workdir / f"{self.spec.name}.qmp-events.jsonl", "a") as f:
                 for ev in self.events:
                     f.write(json.dumps(ev) + "\n")
             self.events = []
-        for p in (self.spec.qmp_socket,):
-            try:
-                os.unlink(p)
-            except (FileNotFoundError, TypeError):
-                pass
 
     def __enter__(self):
         return self
