@@ -125,7 +125,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(args, progress) -> int:
-    from .experiment import results_dir
+    from .run_dir import results_dir
     sides = []
     for name in (args.a, args.b):
         d = Path(name)

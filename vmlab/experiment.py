@@ -10,15 +10,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shlex
-import shutil
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from xml.sax.saxutils import escape, quoteattr
+from xml.sax.saxutils import escape
 
 from . import config as cfgmod
-from . import hwtrace, kvm_evidence, oracle, proc, report, reuse
+from . import caching, hwtrace, kvm_evidence, oracle, proc, report, reuse
 from .errors import CouldNotTest, NotApplicable, RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
@@ -26,7 +24,10 @@ from .guest_agent import GuestAgent
 from .hotplug import HotPlug
 from .lab import qemu_version
 from .paths import repo_root
+from .health import kernel_health, kernel_state
+from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer
 from .ssh import ChannelReader
+from .watch import Watch
 from .stack import LAB_BOOT_ATTEMPTS, Stack, lab_options
 from .versions import qemu_upstream_version
 
@@ -53,17 +54,6 @@ TCG_VECTORING_NOTE = "lab artifact, not a verdict: see vmlab/experiment.py TCG_V
 
 class VMMDied(Exception):
     pass
-
-
-def kernel_state(vm) -> dict:
-    """dmesg and the taint mask of a VM now, to tell later what a run itself provoked."""
-    _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
-    first, _, rest = out.partition("\n")
-    try:
-        taint = int(first.strip())
-    except ValueError:
-        taint = 0
-    return {"taint": taint, "dmesg": rest}
 
 
 # what a result needs to be reproduced on another day: the kernel package (a release
@@ -99,65 +89,6 @@ def lab_facts(lab) -> dict:
     if "qemu" in facts:
         facts["qemu"] = facts["qemu"].replace("QEMU emulator version ", "")
     return facts
-
-
-def results_dir(name: str, out: str | None) -> Path:
-    """The run's own results directory, created here and by nobody else.
-
-    ``--out`` must not exist or be an empty directory: vmlab never writes into (or
-    changes the mode of, or deletes from) a directory that holds the user's files. The
-    default is results/<UTC>-<name>[-N]/, made with an exclusive mkdir so two runs started
-    in the same second get two directories."""
-    if out:
-        d = Path(out)
-        if d.exists() and not d.is_dir():
-            raise UserError(f"--out {out}: exists and is not a directory")
-        if d.is_dir() and any(d.iterdir()):
-            raise UserError(f"--out {out}: directory is not empty; vmlab writes results "
-                            f"only into a new or empty directory")
-        if not d.exists():
-            try:
-                d.mkdir(parents=True)
-            except FileExistsError:
-                pass
-        try:  # claim it: of two runs given the same --out, exactly one gets it
-            os.close(os.open(d / ".vmlab-run", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
-        except FileExistsError:
-            raise UserError(f"--out {out}: another vmlab run is using it")
-        return d
-    ts = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
-    parent = Path.cwd() / "results"
-    parent.mkdir(parents=True, exist_ok=True)
-    for n in range(1000):
-        d = parent / (f"{ts}-{name}" + (f"-{n}" if n else ""))
-        try:
-            d.mkdir()
-            return d
-        except FileExistsError:
-            continue
-    raise UserError(f"cannot make a new results directory under {parent}")
-
-
-def cli_passthrough(args, **override) -> list[str]:
-    """The options of this command line that decide how an experiment runs, for its
-    reproduce.sh (``override``: e.g. kernel= for one matrix cell)."""
-    vals = {flag: getattr(args, flag, None) for flag in
-            ("accel", "kernel", "guest_kernel", "qemu", "kernel_image", "lab_memory",
-             "boot_timeout", "guest_memory", "guest_boot_timeout")}
-    vals.update(override)
-    out = [f"--{flag.replace('_', '-')}={v}" for flag, v in vals.items() if v is not None]
-    return out + [f"--lab-qemu-arg={v}" for v in (getattr(args, "lab_qemu_arg", None) or ())]
-
-
-def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
-    shutil.copyfile(exp.path, d / "config.yaml")
-    script = ("#!/bin/sh\n# Re-run this experiment with the same config (copied beside this script).\n"
-              "here=$(cd \"$(dirname \"$0\")\" && pwd) || exit 1\n"
-              f"cd {shlex.quote(str(repo_root()))} || exit 1\n"
-              "VMLAB=.venv/bin/vmlab; [ -x \"$VMLAB\" ] || VMLAB=vmlab\n"
-              f"exec \"$VMLAB\" run \"$here/config.yaml\" {' '.join(shlex.quote(a) for a in argv)} \"$@\"\n")
-    (d / "reproduce.sh").write_text(script)
-    os.chmod(d / "reproduce.sh", 0o755)
 
 
 def guest_options(exp: cfgmod.Experiment, o: dict, name: str = "guest",
@@ -531,37 +462,11 @@ class Run:
     def check_health(self) -> None:
         """WARN/BUG/Oops or a new taint flag in either kernel fails the run unless the
         experiment says it expects them (``expect_kernel_warnings: true``)."""
-        health = {}
-        for name, vm in (("lab", self.stack.lab if self.stack else None),
-                         ("guest", self.stack.guest if self.stack else None)):
-            start = self.health_start.get(name)
-            if start is None or vm is None or getattr(vm, "session", None) is None:
-                continue
-            if name == "guest" and self.result.get("vmm_fault"):
-                # its vCPUs are stopped or its QEMU is gone (that is the verdict): asking
-                # its kernel would only wait for SSH to give up
-                health[name] = {"ok": None, "skipped": "the guest's VMM stopped: " + self.result["vmm_fault"],
-                                "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
-                continue
-            try:
-                now = kernel_state(vm)
-            except Exception as e:
-                # A kernel that cannot answer at the end is no clean run: the lab runs with
-                # oops=panic, so an oops after the last verdict shows up exactly like this.
-                # Only a guest whose VMM fault is the verdict is excused.
-                excused = name == "guest" and bool(self.result.get("vmm_fault"))
-                h = {"ok": None if excused else False, "error": f"{type(e).__name__}: {e}",
-                     "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
-                if name == "lab":
-                    # the lab's own console (a shared lab's lives beside the cells)
-                    console = Path(vm.machine.spec.console_log) if getattr(vm, "machine", None) \
-                        else self.out / "lab-console.log"
-                    tail = [ln for ln in _read_text(console).splitlines()
-                            if "Kernel panic" in ln or any(w in ln for w in oracle.BAD_KERNEL_WORDS)]
-                    h["bad_lines"], h["bad_line_count"] = tail[-20:], len(tail)
-                health[name] = h
-                continue
-            health[name] = oracle.kernel_health(start["dmesg"], now["dmesg"], start["taint"], now["taint"])
+        lab = self.stack.lab if self.stack else None
+        health = kernel_health({"lab": lab, "guest": self.stack.guest if self.stack else None},
+                               self.health_start, vmm_fault=self.result.get("vmm_fault"),
+                               lab_console=Path(lab.machine.spec.console_log)
+                               if getattr(lab, "machine", None) else self.out / "lab-console.log")
         self.result["kernel_health"] = health
         bad = {k: v for k, v in health.items() if v.get("ok") is False}
         if bad and not self.exp.raw.get("expect_kernel_warnings"):
@@ -588,37 +493,23 @@ class Run:
         self.save()
 
     def caching_chain(self) -> dict:
+        """Each layer's caching attribute for the buffer, asked of that layer (the
+        analysis is vmlab/caching.py's); also where the guest sees the BAR."""
         exp_cfg = self.exp.section("exporter")
-        chain: dict = {"exporter": {"kind": exp_cfg["kind"], "requested": exp_cfg.get("caching", "WB")}}
+        exporter: dict = {"kind": exp_cfg["kind"], "requested": exp_cfg.get("caching", "WB")}
+        host_pte = None
         if exp_cfg["kind"] == "vmlab":
             info = self.agent.request("info", buf=self.buf["buf"])
-            chain["exporter"].update(caching=info["caching"], vm_prot=info["vm_prot"])
+            exporter.update(caching=info["caching"], vm_prot=info["vm_prot"])
             try:
-                chain["lab_host_pte"] = self.agent.request("host_pte", buf=self.buf["buf"])
+                host_pte = self.agent.request("host_pte", buf=self.buf["buf"])
             except AgentRequestFailed as e:
-                chain["lab_host_pte"] = {"error": str(e)}
-        npt = self.result["lab"].get("module_params", {}).get("kvm_amd", {}).get("npt", "-")
-        chain["kvm"] = {"mmu": "NPT" if npt.strip() == "Y" else "EPT/other",
-                        "memtype": "none: NPT leaves the guest PAT in charge (no IPAT on AMD)"
-                        if npt.strip() == "Y" else "see EPT memtype/IPAT"}
+                host_pte = {"error": str(e)}
         m = self.guest_agent(f"map --caching {self.mapping}{self.dev_args}")
         if m.get("bar2_phys"):
             self.bar2_gpa = int(str(m["bar2_phys"]), 16)
-        chain["guest"] = {"requested": self.mapping, "memtype": m.get("memtype"), "pat_line": m.get("pat_line")}
-        want = {"wb": "write-back", "wc": "write-combining", "uc": "uncached-minus"}[self.mapping]
-        host = chain.get("lab_host_pte", {}).get("memtype")
-        chain["effective"] = chain["guest"]["memtype"]
-        mism = []
-        if chain["guest"]["memtype"] != want:
-            mism.append(f"guest asked {self.mapping} but got {chain['guest']['memtype']}")
-        exp_c = chain["exporter"].get("caching")
-        if host and exp_c and {"WB": "WB", "WC": "WC", "UC": "UC-"}.get(exp_c) != host:
-            mism.append(f"exporter says {exp_c} but the host PTE is {host}")
-        if host and chain["guest"]["memtype"] and host != {"write-back": "WB", "write-combining": "WC",
-                                                           "uncached-minus": "UC-", "uncached": "UC"}.get(chain["guest"]["memtype"]):
-            mism.append(f"host mapping {host} vs guest mapping {chain['guest']['memtype']} (NPT does not carry host PAT)")
-        chain["mismatches"] = mism
-        return chain
+        npt = self.result["lab"].get("module_params", {}).get("kvm_amd", {}).get("npt", "-")
+        return caching.chain(exporter, host_pte, npt, m, self.mapping)
 
     def start_kvm_trace(self) -> None:
         """KVM's MMU tracepoints for the BAR's frames, recorded around every move
@@ -1057,101 +948,6 @@ class Run:
                 time.sleep(0.2)
 
 
-class Watch:
-    """The guest agent in watch mode on pages 0 and last, read live over one SSH channel."""
-
-    def __init__(self, guest, mapping: str):
-        self.chan = guest.session.open_exec(
-            f"{AGENT} watch --duration 3600 --interval-us 100 --caching {mapping}")
-        self.buf = bytearray()
-        self.events: list[dict] = []
-        self.reader = ChannelReader(self.chan, "guest watcher", on_out=self._feed)
-        self._pump(0.5)
-
-    def _feed(self, data: bytes) -> None:
-        self.buf += data
-        while b"\n" in self.buf:
-            i = self.buf.index(b"\n")
-            line = bytes(self.buf[:i])
-            del self.buf[:i + 1]
-            try:
-                ev = json.loads(line)
-            except ValueError:
-                continue
-            ev["rx"] = time.monotonic()
-            self.events.append(ev)
-
-    def _pump(self, seconds: float) -> None:
-        if not self.exited():
-            self.reader.pump(time.monotonic() + seconds, soft=True)
-
-    def wait_generation(self, gen: int, t_sent: float, timeout: float) -> dict:
-        end = time.monotonic() + timeout
-        while True:
-            hit = next((e for e in self.events if e.get("generation") == gen and e.get("status") == "ok"
-                        and e["rx"] >= t_sent), None)
-            if hit:
-                return {"seen": True, "latency_s": round(hit["rx"] - t_sent, 6)}
-            if self.chan.exit_status_ready() or time.monotonic() >= end:
-                return {"seen": False, "latency_s": None}
-            self._pump(0.05)
-
-    def exited(self) -> bool:
-        return self.chan.exit_status_ready() or self.chan.closed
-
-    def last(self, n: int) -> list[dict]:
-        return [{k: v for k, v in e.items() if k != "rx"} for e in self.events[-n:]]
-
-    def events_between(self, t0: float, t1: float) -> list[dict]:
-        if not self.exited():  # take what has arrived, without waiting for more
-            self.reader.pump(time.monotonic(), soft=True)
-        return [e for e in self.events if t0 <= e["rx"] <= t1]
-
-    def close(self) -> dict:
-        try:
-            self.chan.close()
-        except Exception:
-            pass
-        changes = [e for e in self.events if "generation" in e]
-        return {"events": len(changes), "stale_observations":
-                oracle.watch_stale(changes, generation=0)["stale_observations"]}
-
-
-def write_junit(path: Path, res: dict) -> None:
-    cases, fails = [], 0
-    cls = quoteattr("vmlab." + res["experiment"])
-    checks = []
-    if "baseline" in res:
-        checks.append(("baseline", res["baseline"]))
-    checks += [(f"move{m['n']:03d}-{m['mode']}", m) for m in res["moves"]]
-    for name, m in checks:
-        body = ""
-        if not m.get("passed"):
-            fails += 1
-            msg = f"verdict {m.get('verdict')} expected {'/'.join(m.get('expected') or [])}"
-            body = f"<failure message={quoteattr(msg)}>{escape(json.dumps(m, default=str)[:4000])}</failure>"
-        cases.append(f'  <testcase classname={cls} name={quoteattr(name)}>{body}</testcase>')
-    if res.get("not_applicable"):
-        cases.append(f'  <testcase classname={cls} name="applicable"><skipped message='
-                     f'{quoteattr("not applicable: " + res["not_applicable"])}/></testcase>')
-    if res.get("kernel_health_failed"):
-        fails += 1
-        msg = "kernel warnings or new taint during the run: " + ", ".join(res["kernel_health_failed"])
-        detail = json.dumps(res.get("kernel_health"), default=str)[:4000]
-        cases.append(f'  <testcase classname={cls} name="kernel-health"><failure message={quoteattr(msg)}>'
-                     f'{escape(detail)}</failure></testcase>')
-    path.write_text(f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name={cls} '
-                    f'tests="{len(cases)}" failures="{fails}">\n' + "\n".join(cases) + "\n</testsuite>\n")
-
-
-def table(res: dict) -> str:
-    lines = [f"{'move':>4}  {'mode':15} {'verdict':12} {'expected':22} pages"]
-    for m in res["moves"]:
-        lines.append(f"{m['n']:>4}  {m['mode']:15} {m.get('verdict', '?'):12} {'/'.join(m['expected']):22} "
-                     f"{json.dumps(m.get('pages', {}))}{'' if m.get('passed') else '   <-- MISMATCH'}")
-    return "\n".join(lines)
-
-
 def main(args, progress) -> int:
     path = args.config or str(DEFAULT_CONFIG)
     exp = cfgmod.load(path)  # ConfigError -> exit 2 before anything starts
@@ -1220,9 +1016,3 @@ def main(args, progress) -> int:
     print(f"{'PASSED' if r.result['passed'] else 'FAILED'}: results in {out}")
     return rc
 
-
-def _read_text(p: Path) -> str:
-    try:
-        return p.read_text(errors="replace")
-    except OSError:
-        return ""

@@ -16,7 +16,7 @@ CHUNK = 10_000
 def bench_fuzz(args, progress, workdir: Path, count: int = RANDOM_IOCTLS,
                race_seconds: float = 120, threads: int = 4) -> dict:
     from . import config as cfgmod
-    from .experiment import kernel_state
+    from .health import kernel_state
     from .exporter import HostAgent
     from .stack import Stack, lab_options
     o = cfgmod.resolve(None, args)

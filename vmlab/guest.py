@@ -8,7 +8,6 @@ logs copied into the results directory.
 """
 from __future__ import annotations
 
-import json
 import logging
 import re
 import shlex

@@ -253,7 +253,7 @@ class Matrix:
         return list(groups.values())
 
     def _reproducer(self, cell_dir: Path, exp, kernel: str) -> None:
-        from .experiment import cli_passthrough, write_reproducer
+        from .run_dir import cli_passthrough, write_reproducer
         write_reproducer(cell_dir, exp, cli_passthrough(self.args, kernel=kernel, kernel_image=None))
 
     def _run_group(self, kernel, gi, members, total, Run, images) -> None:
@@ -459,7 +459,7 @@ def table(result: dict) -> str:
 
 
 def main(args, progress) -> int:
-    from .experiment import results_dir
+    from .run_dir import results_dir
     kernels = parse_kernels(args.kernels)
     only = [i.strip() for i in args.only.split(",")] if args.only else None
     shard_of = parse_shard(getattr(args, "shard", None))

@@ -65,7 +65,7 @@ def _cells_of(d: Path) -> tuple[dict, list[tuple[dict, Path]]]:
 
 
 def merge(dirs: list[str], out_arg: str | None, progress) -> int:
-    from .experiment import results_dir
+    from .run_dir import results_dir
     inputs, cells, seen = [], [], {}
     for name in dirs:
         d = Path(name)

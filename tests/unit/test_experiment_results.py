@@ -1,4 +1,4 @@
-"""vmlab/experiment.py result writers: junit.xml, the table, the reproducer (no VM)."""
+"""vmlab/run_dir.py result writers: junit.xml, the table, the reproducer (no VM)."""
 from __future__ import annotations
 
 import os
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from vmlab import config, experiment
+from vmlab import config, run_dir
 from vmlab.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -26,7 +26,7 @@ def fake_result() -> dict:
 
 def test_write_junit(tmp_path):
     p = tmp_path / "junit.xml"
-    experiment.write_junit(p, fake_result())
+    run_dir.write_junit(p, fake_result())
     root = ET.parse(p).getroot()
     assert root.tag == "testsuite"
     assert root.get("name") == "vmlab.demo"
@@ -47,25 +47,25 @@ def test_write_junit(tmp_path):
 def test_write_junit_all_pass_and_missing_verdict(tmp_path):
     res = fake_result()
     res["moves"][1]["passed"] = True
-    experiment.write_junit(tmp_path / "a.xml", res)
+    run_dir.write_junit(tmp_path / "a.xml", res)
     root = ET.parse(tmp_path / "a.xml").getroot()
     assert (root.get("tests"), root.get("failures")) == ("2", "0")
     assert root.find("testcase/failure") is None
     res = {"experiment": "x", "moves": [{"n": 1, "mode": "ZAP_ONLY", "expected": ["STALE"]}]}
-    experiment.write_junit(tmp_path / "b.xml", res)
+    run_dir.write_junit(tmp_path / "b.xml", res)
     root = ET.parse(tmp_path / "b.xml").getroot()
     assert (root.get("tests"), root.get("failures")) == ("1", "1")
     assert root.find("testcase/failure").get("message") == "verdict None expected STALE"
 
 
 def test_write_junit_no_moves(tmp_path):
-    experiment.write_junit(tmp_path / "j.xml", {"experiment": "e", "moves": []})
+    run_dir.write_junit(tmp_path / "j.xml", {"experiment": "e", "moves": []})
     root = ET.parse(tmp_path / "j.xml").getroot()
     assert (root.get("tests"), root.get("failures")) == ("0", "0")
 
 
 def test_table_marks_mismatch():
-    lines = experiment.table(fake_result()).splitlines()
+    lines = run_dir.table(fake_result()).splitlines()
     assert len(lines) == 3
     assert lines[0].split() == ["move", "mode", "verdict", "expected", "pages"]
     assert "MISMATCH" not in lines[1]
@@ -81,7 +81,7 @@ def test_write_reproducer(tmp_path):
     exp = config.load(src)
     out = tmp_path / "out"
     out.mkdir()
-    experiment.write_reproducer(out, exp, ["--accel=tcg"])
+    run_dir.write_reproducer(out, exp, ["--accel=tcg"])
     assert (out / "config.yaml").read_text() == src.read_text()
     sh = out / "reproduce.sh"
     mode = stat.S_IMODE(sh.stat().st_mode)
@@ -97,14 +97,14 @@ def test_write_reproducer(tmp_path):
 
 def test_results_dir(tmp_path, monkeypatch):
     exp = config.load(ROOT / "configs/experiments/default.yaml")
-    d = experiment.results_dir(exp.name, str(tmp_path / "given"))
+    d = run_dir.results_dir(exp.name, str(tmp_path / "given"))
     assert d == tmp_path / "given" and d.is_dir()
     monkeypatch.chdir(tmp_path)
-    d = experiment.results_dir(exp.name, None)
+    d = run_dir.results_dir(exp.name, None)
     assert d.parent == tmp_path / "results"
     assert d.name.endswith("-default") and d.name[:8].isdigit()
     # two runs started in the same second get two directories
-    d2 = experiment.results_dir(exp.name, None)
+    d2 = run_dir.results_dir(exp.name, None)
     assert d2 != d and d2.parent == d.parent and d2.name.startswith(d.name)
 
 
@@ -116,18 +116,18 @@ def test_out_refuses_a_directory_holding_files(tmp_path):
     key = home / "id_ed25519"
     key.write_text("users-private-key")
     with pytest.raises(UserError) as e:
-        experiment.results_dir(exp.name, str(home))
+        run_dir.results_dir(exp.name, str(home))
     assert e.value.exit_code == 2 and "not empty" in str(e.value)
     assert key.read_text() == "users-private-key"
     assert stat.S_IMODE(home.stat().st_mode) == 0o755
     f = tmp_path / "afile"
     f.write_text("x")
     with pytest.raises(UserError):
-        experiment.results_dir(exp.name, str(f))
+        run_dir.results_dir(exp.name, str(f))
     assert f.read_text() == "x"
 
 
 def test_out_accepts_an_empty_directory(tmp_path):
     exp = config.load(ROOT / "configs/experiments/default.yaml")
     (tmp_path / "empty").mkdir()
-    assert experiment.results_dir(exp.name, str(tmp_path / "empty")) == tmp_path / "empty"
+    assert run_dir.results_dir(exp.name, str(tmp_path / "empty")) == tmp_path / "empty"

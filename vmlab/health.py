@@ -1,0 +1,59 @@
+"""Kernel health around a run: the taint mask and dmesg of a VM at the start and at the
+end, so what the run itself provoked (WARN, BUG, Oops, a new taint flag) is told apart
+from what was there before."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from . import oracle
+
+
+def kernel_state(vm) -> dict:
+    """dmesg and the taint mask of a VM now, to tell later what a run itself provoked."""
+    _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
+    first, _, rest = out.partition("\n")
+    try:
+        taint = int(first.strip())
+    except ValueError:
+        taint = 0
+    return {"taint": taint, "dmesg": rest}
+
+
+def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console: Path) -> dict:
+    """name -> oracle.kernel_health of each VM (``vms``: name -> lab or guest) from its
+    state at ``start[name]`` to now; ``ok`` None where it cannot be judged and that is
+    excused (a guest whose VMM fault is the verdict), False where a kernel that should
+    answer does not."""
+    health = {}
+    for name, vm in vms.items():
+        st = start.get(name)
+        if st is None or vm is None or getattr(vm, "session", None) is None:
+            continue
+        if name == "guest" and vmm_fault:
+            # its vCPUs are stopped or its QEMU is gone (that is the verdict): asking
+            # its kernel would only wait for SSH to give up
+            health[name] = {"ok": None, "skipped": "the guest's VMM stopped: " + vmm_fault,
+                            "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
+            continue
+        try:
+            now = kernel_state(vm)
+        except Exception as e:
+            # A kernel that cannot answer at the end is no clean run: the lab runs with
+            # oops=panic, so an oops after the last verdict shows up exactly like this.
+            h = {"ok": False, "error": f"{type(e).__name__}: {e}",
+                 "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
+            if name == "lab":
+                tail = [ln for ln in _read_text(lab_console).splitlines()
+                        if "Kernel panic" in ln or any(w in ln for w in oracle.BAD_KERNEL_WORDS)]
+                h["bad_lines"], h["bad_line_count"] = tail[-20:], len(tail)
+            health[name] = h
+            continue
+        health[name] = oracle.kernel_health(st["dmesg"], now["dmesg"], st["taint"], now["taint"])
+    return health
+
+
+def _read_text(p: Path) -> str:
+    try:
+        return p.read_text(errors="replace")
+    except OSError:
+        return ""
