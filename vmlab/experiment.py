@@ -7,6 +7,7 @@ interrupted run still explains itself.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from .stack import LAB_BOOT_ATTEMPTS, Stack, lab_options
 from .versions import qemu_upstream_version
 
 log = logging.getLogger("vmlab.experiment")
+_PLUG_SEQ = itertools.count(1)
 DEFAULT_CONFIG = repo_root() / "configs" / "experiments" / "default.yaml"
 IVSHMEM_DIR = "/run/vmlab/ivshmem"   # one socket per guest name
 VHOST_USER_DIR = "/run/vmlab/vhost-user"
@@ -238,7 +240,10 @@ class Run:
         if self.shared_guest is not None:
             # a guest other runs use after us: a socket of this run's own, a device by hot-plug
             gopts = self.shared_guest.opts
-            self.buffer_sock = f"{IVSHMEM_DIR}/{gopts.name}-run{os.getpid()}.sock"
+            # QMP ids and a socket of this run's own: a guest keeps an id until QEMU
+            # finalizes the device, and one process runs many cells in it (the matrix)
+            self.plug_name = f"run{os.getpid()}n{next(_PLUG_SEQ)}"
+            self.buffer_sock = f"{IVSHMEM_DIR}/{gopts.name}-{self.plug_name}.sock"
         else:
             name, port = "guest", GuestOptions.ssh_port
             if self.shared_lab is not None and self.shared_lab.reused_from:
@@ -324,7 +329,7 @@ class Run:
                                     "boot_seconds": guest.boot_seconds}
             if self.shared_guest is not None:
                 t0 = time.monotonic()
-                self.plug = HotPlug(guest, self.buffer_sock, f"run{os.getpid()}")
+                self.plug = HotPlug(guest, self.buffer_sock, self.plug_name)
                 self.dev_args = f" --device {self.plug.bdf}"
                 self.result["guest"].update(reused_from=guest.reused_from,
                                             hotplug={"port": self.plug.port, "bdf": self.plug.bdf,

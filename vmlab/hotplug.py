@@ -144,10 +144,19 @@ class HotPlug:
                 time.sleep(0.2)
         if self.chardev_added:
             self.chardev_added = False
-            try:
-                self.guest.cmd("chardev-remove", id=self.chardev)
-            except Exception as e:
-                log.warning("%s: chardev-remove: %s", self.name, e)
+            # the device leaves query-pci before QEMU finalizes it, and until then its
+            # chardev is "busy": ask again for a few seconds
+            deadline = time.monotonic() + 5
+            while True:
+                try:
+                    self.guest.cmd("chardev-remove", id=self.chardev)
+                    break
+                except Exception as e:
+                    if "busy" in str(e) and time.monotonic() < deadline:
+                        time.sleep(0.1)
+                        continue
+                    log.warning("%s: chardev-remove: %s", self.name, e)
+                    break
 
 
 class HotBuffer:
