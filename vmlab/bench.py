@@ -394,9 +394,9 @@ def bench_matrix(args, progress, entries=("calibration", "dmaheap-order0", "pfnm
                      "per_cell": {c["entry"]: {"seconds": c["seconds"], "match": c["match"],
                                                "verdicts": c["verdicts"]} for c in cells},
                      "results": str(out)}
-    res["same_verdicts"] = all(res["own_guests"]["per_cell"][e]["verdicts"] ==
-                               res["shared_guest"]["per_cell"][e]["verdicts"] for e in entries
-                               if e in res["own_guests"]["per_cell"] and e in res["shared_guest"]["per_cell"])
+    own, shared = res["own_guests"]["per_cell"], res["shared_guest"]["per_cell"]
+    res["same_verdicts"] = (set(own) == set(shared) == set(entries) and
+                            all(own[e]["verdicts"] == shared[e]["verdicts"] for e in entries))
     return res
 
 

@@ -122,6 +122,10 @@ def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
         return "it drives the guest's virtio-gpu"
     if any(mv.get("inject") == "kill-vmm" for mv in exp.raw.get("moves") or []):
         return "it kills the guest's QEMU"
+    if (exp.raw.get("exporter") or {}).get("alloc") == "HUGE_PMD" or o.get("guest_align") == "2M":
+        # whether KVM can map 2 MiB depends on where the BAR lands, and a hot-plugged BAR
+        # lands in a root port's window, not where the boot-time device would
+        return "its verdict depends on where the BAR lands (2 MiB alignment), which hot-plug changes"
     return None
 
 
@@ -140,6 +144,7 @@ class Run:
         self.shared_guest = shared_guest
         self.stop_guest_in_doubt = stop_guest_in_doubt
         self.plug: HotPlug | None = None           # the buffer's device in a shared guest
+        self.qemu_log_from = 0                     # where this run's part of qemu.log starts
         self.result: dict = {"experiment": exp.name, "config": exp.raw, "status": "running",
                              "started": datetime.now(timezone.utc).isoformat(), "moves": [],
                              "passed": False}
@@ -215,7 +220,10 @@ class Run:
         if not alive or status in ("internal-error", "shutdown", "guest-panicked") or \
                 (status and status.startswith("qmp-error")):
             _, qlog, _ = self.stack.lab.run(
-                f"grep -i -m 3 -e 'error' -e 'failed' {g.dir}/qemu.log; tail -n 1 {g.dir}/qemu.log",
+                # this run's part of the log only: a shared guest's QEMU also wrote for others
+                f"tail -c +{self.qemu_log_from + 1} {g.dir}/qemu.log > {g.dir}/qemu.log.run{os.getpid()}; "
+                f"grep -i -m 3 -e 'error' -e 'failed' {g.dir}/qemu.log.run{os.getpid()}; "
+                f"tail -n 1 {g.dir}/qemu.log.run{os.getpid()}; rm -f {g.dir}/qemu.log.run{os.getpid()}",
                 timeout=30, check=False)
             words = [ln for ln in qlog.splitlines() if ln.strip()]
             last = words[0] if words else ""
@@ -329,7 +337,9 @@ class Run:
                                     "boot_seconds": guest.boot_seconds}
             if self.shared_guest is not None:
                 t0 = time.monotonic()
+                self.qemu_log_from = self.qemu_log_size() or 0
                 self.plug = HotPlug(guest, self.buffer_sock, self.plug_name)
+                self.plug.plug()
                 self.dev_args = f" --device {self.plug.bdf}"
                 self.result["guest"].update(reused_from=guest.reused_from,
                                             hotplug={"port": self.plug.port, "bdf": self.plug.bdf,
@@ -910,11 +920,21 @@ class Run:
             self.result.setdefault("guest", {})["unplug_error"] = f"not unplugged: the guest is {status}"
             return False
         try:
+            # nothing of this run may outlive it in a guest others use: the watcher runs
+            # for an hour unless killed, and an agent that did not exit holds the BAR
+            self.stack.guest.run("busybox pkill -KILL -f '[v]mlab-guest-agent'; true",
+                                 timeout=30, check=False)
+        except Exception as e:
+            log.warning("stopping this run's guest agents: %s", e)
+        try:
             self.plug.close()
         except Exception as e:
             log.warning("unplugging the buffer: %s", e)
-            self.result.setdefault("guest", {})["unplug_error"] = str(e)
-        return not (self.plug.plugged or self.plug.stuck)
+        gone = self.plug.gone()
+        if not gone:
+            self.result.setdefault("guest", {})["unplug_error"] = (
+                f"{self.plug.device} not confirmed gone from the guest")
+        return gone
 
     def release_buffer(self, guest_gone: bool) -> None:
         """Close the buffer; once the guest's QEMU is gone (its VM, and with it every KVM
@@ -1000,7 +1020,15 @@ def main(args, progress) -> int:
                                         progress, out) as guest:
                 r = Run(exp, opts, out, progress, shared_lab=lab, shared_guest=guest)
                 r.save()
-                rc = r.run()
+                try:
+                    rc = r.run()
+                finally:
+                    doubt = reuse.guest_doubt(r.result) if guest is not None else None
+                    if doubt:   # still under the guest's lock
+                        reuse.mark_guest_in_doubt(reuse.lab_dir(), doubt)
+                        progress(f"this run left the guest of 'vmlab guest up' in doubt ({doubt}): "
+                                 f"later runs will not use it; 'vmlab guest down' and 'vmlab guest "
+                                 f"up' replace it")
     except BaseException as e:
         interrupted = not isinstance(e, Exception)   # Ctrl-C, SIGTERM
         raise

@@ -9,6 +9,7 @@ logs copied into the results directory.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import shlex
 import time
@@ -16,9 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ssh
-from .errors import BootFailure, QemuRefused, RemoteError
+from .errors import BootFailure, QemuRefused, RemoteError, WaitTimeout
 from .lab_process import LabProcess
 from .qemu import QemuMachine, VMSpec
+from .qmp import QMPGone
 
 log = logging.getLogger("vmlab.guest")
 READY = "VMLAB-GUEST-READY"
@@ -75,14 +77,17 @@ class Guest:
         """Its QEMU, run in the lab; the QMP relay's local end in the lab's private run
         directory (short: AF_UNIX paths end at 107 bytes; never in a results directory)."""
         if self._machine is None:
+            # the relay's end is this process's own: another command may attach to the same
+            # guest (doctor, guest exec) and must not unlink it
             self._machine = QemuMachine(self.spec(), self.workdir,
-                                        host=LabProcess(self.lab, self.dir,
-                                                        self.lab.rundir / f"{self.opts.name}-qmp.sock"))
+                                        host=LabProcess(self.lab, self.dir, self.lab.rundir /
+                                                        f"{self.opts.name}-{os.getpid()}-qmp.sock"))
         return self._machine
 
     @property
     def pid(self) -> int | None:
-        return self.machine.pid
+        # read without building the machine: a teardown asks, and must not need the key
+        return self._machine.pid if self._machine is not None else None
 
     @pid.setter
     def pid(self, value: int | None) -> None:
@@ -133,9 +138,9 @@ class Guest:
         self.lab.run(_COPY_IMAGE, timeout=120)   # its own step: a failed copy says why
         try:
             m.launch(timeout=60)
-        except (BootFailure, QemuRefused) as e:
-            # the guest's QEMU is the VMM under test: one that will not start is "could
-            # not test" (125) whatever it objected to
+        except (BootFailure, QemuRefused, WaitTimeout, QMPGone, RemoteError, OSError) as e:
+            # the guest's QEMU is the VMM under test: one that will not start (or whose QMP
+            # never comes up) is "could not test" (125) whatever it objected to
             self.fetch_logs()
             raise BootFailure(self.opts.name, f"QEMU in the lab exited early: {m._last_words() or e}",
                               str(self.workdir / f"{self.opts.name}-console.log"))

@@ -9,8 +9,11 @@ chardev to that server and the device on a free port, and the guest's PCI hot-pl
 guest agent is then told which device to read (``--device BDF``). Unplugging is device_del
 and waiting until QEMU has finalized the device (the guest ejected it).
 
-The buffer's pages stay quarantined until the guest's QEMU exits: the caller releases
-them then (``HotBuffer.id`` names them), as ``vmlab run`` does for its one buffer.
+The buffer's pages stay quarantined until the device is known gone from the guest (QEMU
+deletes the BAR's memslot, which zaps KVM's sptes, while it unrealizes the device, before
+the device leaves the bus): ``HotPlug.gone()`` asks QEMU; the exporter answers EBUSY while
+QEMU's own mapping of the buffer is still there. A device whose unplug cannot be confirmed
+keeps its pages quarantined until the guest's QEMU exits.
 """
 from __future__ import annotations
 
@@ -79,28 +82,46 @@ class HotPlug:
     agent's ``serve_ivshmem``); ``bdf`` is where the guest found it. ``close()`` unplugs
     it and waits until QEMU has let it go; ``stuck`` says the guest never did."""
 
-    def __init__(self, guest, sock: str, name: str, *, timeout: float = 60):
+    def __init__(self, guest, sock: str, name: str):
+        """Nothing happens until ``plug()``: the owner holds the object first, so a plug
+        that fails half-way is still its to clean up and to account for."""
         self.guest, self.sock, self.name = guest, sock, name
         self.chardev, self.device = f"{name}-chr", f"{name}-dev"
         self.chardev_added = self.plugged = self.stuck = False
+        self.port: str | None = None
         self.bdf: str | None = None
+
+    def plug(self, timeout: float = 60) -> "HotPlug":
+        guest = self.guest
         try:
             self.port = self._free_port()
             guest.cmd("chardev-add", id=self.chardev,
-                      backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": sock}},
+                      backend={"type": "socket", "data": {"addr": {"type": "unix", "data": {"path": self.sock}},
                                                           "server": False}})
             self.chardev_added = True
+            # plugged from the moment it is asked for: a lost reply may hide a done device_add
+            self.plugged = True
             guest.cmd("device_add", driver="ivshmem-doorbell", id=self.device, chardev=self.chardev,
                       vectors=1, bus=self.port)
-            self.plugged = True
             self.bdf = f"0000:{_root_ports(guest)[self.port]['secondary']:02x}:00.0"
             self._wait_in_guest(timeout)
         except BaseException:
             try:
                 self.close()
             except Exception as e:   # the first error is the one to see
-                log.warning("%s: cleaning up after a failed plug: %s", name, e)
+                log.warning("%s: cleaning up after a failed plug: %s", self.name, e)
             raise
+        return self
+
+    def gone(self) -> bool:
+        """QEMU itself says the device is not in the guest (any doubt is False)."""
+        if self.plugged or self.stuck:
+            return False
+        try:
+            return self.device not in _qdev_ids(self.guest)
+        except Exception as e:
+            log.warning("%s: cannot confirm the unplug: %s", self.name, e)
+            return False
 
     def _free_port(self) -> str:
         for p in free_ports(self.guest):
@@ -120,8 +141,8 @@ class HotPlug:
                 return
             waited = time.monotonic() - t0
             if waited > timeout:
-                raise WaitTimeout(f"{self.name}: the guest did not enumerate {self.bdf} within "
-                                  f"{timeout:.0f}s of device_add")
+                raise WaitTimeout(f"{self.name}: the guest to enumerate {self.bdf} after device_add",
+                                  timeout)
             if waited > 5 and not rescanned:
                 self.guest.run("echo 1 > /sys/bus/pci/rescan", timeout=30, check=False)
                 rescanned = True
@@ -131,17 +152,24 @@ class HotPlug:
         """device_del and wait until QEMU has finalized the device (its BAR, memslot and
         mapping of the buffer gone); then the chardev."""
         if self.plugged:
+            try:
+                try:
+                    self.guest.cmd("device_del", id=self.device)
+                except Exception as e:
+                    if "not found" not in str(e).lower():   # never added: nothing to wait for
+                        raise
+                t0 = time.monotonic()
+                while self.device in _qdev_ids(self.guest):
+                    if time.monotonic() - t0 > timeout:
+                        raise WaitTimeout(f"{self.name}: the guest to release {self.device} after "
+                                          f"device_del", timeout)
+                    time.sleep(0.2)
+            except BaseException:
+                # not known gone: its port, chardev and pages stay taken, and the caller
+                # must not hand this guest to anyone else
+                self.stuck = True
+                raise
             self.plugged = False
-            self.guest.cmd("device_del", id=self.device)
-            t0 = time.monotonic()
-            while self.device in _qdev_ids(self.guest):
-                if time.monotonic() - t0 > timeout:
-                    # still in the guest: its port, chardev and pages stay taken, and the
-                    # caller must not hand this guest to anyone else
-                    self.stuck = True
-                    raise WaitTimeout(f"{self.name}: the guest did not release {self.device} "
-                                      f"within {timeout:.0f}s of device_del")
-                time.sleep(0.2)
         if self.chardev_added:
             self.chardev_added = False
             # the device leaves query-pci before QEMU finalizes it, and until then its
@@ -179,7 +207,8 @@ class HotBuffer:
         self.sock = f"{IVSHMEM_DIR}/{guest.opts.name}-{name}.sock"
         try:
             agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.sock)
-            self.plug = HotPlug(guest, self.sock, name, timeout=timeout)
+            self.plug = HotPlug(guest, self.sock, name)
+            self.plug.plug(timeout)
         except BaseException:
             try:
                 self._close_export()

@@ -132,18 +132,27 @@ def probe(python: str = sys.executable, deadline_s: float = DEADLINE_S) -> dict:
     """The tiny VM in a child process with a deadline: {"ok", "why", "seconds"}."""
     import time
     t0 = time.monotonic()
+    child = subprocess.Popen([python, "-m", "vmlab.kvm_probe"], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL,
+                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     try:
-        cp = subprocess.run([python, "-m", "vmlab.kvm_probe"], capture_output=True, text=True,
-                            timeout=deadline_s, cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
-                            stdin=subprocess.DEVNULL)
-        line = (cp.stdout.strip().splitlines() or [""])[-1]
+        out, err = child.communicate(timeout=deadline_s)
+        line = (out.strip().splitlines() or [""])[-1]
         try:
             res = json.loads(line)
+            res["definite"] = True     # KVM's own answer, worth caching
         except ValueError:
-            err = (cp.stderr.strip().splitlines() or [f"exit {cp.returncode}"])[-1]
-            res = {"ok": False, "why": f"the probe process failed: {err[:160]}"}
-    except subprocess.TimeoutExpired:   # run() killed it
-        res = {"ok": False, "why": f"KVM_RUN of a 5-byte real-mode VM did not return within {deadline_s:.0f}s"}
+            last = (err.strip().splitlines() or [f"exit {child.returncode}"])[-1]
+            res = {"ok": False, "why": f"the probe process failed: {last[:160]}", "definite": False}
+    except subprocess.TimeoutExpired:
+        child.kill()
+        try:
+            child.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            # stuck in KVM_RUN past SIGKILL (uninterruptible): left to the kernel, not waited for
+            pass
+        res = {"ok": False, "definite": False,
+               "why": f"KVM_RUN of a 5-byte real-mode VM did not return within {deadline_s:.0f}s"}
     res["seconds"] = round(time.monotonic() - t0, 3)
     return res
 

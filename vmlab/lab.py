@@ -100,7 +100,8 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
     tiny = kvm_probe.probe()
     if not tiny["ok"]:
         accel, reason = "tcg", f"/dev/kvm cannot run a 5-byte VM: {tiny['why']} ({tiny['seconds']}s)"
-        write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
+        if tiny.get("definite"):   # a timeout on a busy machine is asked again next time
+            write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
         return accel, reason
     progress("probing /dev/kvm: booting the lab kernel under -accel kvm ...")
     work = runtime_dir("vmlab-probe-")
@@ -119,10 +120,16 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
         accel, reason = "kvm", "a stock kernel booted to userspace under /dev/kvm"
     except (BootFailure, QemuRefused, WaitTimeout) as e:
         accel, reason = "tcg", f"/dev/kvm cannot boot a stock kernel: {getattr(e, 'cause', str(e))[:160]}"
+        # a deadline missed may be a busy machine, not the KVM: only QEMU's or the
+        # kernel's own words are cached as the verdict
+        definite = not isinstance(e, WaitTimeout) and " within " not in reason
+    else:
+        definite = True
     finally:
         m.shutdown(quick=True)
         shutil.rmtree(work, ignore_errors=True)
-    write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
+    if definite:
+        write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
     return accel, reason
 
 

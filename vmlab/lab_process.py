@@ -54,16 +54,23 @@ class LabProcess:
         except (ValueError, IndexError):
             raise OSError(f"lab: QEMU for {m.spec.name} did not start: {(err or out).strip()[-200:]}")
 
+    def _is_ours(self, m) -> str:
+        """A shell test: pid ``m.pid`` is still this QEMU (its -name), not a process that
+        got the pid after it died (a recorded guest outlives many commands), and not a
+        zombie (a killed QEMU is one until the lab's init reaps it: that is dead too)."""
+        name = shlex.quote(f"-name {m.spec.name} ")
+        return (f"grep -q '^State:[[:space:]]*[^Z]' /proc/{m.pid}/status && "
+                f"tr '\\0' ' ' < /proc/{m.pid}/cmdline | grep -q -F -e {name}")
+
     def alive(self, m) -> bool:
         if m.pid is None:
             return False
-        # a killed QEMU is a zombie until the lab's init reaps it: that is dead too
-        rc, _, _ = self._run(f"grep -q '^State:[[:space:]]*[^Z]' /proc/{m.pid}/status", timeout=20)
+        rc, _, _ = self._run(self._is_ours(m), timeout=15)
         return rc == 0
 
     def signal(self, m, sig) -> None:
         if m.pid is not None:
-            self._run(f"kill -{int(sig)} {m.pid} 2>/dev/null; true", timeout=20)
+            self._run(f"{self._is_ours(m)} && kill -{int(sig)} {m.pid} 2>/dev/null; true", timeout=15)
 
     def read_text(self, path: str) -> str:
         rc, out, _ = self._run(f"cat {shlex.quote(path)} 2>/dev/null", timeout=30)

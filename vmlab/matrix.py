@@ -26,7 +26,8 @@ from xml.sax.saxutils import escape, quoteattr
 
 from . import catalog, proc, report, strategies
 from . import config as cfgmod
-from .errors import BootFailure, CouldNotTest, ConfigError, UserError
+from .errors import CouldNotTest, ConfigError, UserError
+from .reuse import guest_doubt
 from .stack import Stack, lab_images, lab_options
 
 log = logging.getLogger("vmlab.matrix")
@@ -74,8 +75,9 @@ class CellGuest:
                                    extra_qemu_args=root_port_args()), self.workdir)
             try:
                 g.up(self.progress)
-            except BootFailure as e:
-                self.progress(f"matrix guest did not come up ({e}); the cell boots a guest of its own")
+            except Exception as e:   # Guest.up stops what it started
+                self.progress(f"matrix guest did not come up ({type(e).__name__}: {e}); the cell "
+                              f"boots a guest of its own")
                 return None
             g.reused_from = f"the matrix's guest '{self.NAME}' of this lab"
             self.guest = g
@@ -85,11 +87,7 @@ class CellGuest:
         """Keep the guest only when the cell left it as it found it."""
         if self.guest is None:
             return
-        g = result.get("guest") or {}
-        doubt = (result.get("status") not in ("finished", "not_applicable") and "status "
-                 f"{result.get('status')}") or (result.get("vmm_fault") and "a VMM fault") or \
-            (result.get("kernel_health_failed") and "a kernel health check failed") or \
-            (g.get("unplug_error") and f"the unplug did not finish ({g['unplug_error']})")
+        doubt = guest_doubt(result)
         if doubt:
             self.progress(f"matrix guest: the cell ended with {doubt}; stopping it")
             self.stop()
@@ -98,6 +96,14 @@ class CellGuest:
         if self.guest is not None:
             g, self.guest = self.guest, None
             g.down()
+
+    def forget(self) -> None:
+        """A guest whose boot or check failed half-way: stopped if it got that far."""
+        try:
+            self.stop()
+        except Exception as e:
+            log.warning("matrix guest: stopping it: %s", e)
+            self.guest = None
 
 
 def parse_kernels(text: str | None) -> list[str]:
@@ -328,7 +334,12 @@ class Matrix:
                     {"kernel": kernel, "failures": stack.boot_failures})
 
     def _run_cell(self, Run, exp, o, cell_dir: Path, lab, cell_guest: CellGuest):
-        guest = cell_guest.get(lab, exp, o)
+        try:
+            guest = cell_guest.get(lab, exp, o)
+        except Exception as e:   # the shared guest's trouble is not this cell's: it boots its own
+            self.progress(f"matrix guest: {type(e).__name__}: {e}; the cell boots a guest of its own")
+            cell_guest.forget()
+            guest = None
         r = Run(exp, o, cell_dir, self.progress, shared_lab=lab, shared_guest=guest,
                 stop_guest_in_doubt=True)
         r.save()

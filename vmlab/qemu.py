@@ -317,17 +317,20 @@ class QemuMachine:
             time.sleep(0.25)
 
     def shutdown(self, timeout: float = 10, quick: bool = False) -> None:
+        """QMP quit, SIGTERM, SIGKILL; each step's wait is bounded, and so is the whole
+        ladder (a runner whose every check is an SSH exec makes each step cost more)."""
+        end = time.monotonic() + timeout + 15
         try:
             if self.alive() and not quick and self.qmp is not None:
                 try:
                     self.qmp.quit_within(min(5.0, timeout))
                 except Exception:  # a dead or wedged monitor: the signals below decide
                     pass
-                self._wait_gone(timeout)
-            if self.alive():
+                self._wait_gone(min(timeout, end - time.monotonic()))
+            if time.monotonic() < end and self.alive():
                 self.host.signal(self, signal.SIGTERM)
-                self._wait_gone(5)
-            if self.alive():
+                self._wait_gone(min(5, end - time.monotonic()))
+            if self.alive():   # SIGKILL is never skipped
                 self.host.signal(self, signal.SIGKILL)
                 self._wait_gone(5)
         finally:
@@ -338,13 +341,6 @@ class QemuMachine:
         while self.alive() and time.monotonic() < deadline:
             time.sleep(0.1)
 
-    def gone(self) -> bool:
-        """True when the process is known to be gone (False also when that cannot be
-        known now: a lab whose SSH session is down)."""
-        try:
-            return not self.alive()
-        except Exception:
-            return False
 
     def _post_shutdown(self) -> None:
         self.collect_events()

@@ -206,6 +206,30 @@ def guest_attach(lab, workdir=None) -> tuple[Guest, dict]:
     return g, rec
 
 
+def guest_doubt(result: dict) -> str | None:
+    """Why a run leaves the guest it shared in doubt (so no later run may use it), or None:
+    anything but a finished or not-applicable run, a VMM fault, a failed kernel health
+    check, a device not known gone."""
+    g = result.get("guest") or {}
+    if result.get("status") not in ("finished", "not_applicable"):
+        return f"status {result.get('status')}"
+    if result.get("vmm_fault"):
+        return "a VMM fault"
+    if result.get("kernel_health_failed"):
+        return "a kernel health check failed"
+    if g.get("unplug_error"):
+        return f"the unplug did not finish ({g['unplug_error']})"
+    return None
+
+
+def mark_guest_in_doubt(st, why: str) -> None:
+    """Say in the guest's record that a run left it in doubt: later runs refuse it."""
+    rec = read_json(guest_state(st))
+    if isinstance(rec, dict):
+        rec["doubt"] = why
+        write_atomic(guest_state(st), json.dumps(rec))
+
+
 def guest_mismatch(have: dict, want: GuestOptions) -> str | None:
     """None when a guest booted with options ``have`` serves a run that would boot one
     with ``want``, else the first difference in words."""
@@ -252,6 +276,9 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
             why = str(e)
         if why is None:
             why = guest_mismatch(rec["opts"], want)
+        if why is None and rec.get("doubt"):
+            why = (f"an earlier run left it in doubt ({rec['doubt']}); 'vmlab guest down' and "
+                   f"'vmlab guest up' replace it")
         if why is None and not rec.get("hotplug_ports"):
             why = "it was booted without hot-plug ports (by an older vmlab)"
         if why is None and not g.alive():
@@ -262,14 +289,16 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
             except Exception as e:
                 why = f"could not connect to it ({e})"
         if why is None:
-            status = g.cmd("query-status").get("status")
-            if status != "running":
-                why = (f"its QEMU is {status} (an earlier run's VMM fault?); 'vmlab guest down' "
-                       f"and 'vmlab guest up' replace it")
-        if why is None:
             from .hotplug import free_ports
-            if not free_ports(g):
-                why = "every hot-plug port holds a device (a buffer it never gave back)"
+            try:
+                status = g.cmd("query-status").get("status")
+                if status != "running":
+                    why = (f"its QEMU is {status} (an earlier run's VMM fault?); 'vmlab guest down' "
+                           f"and 'vmlab guest up' replace it")
+                elif len(free_ports(g)) != rec["hotplug_ports"]:
+                    why = "a hot-plug port still holds a device (a buffer never given back)"
+            except Exception as e:
+                why = f"its QMP does not answer ({type(e).__name__}: {e})"
         if why:
             progress(f"not using the running guest: {why}; booting one of this run's own")
             yield None

@@ -55,12 +55,13 @@ def test_catalog_matches_on_both_kernels(catalog_matrix):
         assert (out / k / "lab" / "lab-console.log").exists()
         boots = {_cell(doc, e, k)[1]["lab"]["boot_seconds"] for e in entries}
         assert len(boots) == 1, boots
-        shared = {e.name: _cell(doc, e.name, k)[1]["guest"].get("reused_from") for e in catalog.load()
-                  if _cell(doc, e.name, k)[0]["match"] is not None}
-        for e in catalog.load():
-            if e.name in shared and hotplug_blocker(e, {}) is not None:
-                assert shared[e.name] is None, (e.name, k)
-        assert sum(1 for v in shared.values() if v) >= 3, shared
+        shared = {e.name: (_cell(doc, e.name, k)[1].get("guest") or {}).get("reused_from")
+                  for e in catalog.load() if _cell(doc, e.name, k)[0]["match"] is not None}
+        eligible = {e.name for e in catalog.load() if e.name in shared and hotplug_blocker(e, {}) is None}
+        assert {n for n, v in shared.items() if v} <= eligible, (shared, eligible)
+        # every eligible cell ran in the shared guest, but for one whose shared guest did
+        # not boot (a TCG boot flake: that cell boots its own, as before)
+        assert len(eligible - {n for n, v in shared.items() if v}) <= 1, (shared, eligible)
     suite = ET.parse(out / "junit.xml").getroot()
     assert suite.get("tests") == str(len(doc["cells"])) and suite.get("failures") == "0"
     assert suite.get("skipped") == str(doc["summary"]["not_applicable"])

@@ -104,3 +104,33 @@ def test_own_guests_turns_sharing_off(monkeypatch, tmp_path):
     monkeypatch.setattr(vmlab.guest, "Guest", FakeGuest)
     cg = matrix.CellGuest(tmp_path, lambda msg: None, enabled=False)
     assert cg.get(object(), _exp(tmp_path, "a"), _opts()) is None
+
+
+def test_a_shared_guest_that_does_not_come_up_leaves_the_cell_its_own(monkeypatch, tmp_path):
+    from vmlab.errors import BootFailure, WaitTimeout
+    cg = _cg(monkeypatch, tmp_path)
+    for exc in (BootFailure("cells", "guest kernel panic"), WaitTimeout("QMP socket of cells", 60),
+                OSError("lab: cannot make /run/vmlab/cells")):
+        def up(self, progress, exc=exc):
+            raise exc
+        monkeypatch.setattr(FakeGuest, "up", up)
+        assert cg.get(object(), _exp(tmp_path, "a"), _opts()) is None and cg.guest is None
+
+
+def test_doubt_is_one_rule_for_the_matrix_and_the_persistent_guest():
+    from vmlab.reuse import guest_doubt
+    assert guest_doubt({"status": "finished", "guest": {}}) is None
+    assert guest_doubt({"status": "not_applicable"}) is None
+    assert "VMM fault" in guest_doubt({"status": "finished", "vmm_fault": "x"})
+    assert "health" in guest_doubt({"status": "finished", "kernel_health_failed": ["guest"]})
+    assert "unplug" in guest_doubt({"status": "finished", "guest": {"unplug_error": "x"}})
+    assert "status error" == guest_doubt({"status": "error"})
+
+
+def test_a_persistent_guest_left_in_doubt_says_so_in_its_record(tmp_path):
+    import json
+    from vmlab import reuse
+    (tmp_path / "guest.json").write_text(json.dumps({"pid": 7, "opts": {}, "hotplug_ports": 4}))
+    reuse.mark_guest_in_doubt(tmp_path, "a VMM fault")
+    rec = json.loads((tmp_path / "guest.json").read_text())
+    assert rec["doubt"] == "a VMM fault" and rec["pid"] == 7

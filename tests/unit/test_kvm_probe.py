@@ -36,8 +36,50 @@ def test_a_probe_that_crashes_is_unusable_with_its_words(tmp_path):
 
 def test_the_tiny_vm_answers_on_this_machine():
     # whatever this machine's /dev/kvm is (none, PVM, real), the probe process answers one
-    # JSON line with a reason (on this PVM host the 5-byte VM runs: the lab-kernel boot decides)
+    # JSON line with a reason; where /dev/kvm is usable, a refusal must be KVM's own (an
+    # errno or an exit reason), never the probe's (a struct or ioctl number of its own)
     cp = subprocess.run([sys.executable, "-m", "vmlab.kvm_probe"], capture_output=True, text=True,
                         timeout=10, cwd=os.path.dirname(os.path.dirname(kvm_probe.__file__)))
+    assert cp.returncode == 0, cp.stderr
     r = json.loads(cp.stdout)
     assert isinstance(r["ok"], bool) and r["why"]
+    if os.access("/dev/kvm", os.R_OK | os.W_OK):
+        assert r["ok"] or r["why"].startswith(("KVM API:", "KVM_RUN exit", "KVM API version")), r
+    else:
+        assert not r["ok"] and "/dev/kvm" in r["why"]
+
+
+def test_struct_layouts_match_the_kernel_abi():
+    import ctypes
+
+    class Segment(ctypes.Structure):          # struct kvm_segment
+        _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint32), ("selector", ctypes.c_uint16),
+                    ("type", ctypes.c_uint8), ("present", ctypes.c_uint8), ("dpl", ctypes.c_uint8),
+                    ("db", ctypes.c_uint8), ("s", ctypes.c_uint8), ("l", ctypes.c_uint8),
+                    ("g", ctypes.c_uint8), ("avl", ctypes.c_uint8), ("unusable", ctypes.c_uint8),
+                    ("padding", ctypes.c_uint8)]
+
+    class DTable(ctypes.Structure):           # struct kvm_dtable
+        _fields_ = [("base", ctypes.c_uint64), ("limit", ctypes.c_uint16), ("padding", ctypes.c_uint16 * 3)]
+
+    class Sregs(ctypes.Structure):            # struct kvm_sregs (x86)
+        _fields_ = [(n, Segment) for n in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")] + \
+                   [("gdt", DTable), ("idt", DTable)] + \
+                   [(n, ctypes.c_uint64) for n in ("cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base")] + \
+                   [("interrupt_bitmap", ctypes.c_uint64 * 4)]
+
+    class Io(ctypes.Structure):               # kvm_run's io exit
+        _fields_ = [("direction", ctypes.c_uint8), ("size", ctypes.c_uint8), ("port", ctypes.c_uint16),
+                    ("count", ctypes.c_uint32), ("data_offset", ctypes.c_uint64)]
+
+    class RunHead(ctypes.Structure):          # struct kvm_run up to its exit union
+        _fields_ = [("request_interrupt_window", ctypes.c_uint8), ("immediate_exit", ctypes.c_uint8),
+                    ("padding1", ctypes.c_uint8 * 6), ("exit_reason", ctypes.c_uint32),
+                    ("ready_for_interrupt_injection", ctypes.c_uint8), ("if_flag", ctypes.c_uint8),
+                    ("flags", ctypes.c_uint16), ("cr8", ctypes.c_uint64), ("apic_base", ctypes.c_uint64),
+                    ("io", Io)]
+
+    assert ctypes.sizeof(Sregs) == kvm_probe.SREGS_SIZE
+    assert Segment.selector.offset == 12           # the probe writes cs.selector at 12
+    assert RunHead.exit_reason.offset == 8 and RunHead.io.offset == 32
+    assert kvm_probe.USERSPACE_REGION.size == 32

@@ -1,0 +1,105 @@
+"""HotPlug's unplug bookkeeping with QMP faked at the boundary: a device is called gone only
+when QEMU says so, and any doubt keeps it (and its buffer's pages) taken. The real plug
+and unplug are the lab tests' (test_harness, test_cli_lifecycle, test_catalog)."""
+from __future__ import annotations
+
+import pytest
+
+from vmlab.errors import RemoteError, WaitTimeout
+from vmlab.hotplug import HotPlug
+
+
+class FakeGuest:
+    """QMP as QEMU answers it: device_add puts the device behind the port, device_del
+    takes it out after ``release_after`` query-pci calls (None: never)."""
+
+    class opts:
+        name = "g"
+
+    def __init__(self, *, del_raises=None, release_after=1, chardev_busy=0):
+        self.devices: dict[str, str] = {}
+        self.del_raises, self.release_after, self.chardev_busy = del_raises, release_after, chardev_busy
+        self.pending = None
+        self.chardevs: set[str] = set()
+
+    def cmd(self, command, **a):
+        if command == "query-pci":
+            if self.pending is not None:
+                self.pending[1] -= 1
+                if self.pending[1] <= 0:
+                    self.devices.pop(self.pending[0], None)
+                    self.pending = None
+            port_devs = {p: [{"qdev_id": d}] for d, p in self.devices.items()}
+            return [{"devices": [{"qdev_id": f"vmlab-hp{i}", "pci_bridge": {
+                "bus": {"secondary": i + 1}, "devices": port_devs.get(f"vmlab-hp{i}", [])}}
+                for i in range(4)]}]
+        if command == "chardev-add":
+            self.chardevs.add(a["id"])
+            return {}
+        if command == "device_add":
+            self.devices[a["id"]] = a["bus"]
+            return {}
+        if command == "device_del":
+            if self.del_raises:
+                raise self.del_raises
+            if self.release_after is not None:
+                self.pending = [a["id"], self.release_after]
+            return {}
+        if command == "chardev-remove":
+            if self.chardev_busy > 0:
+                self.chardev_busy -= 1
+                raise RemoteError(f"Chardev '{a['id']}' is busy")
+            self.chardevs.discard(a["id"])
+            return {}
+        raise AssertionError(command)
+
+    def run(self, command, **kw):
+        return 0, "", ""     # the guest enumerated the device at once
+
+
+@pytest.fixture(autouse=True)
+def no_sleep(monkeypatch):
+    monkeypatch.setattr("vmlab.hotplug.time.sleep", lambda s: None)
+
+
+def test_a_clean_unplug_is_gone_and_frees_port_and_chardev():
+    g = FakeGuest(chardev_busy=2)     # busy while QEMU finalizes: asked again
+    p = HotPlug(g, "/s.sock", "r1").plug()
+    assert p.bdf == "0000:01:00.0" and not p.gone()
+    p.close()
+    assert p.gone() and g.chardevs == set() and g.devices == {}
+
+
+def test_a_device_del_that_fails_keeps_the_device_in_doubt():
+    g = FakeGuest(del_raises=RemoteError("QMP relay: EOF"))
+    p = HotPlug(g, "/s.sock", "r1").plug()
+    with pytest.raises(RemoteError):
+        p.close()
+    assert p.stuck and not p.gone()
+    assert "r1-chr" in g.chardevs        # still referenced by the device: left alone
+
+
+def test_a_guest_that_never_ejects_is_stuck_after_the_timeout(monkeypatch):
+    clock = iter(range(0, 10**6, 5))
+    monkeypatch.setattr("vmlab.hotplug.time.monotonic", lambda: next(clock))
+    g = FakeGuest(release_after=None)
+    p = HotPlug(g, "/s.sock", "r1").plug()
+    with pytest.raises(WaitTimeout):
+        p.close(timeout=30)
+    assert p.stuck and not p.gone()
+
+
+def test_a_plug_whose_reply_was_lost_is_still_unplugged():
+    g = FakeGuest()
+    orig = g.cmd
+
+    def lossy(command, **a):
+        out = orig(command, **a)
+        if command == "device_add":
+            raise RemoteError("QMP: no reply")   # applied, but the answer never came
+        return out
+    g.cmd = lossy
+    p = HotPlug(g, "/s.sock", "r1")
+    with pytest.raises(RemoteError):
+        p.plug()
+    assert g.devices == {} and p.gone()   # device_del was sent and QEMU let it go
