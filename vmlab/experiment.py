@@ -837,6 +837,10 @@ class Run:
             self.result.setdefault("lab", {})["boot_failures_retried"] = self.stack.boot_failures
             self.progress(f"note: the lab's boot was retried after: "
                           f"{'; '.join(f['cause'] for f in self.stack.boot_failures)}")
+        if self.stack is not None and self.stack.guest_boot_failures:
+            self.result.setdefault("guest", {})["boot_failures_retried"] = self.stack.guest_boot_failures
+            self.progress(f"note: the guest's boot was retried after: "
+                          f"{'; '.join(f['cause'] for f in self.stack.guest_boot_failures)}")
         try:
             if self.agent is not None and self.exp.section("exporter")["kind"] == "vmlab" and self.buf:
                 try:

@@ -277,10 +277,11 @@ class QemuMachine:
     def alive(self) -> bool:
         return self.host.alive(self)
 
-    def cmd(self, name: str, **args):
+    def cmd(self, command: str, /, **args):
+        """A QMP command; positional-only, so an argument may be called "name"."""
         if self.qmp is None:
             raise InfraError(f"{self.spec.name}: QMP not connected")
-        out = self.qmp.cmd(name, **args)
+        out = self.qmp.cmd(command, **args)
         self.collect_events()
         return out
 
@@ -293,9 +294,10 @@ class QemuMachine:
         return self.events
 
     def wait_console(self, markers: dict[str, str], timeout: float, what: str,
-                     stopped=None) -> str:
+                     stopped=None, fatal: tuple = ()) -> str:
         """Wait for the first of ``markers`` (text -> outcome) in the console log.
-        Fails fast when QEMU exits, the kernel panics, or ``stopped()`` names why the VM
+        Fails fast when QEMU exits, the kernel panics or prints one of ``fatal`` (an oops
+        during boot: the kernel will not come up whole), or ``stopped()`` names why the VM
         cannot get there (e.g. KVM stopped its vCPU); returns the outcome."""
         deadline = time.monotonic() + timeout
         while True:
@@ -306,6 +308,9 @@ class QemuMachine:
             if "Kernel panic" in text:
                 line = next((ln for ln in text.splitlines() if "Kernel panic" in ln), "")
                 raise self.failure(f"kernel panic: {line.strip()}")
+            hit = next((ln for ln in text.splitlines() if any(w in ln for w in fatal)), None)
+            if hit is not None:
+                raise self.failure(f"kernel oops during boot: {hit.strip()[:200]}")
             if not self.alive():
                 raise self.failure(f"QEMU exited (status {self.host.exit_status(self)}) before {what}")
             why = stopped() if stopped is not None else None

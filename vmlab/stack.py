@@ -18,6 +18,7 @@ from .lab import LabOptions, NestedLab
 
 log = logging.getLogger("vmlab.stack")
 LAB_BOOT_ATTEMPTS = 2
+GUEST_BOOT_ATTEMPTS = 2
 
 
 def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
@@ -63,6 +64,7 @@ class Stack:
         self.guest: Guest | None = None
         self.lab_image = self.guest_image = None
         self.boot_failures: list[dict] = []   # lab boots that failed and were retried
+        self.guest_boot_failures: list[dict] = []   # guest boots that failed and were retried
         self.lab_boot_attempts = lab_boot_attempts  # 1 for benches that count flakes
 
     def up_lab(self) -> NestedLab:
@@ -119,9 +121,29 @@ class Stack:
         if self.shared_guest is not None:
             self.guest = self.shared_guest
             return self.guest
-        self.guest = Guest(self.lab, self.guest_opts, self.workdir)
-        self.guest.up(self.progress)
-        return self.guest
+        for attempt in range(1, GUEST_BOOT_ATTEMPTS + 1):
+            self.guest = Guest(self.lab, self.guest_opts, self.workdir)
+            try:
+                self.guest.up(self.progress)
+                return self.guest
+            except BootFailure as e:
+                self.guest = None
+                if not e.retryable or attempt == GUEST_BOOT_ATTEMPTS:
+                    raise
+                # a TCG artifact (an oops in the guest's early boot, about 1 in 80 boots):
+                # once more, the failed attempt's console kept and counted
+                name = self.guest_opts.name
+                kept = []
+                for log_name in (f"{name}-console.log", f"{name}.qemu.log"):
+                    src = self.workdir / log_name
+                    if src.exists():
+                        dst = self.workdir / log_name.replace(".log", f".attempt{attempt}.log")
+                        src.rename(dst)
+                        kept.append(dst.name)
+                self.guest_boot_failures.append({"attempt": attempt, "cause": e.cause, "logs": kept})
+                self.progress(f"guest did not come up (attempt {attempt} of {GUEST_BOOT_ATTEMPTS}): "
+                              f"{e.cause}; booting it again")
+        raise AssertionError("unreachable")
 
     def up(self) -> "Stack":
         self.up_lab()

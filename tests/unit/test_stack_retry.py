@@ -63,3 +63,37 @@ def test_benches_that_count_flakes_boot_once(fake, tmp_path):
     with pytest.raises(BootFailure):
         _stack(tmp_path, attempts=1).up_lab()
     assert fake.made == 1
+
+
+class FakeGuest:
+    outcomes: list = []
+    made = 0
+
+    def __init__(self, lab, opts, workdir):
+        self.workdir, self.opts = workdir, opts
+        FakeGuest.made += 1
+
+    def up(self, progress):
+        (self.workdir / f"{self.opts.name}-console.log").write_text(f"boot {FakeGuest.made}\n")
+        what = FakeGuest.outcomes.pop(0)
+        if what is not None:
+            raise what
+
+
+def test_a_guest_that_oopses_in_boot_is_booted_once_more_and_counted(monkeypatch, tmp_path):
+    monkeypatch.setattr(stack, "Guest", FakeGuest)
+    FakeGuest.made = 0
+    FakeGuest.outcomes = [BootFailure("guest", "kernel oops during boot: kdevtmpfs exited with irqs disabled"), None]
+    s = _stack(tmp_path)
+    assert isinstance(s.up_guest(), FakeGuest) and FakeGuest.made == 2
+    assert s.guest_boot_failures[0]["cause"].startswith("kernel oops during boot")
+    assert (tmp_path / "guest-console.attempt1.log").read_text() == "boot 1\n"
+    # a QEMU that would not start is not retried; the second failure is the answer
+    FakeGuest.made = 0
+    FakeGuest.outcomes = [BootFailure("guest", "QEMU in the lab exited early: x", retryable=False)]
+    with pytest.raises(BootFailure, match="exited early"):
+        _stack(tmp_path).up_guest()
+    assert FakeGuest.made == 1
+    FakeGuest.outcomes = [BootFailure("guest", "one"), BootFailure("guest", "two")]
+    with pytest.raises(BootFailure, match="two"):
+        _stack(tmp_path).up_guest()
