@@ -64,7 +64,7 @@ def bench_boot(args, progress, repeat: int) -> dict:
         try:
             # one attempt: this bench counts flakes, a retry would hide them
             with Stack(_workdir(f"boot-{i}"), progress, lab_options(o), guest_kernel=o["guest_kernel"],
-                       build=not o["no_build"], lab_boot_attempts=1) as s:
+                       build=not o["no_build"], lab_boot_attempts=1, guest_boot_attempts=1) as s:
                 s.up()
                 lab_s.append(s.lab.boot_seconds)
                 guest_s.append(s.guest.boot_seconds)

@@ -29,7 +29,7 @@ from .health import kernel_health, kernel_state
 from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer
 from .ssh import ChannelReader
 from .watch import Watch
-from .stack import LAB_BOOT_ATTEMPTS, Stack, lab_options
+from .stack import GUEST_BOOT_ATTEMPTS, LAB_BOOT_ATTEMPTS, Stack, lab_options
 from .versions import qemu_upstream_version
 
 log = logging.getLogger("vmlab.experiment")
@@ -269,6 +269,9 @@ class Run:
         self.stack = Stack(self.out, self.progress, lab_options(o, hwtrace_plugin=plugin), gopts,
                            guest_kernel=o["guest_kernel"], build=not o["no_build"],
                            lab_boot_attempts=o.get("lab_boot_attempts", LAB_BOOT_ATTEMPTS),
+                           # the vhost-user back-end serves one connection: no second boot
+                           guest_boot_attempts=1 if self.transport == "virtio-shm" else
+                           o.get("guest_boot_attempts", GUEST_BOOT_ATTEMPTS),
                            shared_lab=self.shared_lab, shared_guest=self.shared_guest)
         try:
             if self.transport == "virtio-shm" and self.shared_lab is None:
@@ -337,7 +340,10 @@ class Run:
                                     "boot_seconds": guest.boot_seconds}
             if self.shared_guest is not None:
                 t0 = time.monotonic()
-                self.qemu_log_from = self.qemu_log_size() or 0
+                try:
+                    self.qemu_log_from = self.qemu_log_size() or 0
+                except Exception as e:   # then check_vmm reads the whole log, as before
+                    log.warning("qemu.log size: %s", e)
                 self.plug = HotPlug(guest, self.buffer_sock, self.plug_name)
                 self.plug.plug()
                 self.dev_args = f" --device {self.plug.bdf}"
@@ -1027,7 +1033,9 @@ def main(args, progress) -> int:
                 try:
                     rc = r.run()
                 finally:
-                    doubt = reuse.guest_doubt(r.result) if guest is not None else None
+                    # a run that never plugged anything into the guest cannot have damaged it
+                    doubt = reuse.guest_doubt(r.result) if guest is not None and r.plug is not None \
+                        else None
                     if doubt:   # still under the guest's lock
                         reuse.mark_guest_in_doubt(reuse.lab_dir(), doubt)
                         progress(f"this run left the guest of 'vmlab guest up' in doubt ({doubt}): "

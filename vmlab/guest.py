@@ -45,7 +45,8 @@ _COPY_IMAGE = (f"if [ ! -s {IMAGE_DIR}/initramfs.img ]; then mkdir -p {IMAGE_DIR
 # will not come up whole: measured, a TCG-lab guest whose kdevtmpfs oopsed at 2.3 s never
 # reached userspace, and the boot waited out its 240 s. WARN splats are not fatal (the TCG
 # lab's XSAVE sizes provoke one in every guest).
-BOOT_FATAL = ("Oops:", "BUG: ", "exited with irqs disabled", "general protection fault")
+BOOT_FATAL = ("Oops:", "kernel BUG at", "general protection fault")
+OOPS_CAUSE = "kernel oops during boot"   # QemuMachine.wait_console's words for a BOOT_FATAL hit
 BOOT_ARGS = "console=ttyS0 panic=-1 loglevel=5 i8042.noaux i8042.nokbd i8042.nopnp cryptomgr.notests"
 
 
@@ -147,13 +148,21 @@ class Guest:
             # the guest's QEMU is the VMM under test: one that will not start (or whose QMP
             # never comes up) is "could not test" (125) whatever it objected to
             self.fetch_logs()
-            raise BootFailure(self.opts.name, f"QEMU in the lab exited early: {m._last_words() or e}",
+            last = m._last_words()
+            raise BootFailure(self.opts.name, f"QEMU in the lab did not start: {e}"
+                              + (f" (its last words: {last})" if last and last not in str(e) else ""),
                               str(self.workdir / f"{self.opts.name}-console.log"), retryable=False)
         launched = time.monotonic()
         try:
             self._wait_ready()
             ready = time.monotonic()
             self.connect(qmp=False)
+        except BootFailure as e:
+            # booted again only when this QEMU is known gone (the next one takes its name,
+            # port and directory)
+            if not self.down():
+                e.retryable = False
+            raise
         except BaseException:
             self.down()
             raise
@@ -192,8 +201,11 @@ class Guest:
                                       stopped=self._stopped_by_kvm, fatal=BOOT_FATAL)
         except BootFailure as e:
             self.fetch_logs()
+            # only an oops in early boot is booted again (a TCG-lab artifact): a hang, a
+            # panic or KVM stopping the vCPU belongs to the kernel or the VMM under test
             raise BootFailure(self.opts.name, e.cause,
-                              str(self.workdir / f"{self.opts.name}-console.log"))
+                              str(self.workdir / f"{self.opts.name}-console.log"),
+                              retryable=e.cause.startswith(OOPS_CAUSE))
 
     def connect(self, timeout: float = 60, *, qmp: bool = True) -> None:
         """SSH (through the lab's session) and, unless ``qmp`` is false, QMP to an already

@@ -169,7 +169,7 @@ class HotPlug:
                 # must not hand this guest to anyone else
                 self.stuck = True
                 raise
-            self.plugged = False
+            self.plugged = self.stuck = False   # QEMU let it go, whatever an earlier try said
         if self.chardev_added:
             self.chardev_added = False
             # the device leaves query-pci before QEMU finalizes it, and until then its

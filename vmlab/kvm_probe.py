@@ -46,6 +46,9 @@ SREGS_SIZE = 8 * 24 + 2 * 16 + 7 * 8 + 4 * 8      # struct kvm_sregs (x86)
 KVM_GET_REGS, KVM_SET_REGS = _ior(0x81, REGS_SIZE), _iow(0x82, REGS_SIZE)
 KVM_GET_SREGS, KVM_SET_SREGS = _ior(0x83, SREGS_SIZE), _iow(0x84, SREGS_SIZE)
 KVM_RUN = _io(0x80)
+SEG_SELECTOR = 12        # offsetof(struct kvm_segment, selector); cs is kvm_sregs' first
+RUN_EXIT_REASON = 8      # offsetof(struct kvm_run, exit_reason)
+RUN_IO = 32              # offsetof(struct kvm_run, io)
 KVM_EXIT_IO, KVM_EXIT_HLT = 2, 5
 EXIT_NAMES = {0: "UNKNOWN", 1: "EXCEPTION", 2: "IO", 5: "HLT", 6: "MMIO", 8: "SHUTDOWN",
               9: "FAIL_ENTRY", 17: "INTERNAL_ERROR"}
@@ -101,7 +104,7 @@ def run_tiny_vm() -> dict:
                         mmap.PROT_READ | mmap.PROT_WRITE)
         sregs = bytearray(_ioctl(vcpu, KVM_GET_SREGS, bytes(SREGS_SIZE)))
         struct.pack_into("=Q", sregs, 0, 0)           # cs.base = 0
-        struct.pack_into("=H", sregs, 12, 0)          # cs.selector = 0
+        struct.pack_into("=H", sregs, SEG_SELECTOR, 0)   # cs.selector = 0
         _ioctl(vcpu, KVM_SET_SREGS, bytes(sregs))
         regs = bytearray(REGS_SIZE)
         struct.pack_into("=Q", regs, 16 * 8, 0)       # rip
@@ -110,9 +113,9 @@ def run_tiny_vm() -> dict:
         seen_out = False
         for _ in range(4):
             _ioctl(vcpu, KVM_RUN, 0)
-            reason = struct.unpack_from("=I", run, 8)[0]
+            reason = struct.unpack_from("=I", run, RUN_EXIT_REASON)[0]
             if reason == KVM_EXIT_IO:
-                direction, size, port, count, off = struct.unpack_from("=BBHIQ", run, 32)
+                direction, size, port, count, off = struct.unpack_from("=BBHIQ", run, RUN_IO)
                 if direction == 1 and port == PORT and size == 1 and run[off] == VALUE:
                     seen_out = True
                     continue
@@ -140,6 +143,8 @@ def probe(python: str = sys.executable, deadline_s: float = DEADLINE_S) -> dict:
         line = (out.strip().splitlines() or [""])[-1]
         try:
             res = json.loads(line)
+            if not isinstance(res, dict) or not isinstance(res.get("ok"), bool):
+                raise ValueError(line)
             res["definite"] = True     # KVM's own answer, worth caching
         except ValueError:
             last = (err.strip().splitlines() or [f"exit {child.returncode}"])[-1]

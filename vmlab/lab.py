@@ -27,6 +27,7 @@ log = logging.getLogger("vmlab.lab")
 TCG_CPU = "EPYC,+svm,+npt"
 READY = "VMLAB-LAB-READY"
 FIRST_OUTPUT_S = 10   # the accel probe's kernel must print its banner by then
+UNSURE_PROBE_TTL_S = 3600
 # The host agent and the stdlib-only modules it imports, shipped through the share.
 HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py",
                                                        "vhost_user.py")]
@@ -93,15 +94,22 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
     cache = cache_dir() / "accel-probe.json"
     try:
         cached = json.loads(cache.read_text())
-        if cached.get("key") == key:
+        if cached.get("key") == key and time.time() < cached.get("expires", float("inf")):
             return cached["accel"], cached["reason"] + " (cached probe)"
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         pass
+
+    def remember(accel: str, reason: str, definite: bool) -> None:
+        # KVM's or QEMU's own answer is kept; a deadline missed (a hang, or a busy
+        # machine) is kept for an hour, so a hanging /dev/kvm does not cost every command
+        rec = {"key": key, "accel": accel, "reason": reason}
+        if not definite:
+            rec["expires"] = time.time() + UNSURE_PROBE_TTL_S
+        write_atomic(cache, json.dumps(rec), 0o644)
     tiny = kvm_probe.probe()
     if not tiny["ok"]:
         accel, reason = "tcg", f"/dev/kvm cannot run a 5-byte VM: {tiny['why']} ({tiny['seconds']}s)"
-        if tiny.get("definite"):   # a timeout on a busy machine is asked again next time
-            write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
+        remember(accel, reason, bool(tiny.get("definite")))
         return accel, reason
     progress("probing /dev/kvm: booting the lab kernel under -accel kvm ...")
     work = runtime_dir("vmlab-probe-")
@@ -128,8 +136,7 @@ def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) ->
     finally:
         m.shutdown(quick=True)
         shutil.rmtree(work, ignore_errors=True)
-    if definite:
-        write_atomic(cache, json.dumps({"key": key, "accel": accel, "reason": reason}), 0o644)
+    remember(accel, reason, definite)
     return accel, reason
 
 

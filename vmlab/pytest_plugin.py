@@ -217,8 +217,14 @@ def vmlab_buffer(request, vmlab_guest, _vmlab_session, vmlab_results):
     def make(kind: str = "vmlab", size="1M", caching: str = "WB", alloc: str = "ORDER0",
              mapping: str = "uc") -> HotBuffer:
         _vmlab_session.seq += 1
-        b = HotBuffer(vmlab_guest, e["agent"], e["gagent"], f"buf{_vmlab_session.seq}", kind=kind,
-                      size=parse_size(size), caching=caching, alloc=alloc, mapping=mapping)
+        try:
+            b = HotBuffer(vmlab_guest, e["agent"], e["gagent"], f"buf{_vmlab_session.seq}", kind=kind,
+                          size=parse_size(size), caching=caching, alloc=alloc, mapping=mapping)
+        except BaseException:
+            # a plug that failed half-way may have left a device (and its pages) in the
+            # guest: the next test gets a fresh guest, and this one's buffers are freed with it
+            e["tainted"] = True
+            raise
         made.append(b)
         e["ids"].append(b.id)
         return b

@@ -310,7 +310,7 @@ class QemuMachine:
                 raise self.failure(f"kernel panic: {line.strip()}")
             hit = next((ln for ln in text.splitlines() if any(w in ln for w in fatal)), None)
             if hit is not None:
-                raise self.failure(f"kernel oops during boot: {hit.strip()[:200]}")
+                raise self.failure(f"kernel oops during boot: {hit.strip()[:200]}")   # guest.OOPS_CAUSE
             if not self.alive():
                 raise self.failure(f"QEMU exited (status {self.host.exit_status(self)}) before {what}")
             why = stopped() if stopped is not None else None

@@ -208,10 +208,11 @@ def guest_attach(lab, workdir=None) -> tuple[Guest, dict]:
 
 def guest_doubt(result: dict) -> str | None:
     """Why a run leaves the guest it shared in doubt (so no later run may use it), or None:
-    anything but a finished or not-applicable run, a VMM fault, a failed kernel health
-    check, a device not known gone."""
+    a run that failed or could not test, a VMM fault, a failed kernel health check, a
+    device not known gone. An interrupted run is no doubt by itself: its teardown still
+    kills its agents and unplugs, and says so when the unplug is not confirmed."""
     g = result.get("guest") or {}
-    if result.get("status") not in ("finished", "not_applicable"):
+    if result.get("status") not in ("finished", "not_applicable", "interrupted"):
         return f"status {result.get('status')}"
     if result.get("vmm_fault"):
         return "a VMM fault"

@@ -47,7 +47,8 @@ class Stack:
     def __init__(self, workdir: Path, progress, lab_opts: LabOptions,
                  guest_opts: GuestOptions | None = None, *, guest_kernel: str | None = None,
                  build: bool = True, lab_boot_attempts: int = LAB_BOOT_ATTEMPTS,
-                 shared_lab: NestedLab | None = None, shared_guest: Guest | None = None):
+                 shared_lab: NestedLab | None = None, shared_guest: Guest | None = None,
+                 guest_boot_attempts: int = GUEST_BOOT_ATTEMPTS):
         """``shared_lab``: a lab that is already up and belongs to the caller (``vmlab
         matrix`` runs many experiments in one lab): up_lab() returns it and down() leaves
         it running; only the guest is this stack's. ``shared_guest``: a guest of that
@@ -65,6 +66,7 @@ class Stack:
         self.lab_image = self.guest_image = None
         self.boot_failures: list[dict] = []   # lab boots that failed and were retried
         self.guest_boot_failures: list[dict] = []   # guest boots that failed and were retried
+        self.guest_boot_attempts = guest_boot_attempts  # 1 for benches that count flakes
         self.lab_boot_attempts = lab_boot_attempts  # 1 for benches that count flakes
 
     def up_lab(self) -> NestedLab:
@@ -121,14 +123,15 @@ class Stack:
         if self.shared_guest is not None:
             self.guest = self.shared_guest
             return self.guest
-        for attempt in range(1, GUEST_BOOT_ATTEMPTS + 1):
+        attempts = self.guest_boot_attempts
+        for attempt in range(1, attempts + 1):
             self.guest = Guest(self.lab, self.guest_opts, self.workdir)
             try:
                 self.guest.up(self.progress)
                 return self.guest
             except BootFailure as e:
                 self.guest = None
-                if not e.retryable or attempt == GUEST_BOOT_ATTEMPTS:
+                if not e.retryable or attempt == attempts:
                     raise
                 # a TCG artifact (an oops in the guest's early boot, about 1 in 80 boots):
                 # once more, the failed attempt's console kept and counted
@@ -141,7 +144,7 @@ class Stack:
                         src.rename(dst)
                         kept.append(dst.name)
                 self.guest_boot_failures.append({"attempt": attempt, "cause": e.cause, "logs": kept})
-                self.progress(f"guest did not come up (attempt {attempt} of {GUEST_BOOT_ATTEMPTS}): "
+                self.progress(f"guest did not come up (attempt {attempt} of {attempts}): "
                               f"{e.cause}; booting it again")
         raise AssertionError("unreachable")
 

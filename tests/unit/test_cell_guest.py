@@ -92,7 +92,7 @@ def test_a_cell_that_leaves_doubt_lets_the_guest_go(monkeypatch, tmp_path):
                          ({"status": "finished", "kernel_health_failed": ["WARN"]}, False),
                          ({"status": "finished", "guest": {"unplug_error": "timeout"}}, False),
                          ({"status": "error"}, False), ({"status": "could_not_test"}, False),
-                         ({"status": "interrupted"}, False)):
+                         ({"status": "interrupted", "guest": {}}, True)):
         g = cg.get(lab, _exp(tmp_path, "a"), _opts())
         cg.after(result)
         assert (cg.guest is g) is kept and g.down_called is (not kept), result
@@ -125,6 +125,9 @@ def test_doubt_is_one_rule_for_the_matrix_and_the_persistent_guest():
     assert "health" in guest_doubt({"status": "finished", "kernel_health_failed": ["guest"]})
     assert "unplug" in guest_doubt({"status": "finished", "guest": {"unplug_error": "x"}})
     assert "status error" == guest_doubt({"status": "error"})
+    assert "status could_not_test" == guest_doubt({"status": "could_not_test"})
+    assert guest_doubt({"status": "interrupted", "guest": {}}) is None
+    assert "unplug" in guest_doubt({"status": "interrupted", "guest": {"unplug_error": "x"}})
 
 
 def test_a_persistent_guest_left_in_doubt_says_so_in_its_record(tmp_path):

@@ -80,6 +80,32 @@ def test_struct_layouts_match_the_kernel_abi():
                     ("io", Io)]
 
     assert ctypes.sizeof(Sregs) == kvm_probe.SREGS_SIZE
-    assert Segment.selector.offset == 12           # the probe writes cs.selector at 12
-    assert RunHead.exit_reason.offset == 8 and RunHead.io.offset == 32
+    assert Segment.selector.offset == kvm_probe.SEG_SELECTOR and Sregs.cs.offset == 0
+    assert RunHead.exit_reason.offset == kvm_probe.RUN_EXIT_REASON
+    assert RunHead.io.offset == kvm_probe.RUN_IO
     assert kvm_probe.USERSPACE_REGION.size == 32
+
+
+def test_only_a_definite_answer_is_kept_and_a_hang_for_an_hour(tmp_path, monkeypatch):
+    import vmlab.lab as lab
+    monkeypatch.setenv("VMLAB_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(lab.os, "access", lambda p, m: True)
+    monkeypatch.setattr(lab.os.path, "exists", lambda p: True)
+    monkeypatch.setattr(lab, "qemu_version", lambda: "q")
+
+    class Img:
+        manifest = {"artifacts": {"vmlinuz": "k"}}
+    answers = [{"ok": False, "why": "KVM API: Operation not supported", "definite": True, "seconds": 0.01},
+               {"ok": False, "why": "did not return within 5s", "definite": False, "seconds": 5}]
+    monkeypatch.setattr(lab.kvm_probe, "probe", lambda: answers[0])
+    assert lab.probe_accel(Img())[0] == "tcg"
+    rec = json.loads((tmp_path / "accel-probe.json").read_text())
+    assert "expires" not in rec and "(cached probe)" in lab.probe_accel(Img())[1]
+    (tmp_path / "accel-probe.json").unlink()
+    monkeypatch.setattr(lab.kvm_probe, "probe", lambda: answers[1])
+    lab.probe_accel(Img())
+    rec = json.loads((tmp_path / "accel-probe.json").read_text())
+    assert 0 < rec["expires"] - __import__("time").time() <= lab.UNSURE_PROBE_TTL_S
+    rec["expires"] = 1       # an hour later: asked again
+    (tmp_path / "accel-probe.json").write_text(json.dumps(rec))
+    assert "(cached probe)" not in lab.probe_accel(Img())[1]

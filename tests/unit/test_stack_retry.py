@@ -94,6 +94,16 @@ def test_a_guest_that_oopses_in_boot_is_booted_once_more_and_counted(monkeypatch
     with pytest.raises(BootFailure, match="exited early"):
         _stack(tmp_path).up_guest()
     assert FakeGuest.made == 1
+    FakeGuest.made = 0
     FakeGuest.outcomes = [BootFailure("guest", "one"), BootFailure("guest", "two")]
+    s = _stack(tmp_path)
     with pytest.raises(BootFailure, match="two"):
-        _stack(tmp_path).up_guest()
+        s.up_guest()
+    assert FakeGuest.made == 2 and len(s.guest_boot_failures) == 1 and s.guest is None
+    # where a second boot cannot work (virtio-shm's back-end serves one connection): one
+    FakeGuest.made = 0
+    FakeGuest.outcomes = [BootFailure("guest", "one")]
+    s = stack.Stack(tmp_path, lambda m: None, stack.LabOptions(), guest_boot_attempts=1)
+    with pytest.raises(BootFailure, match="one"):
+        s.up_guest()
+    assert FakeGuest.made == 1
