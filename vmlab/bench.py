@@ -212,6 +212,7 @@ def bench_profile(args, progress, repeat: int) -> dict:
     for i in range(repeat):
         t = time.monotonic()
         lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"], progress=progress,
+                   base=o["lab_base"],
                    qemu=o["qemu"])
         run: dict = {"image_check_s": round(time.monotonic() - t, 3)}
         work = _workdir(f"profile-{i}")

@@ -71,20 +71,26 @@ def _guest_lock(st: Path):
 # --- commands -------------------------------------------------------------------------
 def cmd_images(a) -> int:
     from . import images
+    if a.action == "fetch-kernel":
+        from . import debs
+        print(debs.fetch_kernel(a.suite, progress))
+        return 0
     if a.action == "list":
         for img in images.list_images():
             m = img.manifest
             print(f"{img.kind:6} {m.get('kernel_suite', '?'):20} {m.get('kernel_release', '?'):28} "
                   f"{m.get('build_seconds', '?'):>7}s  {img.path}")
         return 0
-    from .config import qemu_suite_of, qemu_suite_problem
-    why = qemu_suite_problem(a.qemu, a.kernel)
+    from .config import qemu_suite_problem
+    kinds = ["lab", "guest"] if a.which == "all" else [a.which]
+    recipes = [images.recipe(kind, a.kernel, a.qemu if kind == "lab" else None,
+                             a.lab_base if kind == "lab" else None)
+               for kind in kinds]   # every input checked before anything is built
+    why = qemu_suite_problem(a.qemu, recipes[0].kernel)
     if why:
         raise ConfigError("<command line>", "--qemu", why)
-    qemu_suite = qemu_suite_of(a.qemu)
-    kinds = ["lab", "guest"] if a.which == "all" else [a.which]
-    for kind in kinds:
-        images.ensure(images.recipe(kind, a.kernel, qemu_suite if kind == "lab" else None), progress)
+    for r in recipes:
+        images.ensure(r, progress)
     return 0
 
 
@@ -253,15 +259,24 @@ def _common(p: argparse.ArgumentParser, *, one_kernel: bool = True) -> None:
                    help="lab accelerator (auto: probe /dev/kvm, else TCG with emulated SVM+NPT); "
                         "config lab.accel, default auto")
     if one_kernel:
-        p.add_argument("--kernel", default=None,
-                       help="lab kernel suite: trixie, trixie-backports, bookworm-backports, bullseye, bookworm, forky; "
-                            "config lab.kernel, default trixie")
-    p.add_argument("--guest-kernel", default=None,
-                   help="guest kernel suite; config guest.kernel, default trixie whatever the lab kernel")
+        p.add_argument("--kernel", default=None, metavar="KERNEL",
+                       help="lab kernel: a suite (trixie, trixie-backports, bookworm-backports, bullseye, "
+                            "bookworm, forky), deb:PATH (a linux-image .deb or a directory of .debs with "
+                            "its headers) or tree:DIR (a built kernel tree); config lab.kernel, default trixie")
+    p.add_argument("--lab-base", default=None, metavar="SUITE",
+                   help="the suite a deb: or tree: lab kernel is installed over; config lab.base, "
+                        "default the suite a Debian .deb was built for, else trixie")
+    p.add_argument("--lab-append", default=None, metavar="WORDS",
+                   help="extra words for the lab kernel's command line (after vmlab's: a panic= or "
+                        "rdinit= here wins); config lab.append")
+    p.add_argument("--guest-kernel", default=None, metavar="KERNEL",
+                   help="guest kernel: a suite, deb:PATH or tree:DIR as --kernel; config guest.kernel, "
+                        "default trixie whatever the lab kernel")
     p.add_argument("--qemu", default=None, metavar="SOURCE",
                    help="the QEMU inside the lab that runs the guest (the VMM under test): "
-                        "default (the lab kernel's suite) or suite:NAME, e.g. "
-                        "suite:trixie-backports with --kernel trixie; config lab.qemu")
+                        "default (the lab kernel's suite), suite:NAME (e.g. suite:trixie-backports "
+                        "with --kernel trixie), deb:PATH (.debs with qemu-system-x86) or build:DIR "
+                        "(a QEMU build directory: qemu-system-x86_64 and pc-bios/); config lab.qemu")
     if one_kernel:
         p.add_argument("--kernel-image", default=None, metavar="PATH",
                        help="boot this bzImage as the lab kernel (with the image's modules)")
@@ -329,11 +344,17 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("which", nargs="?", default="all", choices=["lab", "guest", "all"],
                    help="which image (default all)")
     b.add_argument("--kernel", default="trixie",
-                   help="kernel suite of the image: trixie, trixie-backports, bookworm-backports, bullseye, bookworm, forky "
-                        "(default trixie)")
+                   help="kernel of the image: a suite (trixie, trixie-backports, bookworm-backports, bullseye, "
+                        "bookworm, forky), deb:PATH or tree:DIR (default trixie)")
+    b.add_argument("--lab-base", default=None, metavar="SUITE",
+                   help="the suite a deb: or tree: kernel is installed over (as 'vmlab run --lab-base')")
     b.add_argument("--qemu", default="default", metavar="SOURCE",
-                   help="the lab image's QEMU: default or suite:NAME, as 'vmlab run --qemu'")
+                   help="the lab image's QEMU: default, suite:NAME, deb:PATH or build:DIR, as 'vmlab run --qemu'")
     ims.add_parser("list", help="the images in the cache, with their kernels")
+    fk = ims.add_parser("fetch-kernel", help="download a suite's current kernel .debs (image, "
+                        "modules, headers, kbuild) into the cache and print their directory, "
+                        "for --kernel deb:DIR")
+    fk.add_argument("suite", help="trixie, trixie-backports, bookworm-backports, bullseye, bookworm, forky")
     im.set_defaults(func=cmd_images)
 
     lab = _sub(sub, "lab", "the lab host VM that outlives one command: up, status, down, exec",

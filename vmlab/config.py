@@ -34,6 +34,8 @@ them (``resolve``):
     accel                --accel                 lab.accel           auto
     kernel               --kernel                lab.kernel          trixie
     kernel_image         --kernel-image          -                   none
+    lab_base             --lab-base              lab.base            inferred (deb:, tree: only)
+    lab_append           --lab-append            lab.append          none
     qemu                 --qemu                  lab.qemu            default (the lab kernel's suite)
     guest_kernel         --guest-kernel          guest.kernel        trixie (whatever the lab kernel)
     lab_memory_mb        --lab-memory            lab.memory_mb       3072
@@ -63,8 +65,9 @@ from pathlib import Path
 import yaml
 from yaml.nodes import MappingNode, ScalarNode, SequenceNode
 
-from . import oracle, versions
+from . import kernel_source, oracle, versions
 from .errors import ConfigError
+from .kernel_source import KERNEL_SUITES
 
 _UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30}
 
@@ -81,6 +84,8 @@ DEFAULTS = {
     "accel": "auto",
     "kernel": "trixie",
     "kernel_image": None,
+    "lab_base": None,
+    "lab_append": "",
     "qemu": "default",
     "guest_kernel": "trixie",
     "lab_memory_mb": 3072,
@@ -97,6 +102,8 @@ _MERGE = {
     "accel": ("accel", ("lab", "accel"), "--accel"),
     "kernel": ("kernel", ("lab", "kernel"), "--kernel"),
     "kernel_image": ("kernel_image", None, "--kernel-image"),
+    "lab_base": ("lab_base", ("lab", "base"), "--lab-base"),
+    "lab_append": ("lab_append", ("lab", "append"), "--lab-append"),
     "qemu": ("qemu", ("lab", "qemu"), "--qemu"),
     "guest_kernel": ("guest_kernel", ("guest", "kernel"), "--guest-kernel"),
     "lab_memory_mb": ("lab_memory", ("lab", "memory_mb"), "--lab-memory"),
@@ -117,20 +124,11 @@ MERGE_RULE = ("Every setting that exists both as an option and in the experiment
 # what the oracle can say, plus UNSUPPORTED (an interface with no such move)
 VERDICTS = oracle.VERDICTS + ("UNSUPPORTED",)
 DEFAULT_BASELINE_EXPECT = "REFAULTED"
-# kernel choice -> (base suite, suite the kernel comes from); a --qemu suite is one of them
-KERNEL_SUITES = {
-    "trixie": ("trixie", "trixie"),                         # 6.12, QEMU 10.0
-    "trixie-backports": ("trixie", "trixie-backports"),     # 7.3, QEMU 11.1
-    "bookworm-backports": ("bookworm", "bookworm-backports"),  # 6.12, QEMU 10.0
-    "bullseye": ("bullseye", "bullseye"),                   # 5.10, QEMU 5.2
-    "bookworm": ("bookworm", "bookworm"),                   # 6.1, QEMU 7.2
-    "forky": ("forky", "forky"),                            # 7.2
-}
 _RELEASE = {suite: base for suite, (base, _) in KERNEL_SUITES.items()}
 
 
 def qemu_suite_of(qemu: str) -> str | None:
-    """"suite:NAME" -> NAME; "default" (the lab kernel's suite) -> None."""
+    """"suite:NAME" -> NAME; "default" (the lab kernel's suite), deb: and build: -> None."""
     return qemu[len("suite:"):] if qemu.startswith("suite:") else None
 # QEMU 7.2's qemu_plugin_hwaddr_phys_addr() gives a RAM block offset, which is the
 # guest-physical address only below the PC machine's PCI hole (below 3.5 GiB of RAM)
@@ -611,14 +609,55 @@ def _page_range_errors(pages: dict, mode, kind, alloc, caching, size) -> list[st
     return errs
 
 
+def _resolve_kernels(out: dict, src: dict, exp) -> str:
+    """Check the lab and guest kernels (a suite, deb:PATH, tree:DIR) and the lab's QEMU
+    (default, suite:NAME, deb:PATH, build:DIR) before anything starts, make their paths
+    absolute (a config's relative to the config file) and return the lab's base suite. A wrong path is the user's (exit 2); a tree whose .config lacks
+    what the lab needs is the kernel's (exit 125)."""
+    lab_suite = out["kernel"]
+    for name, kind in (("kernel", "lab"), ("guest_kernel", "guest")):
+        spec = out[name]
+        _dest, cfg_path, flag = _MERGE[name]
+        if src[name] == "config":
+            where = (exp.path, ".".join(cfg_path))
+            form, _, rest = spec.partition(":")
+            if form in ("deb", "tree") and rest and not os.path.isabs(rest):
+                spec = f"{form}:{os.path.join(os.path.dirname(os.path.abspath(exp.path)), rest)}"
+        else:
+            where = ("<command line>", flag)
+        base = out["lab_base"] if kind == "lab" else None
+        if base is not None and src["lab_base"] != "cli" and kind == "lab":
+            where_base = (exp.path, "lab.base")
+        else:
+            where_base = ("<command line>", "--lab-base")
+        if base is not None and not spec.startswith(("deb:", "tree:")):
+            raise ConfigError(*where_base, f"a base suite applies to deb: and tree: kernels; "
+                                           f"{spec} brings its own")
+        ks = kernel_source.parse(spec, where, base=base, kind=kind)
+        out[name] = ks.spec
+        if kind == "lab":
+            lab_suite = ks.suite
+    spec = out["qemu"]
+    if src["qemu"] == "config":
+        where = (exp.path, "lab.qemu")
+        form, _, rest = spec.partition(":")
+        if form in ("deb", "build") and rest and not os.path.isabs(rest):
+            spec = f"{form}:{os.path.join(os.path.dirname(os.path.abspath(exp.path)), rest)}"
+    else:
+        where = ("<command line>", "--qemu")
+    out["qemu"] = kernel_source.parse_qemu(spec, where).spec
+    return lab_suite
+
+
 def qemu_suite_problem(qemu: str, kernel: str) -> str | None:
     """Why ``qemu`` (default | suite:NAME) cannot go with lab kernel suite ``kernel``, or
     None. The lab's QEMU may come from the kernel's own suite (the default) or, for a
     kernel of a Debian release's base suite, from that release's backports: the newer
     QEMU on the same libraries. The other way round (a backports kernel, an older QEMU)
     would hold back what the newer kernel depends on."""
-    if qemu == "default" or kernel not in _RELEASE:
-        return None   # an unknown kernel suite is reported on its own
+    if qemu == "default" or qemu.startswith(("deb:", "build:")) or kernel not in _RELEASE:
+        return None   # an unknown kernel suite is reported on its own; the user's QEMU
+                      # goes into any lab (what it lacks there, apt or the loader says)
     suite = qemu_suite_of(qemu)
     if suite not in _RELEASE:
         return f"{qemu!r}: default or suite:NAME (NAME one of {', '.join(_RELEASE)})"
@@ -833,7 +872,8 @@ def resolve(exp: Experiment | None, args=None) -> dict:
         # a kernel that exists and does not boot is the kernel under test, exit 125)
         raise ConfigError("<command line>", "--kernel-image",
                           f"{out['kernel_image']}: no such readable file")
-    why = qemu_suite_problem(out["qemu"], out["kernel"])
+    lab_suite = _resolve_kernels(out, src, exp)
+    why = qemu_suite_problem(out["qemu"], lab_suite)
     if why:
         # name where the QEMU came from, and where the kernel did when that is elsewhere
         where = ("<command line>", "--qemu") if src["qemu"] == "cli" else (exp.path, "lab.qemu")

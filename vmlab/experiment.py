@@ -290,6 +290,11 @@ class Run:
             # which VMMs: the lab's QEMU (runs the guest under KVM) and the one running the lab
             self.result["lab"]["qemu"] = facts.pop("qemu", None)
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
+            img = self.stack.lab_image or getattr(lab, "image", None)
+            self.result["lab"]["kernel_source"] = (img.manifest.get("kernel_source") if img else None) \
+                or {"spec": o["kernel"], "form": "suite"}
+            if o.get("lab_append"):
+                self.result["lab"]["append"] = o["lab_append"]
             self.result["lab"]["outer_qemu"] = qemu_version()
             self.result["lab"].update(facts)
             if self.transport == "virtio-shm" and self.shared_lab is not None:

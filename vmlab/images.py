@@ -11,6 +11,7 @@ place only when finished), so a warm build is a lookup.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,9 +24,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from . import initramfs
+from . import initramfs, kernel_source
 from .config import KERNEL_SUITES
-from .errors import CommandFailed, ConfigError, ImageMissing, NotRoot
+from .errors import CommandFailed, ConfigError, CouldNotTest, ImageMissing, NotRoot
+from .kernel_source import KernelSource, QemuSource
 from .paths import images_dir, locked, repo_root
 
 log = logging.getLogger("vmlab.images")
@@ -75,16 +77,35 @@ class Recipe:
     mirror: str = MIRROR
     version: int = RECIPE_VERSION
     qemu_suite: str | None = None   # lab: QEMU from this suite instead of the kernel's
+    # the user's kernel ("deb:<digest>" | "tree:<digest>"): what it is, by content; the
+    # source itself (paths) does not shape the key, so a moved tree keeps its image
+    user_kernel: str | None = None
+    user_qemu: str | None = None    # lab: "deb:<digest>" | "build:<digest>", as user_kernel
+    source: KernelSource | None = field(default=None, compare=False, repr=False)
+    qemu_source: QemuSource | None = field(default=None, compare=False, repr=False)
 
     @property
     def suites(self) -> tuple[str, str]:
         return KERNEL_SUITES[self.kernel]
 
+    @property
+    def label(self) -> str:
+        """How image names and messages call the kernel: the suite, or deb-/tree-<digest>."""
+        return self.user_kernel.replace(":", "-") if self.user_kernel else self.kernel
+
+    def fields(self) -> dict:
+        """The recipe as JSON: what shapes the image (not where the user's kernel lies)."""
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if f.name not in ("source", "qemu_source")}
+        fields = json.loads(json.dumps(fields))   # tuples as lists, as asdict() gave
+        for optional in ("qemu_suite", "user_kernel", "user_qemu"):
+            if fields[optional] is None:
+                del fields[optional]   # images from before these options keep their keys
+        return fields
+
     def key(self) -> str:
         # everything that decides the bytes: recipe fields, apt sources and pins, inputs
-        fields = asdict(self)
-        if fields["qemu_suite"] is None:
-            del fields["qemu_suite"]   # images from before --qemu keep their keys
+        fields = self.fields()
         h = hashlib.sha256(json.dumps([fields, _sources(self), _apt_args(self)],
                                       sort_keys=True).encode())
         root = repo_root()
@@ -106,18 +127,50 @@ def _walk(p: Path):
                 yield Path(dirpath) / f
 
 
-def recipe(kind: str, kernel: str = "trixie", qemu_suite: str | None = None) -> Recipe:
-    if kernel not in KERNEL_SUITES:
-        raise ConfigError("<command line>", "kernel",
-                          f"unknown kernel suite {kernel!r} (choose from {', '.join(KERNEL_SUITES)})")
+_TREE_BUILD_PACKAGES = ("dwarves",)
+#: where a build:DIR QEMU lives in the lab image (customize.sh puts it there)
+QEMU_BUILD_DIR = "opt/vmlab-qemu"
+#: the packages that bring Debian's kernel: a user kernel replaces them
+_DEBIAN_KERNEL = ("linux-image-amd64", "linux-headers-amd64")
+
+
+def recipe(kind: str, kernel: str = "trixie", qemu: str | None = None,
+           base: str | None = None) -> Recipe:
+    """The image recipe for ``kernel`` (a suite, deb:PATH or tree:DIR, see
+    vmlab.kernel_source; ``base`` the suite a user kernel goes on) with the lab's QEMU
+    ``qemu`` (default, suite:NAME, deb:PATH, build:DIR, or a bare suite name)."""
+    if kind not in ("lab", "guest"):
+        raise ConfigError("<command line>", "image", f"unknown image kind {kind!r} (lab or guest)")
+    if qemu and qemu != "default" and ":" not in qemu:
+        qemu = f"suite:{qemu}"
+    qsrc = kernel_source.parse_qemu(qemu or "default", ("<command line>", "--qemu"))
+    qemu_suite = qsrc.suite
+    src = kernel_source.parse(kernel, ("<command line>", "--kernel" if kind == "lab" else
+                                       "--guest-kernel"), base=base, kind=kind)
+    suite = src.suite
+    user = f"{src.form}:{src.digest}" if src.user else None
     if kind == "lab":
-        if qemu_suite == KERNEL_SUITES[kernel][1]:
+        if qemu_suite == KERNEL_SUITES[suite][1]:
             qemu_suite = None   # the kernel's own suite already brings its QEMU: one image
-        return Recipe("lab", kernel, lab_packages(qemu_suite or KERNEL_SUITES[kernel][1]),
-                      tuple(LAB_INITRD_MODULES), tuple(LAB_INPUTS), qemu_suite=qemu_suite)
-    if kind == "guest":
-        return Recipe("guest", kernel, tuple(GUEST_PACKAGES), tuple(GUEST_MODULES), tuple(GUEST_INPUTS))
-    raise ConfigError("<command line>", "image", f"unknown image kind {kind!r} (lab or guest)")
+        pkgs = lab_packages(qemu_suite or KERNEL_SUITES[suite][1])
+        inputs = LAB_INPUTS
+    else:
+        pkgs, inputs = tuple(GUEST_PACKAGES), GUEST_INPUTS
+    if user:
+        pkgs = tuple(p for p in pkgs if p not in _DEBIAN_KERNEL)
+        if src.form == "tree" and kind == "lab":
+            # what building a module against a tree needs beyond gcc and make (Debian's
+            # linux-kbuild brings it for deb:): pahole for BTF of modules
+            pkgs += _TREE_BUILD_PACKAGES
+    modules = LAB_INITRD_MODULES if kind == "lab" else GUEST_MODULES
+    lab_qemu = qsrc if kind == "lab" and qsrc.user else None
+    if lab_qemu and lab_qemu.form == "deb":
+        # the user's QEMU .debs replace the suite's (apt installs them with what they need)
+        pkgs = tuple(p for p in pkgs if p not in ("qemu-system-x86", "qemu-system-modules-opengl"))
+    return Recipe(kind, suite, pkgs, tuple(modules), tuple(inputs),
+                  qemu_suite=qemu_suite if kind == "lab" else None, user_kernel=user,
+                  user_qemu=f"{lab_qemu.form}:{lab_qemu.digest}" if lab_qemu else None,
+                  source=src, qemu_source=lab_qemu)
 
 
 @dataclass
@@ -135,8 +188,10 @@ class Image:
 
 
 def image_dir(r: Recipe) -> Path:
-    qemu = f"-qemu-{r.qemu_suite}" if r.qemu_suite else ""
-    return images_dir() / f"{r.kind}-{r.kernel}{qemu}-{r.key()}"
+    qemu = f"-qemu-{r.qemu_suite}" if r.qemu_suite else \
+        f"-qemu-{r.user_qemu.replace(':', '-')}" if r.user_qemu else ""
+    base = f"-on-{r.kernel}" if r.user_kernel else ""
+    return images_dir() / f"{r.kind}-{r.label}{base}{qemu}-{r.key()}"
 
 
 def find(r: Recipe) -> Image | None:
@@ -150,9 +205,12 @@ def find(r: Recipe) -> Image | None:
 def require(r: Recipe) -> Image:
     img = find(r)
     if img is None:
-        qemu = f" --qemu suite:{r.qemu_suite}" if r.qemu_suite else ""
-        raise ImageMissing(f"{r.kind} image ({r.kernel}{qemu}) is not built: expected {image_dir(r)}; "
-                           f"run 'vmlab images build {r.kind} --kernel {r.kernel}{qemu}'")
+        qemu = f" --qemu suite:{r.qemu_suite}" if r.qemu_suite else \
+            f" --qemu {r.qemu_source.spec}" if r.qemu_source else ""
+        kernel = r.source.spec if r.source else r.kernel
+        base = f" --lab-base {r.kernel}" if r.user_kernel else ""
+        raise ImageMissing(f"{r.kind} image ({kernel}{qemu}) is not built: expected {image_dir(r)}; "
+                           f"run 'vmlab images build {r.kind} --kernel {kernel}{base}{qemu}'")
     return img
 
 
@@ -346,11 +404,27 @@ def build(r: Recipe, progress=print) -> Image:
         remove_build_dir(work)
         work.mkdir(parents=True)
         start = time.monotonic()
-        progress(f"building {r.kind} image ({r.kernel}) in {work} (log: {work}/build.log)")
+        what = f"{r.source.spec} on {r.kernel}, {r.source.base_why}" if r.user_kernel else r.kernel
+        progress(f"building {r.kind} image ({what}) in {work} (log: {work}/build.log)")
         try:
-            manifest = (_build_lab if r.kind == "lab" else _build_guest)(r, work, progress)
+            try:
+                manifest = (_build_lab if r.kind == "lab" else _build_guest)(r, work, progress)
+            except CommandFailed as e:
+                why = _user_kernel_failure(r, work / "build.log") if r.user_kernel else None
+                if why:
+                    # the kernel under test (its .debs, its tree) and not vmlab: exit 125
+                    raise CouldNotTest(f"{r.kind} image for {r.source.spec}: {why} "
+                                       f"(build log: {images_dir() / f'failed-{final.name}.log'})") from e
+                raise
+            if r.qemu_source:
+                manifest["qemu_source"] = {"spec": r.qemu_source.spec, "form": r.qemu_source.form,
+                                           "digest": r.qemu_source.digest}
+            if r.user_kernel:
+                manifest["kernel_source"] = {"spec": r.source.spec, "form": r.source.form,
+                                             "digest": r.source.digest, "base": r.kernel,
+                                             "base_why": r.source.base_why}
             manifest.update(kind=r.kind, kernel_suite=r.kernel, suites=list(r.suites), key=r.key(),
-                            recipe=asdict(r), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                            recipe=r.fields(), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             build_seconds=round(time.monotonic() - start, 1))
             manifest["artifacts"] = {p.name: _sha256(p) for p in sorted(work.iterdir())
                                      if p.is_file() and p.name not in ("build.log", "manifest.json")}
@@ -368,11 +442,41 @@ def build(r: Recipe, progress=print) -> Image:
         return Image(r.kind, final, manifest)
 
 
-def _mmdebstrap(r: Recipe, variant: str, root: Path, logf: Path, progress, hooks: list[str]) -> None:
+def _user_kernel_failure(r: Recipe, logf: Path) -> str | None:
+    """Why an image of the user's kernel failed, when it is the kernel's fault: apt cannot
+    meet the .debs' dependencies on the base suite, or the exporter does not build
+    against it. None otherwise (a mirror down is vmlab's or the machine's failure)."""
+    try:
+        text = logf.read_text(errors="replace")
+    except OSError:
+        return None
+    unmet = re.findall(r"^\s*(?:(\S+) :)?\s+((?:Pre-)?Depends: .+?)\s*$", text, re.M)
+    if unmet:
+        lines, pkg = [], ""
+        for who, dep in unmet:
+            pkg = who or pkg
+            lines.append(f"{pkg} {dep}")
+        return (f"its dependencies cannot be met on {r.kernel}: {'; '.join(dict.fromkeys(lines))}"
+                f" (another base: --lab-base, e.g. the suite the .debs were built for)")
+    if "vmlab: exporter build failed" in text:
+        return "the vmlab exporter module does not build against this kernel"
+    if "vmlab: modules install failed" in text:
+        return "its modules could not be installed into the lab image"
+    return None
+
+
+def _mmdebstrap(r: Recipe, variant: str, root: Path, logf: Path, progress, hooks: list[str],
+                env_extra: dict | None = None) -> None:
     base, _ = r.suites
+    # a user's .deb is a path apt installs with its dependencies: one --include each, so a
+    # path is never split at a comma
+    debs = [f"--include={d}" for d in (r.source.debs if r.source and variant != "extract" else ())]
+    if r.qemu_source and r.qemu_source.form == "deb":
+        debs += [f"--include={d}" for d in r.qemu_source.debs]
     argv = ["mmdebstrap", f"--variant={variant}", "--mode=root", "--format=directory",
-            "--include=" + ",".join(r.packages), *_apt_args(r), *hooks, base, str(root), *_sources(r)]
-    env = dict(os.environ, VMLAB_SRC=str(repo_root()))
+            "--include=" + ",".join(r.packages), *debs, *_apt_args(r), *hooks, base, str(root),
+            *_sources(r)]
+    env = dict(os.environ, VMLAB_SRC=str(repo_root()), **(env_extra or {}))
     _run_logged(argv, logf, "mmdebstrap", progress, timeout=1800, env=env)
 
 
@@ -380,9 +484,29 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
     root = work / "root"
     logf = work / "build.log"
     customize = repo_root() / "guest-images/lab/customize.sh"
-    _mmdebstrap(r, "essential", root, logf, progress, [f"--customize-hook=sh {customize} \"$1\""])
+    src = r.source
+    tree = {"VMLAB_TREE": str(src.path)} if src and src.form == "tree" else {}
+    qbuild = r.qemu_source if r.qemu_source and r.qemu_source.form == "build" else None
+    if qbuild:
+        tree["VMLAB_QEMU_BUILD"] = str(qbuild.path)
+    _mmdebstrap(r, "essential", root, logf, progress, [f"--customize-hook=sh {customize} \"$1\""],
+                tree)
+    if src and src.form == "tree":
+        n = kernel_source.install_tree_modules(src.path, initramfs.modules_root(root), src.release)
+        progress(f"  installed {n} modules of {src.path}")
+        initramfs.depmod(root, src.release)
+    if qbuild:
+        missing = initramfs.missing_libs(root, QEMU_BUILD_DIR + "/qemu-system-x86_64")
+        if missing:
+            raise ConfigError("<command line>", "--qemu",
+                              f"{qbuild.spec}: qemu-system-x86_64 needs {', '.join(missing)}, which "
+                              f"the {r.kernel} lab image lacks (build it on {r.kernel}, or add "
+                              f"the libraries' packages)")
     kver = initramfs.kernel_version(root)
-    shutil.copyfile(find_vmlinuz(root, kver), work / "vmlinuz")
+    if src and src.user and kver != src.release:
+        raise CouldNotTest(f"{src.spec}: the image holds kernel {kver}, not {src.release}")
+    vmlinuz = src.path / "arch/x86/boot/bzImage" if src and src.form == "tree" else find_vmlinuz(root, kver)
+    shutil.copyfile(vmlinuz, work / "vmlinuz")
     cpio = initramfs.Cpio()
     initramfs.add_busybox(cpio, root)
     loaded = initramfs.add_modules(cpio, root, kver, list(r.modules))
@@ -434,8 +558,23 @@ def _build_guest(r: Recipe, work: Path, progress) -> dict:
     pkgs = work / "packages.txt"
     hook = f"--extract-hook=ls \"$1/var/cache/apt/archives\" > {pkgs}"
     _mmdebstrap(r, "extract", root, logf, progress, [hook])
+    src = r.source
+    if src and src.form == "deb":
+        # extracted as the suite's own kernel is (the guest runs no dpkg): the image and
+        # the packages with its modules and binary, not headers or kbuild
+        for deb in src.debs:
+            name = kernel_source.deb_fields(deb).get("Package", "")
+            if not name.startswith(("linux-headers-", "linux-kbuild-")):
+                from .proc import run_cmd
+                run_cmd(["dpkg-deb", "-x", str(deb), str(root)], timeout=300)
+    elif src and src.form == "tree":
+        kernel_source.install_tree_modules(src.path, initramfs.modules_root(root), src.release)
+        initramfs.depmod(root, src.release)
     kver = initramfs.kernel_version(root)
-    shutil.copyfile(find_vmlinuz(root, kver), work / "vmlinuz")
+    if src and src.user and kver != src.release:
+        raise CouldNotTest(f"{src.spec}: the image holds kernel {kver}, not {src.release}")
+    vmlinuz = src.path / "arch/x86/boot/bzImage" if src and src.form == "tree" else find_vmlinuz(root, kver)
+    shutil.copyfile(vmlinuz, work / "vmlinuz")
     cpio = initramfs.Cpio()
     initramfs.add_busybox(cpio, root)
     initramfs.add_binary(cpio, root, "usr/sbin/dropbear", "bin/dropbear")

@@ -81,7 +81,20 @@ def _resolve(root: Path, rel: str) -> Path:
 
 def needed_libs(root: Path, binary: str) -> list[str]:
     """Paths (relative to root) of the ELF interpreter and every DT_NEEDED library, recursively."""
+    out, missing = _needed(root, binary)
+    if missing:
+        raise InfraError(f"{binary} needs {missing[0]}, not found in {root}")
+    return out
+
+
+def missing_libs(root: Path, binary: str) -> list[str]:
+    """The DT_NEEDED libraries of ``binary`` (and of its libraries) that ``root`` lacks."""
+    return _needed(root, binary)[1]
+
+
+def _needed(root: Path, binary: str) -> tuple[list[str], list[str]]:
     out: list[str] = []
+    missing: list[str] = []
     todo = [binary]
     seen = set()
     while todo:
@@ -106,8 +119,8 @@ def needed_libs(root: Path, binary: str) -> list[str]:
                     todo.append(f"{d}/{name}")
                     break
             else:
-                raise InfraError(f"{binary} needs {name}, not found in {root}")
-    return out
+                missing.append(name)
+    return out, missing
 
 
 def modules_root(root: Path) -> Path:
@@ -123,10 +136,14 @@ def kernel_version(root: Path) -> str:
 
 def ensure_depmod(root: Path, kver: str) -> None:
     """An extracted (not installed) kernel has no modules.dep yet: make it with depmod -b."""
+    if not (modules_root(root) / kver / "modules.dep").exists():
+        depmod(root, kver)
+
+
+def depmod(root: Path, kver: str) -> None:
     mroot = modules_root(root)
-    if not (mroot / kver / "modules.dep").exists():
-        subprocess.run(["depmod", "-b", str(mroot.parent.parent), kver], check=True,
-                       capture_output=True, env=dict(os.environ, PATH="/usr/sbin:/sbin:" + os.environ.get("PATH", "")))
+    subprocess.run(["depmod", "-b", str(mroot.parent.parent), kver], check=True,
+                   capture_output=True, env=dict(os.environ, PATH="/usr/sbin:/sbin:" + os.environ.get("PATH", "")))
 
 
 def module_closure(root: Path, kver: str, names: list[str]) -> list[str]:

@@ -39,6 +39,8 @@ class LabOptions:
     kernel: str = "trixie"       # image kernel suite
     qemu: str = "default"        # the lab's QEMU: default or suite:NAME
     kernel_image: str | None = None  # boot this bzImage instead of the image's kernel
+    base: str | None = None      # the suite a deb:/tree: kernel is installed over
+    append: str = ""             # extra words for the lab kernel's command line
     memory_mb: int = 3072
     boot_timeout: float = 300
     extra_qemu_args: tuple = ()
@@ -204,7 +206,9 @@ class NestedLab:
         tcg = self.accel == "tcg"
         spec = VMSpec(
             name="lab", kernel=kernel, initrd=str(lab_image.artifact("initrd.img")),
-            append=f"console=ttyS0 panic=-1 oops=panic loglevel=6 vmlab.sshkey={pub}",
+            # the user's words last: a later panic= or init= wins over ours
+            append=f"console=ttyS0 panic=-1 oops=panic loglevel=6 vmlab.sshkey={pub}"
+                   + (f" {self.opts.append}" if self.opts.append else ""),
             memory_mb=self.opts.memory_mb, accel=self.accel,
             cpu=TCG_CPU if tcg else "host", smp=1 if tcg else 2, machine="pc",
             disk=str(lab_image.artifact("rootfs.img")), ssh_forward=self.ssh_port,
@@ -267,6 +271,7 @@ class NestedLab:
         the host agent it was given (copied into its share at boot)."""
         o = self.opts
         return {"kernel": o.kernel, "qemu": o.qemu, "kernel_image": file_identity(o.kernel_image),
+                "base": o.base, "append": o.append,
                 "agent": agent_digest(),
                 "memory_mb": o.memory_mb, "extra_qemu_args": list(o.extra_qemu_args),
                 "hwtrace_plugin": o.hwtrace_plugin, "accel": self.accel,

@@ -111,9 +111,9 @@ def parse_kernels(text: str | None) -> list[str]:
         return list(DEFAULT_KERNELS)
     ks = [k.strip() for k in text.split(",")]
     for k in ks:
-        if k not in cfgmod.KERNEL_SUITES:
+        if k not in cfgmod.KERNEL_SUITES and not k.startswith(("deb:", "tree:")):
             raise ConfigError("<command line>", "--kernels", f"{k!r} is not a lab kernel "
-                              f"(one of: {', '.join(cfgmod.KERNEL_SUITES)})")
+                              f"(one of: {', '.join(cfgmod.KERNEL_SUITES)}, deb:PATH, tree:DIR)")
     if len(set(ks)) != len(ks):
         raise ConfigError("<command line>", "--kernels", f"{text!r} names a kernel twice")
     return ks
@@ -231,7 +231,8 @@ class Matrix:
         try:
             # every image first: a missing one under --no-build is exit 2 before any boot
             images = {(k, gi): lab_images(k, ms[0][1]["guest_kernel"], build=not ms[0][1]["no_build"],
-                                          progress=self.progress, qemu=ms[0][1]["qemu"])
+                                          progress=self.progress, qemu=ms[0][1]["qemu"],
+                                          base=ms[0][1]["lab_base"])
                       for k, gs in groups.items() for gi, ms in enumerate(gs)}
             for kernel, gs in groups.items():
                 for gi, members in enumerate(gs):

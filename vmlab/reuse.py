@@ -25,14 +25,13 @@ import os
 from dataclasses import asdict, fields
 
 from . import images
-from .config import qemu_suite_of
 from .errors import UserError, WaitTimeout
 from .guest import Guest, GuestOptions
 from .lab import NestedLab, agent_digest, file_identity
 from .paths import locked, read_json, state_dir, write_atomic
 
 # what must be equal, in the order a mismatch is reported
-_KEYS = ("kernel", "qemu", "kernel_image", "memory_mb", "extra_qemu_args", "hwtrace_plugin",
+_KEYS = ("kernel", "base", "append", "qemu", "kernel_image", "memory_mb", "extra_qemu_args", "hwtrace_plugin",
          "image", "guest_image", "agent")
 
 
@@ -43,15 +42,16 @@ def lab_dir():
 def wanted_shape(o: dict, hwtrace_plugin: str | None = None) -> dict:
     """The shape of the lab this command would boot (images as found in the cache; a
     missing one cannot match any running lab)."""
-    def path(kind, kernel, qemu_suite=None):
-        img = images.find(images.recipe(kind, kernel, qemu_suite))
+    def path(kind, kernel, qemu=None, base=None):
+        img = images.find(images.recipe(kind, kernel, qemu, base))
         return str(img.path) if img else None
     return {"kernel": o["kernel"], "qemu": o.get("qemu", "default"),
+            "base": o.get("lab_base"), "append": o.get("lab_append") or "",
             "kernel_image": file_identity(o.get("kernel_image")), "agent": agent_digest(),
             "memory_mb": o["lab_memory_mb"],
             "extra_qemu_args": list(o.get("lab_qemu_args") or ()), "hwtrace_plugin": hwtrace_plugin,
             "accel": o["accel"],
-            "image": path("lab", o["kernel"], qemu_suite_of(o.get("qemu", "default"))),
+            "image": path("lab", o["kernel"], o.get("qemu", "default"), o.get("lab_base")),
             "guest_image": path("guest", o.get("guest_kernel") or "trixie")}
 
 
@@ -150,7 +150,7 @@ def lab_up(o: dict, progress) -> bool:
         for stale in ("state.json", "guest.json"):
             (st / stale).unlink(missing_ok=True)
         lab_img, guest_img = lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"],
-                                        progress=progress, qemu=o["qemu"])
+                                        progress=progress, qemu=o["qemu"], base=o["lab_base"])
         lab = NestedLab(st, lab_options(o), detach=True, rundir=st)
         lab.up(lab_img, guest_img, progress)
         lab.session.close()

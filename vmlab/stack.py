@@ -11,7 +11,6 @@ import logging
 from pathlib import Path
 
 from . import images, proc
-from .config import qemu_suite_of
 from .errors import BootFailure
 from .guest import Guest, GuestOptions
 from .lab import LabOptions, NestedLab
@@ -24,7 +23,8 @@ GUEST_BOOT_ATTEMPTS = 2
 def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
     """LabOptions from resolved options (``vmlab.config.resolve``)."""
     return LabOptions(accel=o["accel"], kernel=o["kernel"], qemu=o.get("qemu", "default"),
-                      kernel_image=o.get("kernel_image"),
+                      kernel_image=o.get("kernel_image"), base=o.get("lab_base"),
+                      append=o.get("lab_append") or "",
                       memory_mb=o["lab_memory_mb"], boot_timeout=o["lab_boot_timeout"],
                       extra_qemu_args=tuple(o.get("lab_qemu_args") or ()),
                       hwtrace_plugin=hwtrace_plugin,
@@ -34,11 +34,12 @@ def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
 
 
 def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
-               need_guest: bool = True, qemu: str = "default") -> tuple[images.Image, images.Image | None]:
+               need_guest: bool = True, qemu: str = "default",
+               base: str | None = None) -> tuple[images.Image, images.Image | None]:
     """The lab image for ``kernel`` (with the QEMU ``qemu`` names) and the guest image for
     ``guest_kernel``: built when missing, or ImageMissing (exit 2) when building is not allowed."""
     get = (lambda r: images.ensure(r, progress)[0]) if build else images.require
-    lab_img = get(images.recipe("lab", kernel, qemu_suite_of(qemu)))
+    lab_img = get(images.recipe("lab", kernel, qemu, base))
     guest_img = get(images.recipe("guest", guest_kernel or "trixie")) if need_guest else None
     return lab_img, guest_img
 
@@ -76,7 +77,7 @@ class Stack:
         if self.shared_lab is not None:
             return self.shared_lab
         if self.lab_image is None:   # found once: a reboot (the matrix) boots the same images
-            self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
+            self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel, base=self.lab_opts.base,
                                                           build=self.build, progress=self.progress,
                                                           qemu=self.lab_opts.qemu)
         for attempt in range(1, self.lab_boot_attempts + 1):
@@ -104,7 +105,7 @@ class Stack:
         if self.shared_lab is not None:
             return None
         if self.lab_image is None:
-            self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel,
+            self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel, base=self.lab_opts.base,
                                                           build=self.build, progress=self.progress,
                                                           qemu=self.lab_opts.qemu)
         return self.lab_image.manifest.get("qemu_version")
