@@ -71,9 +71,10 @@ def _guest_lock(st: Path):
 # --- commands -------------------------------------------------------------------------
 def cmd_images(a) -> int:
     from . import images
-    if a.action == "fetch-kernel":
+    if a.action in ("fetch-kernel", "fetch"):
         from . import debs
-        print(debs.fetch_kernel(a.suite, progress))
+        print(debs.fetch_kernel(a.suite, progress) if a.action == "fetch-kernel"
+              else debs.fetch_packages(a.suite, a.packages, progress))
         return 0
     if a.action == "list":
         for img in images.list_images():
@@ -355,6 +356,12 @@ def parser() -> argparse.ArgumentParser:
                         "modules, headers, kbuild) into the cache and print their directory, "
                         "for --kernel deb:DIR")
     fk.add_argument("suite", help="trixie, trixie-backports, bookworm-backports, bullseye, bookworm, forky")
+    fp = ims.add_parser("fetch", help="download a suite's current .debs of the named packages (no "
+                        "dependencies) into the cache and print their directory, e.g. a QEMU for "
+                        "--qemu deb:DIR")
+    fp.add_argument("suite", help="as fetch-kernel")
+    fp.add_argument("packages", nargs="+", metavar="PACKAGE", help="binary package names, e.g. "
+                    "qemu-system-x86 qemu-system-data seabios")
     im.set_defaults(func=cmd_images)
 
     lab = _sub(sub, "lab", "the lab host VM that outlives one command: up, status, down, exec",

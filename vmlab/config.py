@@ -86,6 +86,7 @@ DEFAULTS = {
     "kernel_image": None,
     "lab_base": None,
     "lab_append": "",
+    "lab_kind": "nested",
     "qemu": "default",
     "guest_kernel": "trixie",
     "lab_memory_mb": 3072,
@@ -104,6 +105,7 @@ _MERGE = {
     "kernel_image": ("kernel_image", None, "--kernel-image"),
     "lab_base": ("lab_base", ("lab", "base"), "--lab-base"),
     "lab_append": ("lab_append", ("lab", "append"), "--lab-append"),
+    "lab_kind": (None, ("lab", "kind"), None),
     "qemu": ("qemu", ("lab", "qemu"), "--qemu"),
     "guest_kernel": ("guest_kernel", ("guest", "kernel"), "--guest-kernel"),
     "lab_memory_mb": ("lab_memory", ("lab", "memory_mb"), "--lab-memory"),
@@ -584,6 +586,12 @@ def _semantic_errors(raw: dict) -> list:
                      "memory region: it needs transport: virtio-shm"))
     _check_hw_oracle(raw, moves, errs)
     _check_vmm_chain(raw, errs)
+    lab = raw.get("lab") if isinstance(raw.get("lab"), dict) else {}
+    if lab.get("kind") == "ssh":
+        errs += [(["lab", k], "lab.kind ssh needs it") for k in ("host", "key") if k not in lab]
+    else:
+        errs += [(["lab", k], "only lab.kind ssh takes it") for k in ("host", "key", "known_hosts")
+                 if k in lab]
     q, k = _get(raw, "lab", "qemu"), _get(raw, "lab", "kernel") or DEFAULTS["kernel"]
     why = qemu_suite_problem(q, k) if isinstance(q, str) and isinstance(k, str) else None
     if why:
@@ -607,6 +615,28 @@ def _page_range_errors(pages: dict, mode, kind, alloc, caching, size) -> list[st
         errs.append(f"pages {first}..{first + count - 1} are not all inside the "
                     f"{size // 4096}-page buffer")
     return errs
+
+
+#: what a test box brings itself: its running kernel and its QEMU
+_BOX_OWN = ("kernel", "kernel_image", "lab_base", "lab_append", "qemu", "accel", "lab_memory_mb")
+
+
+def _resolve_box(out: dict, src: dict, exp) -> dict | None:
+    """``lab: {kind: ssh, host, key, known_hosts}``: the box (JSON-able), checked before
+    anything starts; None for a nested lab. A box runs its own kernel and QEMU: a setting
+    that would choose them is a contradiction, said in one line."""
+    if out["lab_kind"] == "nested":
+        return None
+    from .box_lab import BoxSpec
+    chosen = [n for n in _BOX_OWN if src[n] != "default"]
+    if chosen:
+        _dest, cfg_path, flag = _MERGE[chosen[0]]
+        where = ("<command line>", flag) if src[chosen[0]] == "cli" else (exp.path, ".".join(cfg_path))
+        raise ConfigError(*where, f"lab.kind {out['lab_kind']}: the box runs its own kernel and "
+                                  f"QEMU, booted as it is; drop this setting")
+    b = BoxSpec.parse(exp.raw.get("lab") or {}, exp.path)
+    return {"host": b.host, "port": b.port, "user": b.user, "key": str(b.key),
+            "known_hosts": str(b.known_hosts)}
 
 
 def _resolve_kernels(out: dict, src: dict, exp) -> str:
@@ -872,6 +902,7 @@ def resolve(exp: Experiment | None, args=None) -> dict:
         # a kernel that exists and does not boot is the kernel under test, exit 125)
         raise ConfigError("<command line>", "--kernel-image",
                           f"{out['kernel_image']}: no such readable file")
+    out["box"] = _resolve_box(out, src, exp)
     lab_suite = _resolve_kernels(out, src, exp)
     why = qemu_suite_problem(out["qemu"], lab_suite)
     if why:

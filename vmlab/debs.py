@@ -60,6 +60,9 @@ def _record(env: dict, pkg: str) -> dict:
         elif ": " in line:
             key, val = line.split(": ", 1)
             rec.setdefault(key, val)
+    if "Package" not in rec:
+        raise ConfigError("<command line>", "packages", f"{pkg}: not in the index of "
+                          f"{env['APT_CONFIG'].split('/')[-2]}")
     return rec
 
 
@@ -99,23 +102,25 @@ def _deps(rec: dict) -> list[str]:
     return [alt.split("|")[0].split("(")[0].strip() for alt in text.split(",") if alt.strip()]
 
 
-def fetch_kernel(suite: str, progress=print) -> Path:
-    """The directory of ``suite``'s kernel .debs (usable as deb:DIR), downloaded once."""
-    if suite not in KERNEL_SUITES:
-        raise ConfigError("<command line>", "suite", f"{suite!r}: one of {', '.join(KERNEL_SUITES)}")
-    apt_suite = KERNEL_SUITES[suite][1]
+def _deb_name(rec: dict) -> str:
+    return f"{rec['Package']}_{rec['Version'].replace(':', '%3a')}_{rec['Architecture']}.deb"
+
+
+def _fetch(apt_suite: str, what: str, records, progress) -> Path:
+    """Download the .debs of ``records(env)`` (index records) into one directory named by
+    ``what`` and the first record's version; reuse what the store already holds."""
     store = cache_dir() / "debs"
     store.mkdir(parents=True, exist_ok=True)
-    with locked(store / f".{apt_suite}.lock", f"the {apt_suite} kernel fetch", timeout=1800):
+    with locked(store / f".{apt_suite}.lock", f"the {apt_suite} fetch", timeout=1800):
         env = _apt_env(apt_suite)
         progress(f"reading the {apt_suite} index (private apt in {cache_dir() / 'apt' / apt_suite})")
         _apt(["apt-get", "update", "-q"], env)
-        recs = kernel_packages(env)
-        version = recs[0]["Version"]
-        out = store / f"{apt_suite}-{version}"
+        recs = records(env)
+        version = recs[0]["Version"].replace(":", "%3a")
+        out = store / f"{apt_suite}-{what}-{version}"
         out.mkdir(exist_ok=True)
         for rec in recs:
-            name = f"{rec['Package']}_{rec['Version'].replace(':', '%3a')}_{rec['Architecture']}.deb"
+            name = _deb_name(rec)
             kept = store / name
             if not (kept.exists() and _sha256(kept) == rec["SHA256"]):
                 progress(f"  downloading {name} ({int(rec.get('Size', 0)) >> 20} MiB)")
@@ -131,12 +136,27 @@ def fetch_kernel(suite: str, progress=print) -> Path:
                     os.replace(got, kept)
                 finally:
                     shutil.rmtree(tmp, ignore_errors=True)
-            link = out / name
-            if not link.exists():
-                os.link(kept, link)
+            if not (out / name).exists():
+                os.link(kept, out / name)
+        wanted = {_deb_name(r) for r in recs}
         for old in out.glob("*.deb"):
-            if old.name not in {f"{r['Package']}_{r['Version'].replace(':', '%3a')}_{r['Architecture']}.deb"
-                                for r in recs}:
+            if old.name not in wanted:
                 old.unlink()
-        progress(f"{apt_suite} kernel {version}: {len(recs)} .debs in {out}")
+        progress(f"{apt_suite} {what} {recs[0]['Version']}: {len(recs)} .debs in {out}")
         return out
+
+
+def _suite(suite: str) -> str:
+    if suite not in KERNEL_SUITES:
+        raise ConfigError("<command line>", "suite", f"{suite!r}: one of {', '.join(KERNEL_SUITES)}")
+    return KERNEL_SUITES[suite][1]
+
+
+def fetch_kernel(suite: str, progress=print) -> Path:
+    """The directory of ``suite``'s kernel .debs (usable as deb:DIR), downloaded once."""
+    return _fetch(_suite(suite), "kernel", kernel_packages, progress)
+
+
+def fetch_packages(suite: str, names: list[str], progress=print) -> Path:
+    """The directory of ``suite``'s current .debs of ``names`` (no dependencies followed)."""
+    return _fetch(_suite(suite), names[0], lambda env: [_record(env, n) for n in names], progress)

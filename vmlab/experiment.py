@@ -7,6 +7,7 @@ interrupted run still explains itself.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import logging
@@ -274,9 +275,14 @@ class Run:
                            o.get("guest_boot_attempts", GUEST_BOOT_ATTEMPTS),
                            shared_lab=self.shared_lab, shared_guest=self.shared_guest)
         try:
+            shm_checked = False
             if self.transport == "virtio-shm" and self.shared_lab is None:
-                # refused before anything boots: the lab image says which QEMU it carries
-                self.require_shm_qemu(self.stack.lab_qemu_version(), "the lab image's QEMU")
+                # refused before anything boots where the lab image says which QEMU it
+                # carries (not a box's, not a build directory's: known once it answers)
+                image_qemu = self.stack.lab_qemu_version()
+                if image_qemu is not None:
+                    self.require_shm_qemu(image_qemu, "the lab image's QEMU")
+                    shm_checked = True
             lab = self.stack.up_lab()
             if plugin:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
@@ -292,14 +298,16 @@ class Run:
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             img = self.stack.lab_image or getattr(lab, "image", None)
             self.result["lab"]["kernel_source"] = (img.manifest.get("kernel_source") if img else None) \
-                or {"spec": o["kernel"], "form": "suite"}
+                or ({"form": "box", "spec": f"the running kernel of {lab.name}"} if lab.kind == "ssh"
+                    else {"spec": o["kernel"], "form": "suite"})
             if o.get("lab_append"):
                 self.result["lab"]["append"] = o["lab_append"]
-            self.result["lab"]["outer_qemu"] = qemu_version()
+            self.result["lab"]["outer_qemu"] = qemu_version() if lab.kind == "nested" else None
+            self.result["lab"]["kind"] = lab.kind
             self.result["lab"].update(facts)
-            if self.transport == "virtio-shm" and self.shared_lab is not None:
-                self.require_shm_qemu(self.result["lab"]["qemu"], "the running lab's QEMU",
-                                      matrix=not self.shared_lab.reused_from)
+            if self.transport == "virtio-shm" and not shm_checked:
+                self.require_shm_qemu(self.result["lab"]["qemu"], "the lab's QEMU",
+                                      matrix=self.shared_lab is not None and not self.shared_lab.reused_from)
             why_not = self.exp.not_applicable_on(release)
             if why_not:
                 raise NotApplicable(why_not)
@@ -993,6 +1001,10 @@ def main(args, progress) -> int:
     exp = cfgmod.load(path)  # ConfigError -> exit 2 before anything starts
     opts = cfgmod.resolve(exp, args)
     keep, fresh = bool(getattr(args, "keep", False)), bool(getattr(args, "fresh", False))
+    if opts["lab_kind"] != "nested":
+        if keep:
+            raise UserError(f"--keep: {exp.path} runs on a test box (lab.kind "
+                            f"{opts['lab_kind']}), which vmlab does not keep")
     if keep and fresh:
         raise UserError("--keep runs in the lab that 'vmlab lab up' keeps, --fresh in one of "
                         "the run's own: choose one")
@@ -1024,10 +1036,12 @@ def main(args, progress) -> int:
         if keep and not was_up:
             reuse.lab_up(opts, progress)
         # the hardware oracle's plugin is never in a `vmlab lab up` lab
-        with reuse.persistent_lab(opts, progress, fresh=fresh,
-                                  hwtrace_plugin="(the hardware oracle's plugin)"
-                                  if "hw" in opts["oracle"] else None,
-                                  lock_wait=120 if keep else 2) as lab:
+        # a test box is never a 'vmlab lab up' lab
+        with (reuse.persistent_lab(opts, progress, fresh=fresh,
+                                   hwtrace_plugin="(the hardware oracle's plugin)"
+                                   if "hw" in opts["oracle"] else None,
+                                   lock_wait=120 if keep else 2)
+              if opts["lab_kind"] == "nested" else contextlib.nullcontext(None)) as lab:
             if keep and lab is None:
                 raise UserError("--keep: the run cannot use the lab that is up (said above); "
                                 "'vmlab lab down' first, or run without --keep")

@@ -36,7 +36,7 @@ class HostAgent:
         self.lab = lab
         self.log_path = Path(log_path)
         self._logf = open(self.log_path, "ab")
-        self.chan = lab.session.open_exec("exec python3 -u /mnt/vmlab/hostagent.py serve")
+        self.chan = lab.session.open_exec(f"exec python3 -u {lab.share_dir}/hostagent.py serve")
         self._buf = bytearray()
         self._late: str | None = None   # a request that timed out: the channel is out of step
         self._lock = threading.Lock()

@@ -32,7 +32,7 @@ IMAGE_DIR = "/run/vmlab/guest-image"
 ALIGN_PRELOAD = "/usr/lib/vmlab/align-reserve.so"
 _COPY_IMAGE = (f"if [ ! -s {IMAGE_DIR}/initramfs.img ]; then mkdir -p {IMAGE_DIR} && "
                f"t=$(mktemp -d {IMAGE_DIR}.XXXXXX) && "
-               f"cp /mnt/vmlab/guest/vmlinuz /mnt/vmlab/guest/initramfs.img $t/ && "
+               f"cp {{share}}/guest/vmlinuz {{share}}/guest/initramfs.img $t/ && "
                f"mv $t/vmlinuz {IMAGE_DIR}/vmlinuz && mv $t/initramfs.img {IMAGE_DIR}/initramfs.img "
                f"&& rmdir $t; fi")
 # Every character on the emulated 8250 is a VM exit, and under the TCG lab each exit is an
@@ -141,7 +141,7 @@ class Guest:
         m = self.machine
         progress(f"booting guest '{self.opts.name}' in the lab (-accel kvm); console: lab:{m.spec.console_log}")
         start = time.monotonic()
-        self.lab.run(_COPY_IMAGE, timeout=120)   # its own step: a failed copy says why
+        self.lab.run(_COPY_IMAGE.format(share=self.lab.share_dir), timeout=120)   # its own step: a failed copy says why
         try:
             m.launch(timeout=60)
         except (BootFailure, QemuRefused, WaitTimeout, QMPGone, RemoteError, OSError) as e:

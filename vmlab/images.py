@@ -39,6 +39,8 @@ MIRROR = "http://deb.debian.org/debian"
 LAB_PACKAGES = [
     "linux-image-amd64", "linux-headers-amd64", "qemu-system-x86", "kmod", "busybox-static",
     "python3", "dropbear-bin", "gcc", "make", "libc6-dev",
+    # what a test box has, for the lab as one (lab.kind ssh in tests/lab/test_box.py)
+    "dkms",
     # virtio-gpu-gl host blobs: QEMU's OpenGL module, EGL and Mesa's software renderer.
     "qemu-system-modules-opengl", "libegl1", "libegl-mesa0", "libgl1-mesa-dri", "libgbm1", "libgl1",
 ]
@@ -410,10 +412,11 @@ def build(r: Recipe, progress=print) -> Image:
             try:
                 manifest = (_build_lab if r.kind == "lab" else _build_guest)(r, work, progress)
             except CommandFailed as e:
-                why = _user_kernel_failure(r, work / "build.log") if r.user_kernel else None
+                user = [s.spec for s in (r.source, r.qemu_source) if s is not None and s.user]
+                why = _user_kernel_failure(r, work / "build.log") if user else None
                 if why:
-                    # the kernel under test (its .debs, its tree) and not vmlab: exit 125
-                    raise CouldNotTest(f"{r.kind} image for {r.source.spec}: {why} "
+                    # the kernel or QEMU under test (its .debs, its tree) and not vmlab: exit 125
+                    raise CouldNotTest(f"{r.kind} image for {' with '.join(user)}: {why} "
                                        f"(build log: {images_dir() / f'failed-{final.name}.log'})") from e
                 raise
             if r.qemu_source:
@@ -526,7 +529,8 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
                  str(work / "rootfs.img"), f"{size_mb}M"], logf, "mke2fs", progress, timeout=900)
     shutil.rmtree(root)
     return {"kernel_release": kver, "packages": packages, "initrd_modules": loaded,
-            "qemu_version": packages.get("qemu-system-x86", "?")}
+            # a build directory's QEMU says its version when it runs, not in a package
+            "qemu_version": None if qbuild else packages.get("qemu-system-x86", "?")}
 
 
 def find_vmlinuz(root: Path, kver: str) -> Path:

@@ -41,6 +41,8 @@ class LabOptions:
     kernel_image: str | None = None  # boot this bzImage instead of the image's kernel
     base: str | None = None      # the suite a deb:/tree: kernel is installed over
     append: str = ""             # extra words for the lab kernel's command line
+    kind: str = "nested"         # nested: a VM of ours; ssh: the user's test box (box_lab)
+    box: dict | None = None      # kind ssh: host, port, user, key, known_hosts
     memory_mb: int = 3072
     boot_timeout: float = 300
     extra_qemu_args: tuple = ()
@@ -152,6 +154,7 @@ class NestedLab:
     ``rundir`` is the state directory and ``attach()`` finds the lab from ``state.json``."""
 
     kind = "nested"
+    share_dir = "/mnt/vmlab"   # the controller's read-only 9p share (lab-setup mounts it)
 
     def __init__(self, workdir: Path, opts: LabOptions, *, detach: bool = False,
                  rundir: Path | None = None):

@@ -89,7 +89,7 @@ class LabProcess:
         self.close_relay()
         self._fwd = ssh.ChannelForward(
             self.local_qmp,
-            lambda: self.lab.session.open_exec(f"python3 /mnt/vmlab/hostagent.py relay {sock}"),
+            lambda: self.lab.session.open_exec(f"python3 {self.lab.share_dir}/hostagent.py relay {sock}"),
             f"{m.spec.name}-qmp")
         q = QMP(str(self.local_qmp), nickname=f"{m.spec.name}-qmp")
         try:

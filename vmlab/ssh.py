@@ -19,7 +19,7 @@ import paramiko
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from .errors import RemoteError, WaitTimeout
+from .errors import RemoteError, UserError, WaitTimeout
 
 log = logging.getLogger("vmlab.ssh")
 logging.getLogger("paramiko").setLevel(logging.CRITICAL)
@@ -57,25 +57,45 @@ class SSHSession:
 
     @classmethod
     def connect(cls, name: str, host: str, port: int, key_path: Path, timeout: float,
-                sock_factory=None, alive=None) -> "SSHSession":
+                sock_factory=None, alive=None, known_hosts: Path | None = None,
+                user: str = "root") -> "SSHSession":
         """Retry until the server accepts our key or ``timeout``; ``alive`` (callable) aborts
-        the wait early when the VM died."""
-        pkey = paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        the wait early when the VM died. ``known_hosts``: a machine that is not one of our
+        VMs (a test box): its host key must be there, or the connection is refused at
+        once (UserError), never retried and never accepted on first use."""
+        pkey = paramiko.PKey.from_path(str(key_path)) if hasattr(paramiko.PKey, "from_path") \
+            else paramiko.Ed25519Key.from_private_key_file(str(key_path))
         deadline = time.monotonic() + timeout
         last = ""
         while True:
             if alive is not None and not alive():
                 raise RemoteError(f"{name}: VM exited while waiting for SSH")
             client = paramiko.SSHClient()
-            client.set_missing_host_key_policy(_AcceptOwnVM())
+            if known_hosts is not None:
+                client.load_host_keys(str(known_hosts))
+                client.set_missing_host_key_policy(paramiko.RejectPolicy())
+            else:
+                client.set_missing_host_key_policy(_AcceptOwnVM())
             try:
                 sock = sock_factory() if sock_factory else None
-                client.connect(host, port=port, username="root", pkey=pkey, sock=sock,
+                client.connect(host, port=port, username=user, pkey=pkey, sock=sock,
                                timeout=10, banner_timeout=20, auth_timeout=20,
                                allow_agent=False, look_for_keys=False)
                 client.get_transport().set_keepalive(15)
                 return cls(name, client)
-            except (OSError, paramiko.SSHException, EOFError) as e:
+            except paramiko.SSHException as e:
+                client.close()
+                if known_hosts is not None and isinstance(e, (paramiko.BadHostKeyException,
+                                                              paramiko.AuthenticationException)):
+                    # a box that answers with another key, or refuses ours: not a boot
+                    # that is still coming up, so no retry
+                    raise UserError(f"{name}: {host}:{port}: {e} (known hosts: {known_hosts})") from e
+                if known_hosts is not None and "not found in known_hosts" in str(e):
+                    raise UserError(f"{name}: {host}:{port} is not in {known_hosts}: vmlab never "
+                                    f"accepts a box's host key on first use (add it: "
+                                    f"ssh-keyscan -p {port} {host} >> {known_hosts}, after checking it)") from e
+                last = f"{type(e).__name__}: {e}"
+            except (OSError, EOFError) as e:
                 last = f"{type(e).__name__}: {e}"
                 client.close()
             if time.monotonic() >= deadline:

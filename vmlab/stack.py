@@ -25,6 +25,7 @@ def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
     return LabOptions(accel=o["accel"], kernel=o["kernel"], qemu=o.get("qemu", "default"),
                       kernel_image=o.get("kernel_image"), base=o.get("lab_base"),
                       append=o.get("lab_append") or "",
+                      kind=o.get("lab_kind", "nested"), box=o.get("box"),
                       memory_mb=o["lab_memory_mb"], boot_timeout=o["lab_boot_timeout"],
                       extra_qemu_args=tuple(o.get("lab_qemu_args") or ()),
                       hwtrace_plugin=hwtrace_plugin,
@@ -34,12 +35,13 @@ def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
 
 
 def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
-               need_guest: bool = True, qemu: str = "default",
-               base: str | None = None) -> tuple[images.Image, images.Image | None]:
+               need_guest: bool = True, qemu: str = "default", base: str | None = None,
+               need_lab: bool = True) -> tuple[images.Image | None, images.Image | None]:
     """The lab image for ``kernel`` (with the QEMU ``qemu`` names) and the guest image for
-    ``guest_kernel``: built when missing, or ImageMissing (exit 2) when building is not allowed."""
+    ``guest_kernel``: built when missing, or ImageMissing (exit 2) when building is not
+    allowed. A test box (``need_lab`` False) takes only the guest image."""
     get = (lambda r: images.ensure(r, progress)[0]) if build else images.require
-    lab_img = get(images.recipe("lab", kernel, qemu, base))
+    lab_img = get(images.recipe("lab", kernel, qemu, base)) if need_lab else None
     guest_img = get(images.recipe("guest", guest_kernel or "trixie")) if need_guest else None
     return lab_img, guest_img
 
@@ -79,7 +81,17 @@ class Stack:
         if self.lab_image is None:   # found once: a reboot (the matrix) boots the same images
             self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel, base=self.lab_opts.base,
                                                           build=self.build, progress=self.progress,
-                                                          qemu=self.lab_opts.qemu)
+                                                          qemu=self.lab_opts.qemu,
+                                                          need_lab=self.lab_opts.kind == "nested")
+        if self.lab_opts.kind == "ssh":
+            # the user's box, booted as it is: nothing to retry, only to connect to
+            from .box_lab import BoxLab, BoxSpec
+            lab = BoxLab(self.workdir, BoxSpec(**{**self.lab_opts.box,
+                                                  "key": Path(self.lab_opts.box["key"]),
+                                                  "known_hosts": Path(self.lab_opts.box["known_hosts"])}))
+            lab.up(None, self.guest_image, self.progress)
+            self.lab = lab
+            return lab
         for attempt in range(1, self.lab_boot_attempts + 1):
             self.lab = NestedLab(self.workdir, self.lab_opts)
             try:
@@ -102,12 +114,13 @@ class Stack:
     def lab_qemu_version(self) -> str | None:
         """The QEMU package version the lab image carries (its manifest), found or built
         as for a boot, before anything boots."""
-        if self.shared_lab is not None:
-            return None
+        if self.shared_lab is not None or self.lab_opts.kind != "nested":
+            return None   # a box's QEMU is known once the box is reached
         if self.lab_image is None:
             self.lab_image, self.guest_image = lab_images(self.lab_opts.kernel, self.guest_kernel, base=self.lab_opts.base,
                                                           build=self.build, progress=self.progress,
-                                                          qemu=self.lab_opts.qemu)
+                                                          qemu=self.lab_opts.qemu,
+                                                          need_lab=self.lab_opts.kind == "nested")
         return self.lab_image.manifest.get("qemu_version")
 
     def _keep_attempt_logs(self, attempt: int) -> list[str]:

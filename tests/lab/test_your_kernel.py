@@ -9,17 +9,19 @@ from pathlib import Path
 
 import pytest
 
-from . import kernel_tree
+from . import kernel_tree, qemu_build
 from .conftest import ROOT, RESULTS, qemu_pids, results_dir, vmlab_cmd
 
 BISECT = ROOT / "configs" / "bisect" / "noncompound-refaults.yaml"
 
 
-def fetch(suite: str) -> Path:
-    r = vmlab_cmd("images", "fetch-kernel", suite, timeout=1800)
+def fetch(suite: str, *packages: str) -> Path:
+    """A suite's kernel .debs (fetch-kernel), or the named packages' (fetch)."""
+    args = ("fetch", suite, *packages) if packages else ("fetch-kernel", suite)
+    r = vmlab_cmd("images", *args, timeout=1800)
     assert r.returncode == 0, r.stderr
     d = Path(r.stdout.strip().splitlines()[-1])
-    assert sorted(d.glob("linux-image-*.deb")), d
+    assert sorted(d.glob("*.deb")), d
     return d
 
 
@@ -81,6 +83,19 @@ def test_bisect_noncompound_bad_on_612_good_on_73():
     assert bad["lab"]["kernel"].startswith("6.12.") and good["lab"]["kernel"].startswith("7.3.")
     assert bad["lab"]["qemu"] == good["lab"]["qemu"]
     assert bad["baseline"]["verdict"] == "VMM_FAULT" and good["baseline"]["verdict"] == "REFAULTED"
+
+
+@pytest.mark.nightly
+def test_a_qemu_build_directory_is_the_labs_vmm(tmp_path):
+    """--qemu build:DIR in a trixie lab: a build-directory layout of trixie-backports'
+    QEMU 11.1 (its binary and firmware), resolved against the lab image's libraries."""
+    build = qemu_build.assemble([fetch("trixie-backports", "qemu-system-x86", "qemu-system-data",
+                                       "seabios")], tmp_path / "qemu-build")
+    res = run("qemu-build", "--qemu", f"build:{build}")
+    assert res["lab"]["qemu"].startswith("11.1."), res["lab"]["qemu"]
+    assert res["lab"]["qemu_source"] == f"build:{build}"
+    assert res["lab"]["kernel"].startswith("6.12.")
+    assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"] and res["passed"] is True
 
 
 def test_a_tree_without_kvm_is_refused_with_125(tmp_path):
