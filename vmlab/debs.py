@@ -8,7 +8,6 @@ name, and reused while its SHA256 matches the index: a second fetch downloads no
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 import shutil
@@ -17,7 +16,7 @@ from pathlib import Path
 
 from .errors import CommandFailed, ConfigError
 from .kernel_source import KERNEL_SUITES
-from .paths import cache_dir, locked
+from .paths import cache_dir, locked, sha256_file
 
 MIRROR = "http://deb.debian.org/debian"
 KEYRING = "/usr/share/keyrings/debian-archive-keyring.gpg"
@@ -64,14 +63,6 @@ def _record(env: dict, pkg: str) -> dict:
         raise ConfigError("<command line>", "packages", f"{pkg}: not in the index of "
                           f"{env['APT_CONFIG'].split('/')[-2]}")
     return rec
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def kernel_packages(env: dict) -> list[dict]:
@@ -122,7 +113,7 @@ def _fetch(apt_suite: str, what: str, records, progress) -> Path:
         for rec in recs:
             name = _deb_name(rec)
             kept = store / name
-            if not (kept.exists() and _sha256(kept) == rec["SHA256"]):
+            if not (kept.exists() and sha256_file(kept) == rec["SHA256"]):
                 progress(f"  downloading {name} ({int(rec.get('Size', 0)) >> 20} MiB)")
                 tmp = store / f".dl-{os.getpid()}"
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -130,7 +121,7 @@ def _fetch(apt_suite: str, what: str, records, progress) -> Path:
                 try:
                     _apt(["apt-get", "download", "-q", f"{rec['Package']}={rec['Version']}"], env, cwd=tmp)
                     got = next(tmp.glob("*.deb"))
-                    if _sha256(got) != rec["SHA256"]:
+                    if sha256_file(got) != rec["SHA256"]:
                         raise CommandFailed(["apt-get", "download", name], 1, "",
                                             "SHA256 differs from the index")
                     os.replace(got, kept)

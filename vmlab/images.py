@@ -21,14 +21,14 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import initramfs, kernel_source
 from .config import KERNEL_SUITES
 from .errors import CommandFailed, ConfigError, CouldNotTest, ImageMissing, NotRoot
 from .kernel_source import KernelSource, QemuSource
-from .paths import images_dir, locked, repo_root
+from .paths import images_dir, locked, repo_root, sha256_file
 
 log = logging.getLogger("vmlab.images")
 
@@ -223,14 +223,6 @@ def ensure(r: Recipe, progress=print) -> tuple[Image, bool]:
         progress(f"{r.kind} image up to date: {img.path}")
         return img, False
     return build(r, progress), True
-
-
-def _sha256(p: Path) -> str:
-    h = hashlib.sha256()
-    with open(p, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _run_logged(argv: list[str], logf: Path, what: str, progress, timeout: float, env=None) -> None:
@@ -429,7 +421,7 @@ def build(r: Recipe, progress=print) -> Image:
             manifest.update(kind=r.kind, kernel_suite=r.kernel, suites=list(r.suites), key=r.key(),
                             recipe=r.fields(), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             build_seconds=round(time.monotonic() - start, 1))
-            manifest["artifacts"] = {p.name: _sha256(p) for p in sorted(work.iterdir())
+            manifest["artifacts"] = {p.name: sha256_file(p) for p in sorted(work.iterdir())
                                      if p.is_file() and p.name not in ("build.log", "manifest.json")}
             (work / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
             shutil.rmtree(final, ignore_errors=True)

@@ -27,6 +27,16 @@ def state_dir() -> Path:
     return p
 
 
+def sha256_file(p: Path) -> str:
+    """The hex SHA256 of a file, read in 1 MiB chunks (images and .debs are large)."""
+    import hashlib
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def repo_root() -> Path:
     """The source tree vmlab runs from (recipes, host-tools, guest agent source)."""
     return Path(__file__).resolve().parent.parent
