@@ -1024,6 +1024,8 @@ def main(args, progress) -> int:
     root = logging.getLogger()
     root.addHandler(fh)
     root.setLevel(logging.DEBUG)
+    # the report's plots: matplotlib's font search is hundreds of DEBUG lines of no use
+    logging.getLogger("matplotlib").setLevel(logging.WARNING)
     for h in root.handlers:
         if h is not fh and not args.verbose:
             h.setLevel(logging.WARNING)

@@ -20,7 +20,7 @@ from pathlib import Path
 from . import images, kvm_probe, proc, ssh
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
-from .qemu import QemuMachine, VMSpec, console_tail, free_port
+from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port
 
 log = logging.getLogger("vmlab.lab")
 
@@ -210,7 +210,8 @@ class NestedLab:
         spec = VMSpec(
             name="lab", kernel=kernel, initrd=str(lab_image.artifact("initrd.img")),
             # the user's words last: a later panic= or init= wins over ours
-            append=f"console=ttyS0 panic=-1 oops=panic loglevel=6 vmlab.sshkey={pub}"
+            append=f"console=ttyS0 panic=-1 oops=panic loglevel=6 cryptomgr.notests {SKIPPED_INITCALLS} "
+                   f"vmlab.sshkey={pub}"
                    + (f" {self.opts.append}" if self.opts.append else ""),
             memory_mb=self.opts.memory_mb, accel=self.accel,
             cpu=TCG_CPU if tcg else "host", smp=1 if tcg else 2, machine="pc",
