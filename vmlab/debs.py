@@ -15,7 +15,7 @@ import subprocess
 from pathlib import Path
 
 from .errors import CommandFailed, ConfigError
-from .kernel_source import KERNEL_SUITES
+from .kernel_source import KERNEL_SUITES, TESTING_SUITES
 from .paths import cache_dir, locked, sha256_file
 
 MIRROR = "http://deb.debian.org/debian"
@@ -28,12 +28,13 @@ def _apt_env(suite: str) -> dict:
     for sub in ("lists/partial", "cache/archives/partial"):
         (d / sub).mkdir(parents=True, exist_ok=True)
     (d / "sources.list").write_text(f"deb [signed-by={KEYRING}] {MIRROR} {suite} main\n")
-    # testing suites carry a short Valid-Until (see images._APT_OPTS); signatures still count
+    # a stable suite's stale index is refused (kernel_source.TESTING_SUITES)
+    valid_until = "false" if suite in TESTING_SUITES else "true"
     (d / "apt.conf").write_text(
         f'Dir::State "{d}";\nDir::State::Lists "{d}/lists";\nDir::State::status "/dev/null";\n'
         f'Dir::Cache "{d}/cache";\nDir::Etc::SourceList "{d}/sources.list";\n'
         f'Dir::Etc::SourceParts "/nonexistent";\nDir::Etc::Preferences "/dev/null";\n'
-        f'Dir::Etc::PreferencesParts "/nonexistent";\nAcquire::Check-Valid-Until "false";\n'
+        f'Dir::Etc::PreferencesParts "/nonexistent";\nAcquire::Check-Valid-Until "{valid_until}";\n'
         f'APT::Architecture "amd64";\nAPT::Architectures {{ "amd64"; }};\n')
     return dict(os.environ, APT_CONFIG=str(d / "apt.conf"), LC_ALL="C")
 
