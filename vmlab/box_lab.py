@@ -2,12 +2,17 @@
 
 Developers with hardware keep a machine with real KVM booted into the kernel under test.
 vmlab reaches it over SSH (its host key must already be in known_hosts: never accepted
-on first use), takes the box's lock for the whole run, checks that it can serve (root,
-/dev/kvm, headers for the running kernel, QEMU, dkms, python3), builds the exporter with
-dkms against the running kernel and loads it, runs the host agent and the guests there,
-and undoes exactly what it did when done: unloads the module it loaded, removes the dkms
-entry and source it added (never AUTOINSTALL: a kernel upgrade on the box builds nothing
-of ours), deletes its directories. It never reboots or reconfigures the box beyond that.
+on first use), takes the box's lock for the whole run (waiting for another run's, with
+progress), checks that it can serve (root, /dev/kvm, headers for the running kernel, QEMU,
+dkms, python3), builds the exporter with dkms against the running kernel and loads it,
+runs the host agent and the guests there, and undoes exactly what it did when done.
+
+The undo lives on the box, not in this process: every step vmlab takes is first written
+to the run's undo script, and the shell that holds the lock runs that script when its
+SSH channel ends, whether vmlab closed it or vmlab died, was killed or lost the network.
+So a run never leaves a QEMU, a host agent, a dkms build, the module, the dkms entry, a
+raised vm.nr_hugepages or a changed shmem_enabled behind. Never AUTOINSTALL (a kernel
+upgrade on the box builds nothing of ours); never a reboot or other reconfiguration.
 
 The same interface as NestedLab where the run uses one (session, run, kernel_release,
 share_dir, key, rundir, accel, down); what a box has not (a console, a QEMU of ours that
@@ -25,7 +30,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import ssh
-from .errors import ConfigError, RemoteError, UserError
+from . import proc
+from .errors import ConfigError, CouldNotTest, RemoteError, UserError
 from .paths import repo_root, runtime_dir
 
 log = logging.getLogger("vmlab.box")
@@ -33,8 +39,13 @@ log = logging.getLogger("vmlab.box")
 LOCK = "/run/lock/vmlab-box.lock"
 DKMS_NAME = "vmlab-exporter"
 EXPORTER_SRC = "host-tools/vmlab-exporter"
-#: vmlab's directory on the box for guest state (the guest runner's /run/vmlab/<name>)
+ALIGN_SRC = "host-tools/vmm-align/vmlab_align_reserve.c"
+#: vmlab's directory on the box for guest state (the guest runner's /run/vmlab/<name>);
+#: refused when it exists before the run, so everything in it is the run's own
 RUN_DIR = "/run/vmlab"
+LOCK_WAIT = 1800      # seconds a run waits for another run's lock on the box
+UNDO_WAIT = 300       # seconds the box's undo (rmmod, dkms remove) may take
+THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
 
 @dataclass(frozen=True)
@@ -80,7 +91,6 @@ def exporter_version() -> str:
 
 
 class BoxLab:
-    kind = "ssh"
     machine = None            # no QEMU of ours runs the box
     image = None
     guest_image = None
@@ -88,57 +98,114 @@ class BoxLab:
     hwtrace_socket = None
     reused_from = None
     accel = "kvm"
+    align_preload = None      # set by _upload: built on the box
 
-    def __init__(self, workdir: Path, spec: BoxSpec):
+    def __init__(self, workdir: Path, spec: BoxSpec | None):
+        """``spec`` None: lab kind local, this machine is the box (the same steps, run
+        here as local processes instead of over SSH)."""
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.spec = spec
+        self.kind = "local" if spec is None else "ssh"
+        self.local = spec is None
         self.rundir = runtime_dir()          # this machine's end: guest key, QMP relays
         self.key = self.rundir / "id_ed25519"   # the guests' key, per run (not the box's)
         self.session: ssh.SSHSession | None = None
         self.share_dir: str | None = None   # the run's directory on the box
-        self.accel_reason = f"the test box {spec.host}'s own KVM"
+        self.accel_reason = "this machine's own KVM" if spec is None else f"the test box {spec.host}'s own KVM"
         self._lock_chan = None
         self._undo: list[tuple[str, str]] = []   # (what, shell command), undone last-first
+        self.undo_log: list[str] = []            # what the box said while undoing
         self.version = exporter_version()
 
     @property
     def name(self) -> str:
+        if self.spec is None:
+            return "this machine (lab kind local)"
         return f"box {self.spec.user}@{self.spec.host}:{self.spec.port}"
 
     # --- bring-up
     def up(self, lab_image, guest_image, progress=print) -> None:
         self.guest_image = guest_image
         ssh.generate_key(self.key)
-        progress(f"connecting to the {self.name} (host key checked against {self.spec.known_hosts})")
         try:
-            self.session = ssh.SSHSession.connect(
-                "box", self.spec.host, self.spec.port, self.spec.key, timeout=60,
-                known_hosts=self.spec.known_hosts, user=self.spec.user)
-            self._lock()
+            if self.spec is None:
+                from .local_session import LocalSession
+                progress(f"{self.name}: the lab host is this machine")
+                self.session = LocalSession()
+            else:
+                progress(f"connecting to the {self.name} (host key checked against {self.spec.known_hosts})")
+                self.session = ssh.SSHSession.connect(
+                    "box", self.spec.host, self.spec.port, self.spec.key, timeout=60,
+                    known_hosts=self.spec.known_hosts, user=self.spec.user)
+            self._lock(progress)
             self._check()
             self._upload(progress)
             self._load_exporter(progress)
+            # undone first: whatever of ours still runs (the guests' QEMU, setsid, by their
+            # pid files; host agents and relays, whose argv names the run's directory)
+            self._will_undo("the run's processes", (
+                f"for f in {RUN_DIR}/*/qemu.pid; do [ -f \"$f\" ] || continue; p=$(cat \"$f\"); "
+                f"grep -qa qemu /proc/$p/cmdline 2>/dev/null && kill -9 $p; done; "
+                f"pkill -9 -f -- {shlex.quote(self.share_dir + '/')}; sleep 1; true"))
         except BaseException:
             self.down()
             raise
 
-    def _lock(self) -> None:
-        """The box's lock, held by a process of this session for as long as it lasts: two
-        vmlab runs on one box never overlap, and a run whose connection dies frees it."""
+    def _lock(self, progress=print) -> None:
+        """The box's lock, held by a shell of this session for as long as the session
+        lasts: two vmlab runs on one box never overlap. That shell also makes the run's
+        directory and, when its channel ends (vmlab closed it, or vmlab is gone), runs the
+        run's undo script: the box cleans up after a run that could not."""
+        d = '"$d"'
         chan = self.session.open_exec(
-            f"mkdir -p {Path(LOCK).parent} && exec 9>>{LOCK} && "
-            f"if flock -n 9; then echo LOCKED; exec cat; else echo BUSY; fi")
+            # HUP ignored (and so by cat too): a dropped connection means EOF, then the undo.
+            # The script is read from stdin so that no argv names the run's directory (the
+            # undo kills what does).
+            "trap '' HUP PIPE; "
+            "command -v flock >/dev/null || { echo NOFLOCK; exit 0; }; "
+            f"mkdir -p {Path(LOCK).parent} && exec 9>>{LOCK} || exit 1; "
+            f"flock -n 9 || {{ echo WAITING; flock -w {LOCK_WAIT} 9 || {{ echo BUSY; exit 0; }}; }}; "
+            "d=$(mktemp -d /var/tmp/vmlab-run.XXXXXX) || exit 1; "
+            f"echo \"LOCKED $d\"; cat >/dev/null; "
+            # into a file first: a dead connection must not break the undo's own output
+            f"[ -f {d}/undo.sh ] && sh < {d}/undo.sh > {d}/undo.log 2>&1; "
+            f"cat {d}/undo.log 2>/dev/null; rm -rf {d}; echo UNDONE")
         rd = ssh.ChannelReader(chan, f"{self.name}: lock")
-        rd.pump(time.monotonic() + 30, stop=lambda: b"\n" in rd.out)
-        said = rd.out.strip()
-        if said != b"LOCKED":
+
+        def answer() -> list[str]:
+            """The last complete line that settles it, split; [] while there is none."""
+            for line in bytes(rd.out).decode(errors="replace").splitlines(keepends=True):
+                if line.endswith("\n") and line.split()[:1] in (["LOCKED"], ["BUSY"], ["NOFLOCK"]):
+                    return line.split()
+            return []
+
+        rd.pump(time.monotonic() + 30, stop=lambda: bool(answer()) or b"WAITING\n" in rd.out, soft=True)
+        if not answer() and b"WAITING\n" in rd.out:
+            progress(f"{self.name} is busy with another vmlab run: waiting up to {LOCK_WAIT} s "
+                     f"for its lock ({LOCK})")
+            rd.pump(time.monotonic() + LOCK_WAIT + 30, stop=lambda: bool(answer()), soft=True)
+        words = answer()
+        if words[:1] != ["LOCKED"] or len(words) != 2:
             chan.close()
-            if said == b"BUSY":
-                raise UserError(f"{self.name} is busy: another vmlab run holds {LOCK}")
+            if words[:1] == ["BUSY"]:
+                raise UserError(f"{self.name} is busy: another vmlab run held {LOCK} "
+                                f"for longer than {LOCK_WAIT} s")
+            if words[:1] == ["NOFLOCK"]:
+                raise UserError(f"{self.name} cannot be a lab: it lacks flock (util-linux)")
             raise UserError(f"{self.name}: cannot take {LOCK}: "
                             f"{bytes(rd.err).decode(errors='replace').strip()[-200:] or 'no answer'}")
-        self._lock_chan = chan
+        self._lock_chan, self._lock_reader = chan, rd
+        self.share_dir = words[1]
+
+    def _will_undo(self, what: str, command: str) -> None:
+        """Write a step's undo to the box before taking the step: the undo script runs
+        the steps last-first, each on its own (one that fails is reported, the rest run)."""
+        self._undo.append((what, command))
+        lines = ["#!/bin/sh", "# vmlab: undo this run's steps on the box, last first"]
+        for w, cmd in reversed(self._undo):
+            lines.append(f"( {cmd} ) </dev/null || echo {shlex.quote(f'vmlab: undoing {w} failed')}")
+        self.session.put("\n".join(lines).encode() + b"\n", f"{self.share_dir}/undo.sh")
 
     def _check(self) -> None:
         """Refuse, in one line, a box that cannot serve: exit 2 (the box the user named),
@@ -150,6 +217,9 @@ class BoxLab:
                  "command -v $t >/dev/null && echo have=$t; done; "
                  "grep -q '^vmlab_exporter ' /proc/modules && echo loaded=yes; "
                  f"[ -e /usr/src/{DKMS_NAME}-{self.version} ] && echo dkms_src=yes; "
+                 f"[ -e {RUN_DIR} ] && echo run_dir=yes; "
+                 "echo nr_hugepages=$(cat /proc/sys/vm/nr_hugepages); "
+                 f"echo thp_shmem=$(cat {THP_SHMEM} 2>/dev/null); "
                  "[ -e /var/lib/dkms/mok.key ] || [ -e /var/lib/dkms/mok.pub ] || echo no_mok=yes; true")
         _, out, _ = self.run(probe, timeout=60)
         facts = {}
@@ -177,34 +247,61 @@ class BoxLab:
             raise UserError(f"{self.name} has /usr/src/{DKMS_NAME}-{self.version} from a run that "
                             f"did not clean up: remove it with 'dkms remove -m {DKMS_NAME} -v "
                             f"{self.version} --all; rm -rf /usr/src/{DKMS_NAME}-{self.version}'")
+        if "run_dir" in facts:
+            raise UserError(f"{self.name} has {RUN_DIR} already (a run that did not clean up, or "
+                            f"someone else's): vmlab keeps its guests there and removes it after "
+                            f"the run; remove it first if no QEMU uses it")
         self.release = release
         self.dkms_had_mok = "no_mok" not in facts
+        self.nr_hugepages = (facts.get("nr_hugepages") or [""])[0]
+        m = re.search(r"\[(\w[\w-]*)\]", (facts.get("thp_shmem") or [""])[0])
+        self.thp_shmem = m.group(1) if m else None
 
     def _upload(self, progress) -> None:
-        """The run's directory on the box (0700): the host agent and the guest image, what
-        a nested lab gets through its 9p share."""
+        """The run's directory on the box (0700, made by the lock's shell): the host agent
+        and the guest image, what a nested lab gets through its 9p share."""
         from .lab import HOSTAGENT_FILES
-        _, out, _ = self.run(f"mkdir -p {RUN_DIR} && chmod 700 {RUN_DIR} && "
-                             f"mktemp -d /var/tmp/vmlab-run.XXXXXX", timeout=30)
-        self.share_dir = out.strip().splitlines()[-1]
-        self._undo.append(("the run's directories", f"rm -rf {shlex.quote(self.share_dir)} {RUN_DIR}"))
-        self.run(f"mkdir -p {self.share_dir}/guest", timeout=30)
+        share = shlex.quote(self.share_dir)
+        # the host agent raises vm.nr_hugepages and may set shmem_enabled: put them back
+        restore = [f"echo {shlex.quote(self.nr_hugepages)} > /proc/sys/vm/nr_hugepages"] \
+            if self.nr_hugepages.isdigit() else []
+        if self.thp_shmem:
+            restore.append(f"echo {self.thp_shmem} > {THP_SHMEM}")
+        if restore:
+            self._will_undo("the hugepage settings", " ; ".join(restore))
+        self._will_undo("the run's directories", f"rm -rf {RUN_DIR}")
+        self.run(f"chmod 700 {share} && mkdir -p -m 700 {RUN_DIR} {share}/guest", timeout=30)
         files = [(p, f"{self.share_dir}/{p.name}") for p in HOSTAGENT_FILES]
         if self.guest_image is not None:
             files += [(self.guest_image.artifact(n), f"{self.share_dir}/guest/{n}")
                       for n in ("vmlinuz", "initramfs.img")]
+        align = repo_root() / ALIGN_SRC
+        files.append((align, f"{self.share_dir}/{align.name}"))
         total = sum(p.stat().st_size for p, _ in files)
         progress(f"copying the host agent and the guest image to the box ({total >> 20} MiB)")
         for local, remote in files:
             self.session.put(local.read_bytes(), remote)
+        # what a nested lab's image carries prebuilt: the preload that 2 MiB-aligns QEMU's
+        # large reservations (align_mappings: 2M); built here, for the box's libc
+        self.align_preload = f"{self.share_dir}/align-reserve.so"
+        rc, out, err = self.run(f"gcc -O2 -Wall -shared -fPIC -o {shlex.quote(self.align_preload)} "
+                                f"{shlex.quote(f'{self.share_dir}/{align.name}')} -ldl",
+                                timeout=300, check=False)
+        if rc != 0:
+            raise RemoteError(f"{self.name}: cannot build {ALIGN_SRC}: {(err or out).strip()[-300:]}")
 
     def _load_exporter(self, progress) -> None:
         src = f"/usr/src/{DKMS_NAME}-{self.version}"
         # the source as dkms wants it, with our version and without AUTOINSTALL
+        # a module that stays loaded (a QEMU still mapping a buffer) keeps its dkms entry:
+        # the entry is how the user finds and removes it
+        self._will_undo("the exporter's dkms entry",
+                        f"pkill -9 -f -- {shlex.quote(f'dkms build -m {DKMS_NAME} ')}; "
+                        f"if grep -q '^vmlab_exporter ' /proc/modules; then "
+                        f"echo 'vmlab: vmlab_exporter is still loaded: {src} kept'; else "
+                        f"dkms remove -m {DKMS_NAME} -v {self.version} --all >/dev/null 2>&1; "
+                        f"rm -rf {src}; fi")
         self.run(f"mkdir -p {src}", timeout=30)
-        self._undo.append(("the exporter's dkms entry",
-                           f"dkms remove -m {DKMS_NAME} -v {self.version} --all >/dev/null 2>&1; "
-                           f"rm -rf {src}"))
         root = repo_root() / EXPORTER_SRC
         for p in sorted(root.rglob("*")):
             rel = p.relative_to(root)
@@ -220,14 +317,15 @@ class BoxLab:
             self.session.put(data, f"{src}/{rel.as_posix()}")
         if not self.dkms_had_mok:
             # dkms makes itself a module-signing key on its first build: ours to remove
-            self._undo.append(("the signing key dkms made for this run",
-                               "rm -f /var/lib/dkms/mok.key /var/lib/dkms/mok.pub"))
+            self._will_undo("the signing key dkms made for this run",
+                            "rm -f /var/lib/dkms/mok.key /var/lib/dkms/mok.pub")
         progress(f"building the exporter on the box with dkms against {self.release}")
-        rc, out, err = self.run(f"dkms add -m {DKMS_NAME} -v {self.version} && "
-                                f"dkms build -m {DKMS_NAME} -v {self.version} -k {self.release}",
+        rc, out, err = self.run(f"dkms add -m {DKMS_NAME} -v {self.version}", timeout=120, check=False)
+        if rc != 0:
+            raise UserError(f"{self.name}: dkms add failed: {(err or out).strip()[-300:]}")
+        rc, out, err = self.run(f"dkms build -m {DKMS_NAME} -v {self.version} -k {self.release}",
                                 timeout=900, check=False)
         if rc != 0:
-            from .errors import CouldNotTest
             _, mlog, _ = self.run(f"cat /var/lib/dkms/{DKMS_NAME}/{self.version}/build/make.log",
                                   timeout=30, check=False)
             kept = self.workdir / "box-dkms-make.log"
@@ -241,8 +339,19 @@ class BoxLab:
         ko = out.strip()
         if not ko:
             raise RemoteError(f"{self.name}: dkms built no vmlab_exporter.ko")
-        self._undo.append(("the exporter module", "rmmod vmlab_exporter"))
-        self.run(f"insmod {shlex.quote(ko)}", timeout=60)
+        # the host agent and QEMU let go of the module a moment after their channels close
+        self._will_undo("the exporter module",
+                        "for i in 1 2 3 4 5 6 7 8 9 10 11 12 13 14 15; do "
+                        "grep -q '^vmlab_exporter ' /proc/modules || exit 0; "
+                        "rmmod vmlab_exporter 2>/dev/null && exit 0; sleep 1; done; "
+                        "rmmod vmlab_exporter")
+        rc, out, err = self.run(f"insmod {shlex.quote(ko)}", timeout=60, check=False)
+        if rc != 0:
+            why = (err or out).strip()[-200:]
+            hint = (" (Secure Boot: the box only loads modules signed by an enrolled key; enroll "
+                    "dkms's key with mokutil --import /var/lib/dkms/mok.pub, or test with Secure "
+                    "Boot off)") if re.search(r"key|signature|not permitted", why, re.I) else ""
+            raise UserError(f"{self.name}: the box refused the exporter module: {why}{hint}")
         progress(f"loaded vmlab_exporter on the box ({ko})")
 
     # --- the NestedLab interface the run uses
@@ -259,26 +368,41 @@ class BoxLab:
         return ""
 
     def down(self) -> None:
-        """Undo what this run did on the box, last first; each step on its own (one that
-        fails is logged and the rest still run), then let the lock go."""
-        try:
-            if self.session is not None and self.session.active():
-                for what, cmd in reversed(self._undo):
-                    try:
-                        rc, out, err = self.run(cmd, timeout=120, check=False)
-                        if rc != 0:
-                            log.warning("box: undoing %s: exit %d: %s", what, rc, (err or out).strip()[-200:])
-                    except Exception as e:
-                        log.warning("box: undoing %s: %s", what, e)
-            elif self._undo:
-                log.warning("box: the session is gone; left on %s: %s", self.name,
+        """Let the lock's shell run the undo (it runs the steps last-first, each on its
+        own), report what the box said, then let the lock go. Ctrl-C waits for it."""
+        with proc.signals_deferred():
+            try:
+                self._undo_on_box()
+            finally:
+                if self._lock_chan is not None:
+                    self._lock_chan.close()
+                    self._lock_chan = None
+                if self.session is not None:
+                    self.session.close()
+                    self.session = None
+                shutil.rmtree(self.rundir, ignore_errors=True)
+
+    def _undo_on_box(self) -> None:
+        chan = self._lock_chan
+        if chan is None:
+            return
+        if not (self.session is not None and self.session.active()):
+            if self._undo:
+                log.warning("box: the session is gone; the box undoes on its own: %s",
                             "; ".join(w for w, _ in self._undo))
-            self._undo.clear()
-        finally:
-            if self._lock_chan is not None:
-                self._lock_chan.close()
-                self._lock_chan = None
-            if self.session is not None:
-                self.session.close()
-                self.session = None
-            shutil.rmtree(self.rundir, ignore_errors=True)
+            return
+        try:
+            chan.shutdown_write()        # EOF to the lock's cat: the undo script runs
+            rd = self._lock_reader
+            rd.pump(time.monotonic() + UNDO_WAIT, stop=lambda: b"UNDONE" in rd.out, soft=True)
+            said = bytes(rd.out).decode(errors="replace").splitlines()
+            self.undo_log = [ln for ln in said if not ln.startswith(("LOCKED", "WAITING"))]
+            for line in self.undo_log:
+                if line.startswith("vmlab:"):
+                    log.warning("%s: %s", self.name, line)
+            if not any(ln.strip() == "UNDONE" for ln in said):
+                log.warning("box: the undo on %s did not finish within %d s; it goes on there",
+                            self.name, UNDO_WAIT)
+        except Exception as e:
+            log.warning("box: undoing on %s: %s", self.name, e)
+        self._undo.clear()

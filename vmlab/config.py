@@ -623,7 +623,7 @@ _BOX_OWN = ("kernel", "kernel_image", "lab_base", "lab_append", "qemu", "accel",
 
 def _resolve_box(out: dict, src: dict, exp) -> dict | None:
     """``lab: {kind: ssh, host, key, known_hosts}``: the box (JSON-able), checked before
-    anything starts; None for a nested lab. A box runs its own kernel and QEMU: a setting
+    anything starts; ``{"local": True}`` for kind local (this machine); None for a nested lab. A box runs its own kernel and QEMU: a setting
     that would choose them is a contradiction, said in one line."""
     if out["lab_kind"] == "nested":
         return None
@@ -634,6 +634,8 @@ def _resolve_box(out: dict, src: dict, exp) -> dict | None:
         where = ("<command line>", flag) if src[chosen[0]] == "cli" else (exp.path, ".".join(cfg_path))
         raise ConfigError(*where, f"lab.kind {out['lab_kind']}: the box runs its own kernel and "
                                   f"QEMU, booted as it is; drop this setting")
+    if out["lab_kind"] == "local":
+        return {"local": True}
     b = BoxSpec.parse(exp.raw.get("lab") or {}, exp.path)
     return {"host": b.host, "port": b.port, "user": b.user, "key": str(b.key),
             "known_hosts": str(b.known_hosts)}

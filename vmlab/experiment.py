@@ -298,8 +298,12 @@ class Run:
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")
             img = self.stack.lab_image or getattr(lab, "image", None)
             self.result["lab"]["kernel_source"] = (img.manifest.get("kernel_source") if img else None) \
-                or ({"form": "box", "spec": f"the running kernel of {lab.name}"} if lab.kind == "ssh"
+                or ({"form": "box", "spec": f"the running kernel of {lab.name}"} if lab.kind in ("ssh", "local")
                     else {"spec": o["kernel"], "form": "suite"})
+            lacks = (self.result["lab"]["kernel_source"] or {}).get("config_missing_optional")
+            if lacks:
+                self.progress(f"the lab kernel's .config lacks {', '.join(lacks)}: experiments "
+                              f"that need them are not applicable on it")
             if o.get("lab_append"):
                 self.result["lab"]["append"] = o["lab_append"]
             self.result["lab"]["outer_qemu"] = qemu_version() if lab.kind == "nested" else None

@@ -124,7 +124,8 @@ class Guest:
         pub = ssh.public_key_b64(self.lab.key)
         gargs, genv, display = self.gpu_args()
         if self.opts.align_mappings == "2M":
-            genv = dict(genv, LD_PRELOAD=ALIGN_PRELOAD)
+            # a nested lab's image has it prebuilt; a box builds its own for the run
+            genv = dict(genv, LD_PRELOAD=getattr(self.lab, "align_preload", None) or ALIGN_PRELOAD)
         return VMSpec(
             name=self.opts.name, kernel=f"{IMAGE_DIR}/vmlinuz", initrd=f"{IMAGE_DIR}/initramfs.img",
             append=" ".join(filter(None, [BOOT_ARGS, f"vmlab.sshkey={pub}",

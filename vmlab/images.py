@@ -41,6 +41,11 @@ LAB_PACKAGES = [
     "python3", "dropbear-bin", "gcc", "make", "libc6-dev",
     # what a test box has, for the lab as one (lab.kind ssh in tests/lab/test_box.py)
     "dkms",
+    # vmlab itself, for the lab as lab.kind local (tests/lab/test_box.py): its Python
+    # dependencies from Debian; qemu.qmp, which Debian does not package, is copied in
+    # (Recipe.vendored)
+    "python3-paramiko", "python3-yaml", "python3-jsonschema", "python3-pyelftools",
+    "python3-jinja2", "python3-matplotlib", "python3-rich",
     # virtio-gpu-gl host blobs: QEMU's OpenGL module, EGL and Mesa's software renderer.
     "qemu-system-modules-opengl", "libegl1", "libegl-mesa0", "libgl1-mesa-dri", "libgbm1", "libgl1",
 ]
@@ -83,6 +88,7 @@ class Recipe:
     # source itself (paths) does not shape the key, so a moved tree keeps its image
     user_kernel: str | None = None
     user_qemu: str | None = None    # lab: "deb:<digest>" | "build:<digest>", as user_kernel
+    vendored: str | None = None     # lab: the pure-Python package copied in ("qemu.qmp==V")
     source: KernelSource | None = field(default=None, compare=False, repr=False)
     qemu_source: QemuSource | None = field(default=None, compare=False, repr=False)
 
@@ -100,7 +106,7 @@ class Recipe:
         fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
                   if f.name not in ("source", "qemu_source")}
         fields = json.loads(json.dumps(fields))   # tuples as lists, as asdict() gave
-        for optional in ("qemu_suite", "user_kernel", "user_qemu"):
+        for optional in ("qemu_suite", "user_kernel", "user_qemu", "vendored"):
             if fields[optional] is None:
                 del fields[optional]   # images from before these options keep their keys
         return fields
@@ -172,7 +178,16 @@ def recipe(kind: str, kernel: str = "trixie", qemu: str | None = None,
     return Recipe(kind, suite, pkgs, tuple(modules), tuple(inputs),
                   qemu_suite=qemu_suite if kind == "lab" else None, user_kernel=user,
                   user_qemu=f"{lab_qemu.form}:{lab_qemu.digest}" if lab_qemu else None,
+                  vendored=f"qemu.qmp=={_qemu_qmp()[1]}" if kind == "lab" else None,
                   source=src, qemu_source=lab_qemu)
+
+
+def _qemu_qmp() -> tuple[Path, str]:
+    """Where this vmlab's qemu.qmp lies and its version: the lab image carries a copy."""
+    import importlib.metadata
+
+    import qemu.qmp
+    return Path(qemu.qmp.__file__).parent, importlib.metadata.version("qemu.qmp")
 
 
 @dataclass
@@ -350,9 +365,8 @@ def _sources(r: Recipe) -> list[str]:
     return src
 
 
-# Testing suites carry a Valid-Until a week ahead; the archive this machine reaches served
-# forky's InRelease expired by 19 days (measured 2026-11-26). Signatures are still checked.
-_APT_OPTS = {"forky": ['--aptopt=Acquire::Check-Valid-Until "false"']}
+# kernel_source.TESTING_SUITES: an index past its Valid-Until; signatures are still checked
+_APT_OPTS = {s: ['--aptopt=Acquire::Check-Valid-Until "false"'] for s in kernel_source.TESTING_SUITES}
 
 
 def _apt_args(r: Recipe) -> list[str]:
@@ -418,6 +432,11 @@ def build(r: Recipe, progress=print) -> Image:
                 manifest["kernel_source"] = {"spec": r.source.spec, "form": r.source.form,
                                              "digest": r.source.digest, "base": r.kernel,
                                              "base_why": r.source.base_why}
+                if r.source.config_missing_optional:
+                    # what the tree's .config lacks that some experiments need: those are
+                    # not applicable on it (the lab's probe says which at run time)
+                    manifest["kernel_source"]["config_missing_optional"] = \
+                        list(r.source.config_missing_optional)
             manifest.update(kind=r.kind, kernel_suite=r.kernel, suites=list(r.suites), key=r.key(),
                             recipe=r.fields(), built_at=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                             build_seconds=round(time.monotonic() - start, 1))
@@ -453,10 +472,9 @@ def _user_kernel_failure(r: Recipe, logf: Path) -> str | None:
             lines.append(f"{pkg} {dep}")
         return (f"its dependencies cannot be met on {r.kernel}: {'; '.join(dict.fromkeys(lines))}"
                 f" (another base: --lab-base, e.g. the suite the .debs were built for)")
-    if "vmlab: exporter build failed" in text:
+    if "vmlab: exporter build failed" in text and r.user_kernel:
+        # against Debian's own kernel it is vmlab's failure, whoever's QEMU rides along
         return "the vmlab exporter module does not build against this kernel"
-    if "vmlab: modules install failed" in text:
-        return "its modules could not be installed into the lab image"
     return None
 
 
@@ -484,6 +502,8 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
     qbuild = r.qemu_source if r.qemu_source and r.qemu_source.form == "build" else None
     if qbuild:
         tree["VMLAB_QEMU_BUILD"] = str(qbuild.path)
+    if r.vendored:
+        tree["VMLAB_QEMU_QMP"] = str(_qemu_qmp()[0])
     _mmdebstrap(r, "essential", root, logf, progress, [f"--customize-hook=sh {customize} \"$1\""],
                 tree)
     if src and src.form == "tree":

@@ -87,6 +87,15 @@ class LabProcess:
     def open_qmp(self, m, timeout: float) -> QMP:
         sock = shlex.quote(m.spec.qmp_socket)
         self.close_relay()
+        if getattr(self.lab, "local", False):
+            # lab kind local: the socket is on this machine
+            q = QMP(m.spec.qmp_socket, nickname=f"{m.spec.name}-qmp")
+            try:
+                q.connect_within(timeout, f"QMP of {m.spec.name}")
+            except BaseException:
+                q.close()
+                raise
+            return q
         self._fwd = ssh.ChannelForward(
             self.local_qmp,
             lambda: self.lab.session.open_exec(f"python3 {self.lab.share_dir}/hostagent.py relay {sock}"),

@@ -63,8 +63,15 @@ class SSHSession:
         the wait early when the VM died. ``known_hosts``: a machine that is not one of our
         VMs (a test box): its host key must be there, or the connection is refused at
         once (UserError), never retried and never accepted on first use."""
-        pkey = paramiko.PKey.from_path(str(key_path)) if hasattr(paramiko.PKey, "from_path") \
-            else paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        try:
+            pkey = paramiko.PKey.from_path(str(key_path)) if hasattr(paramiko.PKey, "from_path") \
+                else paramiko.Ed25519Key.from_private_key_file(str(key_path))
+        except (paramiko.PasswordRequiredException, TypeError):
+            # TypeError: cryptography's words for a passphrase that was not given
+            raise UserError(f"{name}: {key_path} is protected by a passphrase: vmlab logs in "
+                            f"unattended; give it a key without one (ssh-keygen -t ed25519 -N '')") from None
+        except (paramiko.SSHException, OSError, ValueError) as e:
+            raise UserError(f"{name}: {key_path} is not a private key vmlab can use: {e}") from None
         deadline = time.monotonic() + timeout
         last = ""
         while True:
@@ -161,8 +168,10 @@ class SSHSession:
         return chan
 
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
-        self.run(f"cat > {path}.tmp && chmod {mode:o} {path}.tmp && mv {path}.tmp {path}",
-                 input=data, timeout=120)
+        tmp, dst = shlex.quote(path + ".tmp"), shlex.quote(path)
+        # a minute, and a second more per MiB (an image over a slow link)
+        self.run(f"cat > {tmp} && chmod {mode:o} {tmp} && mv {tmp} {dst}",
+                 input=data, timeout=60 + len(data) / (1 << 20))
 
     def open_tcp(self, host: str, port: int, timeout: float = 10) -> paramiko.Channel:
         """A direct-tcpip channel to host:port as seen from the VM."""

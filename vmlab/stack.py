@@ -83,12 +83,12 @@ class Stack:
                                                           build=self.build, progress=self.progress,
                                                           qemu=self.lab_opts.qemu,
                                                           need_lab=self.lab_opts.kind == "nested")
-        if self.lab_opts.kind == "ssh":
-            # the user's box, booted as it is: nothing to retry, only to connect to
+        if self.lab_opts.kind in ("ssh", "local"):
+            # the user's box (or this machine), booted as it is: nothing to retry
             from .box_lab import BoxLab, BoxSpec
-            lab = BoxLab(self.workdir, BoxSpec(**{**self.lab_opts.box,
-                                                  "key": Path(self.lab_opts.box["key"]),
-                                                  "known_hosts": Path(self.lab_opts.box["known_hosts"])}))
+            box = self.lab_opts.box
+            lab = BoxLab(self.workdir, None if self.lab_opts.kind == "local" else
+                         BoxSpec(**{**box, "key": Path(box["key"]), "known_hosts": Path(box["known_hosts"])}))
             lab.up(None, self.guest_image, self.progress)
             self.lab = lab
             return lab

@@ -44,9 +44,17 @@ if [ -n "${VMLAB_QEMU_BUILD:-}" ]; then
   mkdir -p "$root/opt/vmlab-qemu"
   cp "$VMLAB_QEMU_BUILD/qemu-system-x86_64" "$root/opt/vmlab-qemu/"
   cp -r "$VMLAB_QEMU_BUILD/pc-bios" "$root/opt/vmlab-qemu/pc-bios"
+  # a build with --enable-modules: QEMU looks for its modules beside its executable
+  for m in "$VMLAB_QEMU_BUILD"/*.so; do [ -f "$m" ] && cp "$m" "$root/opt/vmlab-qemu/"; done
   printf '#!/bin/sh\nexec /opt/vmlab-qemu/qemu-system-x86_64 -L /opt/vmlab-qemu/pc-bios "$@"\n' \
     > "$root/usr/local/bin/qemu-system-x86_64"
   chmod 0755 "$root/usr/local/bin/qemu-system-x86_64"
+fi
+if [ -n "${VMLAB_QEMU_QMP:-}" ]; then
+  # vmlab's one dependency that Debian does not package (pure Python), for vmlab in the lab
+  mkdir -p "$root/usr/lib/python3/dist-packages/qemu"
+  cp -r "$VMLAB_QEMU_QMP" "$root/usr/lib/python3/dist-packages/qemu/qmp"
+  rm -rf "$root/usr/lib/python3/dist-packages/qemu/qmp/__pycache__"
 fi
 install -m 0755 "$src/guest-images/lab/lab-setup" "$root/usr/lib/vmlab/lab-setup"
 install -m 0644 "$src/guest-images/lab/inittab" "$root/etc/inittab"

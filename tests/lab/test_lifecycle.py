@@ -6,41 +6,12 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from .conftest import ROOT, qemu_pids, vmlab_cmd
-
-
-class _Proc:
-    """vmlab in its own process group (as a shell runs it), stderr collected on a thread."""
-
-    def __init__(self, state, *args):
-        (Path(state) / "run").mkdir(exist_ok=True)
-        env = dict(os.environ, VMLAB_STATE_DIR=str(state), XDG_RUNTIME_DIR=str(Path(state) / "run"))
-        self.p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=env,
-                                  stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                  stderr=subprocess.PIPE, text=True, start_new_session=True)
-        self.err = []
-        self.t = threading.Thread(target=lambda: self.err.extend(iter(self.p.stderr.readline, "")),
-                                  daemon=True)
-        self.t.start()
-
-    def stderr(self) -> str:
-        return "".join(self.err)
-
-    def wait_for(self, text, timeout):
-        end = time.monotonic() + timeout
-        while time.monotonic() < end:
-            if text in self.stderr():
-                return
-            if self.p.poll() is not None:
-                break
-            time.sleep(0.2)
-        pytest.fail(f"never saw {text!r}; stderr so far:\n{self.stderr()}")
+from .conftest import ROOT, VmlabProcess as _Proc, qemu_pids, vmlab_cmd
 
 
 INTERRUPTS = [

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import re
 
+import threading
+import time
+from pathlib import Path
+
 import pytest
 
 from vmlab import cli, config
@@ -65,3 +69,70 @@ def test_a_box_config_resolves_and_takes_no_kernel(files):
 def test_the_dkms_version_is_the_source():
     v = exporter_version()
     assert v.startswith("vmlab-") and v == exporter_version()
+
+
+def test_a_key_with_a_passphrase_or_no_key_is_one_line(tmp_path):
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from vmlab import ssh
+    from vmlab.errors import UserError
+    locked = tmp_path / "locked"
+    locked.write_bytes(Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+        serialization.BestAvailableEncryption(b"secret")))
+    with pytest.raises(UserError, match="protected by a passphrase"):
+        ssh.SSHSession.connect("box", "127.0.0.1", 1, locked, timeout=1, known_hosts=tmp_path / "kh")
+    junk = tmp_path / "junk"
+    junk.write_text("not a key\n")
+    with pytest.raises(UserError, match="not a private key vmlab can use"):
+        ssh.SSHSession.connect("box", "127.0.0.1", 1, junk, timeout=1, known_hosts=tmp_path / "kh")
+
+
+def test_local_session_runs_bounds_and_writes(tmp_path):
+    from vmlab.errors import RemoteError, WaitTimeout
+    from vmlab.local_session import LocalSession
+    s = LocalSession()
+    assert s.run("echo out; echo err >&2; exit 3", check=False) == (3, "out\n", "err\n")
+    assert s.run("cat", input=b"fed")[1] == "fed"
+    with pytest.raises(RemoteError, match="exited 3"):
+        s.run("exit 3")
+    marker = tmp_path / "late"
+    with pytest.raises(WaitTimeout):
+        # the whole group dies at the deadline, not only the shell
+        s.run(f"(sleep 3; touch {marker}) & sleep 30", timeout=0.5)
+    time.sleep(3.5)
+    assert not marker.exists()
+    s.put(b"x", str(tmp_path / "f"), 0o600)
+    assert (tmp_path / "f").read_bytes() == b"x" and (tmp_path / "f").stat().st_mode & 0o777 == 0o600
+
+
+def test_the_lock_holder_undoes_a_run_that_vanished_and_a_second_run_waits(tmp_path, monkeypatch):
+    """The box's dead-man switch, for real on this machine (lab kind local): the run's
+    undo script runs when its lock channel ends without vmlab, and a second run that
+    was waiting for the lock gets it only after that."""
+    from vmlab import box_lab
+    from vmlab.local_session import LocalSession
+    monkeypatch.setattr(box_lab, "LOCK", str(tmp_path / "lock" / "box.lock"))
+    first, second = (box_lab.BoxLab(tmp_path / n, None) for n in ("a", "b"))
+    for b in (first, second):
+        b.session = LocalSession()
+    first._lock(progress=lambda m: None)
+    run_dir = Path(first.share_dir)
+    assert run_dir.is_dir() and run_dir.name.startswith("vmlab-run.")
+    done = tmp_path / "undone"
+    first._will_undo("the first step", f"echo first >> {done}")
+    first._will_undo("the second step", f"echo second >> {done}; exit 1")
+    said = []
+    t = threading.Thread(target=second._lock, kwargs={"progress": said.append})
+    t.start()
+    time.sleep(1.0)
+    assert t.is_alive() and any("waiting up to" in m for m in said)
+    first._lock_chan.close()             # vmlab gone: no down(), only the channel's end
+    t.join(timeout=30)
+    assert not t.is_alive() and second.share_dir != first.share_dir
+    # last first, each on its own: a failing step does not stop the ones before it
+    assert done.read_text() == "second\nfirst\n"
+    assert not run_dir.exists()
+    second.down()                        # the normal way: EOF, the undo, its report
+    assert not Path(second.share_dir).exists()
