@@ -25,6 +25,7 @@ import logging
 import re
 import shlex
 import shutil
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +37,7 @@ from .paths import repo_root, runtime_dir
 
 log = logging.getLogger("vmlab.box")
 
-LOCK = "/run/lock/vmlab-box.lock"
+LOCK = "/run/vmlab-box.lock"     # in root's /run: /run/lock is 1777, anyone could hold it
 DKMS_NAME = "vmlab-exporter"
 EXPORTER_SRC = "host-tools/vmlab-exporter"
 ALIGN_SRC = "host-tools/vmm-align/vmlab_align_reserve.c"
@@ -44,7 +45,12 @@ ALIGN_SRC = "host-tools/vmm-align/vmlab_align_reserve.c"
 #: refused when it exists before the run, so everything in it is the run's own
 RUN_DIR = "/run/vmlab"
 LOCK_WAIT = 1800      # seconds a run waits for another run's lock on the box
-UNDO_WAIT = 300       # seconds the box's undo (rmmod, dkms remove) may take
+UNDO_WAIT = 600       # seconds the box's undo may take (each step is bounded on the box)
+HEARTBEAT = 15        # seconds between vmlab's heartbeats on the lock channel
+HEARTBEAT_LOST = 90   # seconds of silence after which the box takes the run for dead
+STEP_TIMEOUT = 120    # seconds one undo step may take on the box (a hung one is killed)
+#: what the box's own undo needs, checked when the lock is taken
+LOCK_TOOLS = ("flock", "timeout", "pkill", "pgrep", "head", "mktemp")
 THP_SHMEM = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
 
 
@@ -114,7 +120,7 @@ class BoxLab:
         self.share_dir: str | None = None   # the run's directory on the box
         self.accel_reason = "this machine's own KVM" if spec is None else f"the test box {spec.host}'s own KVM"
         self._lock_chan = None
-        self._undo: list[tuple[str, str]] = []   # (what, shell command), undone last-first
+        self._undo: list[tuple[str, str, int]] = []   # (what, shell command, timeout), last-first
         self.undo_log: list[str] = []            # what the box said while undoing
         self.version = exporter_version()
 
@@ -142,12 +148,6 @@ class BoxLab:
             self._check()
             self._upload(progress)
             self._load_exporter(progress)
-            # undone first: whatever of ours still runs (the guests' QEMU, setsid, by their
-            # pid files; host agents and relays, whose argv names the run's directory)
-            self._will_undo("the run's processes", (
-                f"for f in {RUN_DIR}/*/qemu.pid; do [ -f \"$f\" ] || continue; p=$(cat \"$f\"); "
-                f"grep -qa qemu /proc/$p/cmdline 2>/dev/null && kill -9 $p; done; "
-                f"pkill -9 -f -- {shlex.quote(self.share_dir + '/')}; sleep 1; true"))
         except BaseException:
             self.down()
             raise
@@ -159,52 +159,102 @@ class BoxLab:
         run's undo script: the box cleans up after a run that could not."""
         d = '"$d"'
         chan = self.session.open_exec(
-            # HUP ignored (and so by cat too): a dropped connection means EOF, then the undo.
-            # The script is read from stdin so that no argv names the run's directory (the
-            # undo kills what does).
+            # HUP ignored (and so by what it starts): a dropped connection is EOF or silence.
+            # vmlab sends a heartbeat byte every HEARTBEAT s; EOF, or no byte for
+            # HEARTBEAT_LOST s (a network gone without a FIN, a suspended laptop), ends the
+            # run. The script is read from stdin so that no argv names the run's directory
+            # (the undo kills what does).
             "trap '' HUP PIPE; "
-            "command -v flock >/dev/null || { echo NOFLOCK; exit 0; }; "
-            f"mkdir -p {Path(LOCK).parent} && exec 9>>{LOCK} || exit 1; "
+            f"for t in {' '.join(LOCK_TOOLS)}; do command -v $t >/dev/null || m=\"$m $t\"; done; "
+            "[ -z \"$m\" ] || { echo \"NOTOOLS$m\"; exit 0; }; "
+            f"exec 9>>{LOCK} || exit 1; "
             f"flock -n 9 || {{ echo WAITING; flock -w {LOCK_WAIT} 9 || {{ echo BUSY; exit 0; }}; }}; "
             "d=$(mktemp -d /var/tmp/vmlab-run.XXXXXX) || exit 1; "
-            f"echo \"LOCKED $d\"; cat >/dev/null; "
+            "echo \"LOCKED $d\"; "
+            f"while [ -n \"$(timeout {HEARTBEAT_LOST} head -c1)\" ]; do :; done; "
             # into a file first: a dead connection must not break the undo's own output
             f"[ -f {d}/undo.sh ] && sh < {d}/undo.sh > {d}/undo.log 2>&1; "
             f"cat {d}/undo.log 2>/dev/null; rm -rf {d}; echo UNDONE")
         rd = ssh.ChannelReader(chan, f"{self.name}: lock")
 
         def answer() -> list[str]:
-            """The last complete line that settles it, split; [] while there is none."""
+            """The complete line that settles it, split; [] while there is none."""
             for line in bytes(rd.out).decode(errors="replace").splitlines(keepends=True):
-                if line.endswith("\n") and line.split()[:1] in (["LOCKED"], ["BUSY"], ["NOFLOCK"]):
+                if line.endswith("\n") and line.split()[:1] in (["LOCKED"], ["BUSY"], ["NOTOOLS"]):
                     return line.split()
             return []
 
-        rd.pump(time.monotonic() + 30, stop=lambda: bool(answer()) or b"WAITING\n" in rd.out, soft=True)
-        if not answer() and b"WAITING\n" in rd.out:
-            progress(f"{self.name} is busy with another vmlab run: waiting up to {LOCK_WAIT} s "
-                     f"for its lock ({LOCK})")
-            rd.pump(time.monotonic() + LOCK_WAIT + 30, stop=lambda: bool(answer()), soft=True)
+        try:
+            rd.pump(time.monotonic() + 30, stop=lambda: bool(answer()) or b"WAITING\n" in rd.out,
+                    soft=True)
+            if not answer() and b"WAITING\n" in rd.out:
+                progress(f"{self.name} is busy with another vmlab run: waiting up to {LOCK_WAIT} s "
+                         f"for its lock ({LOCK})")
+                rd.pump(time.monotonic() + LOCK_WAIT + 30, stop=lambda: bool(answer()), soft=True)
+        except BaseException:
+            chan.close()     # a waiter left behind would take the lock and hold it
+            raise
         words = answer()
         if words[:1] != ["LOCKED"] or len(words) != 2:
             chan.close()
             if words[:1] == ["BUSY"]:
                 raise UserError(f"{self.name} is busy: another vmlab run held {LOCK} "
                                 f"for longer than {LOCK_WAIT} s")
-            if words[:1] == ["NOFLOCK"]:
-                raise UserError(f"{self.name} cannot be a lab: it lacks flock (util-linux)")
+            if words[:1] == ["NOTOOLS"]:
+                raise UserError(f"{self.name} cannot be a lab: it lacks {', '.join(words[1:])} "
+                                f"(vmlab's undo on the box needs them)")
             raise UserError(f"{self.name}: cannot take {LOCK}: "
                             f"{bytes(rd.err).decode(errors='replace').strip()[-200:] or 'no answer'}")
         self._lock_chan, self._lock_reader = chan, rd
         self.share_dir = words[1]
+        self._beat_stop = threading.Event()
+        self._beat = threading.Thread(target=self._heartbeat, args=(chan, self._beat_stop),
+                                      daemon=True, name="box-heartbeat")
+        self._beat.start()
+        # from the first step on, the undo begins by stopping whatever of ours still runs
+        self._will_undo(None, None)
 
-    def _will_undo(self, what: str, command: str) -> None:
-        """Write a step's undo to the box before taking the step: the undo script runs
-        the steps last-first, each on its own (one that fails is reported, the rest run)."""
-        self._undo.append((what, command))
+    def _heartbeat(self, chan, stop: threading.Event) -> None:
+        while not stop.wait(HEARTBEAT):
+            try:
+                chan.sendall(b".")
+            except Exception as e:   # the session is gone: the box undoes on its own
+                log.warning("%s: heartbeat: %s", self.name, e)
+                return
+
+    def _stop_heartbeat(self) -> None:
+        if getattr(self, "_beat", None) is not None:
+            self._beat_stop.set()
+            self._beat.join(timeout=HEARTBEAT + 5)
+            self._beat = None
+
+    def _kill_ours(self) -> str:
+        """The undo's first step: whatever of this run still runs. The guests' QEMU by
+        their pid files (only a process whose command line names that guest's own
+        directory: a pid reused by another QEMU is left alone); host agents, relays and
+        the preload build, whose argv names the run's directory; a dkms build of ours
+        and its make and compilers. [x]: a pattern that does not match its own command."""
+        run = self.share_dir + "/"
+        return (f"for f in {RUN_DIR}/*/qemu.pid; do [ -f \"$f\" ] || continue; p=$(cat \"$f\"); "
+                f"timeout 5 tr '\\0' ' ' < /proc/$p/cmdline 2>/dev/null "
+                f"| grep -qF -- \"${{f%/qemu.pid}}/qmp.sock\" && kill -9 $p; done; "
+                f"timeout -k 5 30 pkill -9 -f -- {shlex.quote('[' + run[0] + ']' + run[1:])}; "
+                f"timeout -k 5 30 pkill -9 -f -- '[d]kms build -m {DKMS_NAME} '; "
+                f"timeout -k 5 30 pkill -9 -f -- '[/]var/lib/dkms/{DKMS_NAME}/'; "
+                # the host agent's KVM tracepoints, when it could not remove them itself
+                "for i in /sys/kernel/tracing/instances/vmlab-*; do [ -d \"$i\" ] || continue; "
+                "echo 0 > \"$i/events/enable\"; rmdir \"$i\"; done; sleep 1; true")
+
+    def _will_undo(self, what: str | None, command: str | None, timeout: int = STEP_TIMEOUT) -> None:
+        """Write a step's undo to the box before taking the step: the undo script first
+        stops this run's processes, then undoes the steps last-first, each on its own and
+        bounded (one that fails or hangs is reported, the rest run)."""
+        if what is not None:
+            self._undo.append((what, command, timeout))
         lines = ["#!/bin/sh", "# vmlab: undo this run's steps on the box, last first"]
-        for w, cmd in reversed(self._undo):
-            lines.append(f"( {cmd} ) </dev/null || echo {shlex.quote(f'vmlab: undoing {w} failed')}")
+        for w, cmd, t in [("the run's processes", self._kill_ours(), 90)] + self._undo[::-1]:
+            lines.append(f"timeout -k 5 {t} sh -c {shlex.quote(cmd)} </dev/null || "
+                         f"echo {shlex.quote(f'vmlab: undoing {w} failed or timed out')}")
         self.session.put("\n".join(lines).encode() + b"\n", f"{self.share_dir}/undo.sh")
 
     def _check(self) -> None:
@@ -283,12 +333,19 @@ class BoxLab:
             self.session.put(local.read_bytes(), remote)
         # what a nested lab's image carries prebuilt: the preload that 2 MiB-aligns QEMU's
         # large reservations (align_mappings: 2M); built here, for the box's libc
-        self.align_preload = f"{self.share_dir}/align-reserve.so"
-        rc, out, err = self.run(f"gcc -O2 -Wall -shared -fPIC -o {shlex.quote(self.align_preload)} "
+        # ld.so ignores a preload from a noexec mount (a common hardening): then none, and
+        # an experiment that needs it is refused (GuestVM.spec)
+        rc, _, _ = self.run("findmnt -no OPTIONS -T /var/tmp | grep -qw noexec", timeout=30, check=False)
+        if rc == 0:
+            log.warning("%s: /var/tmp is noexec: no align_mappings 2M on this box", self.name)
+            return
+        preload = f"{self.share_dir}/align-reserve.so"
+        rc, out, err = self.run(f"gcc -O2 -Wall -shared -fPIC -o {shlex.quote(preload)} "
                                 f"{shlex.quote(f'{self.share_dir}/{align.name}')} -ldl",
                                 timeout=300, check=False)
         if rc != 0:
             raise RemoteError(f"{self.name}: cannot build {ALIGN_SRC}: {(err or out).strip()[-300:]}")
+        self.align_preload = preload
 
     def _load_exporter(self, progress) -> None:
         src = f"/usr/src/{DKMS_NAME}-{self.version}"
@@ -296,11 +353,14 @@ class BoxLab:
         # a module that stays loaded (a QEMU still mapping a buffer) keeps its dkms entry:
         # the entry is how the user finds and removes it
         self._will_undo("the exporter's dkms entry",
-                        f"pkill -9 -f -- {shlex.quote(f'dkms build -m {DKMS_NAME} ')}; "
+                        # a killed build's make and compilers gone first (the first step
+                        # killed them; they may take a moment to die)
+                        f"for i in 1 2 3 4 5 6 7 8 9 10; do pgrep -f '[/]var/lib/dkms/{DKMS_NAME}/' "
+                        f">/dev/null || break; sleep 1; done; "
                         f"if grep -q '^vmlab_exporter ' /proc/modules; then "
                         f"echo 'vmlab: vmlab_exporter is still loaded: {src} kept'; else "
                         f"dkms remove -m {DKMS_NAME} -v {self.version} --all >/dev/null 2>&1; "
-                        f"rm -rf {src}; fi")
+                        f"rm -rf {src}; fi", timeout=300)
         self.run(f"mkdir -p {src}", timeout=30)
         root = repo_root() / EXPORTER_SRC
         for p in sorted(root.rglob("*")):
@@ -389,10 +449,11 @@ class BoxLab:
         if not (self.session is not None and self.session.active()):
             if self._undo:
                 log.warning("box: the session is gone; the box undoes on its own: %s",
-                            "; ".join(w for w, _ in self._undo))
+                            "; ".join(w for w, _, _ in self._undo))
             return
+        self._stop_heartbeat()
         try:
-            chan.shutdown_write()        # EOF to the lock's cat: the undo script runs
+            chan.shutdown_write()        # EOF to the lock's shell: the undo script runs
             rd = self._lock_reader
             rd.pump(time.monotonic() + UNDO_WAIT, stop=lambda: b"UNDONE" in rd.out, soft=True)
             said = bytes(rd.out).decode(errors="replace").splitlines()

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from . import ssh
-from .errors import BootFailure, QemuRefused, RemoteError, WaitTimeout
+from .errors import BootFailure, QemuRefused, RemoteError, UserError, WaitTimeout
 from .lab_process import LabProcess
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec
 from .qmp import QMPGone
@@ -116,16 +116,26 @@ class Guest:
     def cpu(self) -> str:
         """-cpu host, except in a TCG lab: its KVM offers XSAVE with a size for AVX state
         but no AVX, so every guest kernel warns (a 4,000-character splat, 8,000 emulated
-        exits on the 8250) and then turns XSAVE off. xsave=off gives the same CPU without
-        the detour; on hardware the host's XSAVE is what the experiment should see."""
-        return "host,xsave=off" if getattr(self.lab, "accel", None) == "tcg" else "host"
+        exits on the 8250) and then turns XSAVE off (5.16 and later; 5.10 warns and keeps
+        it). xsave=off gives those kernels the same CPU without the detour; an older or
+        unknown guest kernel keeps -cpu host, and on hardware the host's XSAVE is what the
+        experiment should see."""
+        if getattr(self.lab, "accel", None) != "tcg":
+            return "host"
+        gi = getattr(self.lab, "guest_image", None)
+        m = re.match(r"(\d+)\.(\d+)", (gi.manifest.get("kernel_release") or "") if gi is not None else "")
+        return "host,xsave=off" if m and (int(m[1]), int(m[2])) >= (5, 16) else "host"
 
     def spec(self) -> VMSpec:
         pub = ssh.public_key_b64(self.lab.key)
         gargs, genv, display = self.gpu_args()
         if self.opts.align_mappings == "2M":
             # a nested lab's image has it prebuilt; a box builds its own for the run
-            genv = dict(genv, LD_PRELOAD=getattr(self.lab, "align_preload", None) or ALIGN_PRELOAD)
+            preload = getattr(self.lab, "align_preload", ALIGN_PRELOAD)
+            if preload is None:
+                raise UserError(f"align_mappings 2M: {self.lab.name} has no preload for it "
+                                f"(its /var/tmp is noexec)")
+            genv = dict(genv, LD_PRELOAD=preload)
         return VMSpec(
             name=self.opts.name, kernel=f"{IMAGE_DIR}/vmlinuz", initrd=f"{IMAGE_DIR}/initramfs.img",
             append=" ".join(filter(None, [BOOT_ARGS, f"vmlab.sshkey={pub}",

@@ -17,6 +17,7 @@ import threading
 import time
 import weakref
 
+from . import proc
 from .errors import RemoteError, WaitTimeout
 
 
@@ -27,13 +28,14 @@ class LocalChannel:
     paramiko channel's)."""
 
     def __init__(self, command: str):
-        self.p = subprocess.Popen(["sh", "-c", command], stdin=subprocess.PIPE,
-                                  stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                  start_new_session=True)
+        # detached: its own session and no signal blocked (vmlab may be deferring its own)
+        self.p = proc.popen(["sh", "-c", command], detach=True, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         self.closed = False
         self._cond = threading.Condition()
         self._bufs = {"out": bytearray(), "err": bytearray()}
         self._eof = {"out": False, "err": False}
+        self._exited = False
         self._timeout: float | None = None
         self._bell_r, self._bell_w = os.pipe()
         os.set_blocking(self._bell_r, False)
@@ -44,6 +46,18 @@ class LocalChannel:
         for key, f in (("out", self.p.stdout), ("err", self.p.stderr)):
             threading.Thread(target=self._gather, args=(key, f), daemon=True,
                              name=f"local-{key}").start()
+        threading.Thread(target=self._reap, daemon=True, name="local-wait").start()
+
+    def _reap(self) -> None:
+        self.p.wait()
+        with self._cond:
+            self._exited = True
+            self._ring()
+            self._cond.notify_all()
+
+    def _settled(self) -> bool:
+        """(under the lock) nothing more will come: both pipes at EOF and the process gone."""
+        return all(self._eof.values()) and self._exited
 
     def _gather(self, key: str, f) -> None:
         fd = f.fileno()
@@ -57,7 +71,8 @@ class LocalChannel:
                     self._eof[key] = True
                 else:
                     self._bufs[key].extend(data)
-                self._ring()
+                if data or self._settled():
+                    self._ring()
                 self._cond.notify_all()
             if not data:
                 return
@@ -72,7 +87,9 @@ class LocalChannel:
                 self._cond.wait(left)
             data = bytes(self._bufs[key][:n])
             del self._bufs[key][:n]
-            if not any(self._bufs.values()) and not all(self._eof.values()) and self._bell_r is not None:
+            # readable only while there is something to take or to notice (no spinning
+            # select() between a process's EOF and its exit)
+            if not any(self._bufs.values()) and not self._settled():
                 try:
                     while os.read(self._bell_r, 4096):
                         pass
@@ -107,8 +124,7 @@ class LocalChannel:
 
     def exit_status_ready(self) -> bool:
         with self._cond:
-            drained = all(self._eof.values())
-        return drained and self.p.poll() is not None
+            return self._settled()
 
     def recv_exit_status(self) -> int:
         return self.p.wait()
@@ -148,7 +164,10 @@ class LocalChannel:
         except OSError:
             pass
         self.close()
-        self.p.wait()
+        try:
+            self.p.wait(timeout=10)     # a process in D state is left to the kernel
+        except subprocess.TimeoutExpired:
+            pass
 
 
 class LocalSession:

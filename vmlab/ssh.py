@@ -170,8 +170,10 @@ class SSHSession:
     def put(self, data: bytes, path: str, mode: int = 0o644) -> None:
         tmp, dst = shlex.quote(path + ".tmp"), shlex.quote(path)
         # a minute, and a second more per MiB (an image over a slow link)
-        self.run(f"cat > {tmp} && chmod {mode:o} {tmp} && mv {tmp} {dst}",
-                 input=data, timeout=60 + len(data) / (1 << 20))
+        # a transfer cut short (vmlab killed, the link lost) leaves a short .tmp that cat
+        # still calls a success: only the whole file is renamed into place
+        self.run(f"cat > {tmp} && [ \"$(wc -c < {tmp})\" -eq {len(data)} ] && chmod {mode:o} {tmp} "
+                 f"&& mv {tmp} {dst}", input=data, timeout=60 + len(data) / (1 << 20))
 
     def open_tcp(self, host: str, port: int, timeout: float = 10) -> paramiko.Channel:
         """A direct-tcpip channel to host:port as seen from the VM."""

@@ -124,13 +124,24 @@ class VmlabProcess:
         self.p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True)
-        self.err = []
-        self.t = threading.Thread(target=lambda: self.err.extend(iter(self.p.stderr.readline, "")),
-                                  daemon=True)
-        self.t.start()
+        self.err, self.out = [], []
+        # both streams drained as they come: a full pipe would stall vmlab
+        self.threads = [threading.Thread(target=lambda s=sink, f=stream: s.extend(iter(f.readline, "")),
+                                         daemon=True)
+                        for sink, stream in ((self.err, self.p.stderr), (self.out, self.p.stdout))]
+        for t in self.threads:
+            t.start()
+
+    def drained(self, timeout: float = 5) -> None:
+        """Wait (bounded) for the reader threads after the process ended."""
+        for t in self.threads:
+            t.join(timeout)
 
     def stderr(self) -> str:
         return "".join(self.err)
+
+    def stdout(self) -> str:
+        return "".join(self.out)
 
     def wait_for(self, text, timeout):
         end = time.monotonic() + timeout

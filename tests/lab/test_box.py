@@ -46,7 +46,9 @@ def _box_state(env) -> str:
                   "echo hugepages=$(cat /proc/sys/vm/nr_hugepages); "
                   "echo shmem=$(cat /sys/kernel/mm/transparent_hugepage/shmem_enabled); "
                   # [q]: the pattern must not match this shell's own command line
-                  "echo processes=$(pgrep -c -f '[q]emu-system|[h]ostagent.py|[d]kms build'); true",
+                  "echo processes=$(pgrep -c -f "
+                  "'[q]emu-system|[h]ostagent.py|[d]kms build|[/]var/lib/dkms/vmlab-exporter/'); "
+                  "echo tracefs=$(ls /sys/kernel/tracing/instances | grep -c vmlab); true",
                   env=env, timeout=120)
     assert r.returncode == 0, r.stderr
     return r.stdout
@@ -113,23 +115,28 @@ def test_default_experiment_on_a_box_over_ssh(tmp_path, box):
 
 
 def test_a_run_killed_on_a_box_is_undone_there_and_the_next_run_waits_for_it(tmp_path, box):
-    """kill -9 of vmlab while its guest runs on the box: vmlab undoes nothing itself, so
-    the box's lock holder must (QEMU, host agent, module, dkms entry, directories,
-    hugepages). A second run started meanwhile waits for the lock, then passes."""
+    """kill -9 of vmlab while dkms builds the exporter on the box (the riskiest window:
+    a build and its compilers running, the dkms entry half made): vmlab undoes nothing
+    itself, so the box's lock holder must. A second run started meanwhile waits for the
+    lock, then passes; the box is left as it was."""
     env, st, key, known, before = box
     cfg = _box_config(tmp_path, st["ssh_port"], key, known)
     first = VmlabProcess(tmp_path / "first", "run", cfg, "--out", str(results_dir("box-ssh-killed")))
     second = None
     try:
-        first.wait_for("guest up in", 900)
-        assert "processes=0" not in _box_state(env)      # its guest and agent run there
+        first.wait_for("building the exporter on the box with dkms", 900)
+        end = time.monotonic() + 60
+        while "processes=0" in _box_state(env) and time.monotonic() < end:
+            time.sleep(1)
+        assert "processes=0" not in _box_state(env)      # the build runs there
         second = VmlabProcess(tmp_path / "second", "run", cfg, "--out", str(results_dir("box-ssh-after")))
         second.wait_for("busy with another vmlab run: waiting", 120)
         first.p.send_signal(signal.SIGKILL)
         first.p.wait(timeout=30)
         second.p.wait(timeout=1200)
         assert second.p.returncode == 0, second.stderr()
-        assert "REFAULTED" in second.p.stdout.read()
+        second.drained()
+        assert "REFAULTED" in second.stdout()
     finally:
         for v in (first, second):
             if v is not None and v.p.poll() is None:

@@ -55,7 +55,7 @@ def _interrupt(tmp_path, sig, phase, code, again=False):
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
             p.wait()
-    v.t.join(5)
+    v.drained(5)
     assert rc == code, v.stderr()
     deadline = time.monotonic() + 10
     while qemu_pids(str(tmp_path)) and time.monotonic() < deadline:

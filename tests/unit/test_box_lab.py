@@ -3,7 +3,8 @@ config may not say (it runs its own kernel and QEMU)."""
 from __future__ import annotations
 
 import re
-
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -110,9 +111,10 @@ def test_local_session_runs_bounds_and_writes(tmp_path):
 def test_the_lock_holder_undoes_a_run_that_vanished_and_a_second_run_waits(tmp_path, monkeypatch):
     """The box's dead-man switch, for real on this machine (lab kind local): the run's
     undo script runs when its lock channel ends without vmlab, and a second run that
-    was waiting for the lock gets it only after that."""
+    was waiting for the lock gets it only once that undo is complete."""
     from vmlab import box_lab
     from vmlab.local_session import LocalSession
+    (tmp_path / "lock").mkdir()
     monkeypatch.setattr(box_lab, "LOCK", str(tmp_path / "lock" / "box.lock"))
     first, second = (box_lab.BoxLab(tmp_path / n, None) for n in ("a", "b"))
     for b in (first, second):
@@ -121,18 +123,32 @@ def test_the_lock_holder_undoes_a_run_that_vanished_and_a_second_run_waits(tmp_p
     run_dir = Path(first.share_dir)
     assert run_dir.is_dir() and run_dir.name.startswith("vmlab-run.")
     done = tmp_path / "undone"
-    first._will_undo("the first step", f"echo first >> {done}")
+    first._will_undo("the first step", f"sleep 2; echo first >> {done}")
     first._will_undo("the second step", f"echo second >> {done}; exit 1")
-    said = []
-    t = threading.Thread(target=second._lock, kwargs={"progress": said.append})
-    t.start()
-    time.sleep(1.0)
-    assert t.is_alive() and any("waiting up to" in m for m in said)
-    first._lock_chan.close()             # vmlab gone: no down(), only the channel's end
-    t.join(timeout=30)
-    assert not t.is_alive() and second.share_dir != first.share_dir
-    # last first, each on its own: a failing step does not stop the ones before it
-    assert done.read_text() == "second\nfirst\n"
-    assert not run_dir.exists()
+    first._will_undo("a hung step", "sleep 600", timeout=2)
+    # a process of the run (its argv names the run's directory), as a host agent is
+    agent = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)",
+                              f"{run_dir}/hostagent.py"])
+    said, got = [], []
+    t = threading.Thread(target=lambda: got.append(second._lock(progress=said.append)), daemon=True)
+    try:
+        t.start()
+        end = time.monotonic() + 20
+        while not any("waiting up to" in m for m in said) and time.monotonic() < end:
+            time.sleep(0.1)
+        assert t.is_alive() and any("waiting up to" in m for m in said)
+        first._stop_heartbeat()
+        first._lock_chan.close()             # vmlab gone: no down(), only the channel's end
+        t.join(timeout=60)
+        assert got == [None]
+        # the lock passed only after the whole undo: last first, each on its own (a
+        # failing or hung step does not stop the ones before it), the run's processes gone
+        assert done.read_text() == "second\nfirst\n"
+        assert not run_dir.exists()
+        assert agent.wait(timeout=10) == -9
+    finally:
+        agent.kill()
+        if first._lock_chan is not None:
+            first._lock_chan.close()
     second.down()                        # the normal way: EOF, the undo, its report
     assert not Path(second.share_dir).exists()
