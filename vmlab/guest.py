@@ -117,14 +117,17 @@ class Guest:
         """-cpu host, except in a TCG lab: its KVM offers XSAVE with a size for AVX state
         but no AVX, so every guest kernel warns (a 4,000-character splat, 8,000 emulated
         exits on the 8250) and then turns XSAVE off (5.16 and later; 5.10 warns and keeps
-        it). xsave=off gives those kernels the same CPU without the detour; an older or
+        it, and with it AVX, AVX2 and FMA, which need its state). xsave=off with those
+        three off gives those kernels the same CPU without the detour (/proc/cpuinfo's
+        flags compared: identical; XSAVE off alone left AVX advertised, and the catalog's
+        AVX-store entry, not applicable before, failed in the agent); an older or
         unknown guest kernel keeps -cpu host, and on hardware the host's XSAVE is what the
         experiment should see."""
         if getattr(self.lab, "accel", None) != "tcg":
             return "host"
         gi = getattr(self.lab, "guest_image", None)
         m = re.match(r"(\d+)\.(\d+)", (gi.manifest.get("kernel_release") or "") if gi is not None else "")
-        return "host,xsave=off" if m and (int(m[1]), int(m[2])) >= (5, 16) else "host"
+        return "host,xsave=off,avx=off,avx2=off,fma=off" if m and (int(m[1]), int(m[2])) >= (5, 16) else "host"
 
     def spec(self) -> VMSpec:
         pub = ssh.public_key_b64(self.lab.key)
