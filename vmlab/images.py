@@ -39,8 +39,9 @@ MIRROR = "http://deb.debian.org/debian"
 LAB_PACKAGES = [
     "linux-image-amd64", "linux-headers-amd64", "qemu-system-x86", "kmod", "busybox-static",
     "python3", "dropbear-bin", "gcc", "make", "libc6-dev",
-    # what a test box has, for the lab as one (lab.kind ssh in tests/lab/test_box.py)
-    "dkms",
+    # what a test box has, for the lab as one (lab.kind ssh in tests/lab/test_box.py):
+    # dkms, and procps for the box's own undo (pkill, pgrep)
+    "dkms", "procps",
     # vmlab itself, for the lab as lab.kind local (tests/lab/test_box.py): its Python
     # dependencies from Debian; qemu.qmp, which Debian does not package, is copied in
     # (Recipe.vendored)
