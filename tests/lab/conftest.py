@@ -119,7 +119,7 @@ class VmlabProcess:
     """vmlab in its own process group (as a shell runs it), stderr collected on a thread."""
 
     def __init__(self, state, *args):
-        (Path(state) / "run").mkdir(exist_ok=True)
+        (Path(state) / "run").mkdir(parents=True, exist_ok=True)
         env = dict(os.environ, VMLAB_STATE_DIR=str(state), XDG_RUNTIME_DIR=str(Path(state) / "run"))
         self.p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,

@@ -10,6 +10,7 @@ import re
 import shutil
 import signal
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -121,7 +122,9 @@ def test_a_run_killed_on_a_box_is_undone_there_and_the_next_run_waits_for_it(tmp
     lock, then passes; the box is left as it was."""
     env, st, key, known, before = box
     cfg = _box_config(tmp_path, st["ssh_port"], key, known)
-    first = VmlabProcess(tmp_path / "first", "run", cfg, "--out", str(results_dir("box-ssh-killed")))
+    # short state paths: the runs' QMP relay sockets live under them (AF_UNIX: 108 bytes)
+    short = Path(tempfile.mkdtemp(prefix="vbox-"))
+    first = VmlabProcess(short / "1", "run", cfg, "--out", str(results_dir("box-ssh-killed")))
     second = None
     try:
         first.wait_for("building the exporter on the box with dkms", 900)
@@ -129,7 +132,7 @@ def test_a_run_killed_on_a_box_is_undone_there_and_the_next_run_waits_for_it(tmp
         while "processes=0" in _box_state(env) and time.monotonic() < end:
             time.sleep(1)
         assert "processes=0" not in _box_state(env)      # the build runs there
-        second = VmlabProcess(tmp_path / "second", "run", cfg, "--out", str(results_dir("box-ssh-after")))
+        second = VmlabProcess(short / "2", "run", cfg, "--out", str(results_dir("box-ssh-after")))
         second.wait_for("busy with another vmlab run: waiting", 120)
         first.p.send_signal(signal.SIGKILL)
         first.p.wait(timeout=30)
@@ -142,6 +145,7 @@ def test_a_run_killed_on_a_box_is_undone_there_and_the_next_run_waits_for_it(tmp
             if v is not None and v.p.poll() is None:
                 v.p.kill()
                 v.p.wait()
+        shutil.rmtree(short, ignore_errors=True)
     end = time.monotonic() + 120          # the second run's own undo, on the box
     while _box_state(env) != before and time.monotonic() < end:
         time.sleep(5)
