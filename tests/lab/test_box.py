@@ -115,6 +115,7 @@ def test_default_experiment_on_a_box_over_ssh(tmp_path, box):
     assert _box_state(env) == before
 
 
+@pytest.mark.nightly   # the CI budget (30 min on 2 cores): `pytest -m nightly tests/lab`
 def test_a_run_killed_on_a_box_is_undone_there_and_the_next_run_waits_for_it(tmp_path, box):
     """kill -9 of vmlab while dkms builds the exporter on the box (the riskiest window:
     a build and its compilers running, the dkms entry half made): vmlab undoes nothing
@@ -152,6 +153,7 @@ def test_a_run_killed_on_a_box_is_undone_there_and_the_next_run_waits_for_it(tmp
     assert _box_state(env) == before
 
 
+@pytest.mark.nightly   # the CI budget (30 min on 2 cores): `pytest -m nightly tests/lab`
 def test_the_default_experiment_with_this_machine_as_the_lab(tmp_path, box, images_ready):
     """``lab: {kind: local}``: vmlab itself runs inside the lab (its Python dependencies
     from the lab image's Debian packages), with that machine as the lab host: the same
