@@ -13,7 +13,7 @@ import logging
 import shlex
 from pathlib import Path
 
-from . import ssh
+from . import qmp, ssh
 from .qmp import QMP
 
 log = logging.getLogger("vmlab.lab_process")
@@ -89,13 +89,7 @@ class LabProcess:
         self.close_relay()
         if getattr(self.lab, "local", False):
             # lab kind local: the socket is on this machine
-            q = QMP(m.spec.qmp_socket, nickname=f"{m.spec.name}-qmp")
-            try:
-                q.connect_within(timeout, f"QMP of {m.spec.name}")
-            except BaseException:
-                q.close()
-                raise
-            return q
+            return qmp.connect(m.spec.qmp_socket, m.spec.name, timeout)
         self._fwd = ssh.ChannelForward(
             self.local_qmp,
             lambda: self.lab.session.open_exec(f"python3 {self.lab.share_dir}/hostagent.py relay {sock}"),

@@ -21,7 +21,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from . import proc
+from . import proc, qmp
 from .errors import BootFailure, InfraError, QemuRefused, VmlabError
 from .qmp import QMP, QMPGone
 
@@ -174,13 +174,7 @@ class HostProcess:
 
     def open_qmp(self, m: "QemuMachine", timeout: float) -> QMP:
         os.chmod(m.spec.qmp_socket, 0o600)
-        q = QMP(m.spec.qmp_socket, nickname=m.spec.name)
-        try:
-            q.connect_within(timeout, f"QMP of {m.spec.name}")
-        except BaseException:
-            q.close()
-            raise
-        return q
+        return qmp.connect(m.spec.qmp_socket, m.spec.name, timeout)
 
     def cleanup(self, m: "QemuMachine") -> None:
         if m.proc is not None:

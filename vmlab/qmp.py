@@ -103,3 +103,15 @@ class QMP(QEMUMonitorProtocol):
             self.cmd("quit")
         finally:
             self.settimeout(old)
+
+
+def connect(path: str, nickname: str, timeout: float) -> QMP:
+    """A client of the QMP socket at ``path``, connected within ``timeout`` (closed again
+    when it cannot be)."""
+    q = QMP(path, nickname=nickname)
+    try:
+        q.connect_within(timeout, f"QMP of {nickname}")
+    except BaseException:
+        q.close()
+        raise
+    return q
