@@ -79,6 +79,7 @@ def box(images_ready, tmp_path_factory):
         assert r.returncode == 0, r.stderr
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_default_experiment_on_a_box_over_ssh(tmp_path, box):
     env, st, key, known, before = box
     out = results_dir("box-ssh")

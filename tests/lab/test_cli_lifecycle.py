@@ -3,6 +3,8 @@ lab up/status/exec, guest up/exec, doctor --json on the running pair, two `vmlab
 once reusing that lab (issue speed: reuse), guest down, lab down."""
 from __future__ import annotations
 
+import pytest
+
 import fcntl
 import json
 import os
@@ -148,6 +150,7 @@ def test_corrupt_state_file_means_no_lab(tmp_path):
     assert not (tmp_path / "lab" / "state.json").exists()
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_keep_leaves_a_failed_runs_lab_up_and_takes_a_passed_ones_down(images_ready, tmp_path):
     env = {"VMLAB_STATE_DIR": str(tmp_path / "state")}
     wrong = tmp_path / "wrong.yaml"

@@ -3,12 +3,15 @@ whose last move no longer leaves the mapping stale; compare calls it a regressio
 and names the verdicts on both sides."""
 from __future__ import annotations
 
+import pytest
+
 import json
 
 from .conftest import qemu_pids, results_dir, vmlab_cmd
 from .test_experiments import EXP
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_compare_of_two_real_runs(images_ready, tmp_path):
     env = {"VMLAB_STATE_DIR": str(tmp_path / "state")}
     changed = tmp_path / "changed.yaml"

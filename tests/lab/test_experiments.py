@@ -91,6 +91,7 @@ def test_zap_only(images_ready):
     assert "zap changed nothing" in ctl["detail"]
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_watch_observations_decide(images_ready):
     res = run("watch-no-zap", "watch-no-zap.yaml")
     assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"]
@@ -133,6 +134,7 @@ def test_expectation_mismatch_fails_the_run(images_ready, tmp_path):
     assert "MISMATCH" in r.stdout
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_gpu_blob_screendump_round_trip(images_ready):
     res = run("gpu-blob", "gpu-blob.yaml")
     g = res["virtio_gpu"]
@@ -142,6 +144,7 @@ def test_gpu_blob_screendump_round_trip(images_ready):
     assert g["scanout"]["seed"] != g["rewrite"]["seed"]
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_gpu_host_blob_round_trip(images_ready):
     res = run("gpu-host-blob", "gpu-host-blob.yaml")
     g = res["virtio_gpu"]

@@ -64,6 +64,7 @@ def test_plugin_control_socket_in_real_qemu(plugin, tmp_path):
     assert not sock.exists(), "the plugin leaves no socket behind"
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_hardware_oracle_judges_every_move(images_ready):
     res = run("hw-oracle", "hw-oracle.yaml")
     assert res["passed"] is True

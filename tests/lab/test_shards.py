@@ -3,6 +3,8 @@ with its own lab) and `vmlab report merge` joining them into one matrix, as the 
 workflows (configs/ci/) do."""
 from __future__ import annotations
 
+import pytest
+
 import json
 import xml.etree.ElementTree as ET
 
@@ -11,6 +13,7 @@ from .conftest import qemu_pids, results_dir, vmlab_cmd
 ENTRIES = ["calibration", "dmaheap-order0"]
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_two_shards_and_a_merge(images_ready):
     shards = [results_dir(f"shard-{k}") for k in (1, 2)]
     for k, out in zip((1, 2), shards):

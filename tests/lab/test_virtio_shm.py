@@ -30,6 +30,7 @@ REFUSED_MAP = dict(RECORD, version=1, name="virtio-shm-refused-map", transport="
                           {"mode": "MIGRATE", "expect": "REFAULTED"}])
 
 
+@pytest.mark.nightly   # core tier under 30 min on 2 cores, cold cache (DESIGN.md CI tiers)
 def test_virtio_shm_same_verdicts_as_ivshmem_and_remap_refaults(images_ready, tmp_path):
     """One trixie-backports lab, four guests: the default moves over ivshmem, the same
     over virtio-shm, the same under the VMM's remap strategy, and a SHMEM_MAP that QEMU
