@@ -279,8 +279,8 @@ def _common(p: argparse.ArgumentParser, *, one_kernel: bool = True) -> None:
                         "with --kernel trixie), deb:PATH (.debs with qemu-system-x86) or build:DIR "
                         "(a QEMU build directory: qemu-system-x86_64 and pc-bios/); config lab.qemu")
     if one_kernel:
-        p.add_argument("--kernel-image", default=None, metavar="PATH",
-                       help="boot this bzImage as the lab kernel (with the image's modules)")
+        # folded into --kernel tree:DIR; kept to say so in one line (exit 2)
+        p.add_argument("--kernel-image", default=None, metavar="PATH", help=argparse.SUPPRESS)
     p.add_argument("--lab-memory", type=positive_int, default=None, metavar="MIB",
                    help="lab RAM in MiB (>= 1); config lab.memory_mb, default 3072")
     p.add_argument("--boot-timeout", type=positive_float, default=None, metavar="SECONDS",

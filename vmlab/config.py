@@ -33,7 +33,6 @@ them (``resolve``):
     setting              CLI option              config key          default
     accel                --accel                 lab.accel           auto
     kernel               --kernel                lab.kernel          trixie
-    kernel_image         --kernel-image          -                   none
     lab_base             --lab-base              lab.base            inferred (deb:, tree: only)
     lab_append           --lab-append            lab.append          none
     qemu                 --qemu                  lab.qemu            default (the lab kernel's suite)
@@ -83,7 +82,6 @@ EXPORTER_MAX_BYTES = 256 << 20
 DEFAULTS = {
     "accel": "auto",
     "kernel": "trixie",
-    "kernel_image": None,
     "lab_base": None,
     "lab_append": "",
     "lab_kind": "nested",
@@ -102,7 +100,6 @@ DEFAULTS = {
 _MERGE = {
     "accel": ("accel", ("lab", "accel"), "--accel"),
     "kernel": ("kernel", ("lab", "kernel"), "--kernel"),
-    "kernel_image": ("kernel_image", None, "--kernel-image"),
     "lab_base": ("lab_base", ("lab", "base"), "--lab-base"),
     "lab_append": ("lab_append", ("lab", "append"), "--lab-append"),
     "lab_kind": (None, ("lab", "kind"), None),
@@ -618,7 +615,7 @@ def _page_range_errors(pages: dict, mode, kind, alloc, caching, size) -> list[st
 
 
 #: what a test box brings itself: its running kernel and its QEMU
-_BOX_OWN = ("kernel", "kernel_image", "lab_base", "lab_append", "qemu", "accel", "lab_memory_mb")
+_BOX_OWN = ("kernel", "lab_base", "lab_append", "qemu", "accel", "lab_memory_mb")
 
 
 def _resolve_box(out: dict, src: dict, exp) -> dict | None:
@@ -872,11 +869,22 @@ class Experiment:
 
 
 # --- merging the command line, the config and the defaults ------------------------------
+def kernel_image_folded(path: str) -> str:
+    """Why --kernel-image is refused: a bare bzImage booted with the image's own modules
+    (another build's: vermagic and symbol versions differ) gave verdicts about a kernel
+    nobody built. A tree brings its modules, its .config (checked) and its headers (the
+    exporter is built against them)."""
+    p = Path(os.path.abspath(path))
+    tree = p.parents[3] if len(p.parents) > 3 and p.parts[-4:] == ("arch", "x86", "boot", "bzImage") else None
+    use = f"--kernel tree:{tree}" if tree else "--kernel tree:DIR (the build tree it came from)"
+    return f"is folded into tree: (a bzImage boots with its own tree's modules): use {use}"
+
+
 def resolve(exp: Experiment | None, args=None) -> dict:
     """The merged settings of one command: command line (``args``, an argparse namespace;
     None or a missing attribute means "not given") > config (``exp``, may be None) > DEFAULTS.
 
-    Returns a JSON-able dict with every key of DEFAULTS (accel, kernel, qemu, kernel_image,
+    Returns a JSON-able dict with every key of DEFAULTS (accel, kernel, qemu,
     guest_kernel, lab_memory_mb, lab_boot_timeout, guest_memory_mb, guest_boot_timeout,
     guest_gpu, guest_mapping), plus the command-line-only ``lab_qemu_args`` (list) and
     ``no_build`` (bool), ``oracle`` (list), and ``sources``: setting -> "cli" | "config" |
@@ -898,12 +906,8 @@ def resolve(exp: Experiment | None, args=None) -> dict:
     out["lab_qemu_args"] = list(getattr(args, "lab_qemu_arg", None) or ()) if args is not None else []
     out["no_build"] = bool(getattr(args, "no_build", False)) if args is not None else False
     out["sources"] = src
-    if out["kernel_image"] is not None and not (os.path.isfile(out["kernel_image"]) and
-                                                os.access(out["kernel_image"], os.R_OK)):
-        # the user's path, checked before anything starts (a wrong path is input, exit 2;
-        # a kernel that exists and does not boot is the kernel under test, exit 125)
-        raise ConfigError("<command line>", "--kernel-image",
-                          f"{out['kernel_image']}: no such readable file")
+    if getattr(args, "kernel_image", None) is not None:
+        raise ConfigError("<command line>", "--kernel-image", kernel_image_folded(args.kernel_image))
     out["box"] = _resolve_box(out, src, exp)
     lab_suite = _resolve_kernels(out, src, exp)
     why = qemu_suite_problem(out["qemu"], lab_suite)

@@ -186,6 +186,9 @@ def check_config(opts: dict[str, str], kind: str, where: str) -> tuple[str, ...]
     return tuple(f"{o} ({what})" for o, what in optional.items() if opts.get(o) not in ("y", "m"))
 
 
+#: where an x86 boot image has its setup header's magic (Documentation/arch/x86/boot.rst)
+BZIMAGE_MAGIC_AT = 0x202
+
 TREE_FILES = ("arch/x86/boot/bzImage", ".config", "Module.symvers", "modules.order",
               "include/config/kernel.release")
 
@@ -238,6 +241,13 @@ def _parse_tree(spec: str, where: tuple[str, str], base: str | None, kind: str) 
         # configured but not (completely) built: the commit under test did not build
         raise CouldNotTest(f"{t}: not built: no {', '.join(missing)} (run make)")
     release = (t / "include/config/kernel.release").read_text().strip()
+    with open(t / "arch/x86/boot/bzImage", "rb") as f:
+        f.seek(BZIMAGE_MAGIC_AT)
+        if f.read(4) != b"HdrS":
+            # the build under test made something that is no kernel: found before an image
+            # is built around it
+            raise CouldNotTest(f"{t}/arch/x86/boot/bzImage: not an x86 boot image "
+                               f"(no 'HdrS' setup header at {BZIMAGE_MAGIC_AT:#x})")
     files = [t / f for f in ("arch/x86/boot/bzImage", ".config", "Module.symvers")]
     files += tree_modules(t)
     return KernelSource("tree", f"tree:{t}", base or DEFAULT_BASE, t, _digest(files, t),

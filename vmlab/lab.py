@@ -38,7 +38,6 @@ class LabOptions:
     accel: str = "auto"          # auto | kvm | tcg
     kernel: str = "trixie"       # image kernel suite
     qemu: str = "default"        # the lab's QEMU: default or suite:NAME
-    kernel_image: str | None = None  # boot this bzImage instead of the image's kernel
     base: str | None = None      # the suite a deb:/tree: kernel is installed over
     append: str = ""             # extra words for the lab kernel's command line
     kind: str = "nested"         # nested: a VM of ours; ssh: the user's test box (box_lab)
@@ -56,17 +55,6 @@ def agent_digest() -> str:
     for f in HOSTAGENT_FILES:
         h.update(f.name.encode() + b"\0" + f.read_bytes())
     return h.hexdigest()[:16]
-
-
-def file_identity(path: str | None) -> list | None:
-    """A file as a user rebuilds it in place (--kernel-image): path, size, mtime, inode."""
-    if not path:
-        return None
-    try:
-        st = os.stat(path)
-    except OSError:
-        return [path]
-    return [path, st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def boot_id() -> str:
@@ -195,9 +183,9 @@ class NestedLab:
 
     def up(self, lab_image: images.Image, guest_image: images.Image | None, progress=print) -> None:
         self.image, self.guest_image = lab_image, guest_image
-        # --kernel-image exists (checked with the options); one QEMU cannot load is the
-        # kernel under test (125), one that loads and does not boot too.
-        kernel = self.opts.kernel_image or str(lab_image.artifact("vmlinuz"))
+        # a kernel QEMU cannot load, or one that loads and does not boot, is the kernel
+        # under test (125)
+        kernel = str(lab_image.artifact("vmlinuz"))
         if self.accel == "auto":
             self.accel, self.accel_reason = probe_accel(lab_image, progress)
         elif self.accel not in ("kvm", "tcg"):
@@ -274,8 +262,7 @@ class NestedLab:
         (``vmlab.reuse``): the options it booted with, the accelerator it got, its images,
         the host agent it was given (copied into its share at boot)."""
         o = self.opts
-        return {"kernel": o.kernel, "qemu": o.qemu, "kernel_image": file_identity(o.kernel_image),
-                "base": o.base, "append": o.append,
+        return {"kernel": o.kernel, "qemu": o.qemu, "base": o.base, "append": o.append,
                 "agent": agent_digest(),
                 "memory_mb": o.memory_mb, "extra_qemu_args": list(o.extra_qemu_args),
                 "hwtrace_plugin": o.hwtrace_plugin, "accel": self.accel,

@@ -199,7 +199,7 @@ def plan(entries, kernels, args) -> dict[str, list[tuple[cfgmod.Experiment, dict
     anything is created or booted: bad input is exit 2 with nothing started."""
     out = {}
     for k in kernels:
-        ns = argparse.Namespace(**{**vars(args), "kernel": k, "kernel_image": None})
+        ns = argparse.Namespace(**{**vars(args), "kernel": k})
         out[k] = [(e, cfgmod.resolve(e, ns)) for e in entries]
     return out
 
@@ -261,7 +261,7 @@ class Matrix:
 
     def _reproducer(self, cell_dir: Path, exp, kernel: str) -> None:
         from .run_dir import cli_passthrough, write_reproducer
-        write_reproducer(cell_dir, exp, cli_passthrough(self.args, kernel=kernel, kernel_image=None))
+        write_reproducer(cell_dir, exp, cli_passthrough(self.args, kernel=kernel))
 
     def _run_group(self, kernel, gi, members, total, Run, images) -> None:
         kdir = self.out / kernel / (f"lab-{gi}" if gi else "lab")

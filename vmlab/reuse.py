@@ -27,11 +27,11 @@ from dataclasses import asdict, fields
 from . import images
 from .errors import UserError, WaitTimeout
 from .guest import Guest, GuestOptions
-from .lab import NestedLab, agent_digest, file_identity
+from .lab import NestedLab, agent_digest
 from .paths import locked, read_json, state_dir, write_atomic
 
 # what must be equal, in the order a mismatch is reported
-_KEYS = ("kernel", "base", "append", "qemu", "kernel_image", "memory_mb", "extra_qemu_args", "hwtrace_plugin",
+_KEYS = ("kernel", "base", "append", "qemu", "memory_mb", "extra_qemu_args", "hwtrace_plugin",
          "image", "guest_image", "agent")
 
 
@@ -47,7 +47,7 @@ def wanted_shape(o: dict, hwtrace_plugin: str | None = None) -> dict:
         return str(img.path) if img else None
     return {"kernel": o["kernel"], "qemu": o.get("qemu", "default"),
             "base": o.get("lab_base"), "append": o.get("lab_append") or "",
-            "kernel_image": file_identity(o.get("kernel_image")), "agent": agent_digest(),
+            "agent": agent_digest(),
             "memory_mb": o["lab_memory_mb"],
             "extra_qemu_args": list(o.get("lab_qemu_args") or ()), "hwtrace_plugin": hwtrace_plugin,
             "accel": o["accel"],

@@ -57,7 +57,7 @@ def cli_passthrough(args, **override) -> list[str]:
     """The options of this command line that decide how an experiment runs, for its
     reproduce.sh (``override``: e.g. kernel= for one matrix cell)."""
     vals = {flag: getattr(args, flag, None) for flag in
-            ("accel", "kernel", "guest_kernel", "qemu", "kernel_image", "lab_memory",
+            ("accel", "kernel", "guest_kernel", "qemu", "lab_memory",
              "boot_timeout", "guest_memory", "guest_boot_timeout")}
     vals.update(override)
     out = [f"--{flag.replace('_', '-')}={v}" for flag, v in vals.items() if v is not None]

@@ -23,7 +23,7 @@ GUEST_BOOT_ATTEMPTS = 2
 def lab_options(o: dict, hwtrace_plugin: str | None = None) -> LabOptions:
     """LabOptions from resolved options (``vmlab.config.resolve``)."""
     return LabOptions(accel=o["accel"], kernel=o["kernel"], qemu=o.get("qemu", "default"),
-                      kernel_image=o.get("kernel_image"), base=o.get("lab_base"),
+                      base=o.get("lab_base"),
                       append=o.get("lab_append") or "",
                       kind=o.get("lab_kind", "nested"), box=o.get("box"),
                       memory_mb=o["lab_memory_mb"], boot_timeout=o["lab_boot_timeout"],

@@ -85,26 +85,13 @@ def _one_line_exit125(r):
     return lines[0]
 
 
-def test_wrong_kernel_path(tmp_path):
-    r = vmlab_cmd("doctor", "--kernel-image", "/nonexistent/bzImage",
+def test_kernel_image_says_it_is_a_tree_now(tmp_path):
+    """--kernel-image (a bzImage with the image's own modules) is folded into tree:."""
+    r = vmlab_cmd("doctor", "--kernel-image", "/src/linux/arch/x86/boot/bzImage",
                   env={"VMLAB_STATE_DIR": str(tmp_path)}, timeout=300)
     line = _one_line_exit2(r)
-    assert "--kernel-image" in line and "/nonexistent/bzImage" in line
+    assert "--kernel-image" in line and "use --kernel tree:/src/linux" in line
     assert qemu_pids(str(tmp_path)) == [] and not list(tmp_path.glob("doctor-*/lab-console.log"))
-
-
-def test_kernel_qemu_cannot_load_is_could_not_test(images_ready, tmp_path):
-    """A kernel image that exists but is no kernel: QEMU refuses to load it. That is the
-    kernel under test (exit 125, git bisect skips it), not the user's input; booting it
-    again cannot help, so it is not retried (the retry path: test_boot_timeout_is_honoured)."""
-    junk = tmp_path / "bzImage"
-    junk.write_bytes(b"\0" * 65536)
-    r = vmlab_cmd("doctor", "--kernel-image", str(junk), "--boot-timeout", "20",
-                  env={"VMLAB_STATE_DIR": str(tmp_path / "s")}, timeout=300)
-    line = _one_line_exit125(r)
-    assert "lab failed to boot" in line and "kernel" in line and "console log:" in line
-    assert "booting it again" not in r.stderr
-    assert qemu_pids(str(tmp_path)) == []
 
 
 def test_missing_image(tmp_path):

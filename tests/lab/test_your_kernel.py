@@ -98,17 +98,42 @@ def test_a_qemu_build_directory_is_the_labs_vmm(tmp_path):
     assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"] and res["passed"] is True
 
 
-def test_a_tree_without_kvm_is_refused_with_125(tmp_path):
-    """Issue point (4): refused before anything is built or booted, one line naming
-    CONFIG_KVM, exit 125. The tree is laid out like a built one; only .config differs."""
-    t = tmp_path / "linux"
+def _tree_layout(t: Path, drop: str = "", bzimage: bytes = b"") -> Path:
+    """A tree laid out like a built one (no modules): a .config without the options
+    starting with ``drop``, the given bzImage."""
     for d in ("arch/x86/boot", "include/config", "scripts"):
         (t / d).mkdir(parents=True)
     (t / "Makefile").write_text("VERSION = 7\n")
     (t / "scripts/Makefile.build").write_text("")
     from vmlab.kernel_source import LAB_REQUIRED
-    have = [o for o in LAB_REQUIRED if not o.startswith("CONFIG_KVM")]
-    (t / ".config").write_text("".join(f"{o}=y\n" for o in have) + "# CONFIG_KVM is not set\n")
+    have = [o for o in LAB_REQUIRED if not (drop and o.startswith(drop))]
+    (t / ".config").write_text("".join(f"{o}=y\n" for o in have)
+                               + (f"# {drop} is not set\n" if drop else ""))
+    if bzimage:
+        (t / "arch/x86/boot/bzImage").write_bytes(bzimage)
+        for f in ("Module.symvers", "modules.order"):
+            (t / f).write_text("")
+        (t / "include/config/kernel.release").write_text("7.3.0-vmlab\n")
+    return t
+
+
+def test_a_tree_whose_bzimage_is_no_kernel_is_125(tmp_path):
+    """A build that made something QEMU cannot load is the commit under test's (exit 125,
+    git bisect skips it), found before an image is built around it."""
+    t = _tree_layout(tmp_path / "linux", bzimage=b"\0" * 65536)
+    out = results_dir("yours-junk-bzimage")
+    r = vmlab_cmd("run", "--kernel", f"tree:{t}", "--out", str(out), timeout=120)
+    assert r.returncode == 125, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"vmlab: could not test: {t}/arch/x86/boot/bzImage: not an x86 boot image"), lines
+    assert qemu_pids(str(out)) == [] and not any(out.iterdir())
+
+
+def test_a_tree_without_kvm_is_refused_with_125(tmp_path):
+    """Issue point (4): refused before anything is built or booted, one line naming
+    CONFIG_KVM, exit 125. The tree is laid out like a built one; only .config differs."""
+    t = _tree_layout(tmp_path / "linux", drop="CONFIG_KVM")
     out = results_dir("yours-no-kvm")
     r = vmlab_cmd("run", "--kernel", f"tree:{t}", "--out", str(out), timeout=120)
     assert r.returncode == 125, r.stderr

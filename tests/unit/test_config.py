@@ -372,7 +372,7 @@ def test_cli_rejects_non_positive(args, flag, bound, capsys):
 def test_cli_defaults_are_none():
     from vmlab import cli
     a = cli.parser().parse_args(["run"])
-    for dest in ("accel", "kernel", "guest_kernel", "kernel_image", "lab_memory", "boot_timeout",
+    for dest in ("accel", "kernel", "guest_kernel", "lab_memory", "boot_timeout",
                  "guest_memory", "guest_boot_timeout"):
         assert getattr(a, dest) is None, dest
 
@@ -415,25 +415,23 @@ def test_resolve_config_over_default(tmp_path):
     assert (o["kernel"], o["accel"], o["lab_memory_mb"], o["lab_boot_timeout"]) == ("trixie-backports", "tcg", 4096, 100.0)
     assert (o["guest_kernel"], o["guest_memory_mb"], o["guest_boot_timeout"], o["guest_gpu"], o["guest_mapping"]) == \
         ("bookworm-backports", 1024, 60.0, "blob", "wc")
-    assert o["sources"]["lab_memory_mb"] == "config" and o["sources"]["kernel_image"] == "default"
+    assert o["sources"]["lab_memory_mb"] == "config" and o["sources"]["kernel"] == "config"
 
 
 def test_resolve_cli_over_config(tmp_path):
     """The same rule for every option: memory and boot timeout too (argparse defaults once won)."""
     from vmlab import cli
-    kimg = tmp_path / "bzImage"
-    kimg.write_bytes(b"k")
     exp = _exp(tmp_path, "version: 1\nname: m\nlab: {kernel: trixie-backports, accel: tcg, memory_mb: 4096, "
                "boot_timeout: 100}\nguest: {kernel: bookworm-backports, memory_mb: 1024, boot_timeout: 60}\n"
                "exporter: {kind: vmlab, size: 1M}\nmoves:\n  - {mode: MIGRATE, expect: REFAULTED}\n")
     a = cli.parser().parse_args(["run", "--kernel", "trixie", "--accel", "kvm", "--lab-memory", "2048",
                                  "--boot-timeout", "50", "--guest-kernel", "trixie", "--guest-memory", "768",
-                                 "--guest-boot-timeout", "30", "--kernel-image", str(kimg), "--lab-qemu-arg=-S",
+                                 "--guest-boot-timeout", "30", "--lab-qemu-arg=-S",
                                  "--no-build"])
     o = config.resolve(exp, a)
     assert (o["kernel"], o["accel"], o["lab_memory_mb"], o["lab_boot_timeout"]) == ("trixie", "kvm", 2048, 50.0)
     assert (o["guest_kernel"], o["guest_memory_mb"], o["guest_boot_timeout"]) == ("trixie", 768, 30.0)
-    assert o["kernel_image"] == str(kimg) and o["lab_qemu_args"] == ["-S"] and o["no_build"] is True
+    assert o["lab_qemu_args"] == ["-S"] and o["no_build"] is True
     assert all(o["sources"][k] == "cli" for k in ("kernel", "accel", "lab_memory_mb", "lab_boot_timeout",
                                                   "guest_kernel", "guest_memory_mb", "guest_boot_timeout"))
 
@@ -451,11 +449,18 @@ def test_resolve_rechecks_size_against_cli_memory(tmp_path):
         assert "exporter.size" in s and words in s and "\n" not in s and ei.value.exit_code == 2
 
 
-def test_a_kernel_image_that_does_not_exist_is_input_not_a_boot_failure(tmp_path):
+def test_kernel_image_is_folded_into_tree(tmp_path):
+    """A bare bzImage booted with another build's modules: refused in one line (exit 2)
+    that names the tree to give instead, when the path is a tree's bzImage."""
     from vmlab import cli
-    a = cli.parser().parse_args(["run", "--kernel-image", str(tmp_path / "nope")])
-    with pytest.raises(ConfigError, match="--kernel-image.*no such readable file"):
-        config.resolve(None, a)
+    for path, use in ((tmp_path / "linux/arch/x86/boot/bzImage", f"--kernel tree:{tmp_path / 'linux'}"),
+                      (tmp_path / "bzImage", "--kernel tree:DIR")):
+        a = cli.parser().parse_args(["run", "--kernel-image", str(path)])
+        with pytest.raises(ConfigError) as ei:
+            config.resolve(None, a)
+        s = str(ei.value)
+        assert s.startswith("<command line>: --kernel-image: ") and use in s and "\n" not in s
+        assert ei.value.exit_code == 2
 
 
 @pytest.mark.parametrize("exporter,key,words", [

@@ -151,7 +151,7 @@ def make_tree(t: Path, opts: dict, built: bool = True) -> Path:
     (t / ".config").write_text("".join(f"{k}={v}\n" for k, v in opts.items())
                                + "# CONFIG_NOT_SET is not set\n")
     if built:
-        (t / "arch/x86/boot/bzImage").write_bytes(b"bz")
+        (t / "arch/x86/boot/bzImage").write_bytes(b"\0" * 0x202 + b"HdrS" + b"\0" * 58)
         (t / "Module.symvers").write_text("")
         (t / "include/config/kernel.release").write_text("7.3.0-rc1\n")
         (t / "modules.order").write_text("drivers/x/a.o\ndrivers/x/b.o\n")
@@ -198,6 +198,13 @@ def test_an_unbuilt_tree_is_125_and_a_missing_one_2(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match="not a kernel tree"):
         parse(f"tree:{tmp_path}/empty")
+
+
+def test_a_bzimage_that_is_no_kernel_is_125_before_an_image_is_built(tmp_path):
+    t = make_tree(tmp_path / "linux", GOOD_LAB)
+    (t / "arch/x86/boot/bzImage").write_bytes(b"\0" * 65536)
+    with pytest.raises(CouldNotTest, match=r"bzImage: not an x86 boot image \(no 'HdrS'"):
+        parse(f"tree:{t}")
 
 
 def test_a_module_listed_but_not_built_is_125(tmp_path):

@@ -182,7 +182,7 @@ def test_matrix_reproducer_keeps_the_command_line(tmp_path):
     from vmlab.run_dir import cli_passthrough
     args = parser().parse_args(["matrix", "--accel", "tcg", "--qemu", "default", "--guest-memory", "768",
                                 "--lab-qemu-arg=-smp", "--lab-qemu-arg=1"])
-    argv = cli_passthrough(args, kernel="forky", kernel_image=None)
+    argv = cli_passthrough(args, kernel="forky")
     assert argv == ["--accel=tcg", "--kernel=forky", "--qemu=default", "--guest-memory=768",
                     "--lab-qemu-arg=-smp", "--lab-qemu-arg=1"]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from vmlab import reuse
 
-HAVE = {"kernel": "trixie", "qemu": "default", "kernel_image": None, "memory_mb": 3072,
+HAVE = {"kernel": "trixie", "qemu": "default", "memory_mb": 3072,
         "extra_qemu_args": [], "hwtrace_plugin": None, "accel": "tcg",
         "image": "/c/lab-trixie-aa", "guest_image": "/c/guest-trixie-bb"}
 
