@@ -21,6 +21,10 @@ from . import proc
 from .errors import RemoteError, WaitTimeout
 
 
+#: seconds after a process's exit for its pipes to reach EOF before its exit counts anyway
+EXIT_GRACE = 0.5
+
+
 class LocalChannel:
     """A local ``sh -c`` with the channel methods ssh.ChannelReader and the box use:
     stdout and stderr gathered by two threads, stdin the channel's write end, and a
@@ -51,13 +55,20 @@ class LocalChannel:
     def _reap(self) -> None:
         self.p.wait()
         with self._cond:
+            # what it wrote before it exited, gathered; then its exit counts, as sshd's
+            # exit-status does, even while a child it left in the background holds its
+            # stdout open
+            end = time.monotonic() + EXIT_GRACE
+            while not all(self._eof.values()) and time.monotonic() < end:
+                self._cond.wait(end - time.monotonic())
             self._exited = True
             self._ring()
             self._cond.notify_all()
 
     def _settled(self) -> bool:
-        """(under the lock) nothing more will come: both pipes at EOF and the process gone."""
-        return all(self._eof.values()) and self._exited
+        """(under the lock) nothing more will come that anyone waits for: the process is
+        gone and its output gathered (both pipes at EOF, or EXIT_GRACE after its exit)."""
+        return self._exited
 
     def _gather(self, key: str, f) -> None:
         fd = f.fileno()
@@ -194,7 +205,7 @@ class LocalSession:
         except subprocess.TimeoutExpired:
             chan.kill()
             raise WaitTimeout(f"{self.name}: {command[:80]}", timeout, "still running") from None
-        deadline = time.monotonic() + 10      # its output, after it exited
+        deadline = time.monotonic() + EXIT_GRACE + 5   # its output, after it exited
         while not chan.exit_status_ready() and time.monotonic() < deadline:
             time.sleep(0.01)
         o = chan.recv(1 << 30).decode(errors="replace") if chan.recv_ready() else ""

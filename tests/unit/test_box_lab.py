@@ -108,6 +108,20 @@ def test_local_session_runs_bounds_and_writes(tmp_path):
     assert (tmp_path / "f").read_bytes() == b"x" and (tmp_path / "f").stat().st_mode & 0o777 == 0o600
 
 
+def test_a_local_command_has_exited_while_a_child_it_left_holds_its_stdout():
+    """As sshd's exit-status: the shell's exit counts once its output is in, though a
+    background child keeps the pipe open (it once did only at that child's end)."""
+    from vmlab.local_session import LocalChannel
+    from vmlab.ssh import ChannelReader
+    chan = LocalChannel("sleep 60 & echo started; exit 4")
+    try:
+        rd = ChannelReader(chan, "background child")
+        assert rd.pump(time.monotonic() + 20) == "exit"
+        assert (rd.rc, bytes(rd.out)) == (4, b"started\n")
+    finally:
+        chan.kill()
+
+
 def test_the_lock_holder_undoes_a_run_that_vanished_and_a_second_run_waits(tmp_path, monkeypatch):
     """The box's dead-man switch, for real on this machine (lab kind local): the run's
     undo script runs when its lock channel ends without vmlab, and a second run that
