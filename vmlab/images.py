@@ -26,7 +26,7 @@ from pathlib import Path
 
 from . import initramfs, kernel_source
 from .config import KERNEL_SUITES
-from .errors import CommandFailed, ConfigError, CouldNotTest, ImageMissing, NotRoot
+from .errors import CommandFailed, ConfigError, CouldNotTest, ImageMissing, NotRoot, UserError
 from .kernel_source import KernelSource, QemuSource
 from .paths import images_dir, locked, repo_root, sha256_file
 
@@ -500,6 +500,8 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
     customize = repo_root() / "guest-images/lab/customize.sh"
     src = r.source
     tree = {"VMLAB_TREE": str(src.path)} if src and src.form == "tree" else {}
+    if src and src.source_dir:
+        tree["VMLAB_TREE_SRC"] = str(src.source_dir)
     qbuild = r.qemu_source if r.qemu_source and r.qemu_source.form == "build" else None
     if qbuild:
         tree["VMLAB_QEMU_BUILD"] = str(qbuild.path)
@@ -514,10 +516,11 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
     if qbuild:
         missing = initramfs.missing_libs(root, QEMU_BUILD_DIR + "/qemu-system-x86_64")
         if missing:
-            raise ConfigError("<command line>", "--qemu",
-                              f"{qbuild.spec}: qemu-system-x86_64 needs {', '.join(missing)}, which "
-                              f"the {r.kernel} lab image lacks (build it on {r.kernel}, or add "
-                              f"the libraries' packages)")
+            # the QEMU the user brought (given with --qemu or lab.qemu: named by its path,
+            # which says which); a build for another system is the user's input, exit 2
+            raise UserError(f"the lab's QEMU {qbuild.spec}: qemu-system-x86_64 needs "
+                            f"{', '.join(missing)}, which the {r.kernel} lab image lacks (build it "
+                            f"on {r.kernel}, or add the libraries' packages)")
     kver = initramfs.kernel_version(root)
     if src and src.user and kver != src.release:
         raise CouldNotTest(f"{src.spec}: the image holds kernel {kver}, not {src.release}")

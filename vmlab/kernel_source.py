@@ -75,6 +75,7 @@ class KernelSource:
     release: str | None = None    # tree: include/config/kernel.release; deb: the image's ABI
     base_why: str = ""            # how the base suite was chosen, for the progress line
     config_missing_optional: tuple = field(default=(), compare=False)
+    source_dir: Path | None = None  # tree: built with make O=: the source the build dir includes
 
     @property
     def user(self) -> bool:
@@ -230,8 +231,16 @@ def _parse_tree(spec: str, where: tuple[str, str], base: str | None, kind: str) 
     t = Path(os.path.abspath(spec[len("tree:"):] or "."))
     if not t.is_dir():
         raise ConfigError(*where, f"{spec}: no such directory")
-    if not (t / "Makefile").is_file() or not (t / "scripts/Makefile.build").is_file():
-        raise ConfigError(*where, f"{spec}: not a kernel tree (no Makefile and scripts/Makefile.build)")
+    # make O=DIR: the build's outputs in DIR, whose Makefile includes the source's by its
+    # absolute path and whose 'source' link points there; the exporter is built in DIR
+    src = (t / "source").resolve() if (t / "source").is_dir() else t
+    if src == t:
+        src_why = "no Makefile and scripts/Makefile.build"
+    else:
+        src_why = f"its source link points to {src}, which has no Makefile and scripts/Makefile.build"
+    if not (t / "Makefile").is_file() or not (src / "Makefile").is_file() or \
+            not (src / "scripts/Makefile.build").is_file():
+        raise ConfigError(*where, f"{spec}: not a kernel tree ({src_why})")
     if not (t / ".config").is_file():
         raise ConfigError(*where, f"{spec}: no .config (configure and build the tree first)")
     opts = config_options(t / ".config")
@@ -252,7 +261,7 @@ def _parse_tree(spec: str, where: tuple[str, str], base: str | None, kind: str) 
     files += tree_modules(t)
     return KernelSource("tree", f"tree:{t}", base or DEFAULT_BASE, t, _digest(files, t),
                         release=release, base_why="given" if base else "the default",
-                        config_missing_optional=optional)
+                        config_missing_optional=optional, source_dir=src if src != t else None)
 
 
 @dataclass(frozen=True)

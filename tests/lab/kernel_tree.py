@@ -24,9 +24,12 @@ def _merge(src: Path, dst: Path, skip=()) -> None:
             shutil.copy2(entry, target, follow_symlinks=True)
 
 
-def assemble(debs: Path, out: Path, *, drop_options=()) -> Path:
+def assemble(debs: Path, out: Path, *, drop_options=(), source: Path | None = None) -> Path:
     """``out`` laid out as a built tree of the kernel in ``debs`` (image, headers, -common,
-    kbuild); ``drop_options`` are unset in its .config (a tree that lacks them)."""
+    kbuild); ``drop_options`` are unset in its .config (a tree that lacks them). With
+    ``source``, as built with ``make O=out`` from a source tree at ``source``: Debian's
+    per-flavour headers are that layout already (a Makefile that includes the source's by
+    its absolute path), with the kernel's 'source' link added."""
     x = out.parent / (out.name + ".x")
     shutil.rmtree(x, ignore_errors=True)
     x.mkdir(parents=True)
@@ -37,11 +40,17 @@ def assemble(debs: Path, out: Path, *, drop_options=()) -> Path:
     kbuild = next(p for p in (x / "usr/lib").iterdir() if p.name.startswith("linux-kbuild-"))
     release = (arch_hdr / "include/config/kernel.release").read_text().strip()
     out.mkdir(parents=True)
-    _merge(common, out)
-    _merge(kbuild, out)
+    top = source or out
+    top.mkdir(parents=True, exist_ok=True)
+    _merge(common, top)
+    _merge(kbuild, top)
     # the per-flavour part last: .config, Module.symvers, generated headers; its Makefile
     # only includes -common's by absolute path, which the tree has in its own top
     _merge(arch_hdr, out, skip=("Makefile", "scripts", "tools"))
+    if source is not None:
+        (out / "Makefile").write_text(f"include {source.resolve()}/Makefile\n")
+        for link in ("source", "scripts", "tools"):
+            (out / link).symlink_to(source.resolve() / ("" if link == "source" else link))
     (out / "arch/x86/boot").mkdir(parents=True, exist_ok=True)
     shutil.copyfile(x / "boot" / f"vmlinuz-{release}", out / "arch/x86/boot/bzImage")
     mods = x / "usr/lib/modules" / release

@@ -72,6 +72,21 @@ def test_a_build_tree_boots_and_passes(tmp_path):
 
 
 @pytest.mark.nightly
+def test_a_tree_built_with_make_o_boots_and_passes(tmp_path):
+    """A tree built with make O=DIR (the build dir's Makefile includes the source's by its
+    absolute path): the exporter is built in the build dir against the source, bound at
+    that path. Its .config lacks VGEM so that its image is its own (the cache key is by
+    content: the same outputs in-tree would reuse the in-tree test's image)."""
+    tree = kernel_tree.assemble(fetch("trixie"), tmp_path / "build", source=tmp_path / "src",
+                                drop_options=("CONFIG_DRM_VGEM",))
+    assert not (tree / "scripts/Makefile.build").resolve().is_relative_to(tree.resolve())
+    res = run("tree-o", "--kernel", f"tree:{tree}")
+    assert "CONFIG_DRM_VGEM (exporter kind vgem)" in res["_stderr"]
+    assert res["lab"]["kernel_source"]["form"] == "tree"
+    assert verdicts(res) == ["REFAULTED"] * 3 + ["STALE"] and res["passed"] is True
+
+
+@pytest.mark.nightly
 def test_bisect_noncompound_bad_on_612_good_on_73():
     """The bisect contract on the two Debian kernels that bracket "KVM: Stop grabbing
     references to PFNMAP'd pages" (6.13): exit 1 (bad) on 6.12, 0 (good) on 7.3, both as

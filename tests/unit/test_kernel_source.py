@@ -200,6 +200,24 @@ def test_an_unbuilt_tree_is_125_and_a_missing_one_2(tmp_path):
         parse(f"tree:{tmp_path}/empty")
 
 
+def test_a_tree_built_with_make_o_is_its_build_dir_and_its_source(tmp_path):
+    src = make_tree(tmp_path / "src", GOOD_LAB, built=False)
+    (src / ".config").unlink()
+    b = make_tree(tmp_path / "build", GOOD_LAB)
+    for p in ("scripts/Makefile.build", "scripts"):
+        (b / p).unlink() if (b / p).is_file() else (b / p).rmdir()
+    (b / "Makefile").write_text(f"include {src}/Makefile\n")
+    (b / "source").symlink_to(src)
+    ks = parse(f"tree:{b}")
+    assert (ks.path, ks.source_dir, ks.release) == (b, src, "7.3.0-rc1")
+    assert parse(f"tree:{src.parent / 'build'}").source_dir == src
+    # an in-tree build has no source of its own
+    assert parse(f"tree:{make_tree(tmp_path / 'linux', GOOD_LAB)}").source_dir is None
+    (src / "scripts/Makefile.build").unlink()
+    with pytest.raises(ConfigError, match=f"its source link points to {src}, which has no Makefile"):
+        parse(f"tree:{b}")
+
+
 def test_a_bzimage_that_is_no_kernel_is_125_before_an_image_is_built(tmp_path):
     t = make_tree(tmp_path / "linux", GOOD_LAB)
     (t / "arch/x86/boot/bzImage").write_bytes(b"\0" * 65536)
