@@ -268,7 +268,6 @@ class BoxLab:
                  "grep -q '^vmlab_exporter ' /proc/modules && echo loaded=yes; "
                  f"[ -e /usr/src/{DKMS_NAME}-{self.version} ] && echo dkms_src=yes; "
                  f"[ -e {RUN_DIR} ] && echo run_dir=yes; "
-                 "echo nr_hugepages=$(cat /proc/sys/vm/nr_hugepages); "
                  f"echo thp_shmem=$(cat {THP_SHMEM} 2>/dev/null); "
                  "[ -e /var/lib/dkms/mok.key ] || [ -e /var/lib/dkms/mok.pub ] || echo no_mok=yes; true")
         _, out, _ = self.run(probe, timeout=60)
@@ -303,7 +302,6 @@ class BoxLab:
                             f"the run; remove it first if no QEMU uses it")
         self.release = release
         self.dkms_had_mok = "no_mok" not in facts
-        self.nr_hugepages = (facts.get("nr_hugepages") or [""])[0]
         m = re.search(r"\[(\w[\w-]*)\]", (facts.get("thp_shmem") or [""])[0])
         self.thp_shmem = m.group(1) if m else None
 
@@ -312,9 +310,13 @@ class BoxLab:
         and the guest image, what a nested lab gets through its 9p share."""
         from .lab import HOSTAGENT_FILES
         share = shlex.quote(self.share_dir)
-        # the host agent raises vm.nr_hugepages and may set shmem_enabled: put them back
-        restore = [f"echo {shlex.quote(self.nr_hugepages)} > /proc/sys/vm/nr_hugepages"] \
-            if self.nr_hugepages.isdigit() else []
+        # the host agent raises vm.nr_hugepages (writing down by how much) and may set
+        # shmem_enabled: take back what it raised, not more (someone else's change to it
+        # meanwhile stays), and put shmem_enabled back
+        restore = [f"(s=0; [ -f {self.hugepages_ledger} ] && while read d; do s=$((s + d)); done "
+                   f"< {self.hugepages_ledger}; [ $s -gt 0 ] || exit 0; "
+                   f"c=$(cat /proc/sys/vm/nr_hugepages); [ $c -ge $s ] && "
+                   f"echo $((c - s)) > /proc/sys/vm/nr_hugepages)"]
         if self.thp_shmem:
             restore.append(f"echo {self.thp_shmem} > {THP_SHMEM}")
         if restore:
@@ -417,6 +419,12 @@ class BoxLab:
     # --- the NestedLab interface the run uses
     def run(self, command: str, **kw):
         return self.session.run(command, **kw)
+
+    @property
+    def hugepages_ledger(self) -> str:
+        """Where the host agent writes down how many hugetlb pages it raised (the undo
+        reads it): in the run's directory."""
+        return f"{self.share_dir}/hugepages.raised"
 
     def kernel_release(self) -> str:
         return self.run("uname -r", timeout=30)[1].strip()

@@ -434,6 +434,11 @@ def parser() -> argparse.ArgumentParser:
               "--out /tmp/m1", merge=True)
     mx.add_argument("--kernels", default=None, metavar="K1,K2",
                     help="lab kernels, comma-separated (default trixie,trixie-backports)")
+    mx.add_argument("--lab", default=None, metavar="FILE",
+                    help="run every cell on a test box instead: FILE's lab: mapping is kind ssh "
+                         "(host, key, known_hosts) or kind local (this machine), as in an "
+                         "experiment config; the box's own kernel and QEMU are the matrix's one "
+                         "column (box:HOST or local), so no --kernels")
     mx.add_argument("--catalog", default=None, metavar="DIR",
                     help="catalog directory (default configs/catalog)")
     mx.add_argument("--only", default=None, metavar="ID,...",

@@ -638,6 +638,61 @@ def _resolve_box(out: dict, src: dict, exp) -> dict | None:
             "known_hosts": str(b.known_hosts)}
 
 
+#: what a box file (``vmlab matrix --lab FILE``) may say: where the box is, nothing it runs
+_BOX_FILE_KEYS = ("kind", "host", "key", "known_hosts")
+
+
+def load_box_file(path: str) -> dict:
+    """A file whose ``lab:`` mapping names a test box (kind ssh: host, key, known_hosts;
+    or kind local), for running a whole catalog there. Checked before anything starts:
+    ConfigError (exit 2) naming this file and the key. Returns the lab mapping with the
+    paths made absolute (relative ones are relative to this file), ready to replace each
+    entry's ``lab``."""
+    raw, errs = _read_yaml(path)
+    if errs:
+        _raise(path, errs)
+    if not isinstance(raw, dict) or "lab" not in raw:
+        raise ConfigError(path, "lab", "a box file is a mapping with one key, lab (kind ssh or local)")
+    extra = sorted(str(k) for k in raw if k != "lab")
+    if extra:
+        raise ConfigError(path, extra[0], "a box file says only where the box is (lab)")
+    lab = raw["lab"]
+    if not isinstance(lab, dict):
+        raise ConfigError(path, "lab", "must be a mapping (kind, host, key, known_hosts)")
+    for k in lab:
+        if k not in _BOX_FILE_KEYS:
+            raise ConfigError(path, f"lab.{k}", "a box runs its own kernel and QEMU, booted as it "
+                                                f"is; a box file says only {', '.join(_BOX_FILE_KEYS)}")
+    # the experiment schema's lab section checks the values (an experiment's other keys
+    # are not a box file's)
+    errs = [(list(e.absolute_path), _short(e)) for e in
+            _validator().iter_errors({"version": 1, "name": "box", "lab": lab})
+            if len(e.absolute_path) > 1]
+    if errs:
+        _raise(path, errs)
+    if lab.get("kind") not in ("ssh", "local"):
+        raise ConfigError(path, "lab.kind", f"ssh or local, not {lab.get('kind')!r} "
+                                            f"(the nested lab is the matrix's default)")
+    if lab["kind"] == "local":
+        if len(lab) > 1:
+            raise ConfigError(path, f"lab.{next(k for k in lab if k != 'kind')}",
+                              "kind local is this machine: it takes no host, key or known_hosts")
+        return {"kind": "local"}
+    from .box_lab import BoxSpec
+    b = BoxSpec.parse(lab, path)
+    return {"kind": "ssh", "host": f"{b.user}@[{b.host}]:{b.port}" if ":" in b.host
+            else f"{b.user}@{b.host}:{b.port}", "key": str(b.key), "known_hosts": str(b.known_hosts)}
+
+
+def box_label(box: dict) -> str:
+    """How a matrix names the box's one kernel column (and its results directory):
+    ``local``, or ``box-HOST-PORT`` (no ':' in a directory name that scp or PATH reads)."""
+    if box["kind"] == "local":
+        return "local"
+    host, _, port = box["host"].split("@", 1)[-1].rpartition(":")
+    return f"box-{host.strip('[]').replace(':', '.')}-{port}"
+
+
 def _resolve_kernels(out: dict, src: dict, exp) -> str:
     """Check the lab and guest kernels (a suite, deb:PATH, tree:DIR) and the lab's QEMU
     (default, suite:NAME, deb:PATH, build:DIR) before anything starts, make their paths
@@ -918,6 +973,9 @@ def resolve(exp: Experiment | None, args=None) -> dict:
             why += f" (the kernel is from {'--kernel' if src['kernel'] == 'cli' else 'lab.kernel'})"
         raise ConfigError(*where, why)
     out["oracle"] = list(exp.raw.get("oracle") or ["stamps"]) if exp is not None else ["stamps"]
+    if "hw" in out["oracle"] and out["box"] is not None:
+        raise ConfigError(exp.path, "oracle", f"hw is a TCG plugin in the nested lab's QEMU: "
+                                              f"a box (lab.kind {out['lab_kind']}) runs none")
     if "hw" in out["oracle"]:
         # a TCG plugin in the lab's QEMU: the lab must be TCG whatever else would pick
         if out["accel"] == "kvm":

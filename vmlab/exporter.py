@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shlex
 import threading
 import time
 from enum import Enum
@@ -36,7 +37,8 @@ class HostAgent:
         self.lab = lab
         self.log_path = Path(log_path)
         self._logf = open(self.log_path, "ab")
-        self.chan = lab.session.open_exec(f"exec python3 -u {lab.share_dir}/hostagent.py serve")
+        env = f"VMLAB_HUGEPAGES_LEDGER={shlex.quote(lab.hugepages_ledger)} " if lab.hugepages_ledger else ""
+        self.chan = lab.session.open_exec(f"{env}exec python3 -u {lab.share_dir}/hostagent.py serve")
         self._buf = bytearray()
         self._late: str | None = None   # a request that timed out: the channel is out of step
         self._lock = threading.Lock()

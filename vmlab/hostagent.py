@@ -253,6 +253,13 @@ def _reserve_hugepages(n):
     total = int(_read_first("/proc/sys/vm/nr_hugepages") or 0)
     with open("/proc/sys/vm/nr_hugepages", "w") as f:
         f.write(str(total + n - free))
+    ledger = os.environ.get("VMLAB_HUGEPAGES_LEDGER")
+    raised = int(_read_first("/proc/sys/vm/nr_hugepages") or 0) - total
+    if ledger and raised > 0:
+        # on a box, the undo takes back what was raised, not more: someone else's change
+        # to vm.nr_hugepages meanwhile stays
+        with open(ledger, "a") as f:
+            f.write(f"{raised}\n")
     free = int(_read_first("/sys/kernel/mm/hugepages/hugepages-2048kB/free_hugepages") or 0)
     if free < n:
         raise AgentError(f"only {free} free 2 MiB hugetlb pages of {n} wanted", errno.ENOMEM)

@@ -143,6 +143,7 @@ class NestedLab:
 
     kind = "nested"
     share_dir = "/mnt/vmlab"   # the controller's read-only 9p share (lab-setup mounts it)
+    hugepages_ledger = None    # the lab is vmlab's own: nothing to give back
 
     def __init__(self, workdir: Path, opts: LabOptions, *, detach: bool = False,
                  rundir: Path | None = None):

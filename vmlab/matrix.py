@@ -194,9 +194,15 @@ def _failed_cell(exp, kernel, cell_dir: Path, why: str, status: str) -> dict:
             "match": False, "reason": why}
 
 
-def plan(entries, kernels, args) -> dict[str, list[tuple[cfgmod.Experiment, dict]]]:
+def plan(entries, kernels, args, box: dict | None = None) -> dict[str, list[tuple[cfgmod.Experiment, dict]]]:
     """Every (kernel, entry) resolved (the kernel as if given with --kernel), before
-    anything is created or booted: bad input is exit 2 with nothing started."""
+    anything is created or booted: bad input is exit 2 with nothing started. With a
+    ``box`` (``--lab FILE``) every entry runs there, on the box's own kernel: one column,
+    named by ``cfgmod.box_label``."""
+    if box is not None:
+        on_box = [cfgmod.Experiment(e.path, {**e.raw, "lab": {**(e.raw.get("lab") or {}), **box}})
+                  for e in entries]
+        return {cfgmod.box_label(box): [(e, cfgmod.resolve(e, args)) for e in on_box]}
     out = {}
     for k in kernels:
         ns = argparse.Namespace(**{**vars(args), "kernel": k})
@@ -206,11 +212,12 @@ def plan(entries, kernels, args) -> dict[str, list[tuple[cfgmod.Experiment, dict
 
 class Matrix:
     def __init__(self, planned: dict, out: Path, progress, args=None, *, entries=None,
-                 shard_of: tuple[int, int] | None = None):
+                 shard_of: tuple[int, int] | None = None, box: dict | None = None):
         """``entries``: the catalog's names in order (a shard's plan may lack some);
         ``shard_of``: (K, N) when ``planned`` is shard K of N."""
         self.plan, self.out, self.progress = planned, out, progress
         self.args = args       # the command line, for each cell's reproduce.sh
+        self.box = box         # --lab FILE: every cell on that box (its kernel, its QEMU)
         self.cells: list[dict] = []
         if entries is None:
             entries = [e.name for e, _ in next(iter(planned.values()))]
@@ -230,9 +237,11 @@ class Matrix:
         groups = {k: self._groups(planned) for k, planned in self.plan.items()}
         try:
             # every image first: a missing one under --no-build is exit 2 before any boot
-            images = {(k, gi): lab_images(k, ms[0][1]["guest_kernel"], build=not ms[0][1]["no_build"],
+            images = {(k, gi): lab_images(ms[0][1]["kernel"], ms[0][1]["guest_kernel"],
+                                          build=not ms[0][1]["no_build"],
                                           progress=self.progress, qemu=ms[0][1]["qemu"],
-                                          base=ms[0][1]["lab_base"])
+                                          base=ms[0][1]["lab_base"],
+                                          need_lab=ms[0][1]["lab_kind"] == "nested")
                       for k, gs in groups.items() for gi, ms in enumerate(gs)}
             for kernel, gs in groups.items():
                 for gi, members in enumerate(gs):
@@ -261,7 +270,11 @@ class Matrix:
 
     def _reproducer(self, cell_dir: Path, exp, kernel: str) -> None:
         from .run_dir import cli_passthrough, write_reproducer
-        write_reproducer(cell_dir, exp, cli_passthrough(self.args, kernel=kernel))
+        if self.box is not None:
+            # the entry with the box as its lab (config.yaml), on the box's own kernel
+            write_reproducer(cell_dir, exp, cli_passthrough(self.args), raw=exp.raw)
+        else:
+            write_reproducer(cell_dir, exp, cli_passthrough(self.args, kernel=kernel))
 
     def _run_group(self, kernel, gi, members, total, Run, images) -> None:
         kdir = self.out / kernel / (f"lab-{gi}" if gi else "lab")
@@ -412,11 +425,24 @@ exit 1
 """
 
 
+def clean_lab_script(lab) -> str:
+    """_CLEAN_LAB for ``lab``. A nested lab is vmlab's own: any guest named guest and any
+    host agent is an earlier cell's. A box is the user's machine: only this run's (a guest
+    in vmlab's run directory there, a host agent started from the run's directory)."""
+    if getattr(lab, "kind", "nested") == "nested":
+        guests, agents = "-name [g]uest ", "[h]ostagent.py serve"
+    else:
+        from .box_lab import RUN_DIR
+        guests = f"/[{RUN_DIR[1]}]{RUN_DIR[2:]}/guest/"
+        agents = f"/[{lab.share_dir[1]}]{lab.share_dir[2:]}/hostagent.py serve"
+    return _CLEAN_LAB.replace("-name [g]uest ", guests).replace("[h]ostagent.py serve", agents)
+
+
 def _clean_lab(lab, progress) -> bool:
     """True when the lab answers and no guest or host agent of an earlier cell is left
     (strays are killed); False means the lab must be booted again."""
     try:
-        rc, out, _ = lab.run(_CLEAN_LAB, timeout=30, check=False)
+        rc, out, _ = lab.run(clean_lab_script(lab), timeout=30, check=False)
     except Exception as e:
         log.warning("lab health probe: %s", e)
         return False
@@ -482,11 +508,19 @@ def main(args, progress) -> int:
         strategy, entries = strategies.load(args.strategies)
     else:
         entries = catalog.load(args.catalog, only)
-    planned = plan(entries, kernels, args)
+    box = None
+    if getattr(args, "lab", None):
+        if args.kernels:
+            raise ConfigError("<command line>", "--kernels", "a box (--lab) runs its own kernel: "
+                                                              "it is the matrix's one column")
+        box = cfgmod.load_box_file(args.lab)
+        kernels = [cfgmod.box_label(box)]
+    planned = plan(entries, kernels, args, box)
     if shard_of:
         planned = shard(planned, *shard_of)
     out = results_dir("matrix", args.out)
-    m = Matrix(planned, out, progress, args, entries=[e.name for e in entries], shard_of=shard_of)
+    m = Matrix(planned, out, progress, args, entries=[e.name for e in entries], shard_of=shard_of,
+               box=box)
     m.result["planned_kernels"] = kernels   # what the shards of one cut share
     if strategy is not None:
         strategies.write_cells(entries, out / "strategy-cells")

@@ -11,6 +11,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
+import yaml
+
 from . import config as cfgmod
 from .errors import UserError
 from .paths import repo_root
@@ -64,8 +66,12 @@ def cli_passthrough(args, **override) -> list[str]:
     return out + [f"--lab-qemu-arg={v}" for v in (getattr(args, "lab_qemu_arg", None) or ())]
 
 
-def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str]) -> None:
-    shutil.copyfile(exp.path, d / "config.yaml")
+def write_reproducer(d: Path, exp: cfgmod.Experiment, argv: list[str], raw: dict | None = None) -> None:
+    """``raw``: the config as it ran when it is not the file's (a matrix cell on a box)."""
+    if raw is not None:
+        (d / "config.yaml").write_text(yaml.safe_dump(raw, sort_keys=False))
+    else:
+        shutil.copyfile(exp.path, d / "config.yaml")
     script = ("#!/bin/sh\n# Re-run this experiment with the same config (copied beside this script).\n"
               "here=$(cd \"$(dirname \"$0\")\" && pwd) || exit 1\n"
               f"cd {shlex.quote(str(repo_root()))} || exit 1\n"

@@ -187,3 +187,49 @@ def test_the_default_experiment_with_this_machine_as_the_lab(tmp_path, box, imag
     assert res["passed"] is True and res["lab"]["kind"] == "local"
     assert res["lab"]["kernel"] == st["kernel"] and res["lab"]["kernel_source"]["form"] == "box"
     assert _box_state(env) == before
+
+
+@pytest.mark.nightly   # the CI budget (30 min on 2 cores): `pytest -m nightly tests/lab`
+def test_the_catalog_on_a_box_and_only_what_the_run_raised_is_taken_back(tmp_path, box):
+    """``vmlab matrix --lab FILE``: catalog entries on the box's own kernel, one column.
+    Meanwhile someone else on the box raises vm.nr_hugepages too (after the host agent
+    raised it for the hugetlb entry): the undo takes back only what the run raised."""
+    env, st, key, known, before = box
+    box_file = tmp_path / "box.yaml"
+    box_file.write_text(yaml.safe_dump({"lab": {"kind": "ssh", "host": f"root@127.0.0.1:{st['ssh_port']}",
+                                                "key": str(key), "known_hosts": str(known)}}))
+    out = results_dir("box-matrix")
+    short = Path(tempfile.mkdtemp(prefix="vbox-"))
+    m = VmlabProcess(short / "m", "matrix", "--lab", str(box_file), "--out", str(out),
+                     "--only", "udmabuf-hugetlb,udmabuf-thp,pfnmap-noncompound")
+    try:
+        end, raised = time.monotonic() + 900, ""
+        while not raised and m.p.poll() is None and time.monotonic() < end:
+            time.sleep(2)
+            raised = vmlab_cmd("lab", "exec", "--", "cat /var/tmp/vmlab-run.*/hugepages.raised "
+                               "2>/dev/null; true", env=env, timeout=60).stdout.strip()
+        assert raised, f"the host agent wrote down no raise:\n{m.stderr()}"
+        r = vmlab_cmd("lab", "exec", "--", "echo $(( $(cat /proc/sys/vm/nr_hugepages) + 2 )) "
+                      "> /proc/sys/vm/nr_hugepages", env=env, timeout=60)
+        assert r.returncode == 0, r.stderr
+        m.p.wait(timeout=1800)
+        m.drained()
+        assert m.p.returncode == 0, m.stderr()
+    finally:
+        if m.p.poll() is None:
+            m.p.kill()
+            m.p.wait()
+        shutil.rmtree(short, ignore_errors=True)
+    res = json.loads((out / "matrix.json").read_text())
+    column = f"box-127.0.0.1-{st['ssh_port']}"
+    assert res["kernels"] == [column]
+    assert [c["entry"] for c in res["cells"]] == ["udmabuf-hugetlb", "udmabuf-thp", "pfnmap-noncompound"]
+    for c in res["cells"]:
+        assert c["match"] is True and c["kernel_suite"] == column and c["kernel_release"] == st["kernel"], c
+    cfg = yaml.safe_load((out / column / "udmabuf-hugetlb" / "config.yaml").read_text())
+    assert cfg["lab"]["kind"] == "ssh"     # reproduce.sh runs the cell on the box again
+    after = _box_state(env)
+    n = int(re.search(r"hugepages=(\d+)", before).group(1))
+    assert after == before.replace(f"hugepages={n}\n", f"hugepages={n + 2}\n"), (before, after)
+    r = vmlab_cmd("lab", "exec", "--", f"echo {n} > /proc/sys/vm/nr_hugepages", env=env, timeout=60)
+    assert r.returncode == 0 and _box_state(env) == before

@@ -213,3 +213,75 @@ def test_shard_argument():
     for bad in ("0/2", "3/2", "x", "1/0", "1/2/3", "1/1001"):
         with pytest.raises(ConfigError, match="--shard"):
             matrix.parse_shard(bad)
+
+
+# --- the catalog on a test box (vmlab matrix --lab FILE) ------------------------------------------
+def _box_file(tmp_path, text: str) -> str:
+    (tmp_path / "keys").mkdir(exist_ok=True)
+    (tmp_path / "keys/id").write_text("k")
+    (tmp_path / "keys/known").write_text("")
+    p = tmp_path / "box.yaml"
+    p.write_text(text)
+    return str(p)
+
+
+def test_a_box_file_names_where_the_box_is_and_nothing_it_runs(tmp_path):
+    f = _box_file(tmp_path, "lab: {kind: ssh, host: 'me@10.0.0.7:2222', key: keys/id, known_hosts: keys/known}\n")
+    box = config.load_box_file(f)
+    # paths relative to the file, made absolute: the cell configs live elsewhere
+    assert box == {"kind": "ssh", "host": "me@10.0.0.7:2222", "key": str(tmp_path / "keys/id"),
+                   "known_hosts": str(tmp_path / "keys/known")}
+    assert config.box_label(box) == "box-10.0.0.7-2222"
+    assert config.box_label({"kind": "ssh", "host": "root@[fe80::1]:22"}) == "box-fe80..1-22"
+    assert config.load_box_file(_box_file(tmp_path, "lab: {kind: local}\n")) == {"kind": "local"}
+    for text, key in (("lab: {kind: ssh, host: h, key: keys/id, kernel: trixie}\n", "lab.kernel"),
+                      ("lab: {kind: local}\nexporter: {}\n", "exporter"),
+                      ("lab: {kind: nested}\n", "lab.kind"),
+                      ("lab: {kind: local, host: h}\n", "lab.host"),
+                      ("lab: {kind: ssh, host: h, key: keys/nope}\n", "lab.key"),
+                      ("lab: {kind: ssh, host: 7}\n", "lab.host"),
+                      ("kind: ssh\n", "lab"),
+                      ("lab: [ssh]\n", "lab")):
+        with pytest.raises(ConfigError) as ei:
+            config.load_box_file(_box_file(tmp_path, text))
+        assert (ei.value.path, ei.value.key) == (f, key), (text, str(ei.value))
+        assert ei.value.exit_code == 2 and "\n" not in str(ei.value)
+
+
+def test_plan_on_a_box_is_one_column_of_the_boxs_kernel(tmp_path):
+    f = _box_file(tmp_path, "lab: {kind: ssh, host: 'root@127.0.0.1:2200', key: keys/id, known_hosts: keys/known}\n")
+    args = parser().parse_args(["matrix", "--lab", f])
+    entries = catalog.load(only=["calibration", "dmaheap-order4"])
+    p = matrix.plan(entries, [], args, config.load_box_file(f))
+    assert list(p) == ["box-127.0.0.1-2200"]
+    cells = p["box-127.0.0.1-2200"]
+    assert [e.name for e, _ in cells] == ["calibration", "dmaheap-order4"]
+    for e, o in cells:
+        assert o["lab_kind"] == "ssh" and o["box"]["host"] == "127.0.0.1" and o["box"]["port"] == 2200
+        assert e.raw["lab"]["kind"] == "ssh" and "lab" not in catalog.load(only=[e.name])[0].raw
+    assert len({matrix._lab_key(o) for _, o in cells}) == 1     # one box session for both
+
+
+def test_a_box_matrix_takes_no_kernels_and_a_bad_box_file_is_exit_2(tmp_path):
+    env = dict(os.environ, VMLAB_STATE_DIR=str(tmp_path / "state"))
+    f = _box_file(tmp_path, "lab: {kind: local}\n")
+    r = subprocess.run([sys.executable, "-m", "vmlab.cli", "matrix", "--lab", f, "--kernels", "trixie"],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.startswith("vmlab: error: <command line>: --kernels:"), r.stderr
+    bad = _box_file(tmp_path, "lab: {kind: local, accel: tcg}\n")
+    r = subprocess.run([sys.executable, "-m", "vmlab.cli", "matrix", "--lab", bad],
+                       cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1, r.stderr
+    assert f"{bad}: lab.accel:" in r.stderr and not (tmp_path / "results").exists()
+
+
+def test_between_cells_a_box_loses_only_this_runs_processes():
+    class Box:
+        kind, share_dir = "ssh", "/var/tmp/vmlab-run.Ab12Cd"
+
+    class Nested:
+        kind = "nested"
+    s = matrix.clean_lab_script(Box())
+    assert "'-name [g]uest '" not in s and "'[h]ostagent.py serve'" not in s
+    assert "/[r]un/vmlab/guest/" in s and "/[v]ar/tmp/vmlab-run.Ab12Cd/hostagent.py serve" in s
+    assert matrix.clean_lab_script(Nested()) == matrix._CLEAN_LAB
