@@ -306,7 +306,41 @@ def bench_soak(args, progress, repeat: int) -> dict:
             "wall_seconds_per_run": _stats(walls), "results": str(base)}
 
 
-KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile", "matrix", "reuse")
+KINDS = ("boot", "build", "move", "soak", "fuzz", "hwtrace", "profile", "matrix", "reuse", "snapshot")
+
+
+def bench_snapshot(args, progress, repeat: int) -> dict:
+    """The lab booted (snapshots off) against the lab restored from its snapshot, in
+    turns on one machine; the first lab makes the snapshot when there is none."""
+    from . import config as cfgmod
+    from . import lab_snapshot
+    from .stack import Stack, lab_options
+    o = cfgmod.resolve(None, args)
+
+    def lab_up(snapshots: bool) -> tuple[float, dict | None]:
+        old = os.environ.get(lab_snapshot.DISABLE_ENV)
+        os.environ[lab_snapshot.DISABLE_ENV] = "1" if snapshots else "0"
+        try:
+            with Stack(_workdir("snapshot"), progress, lab_options(o), guest_kernel=o["guest_kernel"],
+                       build=not o["no_build"], lab_boot_attempts=1) as s:
+                s.up_lab()
+                return s.lab.boot_seconds, s.lab.snapshot
+        finally:
+            if old is None:
+                os.environ.pop(lab_snapshot.DISABLE_ENV, None)
+            else:
+                os.environ[lab_snapshot.DISABLE_ENV] = old
+
+    first = lab_up(True)
+    boots, restores, other = [], [], []
+    for _ in range(repeat):
+        boots.append(lab_up(False)[0])
+        seconds, snap = lab_up(True)
+        (restores if snap and "restored" in snap else other).append({"seconds": seconds, "snapshot": snap})
+    return {"lab_boot_seconds": _stats(boots),
+            "lab_restore_seconds": _stats([r["seconds"] for r in restores]),
+            "first_lab": {"seconds": first[0], "snapshot": first[1]},
+            "not_restored": other, "runs": repeat}
 
 
 def bench_reuse(args, progress, repeat: int) -> dict:
@@ -425,6 +459,8 @@ def run(args, progress) -> dict:
         res["matrix"] = bench_matrix(args, progress)
     if "reuse" in what:
         res["reuse"] = bench_reuse(args, progress, max(1, args.repeat))
+    if "snapshot" in what:
+        res["snapshot"] = bench_snapshot(args, progress, max(1, args.repeat))
     if "fuzz" in what:
         from .fuzz import bench_fuzz
         res["fuzz"] = bench_fuzz(args, progress, _workdir("fuzz"))

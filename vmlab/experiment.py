@@ -292,7 +292,8 @@ class Run:
             release = facts.pop("release", None) or lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,
-                                  "reused_from": lab.reused_from}
+                                  "reused_from": lab.reused_from,
+                                  "snapshot": getattr(lab, "snapshot", None)}
             # which VMMs: the lab's QEMU (runs the guest under KVM) and the one running the lab
             self.result["lab"]["qemu"] = facts.pop("qemu", None)
             self.result["lab"]["qemu_source"] = o.get("qemu", "default")

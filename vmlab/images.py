@@ -17,6 +17,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -500,15 +501,31 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
     customize = repo_root() / "guest-images/lab/customize.sh"
     src = r.source
     tree = {"VMLAB_TREE": str(src.path)} if src and src.form == "tree" else {}
-    if src and src.source_dir:
-        tree["VMLAB_TREE_SRC"] = str(src.source_dir)
     qbuild = r.qemu_source if r.qemu_source and r.qemu_source.form == "build" else None
     if qbuild:
         tree["VMLAB_QEMU_BUILD"] = str(qbuild.path)
     if r.vendored:
         tree["VMLAB_QEMU_QMP"] = str(_qemu_qmp()[0])
-    _mmdebstrap(r, "essential", root, logf, progress, [f"--customize-hook=sh {customize} \"$1\""],
-                tree)
+    hooks = [f"--customize-hook=sh {customize} \"$1\""]
+    srcdir = src.source_dir if src else None
+    if srcdir:
+        # make O=: the build directory's Makefile includes the source's by its absolute
+        # path, so the source is bound read-only at that path around customize.sh's
+        # module build; the directories made for it go afterwards (leaf first)
+        mp = '"$1"' + shlex.quote(str(srcdir))
+        made = shlex.quote(str(work / "tree-source-made"))
+        hooks = [f"--customize-hook=d={shlex.quote(str(srcdir))}; : > {made}; "
+                 f"while [ ! -e \"$1$d\" ]; do echo \"$d\" >> {made}; d=$(dirname \"$d\"); done; "
+                 f"mkdir -p {mp} && mount --bind {shlex.quote(str(srcdir))} {mp} && "
+                 f"mount -o remount,bind,ro {mp}",
+                 *hooks,
+                 f"--customize-hook=umount {mp} && while IFS= read -r d; do rmdir \"$1$d\"; done < {made}"]
+    try:
+        _mmdebstrap(r, "essential", root, logf, progress, hooks, tree)
+    finally:
+        if srcdir and os.path.ismount(root / srcdir.relative_to("/")):
+            # customize.sh failed before the hook that unbinds it
+            subprocess.run(["umount", "-l", str(root / srcdir.relative_to("/"))], timeout=60)
     if src and src.form == "tree":
         n = kernel_source.install_tree_modules(src.path, initramfs.modules_root(root), src.release)
         progress(f"  installed {n} modules of {src.path}")

@@ -13,11 +13,12 @@ import json
 import logging
 import os
 import shutil
+import subprocess
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from . import images, kvm_probe, proc, ssh
+from . import images, kvm_probe, lab_snapshot, proc, ssh
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port
@@ -164,6 +165,9 @@ class NestedLab:
         self.ssh_port: int | None = None
         self.boot_seconds: float | None = None
         self.hwtrace_socket: str | None = None
+        self.disk_overlay = self.rundir / "lab-disk.qcow2"   # the root fs's writes (lab_snapshot)
+        self.snapshot: dict | None = None    # {"restored"|"saved": path}, or {"none": why}
+        self.kernel_release_at_boot: str | None = None
 
     # --- files shared into the lab (read-only 9p): guest image + host agent
     def _prepare_share(self) -> Path:
@@ -204,12 +208,34 @@ class NestedLab:
                    + (f" {self.opts.append}" if self.opts.append else ""),
             memory_mb=self.opts.memory_mb, accel=self.accel,
             cpu=TCG_CPU if tcg else "host", smp=1 if tcg else 2, machine="pc",
-            disk=str(lab_image.artifact("rootfs.img")), ssh_forward=self.ssh_port,
+            disk=str(self.disk_overlay), disk_overlay=True, ssh_forward=self.ssh_port,
+            key_port=str(self.rundir / "lab-key.sock"), vmgenid=True,
             share=str(self._prepare_share()), console_log=str(self.workdir / "lab-console.log"),
             qmp_socket=str(self.rundir / "lab-qmp.sock"),
             # a detached lab outlives this process: QEMU must be the QMP server then
             qmp_client=not self.detach,
             extra=list(self.opts.extra_qemu_args) + self._hwtrace_args())
+        not_why = lab_snapshot.enabled(spec, bool(self.opts.hwtrace_plugin), self.opts.extra_qemu_args)
+        snap_key = lab_snapshot.key(spec, lab_image.path) if not_why is None else None
+        snap = lab_snapshot.find(lab_image.path, snap_key) if snap_key else None
+        self.snapshot = {"none": not_why} if not_why else None
+        if snap is not None:
+            try:
+                self._restore(spec, snap, progress)
+                return
+            except Exception as e:     # any way a snapshot fails: booting is the answer
+                with proc.signals_deferred():
+                    self._stop_machine()
+                kept = Path(spec.console_log).with_suffix(".snapshot-failed.log")
+                if Path(spec.console_log).exists():
+                    Path(spec.console_log).rename(kept)
+                # a snapshot that failed once fails again: the boot below saves a new one
+                lab_snapshot.discard(snap)
+                progress(f"the lab's snapshot could not be used ({type(e).__name__}: {e}); "
+                         f"booting the lab instead (snapshot {snap}, console {kept})")
+                snap = None
+        self._new_overlay(lab_image)
+        Path(spec.key_port).unlink(missing_ok=True)
         progress(f"booting lab host ({self.accel}: {self.accel_reason}); console: {spec.console_log}")
         start = time.monotonic()
         self.machine = QemuMachine(spec, self.workdir, detach=self.detach)
@@ -228,13 +254,69 @@ class NestedLab:
                 # lab kernel did not come up, like any other boot failure
                 raise self.machine.failure(f"no SSH after {READY}: {e}")
             self.boot_seconds = round(time.monotonic() - start, 1)
-            progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release()}")
+            self.kernel_release_at_boot = self.kernel_release()
+            progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release_at_boot}")
+            if snap_key is not None:
+                self._save_snapshot(snap_key, progress)
             if self.detach:
                 self._save_state()
         except BaseException:
             with proc.signals_deferred():
                 self.down()
             raise
+
+    def _new_overlay(self, lab_image: images.Image) -> None:
+        """The lab's root fs as a qcow2 overlay of the image's (never written): a snapshot
+        keeps it with the memory."""
+        self.disk_overlay.unlink(missing_ok=True)
+        r = subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b",
+                            str(lab_image.artifact("rootfs.img")), str(self.disk_overlay)],
+                           capture_output=True, text=True, timeout=60)
+        if r.returncode != 0:
+            raise OSError(f"qemu-img create {self.disk_overlay}: {r.stderr.strip()}")
+        os.chmod(self.disk_overlay, 0o600)
+
+    def _restore(self, spec: VMSpec, snap: Path, progress) -> None:
+        start = time.monotonic()
+        Path(spec.key_port).unlink(missing_ok=True)
+        shutil.copyfile(snap / "disk.qcow2", self.disk_overlay)
+        os.chmod(self.disk_overlay, 0o600)
+        rspec = replace(spec, extra=list(spec.extra) + ["-incoming", "defer"], console_append=True)
+        self.machine = QemuMachine(rspec, self.workdir, detach=self.detach)
+        self.machine.console_head = (snap / "console.log").read_bytes() + \
+            f"\nvmlab: the boot above is the snapshot's; this lab was restored from {snap}\n".encode()
+        progress(f"restoring the lab host from its snapshot ({self.accel}: {self.accel_reason}); "
+                 f"console: {spec.console_log}")
+        self.machine.launch(timeout=30)
+        if self.detach:
+            self._save_state()
+        lab_snapshot.restore_into(self, snap)
+        self.boot_seconds = round(time.monotonic() - start, 1)
+        self.kernel_release_at_boot = self.kernel_release()
+        self.snapshot = {"restored": str(snap)}
+        progress(f"lab host restored in {self.boot_seconds}s: kernel {self.kernel_release_at_boot}")
+        if self.detach:
+            self._save_state()
+
+    def _save_snapshot(self, k: str, progress) -> None:
+        try:
+            saved = lab_snapshot.save(self, k, progress)
+            self.snapshot = {"saved": str(saved)} if saved else {"none": "another vmlab saved it"}
+        except Exception as e:
+            self.snapshot = {"none": f"saving failed: {e}"}
+            log.warning("lab: saving a snapshot failed: %s", e)
+            if self.session is None or not self.machine.alive():
+                # the lab is left without its key or its share: it did not come up whole
+                raise self.machine.failure(f"saving a snapshot of the lab: {e}")
+            progress(f"could not save a snapshot of the lab ({e}); it runs on")
+
+    def _stop_machine(self) -> None:
+        if self.session is not None:
+            self.session.close()
+            self.session = None
+        if self.machine is not None:
+            self.machine.shutdown(timeout=5, quick=True)
+            self.machine = None
 
     def _hwtrace_args(self) -> list[str]:
         if not self.opts.hwtrace_plugin:
@@ -253,7 +335,7 @@ class NestedLab:
               "ssh_port": self.ssh_port, "accel": self.accel,
               "accel_reason": self.accel_reason, "qmp": self.machine.spec.qmp_socket,
               "console": self.machine.spec.console_log, "boot_seconds": self.boot_seconds,
-              "image": str(self.image.path) if self.image else None,
+              "snapshot": self.snapshot, "image": str(self.image.path) if self.image else None,
               "guest_image": str(self.guest_image.path) if self.guest_image else None,
               "shape": self.shape()}
         write_atomic(self.workdir / "state.json", json.dumps(st, indent=2))

@@ -50,6 +50,10 @@ class VMSpec:
     machine: str = "q35"
     binary: str = "qemu-system-x86_64"
     disk: str | None = None            # raw image, opened with snapshot=on (never modified)
+    disk_overlay: bool = False         # disk is a qcow2 overlay of vmlab's own (a lab snapshot keeps it)
+    key_port: str | None = None        # socket of the lab's virtio-serial port vmlab.key (lab_snapshot)
+    vmgenid: bool = False              # a VM generation ID: a restored snapshot reseeds its RNG
+    console_append: bool = False       # QEMU appends to console_log (what the launcher put there first)
     ssh_forward: int | None = None     # host port (127.0.0.1 only) -> guest :22
     share: str | None = None           # directory exported read-only as 9p tag "vmlabshare"
     console_log: str = "console.log"
@@ -72,7 +76,8 @@ class VMSpec:
              "-cpu", self.cpu, "-smp", str(self.smp), "-m", str(self.memory_mb),
              "-nodefaults", "-no-user-config", "-display", self.display, "-no-reboot",
              "-kernel", self.kernel, "-initrd", self.initrd, "-append", self.append,
-             "-chardev", f"file,id=con0,path={self.console_log}", "-serial", "chardev:con0"]
+             "-chardev", f"file,id=con0,path={self.console_log}" + (",append=on" if self.console_append else ""),
+             "-serial", "chardev:con0"]
         if self.qmp_client:
             a += ["-chardev", f"socket,id=qmp0,path={self.qmp_socket}",
                   "-mon", "chardev=qmp0,mode=control"]
@@ -81,7 +86,14 @@ class VMSpec:
         if self.memfd_ram:
             a += ["-object", f"memory-backend-memfd,id=vmlab-ram,size={self.memory_mb}M"]
         if self.disk:
-            a += ["-drive", f"file={self.disk},if=virtio,format=raw,snapshot=on"]
+            a += ["-drive", f"file={self.disk},if=virtio,format=qcow2" if self.disk_overlay
+                  else f"file={self.disk},if=virtio,format=raw,snapshot=on"]
+        if self.key_port:
+            a += ["-device", "virtio-serial-pci,id=vser0",
+                  "-chardev", f"socket,id=keyport,path={self.key_port},server=on,wait=off",
+                  "-device", "virtserialport,bus=vser0.0,chardev=keyport,name=vmlab.key"]
+        if self.vmgenid:
+            a += ["-device", "vmgenid,guid=auto"]
         if self.ssh_forward is not None:
             a += ["-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{self.ssh_forward}-:22",
                   # romfile= : no iPXE ROM needed for -kernel boots (and ipxe-qemu is optional)
@@ -127,7 +139,7 @@ class HostProcess:
         return m.workdir / f"{m.spec.name}.qemu.log"
 
     def prepare(self, m: "QemuMachine") -> None:
-        Path(m.spec.console_log).write_bytes(b"")
+        Path(m.spec.console_log).write_bytes(m.console_head)
         if not m.spec.qmp_client:
             # a socket left by a killed QEMU would look ready before the new one listens
             Path(m.spec.qmp_socket).unlink(missing_ok=True)
@@ -203,6 +215,9 @@ class QemuMachine:
         self.qmp: QMP | None = None
         self.start_time: int | None = None
         self.events: list[dict] = []
+        # what the console log starts with (a restored snapshot's boot, which this QEMU
+        # did not see); QEMU appends to it
+        self.console_head = b""
 
     @property
     def console_path(self) -> Path:

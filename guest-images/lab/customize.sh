@@ -15,17 +15,6 @@ if [ -n "${VMLAB_TREE:-}" ]; then
   mount --bind "$VMLAB_TREE" "$root$build"
   mount -o remount,bind,ro "$root$build"
   trap 'umount "$root$build" 2>/dev/null || true' EXIT
-  if [ -n "${VMLAB_TREE_SRC:-}" ]; then
-    # make O=: the build dir's Makefile includes the source's by its absolute path, so
-    # the source is bound read-only at that path; the directories made for it go after
-    made=""; d="$VMLAB_TREE_SRC"
-    while [ ! -e "$root$d" ]; do made="$made
-$d"; d=$(dirname "$d"); done
-    mkdir -p "$root$VMLAB_TREE_SRC"
-    mount --bind "$VMLAB_TREE_SRC" "$root$VMLAB_TREE_SRC"
-    mount -o remount,bind,ro "$root$VMLAB_TREE_SRC"
-    trap 'umount "$root$VMLAB_TREE_SRC" 2>/dev/null || true; umount "$root$build" 2>/dev/null || true' EXIT
-  fi
 else
   kver=$(ls "$root/lib/modules" | head -n 1)
 fi
@@ -36,10 +25,6 @@ mkdir -p "$root/usr/src/vmlab-exporter"
 cp -r "$src/host-tools/vmlab-exporter/." "$root/usr/src/vmlab-exporter/"
 chroot "$root" make -s -C "$build" M=/usr/src/vmlab-exporter modules || {
   echo "vmlab: exporter build failed"; exit 1; }
-if [ -n "${VMLAB_TREE_SRC:-}" ]; then
-  umount "$root$VMLAB_TREE_SRC"
-  echo "$made" | while IFS= read -r d; do [ -z "$d" ] || rmdir "$root$d"; done
-fi
 if [ -n "${VMLAB_TREE:-}" ]; then umount "$root$build"; rmdir "$root$build"; trap - EXIT; fi
 mkdir -p "$root/lib/modules/$kver/updates"
 cp "$root/usr/src/vmlab-exporter/vmlab_exporter.ko" "$root/lib/modules/$kver/updates/"

@@ -104,3 +104,49 @@ def test_command_line_round_trip():
 
 def test_tcg_cpu():
     assert lab.TCG_CPU == "EPYC,+svm,+npt"
+
+
+def test_a_snapshottable_lab_disk_key_port_and_generation_id():
+    a = spec(disk="/run/x/lab-disk.qcow2", disk_overlay=True, key_port="/run/x/lab-key.sock",
+             vmgenid=True, console_append=True).argv()
+    # the overlay is written (a snapshot keeps it): no snapshot=on, qcow2
+    assert opt(a, "-drive") == ["file=/run/x/lab-disk.qcow2,if=virtio,format=qcow2"]
+    assert "socket,id=keyport,path=/run/x/lab-key.sock,server=on,wait=off" in opt(a, "-chardev")
+    devs = opt(a, "-device")
+    assert "virtserialport,bus=vser0.0,chardev=keyport,name=vmlab.key" in devs
+    assert "vmgenid,guid=auto" in devs
+    assert "file,id=con0,path=/tmp/w/console.log,append=on" in opt(a, "-chardev")
+    plain = spec().argv()
+    assert opt(plain, "-drive") == ["file=/img/disk raw.img,if=virtio,format=raw,snapshot=on"]
+    assert not any("keyport" in c or "vmgenid" in c for c in opt(plain, "-chardev") + opt(plain, "-device"))
+
+
+def test_a_snapshot_key_is_the_machine_without_the_runs_key(monkeypatch, tmp_path):
+    from vmlab import lab_snapshot
+    monkeypatch.setattr(lab_snapshot, "qemu_version", lambda b: "QEMU emulator version 7.2.22")
+    img = tmp_path / "lab-trixie-abc"
+    s = spec(append="console=ttyS0 vmlab.sshkey=AAAA1 panic=-1", accel="tcg")
+    k = lab_snapshot.key(s, img)
+    assert lab_snapshot.key(spec(append="console=ttyS0 vmlab.sshkey=BBBB2 panic=-1", accel="tcg"), img) == k
+    for other in (spec(append="console=ttyS0 vmlab.sshkey=AAAA1 panic=1", accel="tcg"),
+                  spec(append=s.append, accel="tcg", memory_mb=4096)):
+        assert lab_snapshot.key(other, img) != k
+    assert lab_snapshot.key(s, tmp_path / "lab-trixie-def") != k
+    monkeypatch.setattr(lab_snapshot, "qemu_version", lambda b: "QEMU emulator version 8.2.0")
+    assert lab_snapshot.key(s, img) != k
+    assert lab_snapshot.find(img, k) is None
+    (img / "snapshots" / k).mkdir(parents=True)
+    assert lab_snapshot.find(img, k) is None          # half written: no meta.json yet
+    (img / "snapshots" / k / "meta.json").write_text("{}")
+    assert lab_snapshot.find(img, k) == img / "snapshots" / k
+
+
+def test_which_labs_are_snapshotted(monkeypatch):
+    from vmlab import lab_snapshot
+    monkeypatch.delenv(lab_snapshot.DISABLE_ENV, raising=False)
+    assert lab_snapshot.enabled(spec(accel="tcg"), False, ()) is None
+    assert "TCG" in lab_snapshot.enabled(spec(accel="kvm"), False, ())
+    assert "plugin" in lab_snapshot.enabled(spec(accel="tcg"), True, ())
+    assert "extra QEMU arguments" in lab_snapshot.enabled(spec(accel="tcg"), False, ("-S",))
+    monkeypatch.setenv(lab_snapshot.DISABLE_ENV, "0")
+    assert lab_snapshot.enabled(spec(accel="tcg"), False, ()) == "VMLAB_SNAPSHOTS=0"

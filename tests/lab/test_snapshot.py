@@ -1,0 +1,64 @@
+"""Issue: speed. A TCG lab is saved once per image and shape and restored instead of booted
+(vmlab/lab_snapshot.py). A restored lab must be indistinguishable to what runs in it: the
+same doctor facts and the same verdicts as a booted one; a snapshot that cannot be used is
+one line and a boot (and a new snapshot), never a failed run."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from .conftest import qemu_pids, results_dir, vmlab_cmd
+
+OFF = {"VMLAB_SNAPSHOTS": "0"}
+# what differs between any two labs, booted or restored
+VOLATILE = ("boot_seconds", "accel_reason", "ssh_port", "results", "console", "seconds")
+
+
+def _doctor(env: dict, name: str) -> tuple[dict, str]:
+    out = results_dir(name)
+    r = vmlab_cmd("doctor", "--json", env={**env, "VMLAB_STATE_DIR": str(out)}, timeout=900)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout), r.stderr
+
+
+def _strip(d):
+    if isinstance(d, dict):
+        return {k: _strip(v) for k, v in d.items() if k not in VOLATILE}
+    if isinstance(d, list):
+        return [_strip(v) for v in d]
+    return d
+
+
+def test_a_restored_lab_is_the_booted_lab(images_ready):
+    """doctor's facts (the lab's KVM, exporter, heaps; the guest it runs) the same whether
+    the lab booted or was restored; the restore is said, with the snapshot it used."""
+    booted, _ = _doctor(OFF, "snap-doctor-booted")
+    _doctor({}, "snap-doctor-first")             # makes the snapshot when there is none
+    restored, err = _doctor({}, "snap-doctor-restored")
+    assert "lab host restored in" in err and "booting lab host" not in err, err
+    assert _strip(restored) == _strip(booted)
+
+
+def test_a_snapshot_that_cannot_be_restored_is_a_boot_and_a_new_snapshot(images_ready, tmp_path):
+    env = {"VMLAB_STATE_DIR": str(tmp_path / "s")}
+    r = vmlab_cmd("lab", "up", env=env, timeout=900)
+    assert r.returncode == 0, r.stderr
+    st = json.loads(vmlab_cmd("lab", "status", "--json", env=env, timeout=120).stdout)
+    assert vmlab_cmd("lab", "down", env=env, timeout=300).returncode == 0
+    snap = st["snapshot"].get("restored") or st["snapshot"].get("saved")
+    assert snap and Path(snap).parent.parent == images_ready[0].path, st
+    state = Path(snap) / "vm.state"
+    with open(state, "r+b") as f:
+        f.truncate(1 << 20)                      # a snapshot cut short (a full disk, a crash)
+    r = vmlab_cmd("lab", "up", env=env, timeout=900)
+    try:
+        assert r.returncode == 0, r.stderr
+        said = [ln for ln in r.stderr.splitlines() if "snapshot could not be used" in ln]
+        assert len(said) == 1 and "booting the lab instead" in said[0], r.stderr
+        assert "lab host up in" in r.stderr and "saved a snapshot of the booted lab" in r.stderr
+        assert state.stat().st_size > 16 << 20     # saved again, whole
+        r2 = vmlab_cmd("lab", "exec", "--", "uname -r", env=env, timeout=120)
+        assert r2.returncode == 0 and r2.stdout.strip()
+    finally:
+        assert vmlab_cmd("lab", "down", env=env, timeout=300).returncode == 0
+    assert qemu_pids(str(tmp_path)) == []
