@@ -110,7 +110,7 @@ def cmd_lab(a) -> int:
             info = {"pid": lab.machine.pid, "accel": lab.accel, "status": status.get("status"),
                     "kernel": lab.kernel_release(), "ssh_port": lab.ssh_port,
                     "console": lab.machine.spec.console_log,
-                    "snapshot": NestedLab.read_state(st)[0].get("snapshot")}
+                    "snapshot": (NestedLab.read_state(st)[0] or {}).get("snapshot")}
             print(json.dumps(info, indent=2) if a.json else
                   "\n".join(f"{k}: {v}" for k, v in info.items()))
         finally:

@@ -523,9 +523,10 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
     try:
         _mmdebstrap(r, "essential", root, logf, progress, hooks, tree)
     finally:
-        if srcdir and os.path.ismount(root / srcdir.relative_to("/")):
+        bound = os.path.realpath(root) + str(srcdir) if srcdir else None
+        if bound and bound in mounts_under(root):
             # customize.sh failed before the hook that unbinds it
-            subprocess.run(["umount", "-l", str(root / srcdir.relative_to("/"))], timeout=60)
+            subprocess.run(["umount", "-l", bound], timeout=60)
     if src and src.form == "tree":
         n = kernel_source.install_tree_modules(src.path, initramfs.modules_root(root), src.release)
         progress(f"  installed {n} modules of {src.path}")

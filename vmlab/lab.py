@@ -223,6 +223,12 @@ class NestedLab:
             try:
                 self._restore(spec, snap, progress)
                 return
+            except (KeyboardInterrupt, SystemExit) as e:
+                # Ctrl-C or SIGTERM: nothing of a half-restored lab stays (a detached
+                # one's state.json neither)
+                with proc.signals_deferred():
+                    self.down()
+                raise e
             except Exception as e:     # any way a snapshot fails: booting is the answer
                 with proc.signals_deferred():
                     self._stop_machine()
@@ -302,6 +308,9 @@ class NestedLab:
         try:
             saved = lab_snapshot.save(self, k, progress)
             self.snapshot = {"saved": str(saved)} if saved else {"none": "another vmlab saved it"}
+        except lab_snapshot.NoKeyPort as e:
+            self.snapshot = {"none": str(e)}
+            progress(f"no snapshot of this lab: {e}")
         except Exception as e:
             self.snapshot = {"none": f"saving failed: {e}"}
             log.warning("lab: saving a snapshot failed: %s", e)

@@ -39,6 +39,9 @@ KEEP = 3              # snapshots kept per lab image (different lab memory, appe
 SAVE_TIMEOUT = 120    # seconds for QEMU to write the snapshot
 LOAD_TIMEOUT = 60     # seconds for QEMU to read it back
 DISABLE_ENV = "VMLAB_SNAPSHOTS"   # "0": never use or make snapshots
+RESUME_TIMEOUT = 30   # seconds for a restored lab to take its key
+#: lab-setup makes it when its key-port reader runs (the kernel has a virtio console)
+KEY_PORT_MARK = "/run/vmlab-keyport"
 
 
 def enabled(spec, hwtrace: bool, extra_args) -> str | None:
@@ -77,8 +80,16 @@ def directory(image_path: Path) -> Path:
 
 
 def find(image_path: Path, k: str) -> Path | None:
+    """The snapshot ``k`` when it is whole: its meta.json (written last) names the size of
+    the memory file it was saved with."""
     d = directory(image_path) / k
-    return d if (d / "meta.json").is_file() else None
+    try:
+        meta = json.loads((d / "meta.json").read_text())
+        if (d / "vm.state").stat().st_size != meta["bytes"] or not (d / "disk.qcow2").is_file():
+            return None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    return d
 
 
 def _migrate_wait(machine, timeout: float, what: str) -> None:
@@ -95,44 +106,94 @@ def _migrate_wait(machine, timeout: float, what: str) -> None:
         time.sleep(0.05)
 
 
+def _cancel_migration(machine) -> None:
+    """A save that failed half-way must not go on as a live migration once the lab runs
+    again (it would end in postmigrate: a paused lab)."""
+    try:
+        if machine.cmd("query-migrate").get("status") in ("completed", "failed", "cancelled", None):
+            return
+        machine.cmd("migrate_cancel")
+        deadline = time.monotonic() + 30
+        while machine.cmd("query-migrate").get("status") not in ("failed", "cancelled", "completed"):
+            if time.monotonic() > deadline:
+                raise InfraError("the snapshot's migration does not stop")
+            time.sleep(0.05)
+    except InfraError:
+        raise
+    except Exception as e:   # a QEMU gone meanwhile: the caller finds it dead
+        log.warning("snapshot: cancelling the migration: %s", e)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class NoKeyPort(Exception):
+    """The lab kernel has no virtio console (lab-setup left no marker): a lab saved
+    without its key could never be logged into again."""
+
+
 def save(lab, k: str, progress) -> Path | None:
     """Snapshot ``lab`` (a NestedLab up with SSH) as ``k`` in its image's directory, then
     let it run on: back on the run's key, the share mounted. Returns the snapshot, or None
-    when another vmlab saved it meanwhile."""
+    when another vmlab saved it meanwhile; NoKeyPort when this lab cannot take a key after
+    a restore (nothing was changed then)."""
     m, image = lab.machine, lab.image.path
+    rc, _, _ = lab.run(f"[ -e {KEY_PORT_MARK} ]", timeout=30, check=False)
+    if rc != 0:
+        raise NoKeyPort(f"the lab kernel has no virtio console port ({KEY_PORT_MARK} missing)")
     final = directory(image) / k
-    tmp = directory(image) / f".{k}.{os.getpid()}"
+    tmp = directory(image) / f".{k}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True, mode=0o700)
     os.chmod(directory(image), 0o700)
     start = time.monotonic()
-    # nothing to log in with, the share unmounted (it blocks migration), the page cache
-    # written out (the overlay kept with the memory must agree with it) and dropped (a
-    # smaller file)
-    lab.run("rm -f /root/.ssh/authorized_keys && umount /mnt/vmlab && sync && "
-            "echo 3 > /proc/sys/vm/drop_caches", timeout=60)
-    lab.session.close()
-    lab.session = None
+    stopped = False
+    prepared = True     # from the next command on, the lab may lack its key and share
     try:
+        # nothing to log in with, the share unmounted (it blocks migration), the page
+        # cache written out (the overlay kept with the memory must agree with it) and
+        # dropped (a smaller file)
+        lab.run("rm -f /root/.ssh/authorized_keys && umount /mnt/vmlab && sync && "
+                "echo 3 > /proc/sys/vm/drop_caches", timeout=120)
+        lab.session.close()
+        lab.session = None
         m.cmd("stop")
+        stopped = True
         m.cmd("migrate", uri=f"exec:cat > {shlex.quote(str(tmp / 'vm.state'))}")
-        _migrate_wait(m, SAVE_TIMEOUT, "saving the lab's snapshot")
+        try:
+            _migrate_wait(m, SAVE_TIMEOUT, "saving the lab's snapshot")
+        except BaseException:
+            _cancel_migration(m)
+            raise
         shutil.copyfile(lab.disk_overlay, tmp / "disk.qcow2")    # the VM is stopped
         shutil.copyfile(m.console_path, tmp / "console.log")
-        for p in tmp.iterdir():
-            os.chmod(p, 0o600)
+        for f in tmp.iterdir():
+            os.chmod(f, 0o600)
+            _fsync(f)
         (tmp / "meta.json").write_text(json.dumps({
             "format": FORMAT, "key": k, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
             "kernel": lab.kernel_release_at_boot, "bytes": (tmp / "vm.state").stat().st_size}))
+        _fsync(tmp / "meta.json")
+        if final.exists() and find(image, k) is None:
+            discard(final)    # a snapshot cut short (a full disk, a crash): replaced
         try:
             tmp.rename(final)
         except OSError:       # another vmlab saved this snapshot first: keep theirs
-            shutil.rmtree(tmp, ignore_errors=True)
             final = None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        m.cmd("cont")
-        resume(lab)
+        if stopped:
+            m.cmd("cont")
+        if prepared:
+            if lab.session is not None:      # the prep failed half-way: start over clean
+                lab.session.close()
+                lab.session = None
+            resume(lab)
     if final is not None:
         progress(f"saved a snapshot of the booted lab in {time.monotonic() - start:.1f}s "
                  f"({(final / 'vm.state').stat().st_size >> 20} MiB): later runs restore it "
@@ -143,7 +204,7 @@ def save(lab, k: str, progress) -> Path | None:
 
 def discard(snap: Path) -> None:
     """Out of the way at once (a rename), then gone: another vmlab may still be reading it."""
-    gone = snap.with_name(f".{snap.name}.discarded.{os.getpid()}")
+    gone = snap.with_name(f".{snap.name}.{os.getpid()}.{time.monotonic_ns()}.discarded")
     try:
         snap.rename(gone)
     except OSError:
@@ -152,11 +213,18 @@ def discard(snap: Path) -> None:
 
 
 def prune(image_path: Path, keep: Path) -> None:
-    snaps = sorted((d for d in directory(image_path).iterdir() if (d / "meta.json").is_file()),
-                   key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in snaps[KEEP:]:
-        if d != keep:
-            shutil.rmtree(d, ignore_errors=True)
+    """The newest KEEP snapshots stay; so do other vmlabs' saves in progress. Leftovers of
+    a vmlab that died while saving or discarding (named with its pid) go."""
+    d = directory(image_path)
+    for left in d.glob(".*"):
+        m = re.fullmatch(r"\.[0-9a-f]+\.(\d+)\.(?:tmp|\d+\.discarded)", left.name)
+        if m and not os.path.exists(f"/proc/{m.group(1)}"):
+            shutil.rmtree(left, ignore_errors=True)
+    snaps = sorted((s for s in d.iterdir() if (s / "meta.json").is_file()),
+                   key=lambda s: s.stat().st_mtime, reverse=True)
+    for s in snaps[KEEP:]:
+        if s != keep:
+            shutil.rmtree(s, ignore_errors=True)
 
 
 def restore_into(lab, snap: Path) -> None:
@@ -170,18 +238,27 @@ def restore_into(lab, snap: Path) -> None:
 
 
 def resume(lab) -> None:
-    """The run's key, the time and the share into a lab that runs without them (just
-    restored, or just saved), then SSH with that key."""
+    """The run's key, the time, fresh entropy and the share into a lab that runs without
+    them (just restored, or just saved), then SSH with that key. The line is sent again
+    every second until the key works: lab-setup reopens the port between lines, and a line
+    that arrives while it closes it is lost."""
     from . import ssh
+    from .errors import RemoteError, WaitTimeout
     pub = ssh.public_key_b64(lab.key)
+    deadline = time.monotonic() + RESUME_TIMEOUT
     s = socket.socket(socket.AF_UNIX)
     try:
         s.settimeout(10)
         s.connect(lab.machine.spec.key_port)
-        s.sendall(f"VMLAB-KEY {pub} {int(time.time())}\n".encode())
-        # the line stays in flight until lab-setup reads it: the socket stays open till
-        # the key works
-        lab.session = ssh.SSHSession.connect("lab", "127.0.0.1", lab.ssh_port, lab.key,
-                                             timeout=30, alive=lab.machine.alive)
+        while True:
+            s.sendall(f"VMLAB-KEY {pub} {int(time.time())} {os.urandom(32).hex()}\n".encode())
+            try:
+                lab.session = ssh.SSHSession.connect("lab", "127.0.0.1", lab.ssh_port, lab.key,
+                                                     timeout=1, alive=lab.machine.alive)
+                return
+            except (WaitTimeout, RemoteError) as e:
+                if time.monotonic() > deadline or not lab.machine.alive():
+                    raise WaitTimeout("the lab taking its key through the key port",
+                                      RESUME_TIMEOUT, str(e)) from None
     finally:
         s.close()

@@ -5,18 +5,20 @@ one line and a boot (and a new snapshot), never a failed run."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from .conftest import qemu_pids, results_dir, vmlab_cmd
 
 OFF = {"VMLAB_SNAPSHOTS": "0"}
+TCG = ("--accel", "tcg")    # snapshots are of TCG labs: a host with nested KVM boots its labs
 # what differs between any two labs, booted or restored
 VOLATILE = ("boot_seconds", "accel_reason", "ssh_port", "results", "console", "seconds")
 
 
 def _doctor(env: dict, name: str) -> tuple[dict, str]:
     out = results_dir(name)
-    r = vmlab_cmd("doctor", "--json", env={**env, "VMLAB_STATE_DIR": str(out)}, timeout=900)
+    r = vmlab_cmd("doctor", "--json", *TCG, env={**env, "VMLAB_STATE_DIR": str(out)}, timeout=900)
     assert r.returncode == 0, r.stderr
     return json.loads(r.stdout), r.stderr
 
@@ -39,9 +41,33 @@ def test_a_restored_lab_is_the_booted_lab(images_ready):
     assert _strip(restored) == _strip(booted)
 
 
+def _restored_lab_facts(env) -> tuple[str, int]:
+    """(first uuid from the lab's RNG, its clock minus ours) of a restored lab."""
+    r = vmlab_cmd("lab", "up", *TCG, env=env, timeout=900)
+    try:
+        assert r.returncode == 0 and "lab host restored in" in r.stderr, r.stderr
+        r2 = vmlab_cmd("lab", "exec", "--", "cat /proc/sys/kernel/random/uuid; date +%s", env=env, timeout=120)
+        assert r2.returncode == 0, r2.stderr
+        uuid, when = r2.stdout.split()
+        return uuid, int(when) - int(time.time())
+    finally:
+        assert vmlab_cmd("lab", "down", env=env, timeout=300).returncode == 0
+
+
+def test_restored_labs_have_their_own_randomness_and_the_time(images_ready, tmp_path):
+    """Every restore starts from one memory image: the VM generation ID and the host's
+    entropy must make each one's RNG its own, and the key port sets its clock."""
+    env = {"VMLAB_STATE_DIR": str(tmp_path / "s")}
+    assert vmlab_cmd("lab", "up", *TCG, env=env, timeout=900).returncode == 0   # a snapshot
+    assert vmlab_cmd("lab", "down", env=env, timeout=300).returncode == 0
+    (u1, skew1), (u2, skew2) = _restored_lab_facts(env), _restored_lab_facts(env)
+    assert u1 != u2
+    assert abs(skew1) <= 5 and abs(skew2) <= 5, (skew1, skew2)
+
+
 def test_a_snapshot_that_cannot_be_restored_is_a_boot_and_a_new_snapshot(images_ready, tmp_path):
     env = {"VMLAB_STATE_DIR": str(tmp_path / "s")}
-    r = vmlab_cmd("lab", "up", env=env, timeout=900)
+    r = vmlab_cmd("lab", "up", *TCG, env=env, timeout=900)
     assert r.returncode == 0, r.stderr
     st = json.loads(vmlab_cmd("lab", "status", "--json", env=env, timeout=120).stdout)
     assert vmlab_cmd("lab", "down", env=env, timeout=300).returncode == 0
@@ -49,8 +75,8 @@ def test_a_snapshot_that_cannot_be_restored_is_a_boot_and_a_new_snapshot(images_
     assert snap and Path(snap).parent.parent == images_ready[0].path, st
     state = Path(snap) / "vm.state"
     with open(state, "r+b") as f:
-        f.truncate(1 << 20)                      # a snapshot cut short (a full disk, a crash)
-    r = vmlab_cmd("lab", "up", env=env, timeout=900)
+        f.write(b"\0" * 4096)                   # a snapshot damaged on disk (its size intact)
+    r = vmlab_cmd("lab", "up", *TCG, env=env, timeout=900)
     try:
         assert r.returncode == 0, r.stderr
         said = [ln for ln in r.stderr.splitlines() if "snapshot could not be used" in ln]

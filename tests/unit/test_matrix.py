@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -275,13 +276,34 @@ def test_a_box_matrix_takes_no_kernels_and_a_bad_box_file_is_exit_2(tmp_path):
     assert f"{bad}: lab.accel:" in r.stderr and not (tmp_path / "results").exists()
 
 
-def test_between_cells_a_box_loses_only_this_runs_processes():
+def test_between_cells_a_box_loses_only_this_runs_processes(tmp_path, monkeypatch):
+    """The script as it runs on a box, run here against real processes: this run's guest
+    and host agent go; a VM of the box's owner named guest and another run's agent stay."""
+    from vmlab import box_lab
+    run_dir, share = f"/tmp/vmlab-test-{os.getpid()}", f"/tmp/vmlab-run.t{os.getpid()}"
+    monkeypatch.setattr(box_lab, "RUN_DIR", run_dir)
+
     class Box:
-        kind, share_dir = "ssh", "/var/tmp/vmlab-run.Ab12Cd"
+        kind, share_dir = "ssh", share
 
     class Nested:
         kind = "nested"
-    s = matrix.clean_lab_script(Box())
-    assert "'-name [g]uest '" not in s and "'[h]ostagent.py serve'" not in s
-    assert "/[r]un/vmlab/guest/" in s and "/[v]ar/tmp/vmlab-run.Ab12Cd/hostagent.py serve" in s
+    sleeper = [sys.executable, "-c", "import time; time.sleep(60)"]
+    procs = {name: subprocess.Popen(sleeper + argv) for name, argv in (
+        ("our guest", ["-name", "guest", "-qmp", f"unix:{run_dir}/guest/qmp.sock"]),
+        ("our agent", [f"{share}/hostagent.py", "serve"]),
+        ("the owner's VM", ["-name", "guest", "-qmp", "unix:/srv/vm/qmp.sock"]),
+        ("another run's agent", [f"{share}x/hostagent.py", "serve"]))}
+    try:
+        r = subprocess.run(["sh", "-c", matrix.clean_lab_script(Box())], capture_output=True,
+                           text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        # the script returns once pgrep finds none: they are zombies of ours by now
+        time.sleep(0.2)
+        gone = {name for name, p in procs.items() if p.poll() is not None}
+        assert gone == {"our guest", "our agent"}, (gone, r.stdout)
+    finally:
+        for p in procs.values():
+            p.kill()
+            p.wait()
     assert matrix.clean_lab_script(Nested()) == matrix._CLEAN_LAB

@@ -135,10 +135,39 @@ def test_a_snapshot_key_is_the_machine_without_the_runs_key(monkeypatch, tmp_pat
     monkeypatch.setattr(lab_snapshot, "qemu_version", lambda b: "QEMU emulator version 8.2.0")
     assert lab_snapshot.key(s, img) != k
     assert lab_snapshot.find(img, k) is None
-    (img / "snapshots" / k).mkdir(parents=True)
+    d = img / "snapshots" / k
+    d.mkdir(parents=True)
+    (d / "vm.state").write_bytes(b"x" * 100)
+    (d / "disk.qcow2").write_bytes(b"q")
     assert lab_snapshot.find(img, k) is None          # half written: no meta.json yet
-    (img / "snapshots" / k / "meta.json").write_text("{}")
-    assert lab_snapshot.find(img, k) == img / "snapshots" / k
+    (d / "meta.json").write_text('{"bytes": 100}')
+    assert lab_snapshot.find(img, k) == d
+    (d / "vm.state").write_bytes(b"x" * 99)           # cut short after its meta was written
+    assert lab_snapshot.find(img, k) is None
+
+
+def test_snapshots_are_pruned_and_a_dead_vmlabs_leftovers_go(tmp_path):
+    import os
+    import subprocess
+    import time
+
+    from vmlab import lab_snapshot
+    img = tmp_path / "lab-x"
+    d = lab_snapshot.directory(img)
+    for i, k in enumerate(("a1", "b2", "c3", "d4", "e5")):
+        (d / k).mkdir(parents=True)
+        (d / k / "meta.json").write_text("{}")
+        os.utime(d / k, (time.time() + i, time.time() + i))
+    p = subprocess.Popen(["true"])
+    p.wait()
+    (d / f".ff.{p.pid}.tmp").mkdir()                  # a save of a vmlab that died
+    (d / f".ee.{p.pid}.123.discarded").mkdir()
+    (d / f".ab.{os.getpid()}.tmp").mkdir()            # a save in progress: stays
+    lab_snapshot.prune(img, keep=d / "a1")
+    left = sorted(x.name for x in d.iterdir())
+    assert left == sorted(["a1", "c3", "d4", "e5", f".ab.{os.getpid()}.tmp"]), left
+    lab_snapshot.discard(d / "e5")
+    assert not (d / "e5").exists() and not [x for x in d.iterdir() if "discarded" in x.name]
 
 
 def test_which_labs_are_snapshotted(monkeypatch):
