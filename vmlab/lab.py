@@ -223,12 +223,6 @@ class NestedLab:
             try:
                 self._restore(spec, snap, progress)
                 return
-            except (KeyboardInterrupt, SystemExit) as e:
-                # Ctrl-C or SIGTERM: nothing of a half-restored lab stays (a detached
-                # one's state.json neither)
-                with proc.signals_deferred():
-                    self.down()
-                raise e
             except Exception as e:     # any way a snapshot fails: booting is the answer
                 with proc.signals_deferred():
                     self._stop_machine()
@@ -240,6 +234,12 @@ class NestedLab:
                 progress(f"the lab's snapshot could not be used ({type(e).__name__}: {e}); "
                          f"booting the lab instead (snapshot {snap}, console {kept})")
                 snap = None
+            except BaseException:
+                # Ctrl-C or SIGTERM (cli.Terminated): nothing of a half-restored lab stays,
+                # a detached one's state.json neither
+                with proc.signals_deferred():
+                    self.down()
+                raise
         self._new_overlay(lab_image)
         Path(spec.key_port).unlink(missing_ok=True)
         progress(f"booting lab host ({self.accel}: {self.accel_reason}); console: {spec.console_log}")

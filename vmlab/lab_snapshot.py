@@ -185,9 +185,13 @@ def save(lab, k: str, progress) -> Path | None:
             tmp.rename(final)
         except OSError:       # another vmlab saved this snapshot first: keep theirs
             final = None
+    except BaseException as e:
+        # Ctrl-C or SIGTERM: the lab is about to be stopped, not resumed
+        prepared = prepared and isinstance(e, Exception)
+        raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if stopped:
+        if stopped and prepared:
             m.cmd("cont")
         if prepared:
             if lab.session is not None:      # the prep failed half-way: start over clean

@@ -118,9 +118,10 @@ def qemu_pids(marker: str) -> list[int]:
 class VmlabProcess:
     """vmlab in its own process group (as a shell runs it), stderr collected on a thread."""
 
-    def __init__(self, state, *args):
+    def __init__(self, state, *args, env=None):
         (Path(state) / "run").mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, VMLAB_STATE_DIR=str(state), XDG_RUNTIME_DIR=str(Path(state) / "run"))
+        env = dict(os.environ, VMLAB_STATE_DIR=str(state), XDG_RUNTIME_DIR=str(Path(state) / "run"),
+                   **(env or {}))
         self.p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *args], cwd=ROOT, env=env,
                                   stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True, start_new_session=True)

@@ -14,22 +14,25 @@ import pytest
 from .conftest import ROOT, VmlabProcess as _Proc, qemu_pids, vmlab_cmd
 
 
+# (signal, the progress line that starts the phase, exit status, snapshots on, seconds
+# into the phase): a lab boots only without a snapshot; a restore takes about 2 s
 INTERRUPTS = [
-    pytest.param(signal.SIGINT, "booting lab host", 130, id="sigint-during-lab-boot"),
-    pytest.param(signal.SIGTERM, "booting guest", 143, id="sigterm-during-guest-boot"),
+    pytest.param(signal.SIGINT, "booting lab host", 130, False, 2, id="sigint-during-lab-boot"),
+    pytest.param(signal.SIGINT, "restoring the lab host", 130, True, 0.3, id="sigint-during-lab-restore"),
+    pytest.param(signal.SIGTERM, "booting guest", 143, True, 2, id="sigterm-during-guest-boot"),
 ]
 
 
-@pytest.mark.parametrize("sig,phase,code", INTERRUPTS)
-def test_interrupt_leaves_nothing_running(images_ready, tmp_path, sig, phase, code):
-    _interrupt(tmp_path, sig, phase, code)
+@pytest.mark.parametrize("sig,phase,code,snapshots,into", INTERRUPTS)
+def test_interrupt_leaves_nothing_running(images_ready, tmp_path, sig, phase, code, snapshots, into):
+    _interrupt(tmp_path, sig, phase, code, snapshots=snapshots, into=into)
 
 
 @pytest.mark.nightly
 @pytest.mark.parametrize("n", range(20))
-@pytest.mark.parametrize("sig,phase,code", INTERRUPTS)
-def test_interrupt_twenty_times_in_a_row(images_ready, tmp_path, sig, phase, code, n):
-    _interrupt(tmp_path, sig, phase, code)
+@pytest.mark.parametrize("sig,phase,code,snapshots,into", INTERRUPTS)
+def test_interrupt_twenty_times_in_a_row(images_ready, tmp_path, sig, phase, code, snapshots, into, n):
+    _interrupt(tmp_path, sig, phase, code, snapshots=snapshots, into=into)
 
 
 def test_second_interrupt_cannot_cut_teardown_short(images_ready, tmp_path):
@@ -37,12 +40,18 @@ def test_second_interrupt_cannot_cut_teardown_short(images_ready, tmp_path):
     _interrupt(tmp_path, signal.SIGINT, "booting guest", 130, again=True)
 
 
-def _interrupt(tmp_path, sig, phase, code, again=False):
-    v = _Proc(tmp_path, "doctor", "--json")
+def _interrupt(tmp_path, sig, phase, code, again=False, snapshots=True, into=2.0):
+    if snapshots:
+        # a snapshot of this lab to restore (made by a first lab when there is none)
+        env = {"VMLAB_STATE_DIR": str(tmp_path / "snap")}
+        assert vmlab_cmd("lab", "up", "--accel", "tcg", env=env, timeout=900).returncode == 0
+        assert vmlab_cmd("lab", "down", env=env, timeout=300).returncode == 0
+    v = _Proc(tmp_path, "doctor", "--json", "--accel", "tcg",
+              env=None if snapshots else {"VMLAB_SNAPSHOTS": "0"})
     p = v.p
     try:
         v.wait_for(phase, 600)
-        time.sleep(2)
+        time.sleep(into)
         assert qemu_pids(str(tmp_path)), "the lab QEMU should be running at this point"
         os.killpg(p.pid, sig)  # like the terminal's Ctrl-C: the whole process group
         if again:
