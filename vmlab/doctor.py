@@ -6,7 +6,7 @@ import os
 import platform
 
 from . import kvm_probe
-from . import lab as labmod
+from .qemu import qemu_version
 
 LAB_PROBE = r"""
 echo "kernel=$(uname -r)"
@@ -47,7 +47,7 @@ def _yes(v: str | None) -> bool:
 
 def machine_facts() -> dict:
     kvm = "/dev/kvm"
-    return {"kernel": platform.release(), "qemu_version": labmod.qemu_version(),
+    return {"kernel": platform.release(), "qemu_version": qemu_version(),
             "cpus": os.cpu_count(), "dev_kvm": os.path.exists(kvm),
             "dev_kvm_accessible": os.access(kvm, os.R_OK | os.W_OK) if os.path.exists(kvm) else False,
             # the accel probe's quick half: a 5-byte VM through the KVM API (not the verdict)

@@ -24,7 +24,7 @@ from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
 from .guest_agent import GuestAgent
 from .hotplug import HotPlug
-from .lab import qemu_version
+from .qemu import qemu_version
 from .paths import repo_root
 from .health import kernel_health, kernel_state
 from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer

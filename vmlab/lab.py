@@ -21,7 +21,7 @@ from pathlib import Path
 from . import images, kvm_probe, lab_snapshot, proc, ssh
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
-from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port
+from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port, qemu_version
 
 log = logging.getLogger("vmlab.lab")
 
@@ -65,14 +65,6 @@ def boot_id() -> str:
             return f.read().strip()
     except OSError:
         return ""
-
-
-def qemu_version(binary: str = "qemu-system-x86_64") -> str:
-    try:
-        _, out, _ = proc.run_cmd([binary, "--version"], timeout=20)
-    except Exception as e:  # reported by doctor, not fatal here
-        return f"unavailable ({e})"
-    return out.splitlines()[0].replace("QEMU emulator version ", "") if out else "?"
 
 
 def probe_accel(lab_image: images.Image, progress=print, timeout: float = 40) -> tuple[str, str]:
@@ -225,7 +217,8 @@ class NestedLab:
                 return
             except Exception as e:     # any way a snapshot fails: booting is the answer
                 with proc.signals_deferred():
-                    self._stop_machine()
+                    self._stop_machine(quick=True)
+                self.machine = None
                 kept = Path(spec.console_log).with_suffix(".snapshot-failed.log")
                 if Path(spec.console_log).exists():
                     Path(spec.console_log).rename(kept)
@@ -319,13 +312,12 @@ class NestedLab:
                 raise self.machine.failure(f"saving a snapshot of the lab: {e}")
             progress(f"could not save a snapshot of the lab ({e}); it runs on")
 
-    def _stop_machine(self) -> None:
+    def _stop_machine(self, timeout: float = 5, quick: bool = False) -> None:
         if self.session is not None:
             self.session.close()
             self.session = None
         if self.machine is not None:
-            self.machine.shutdown(timeout=5, quick=True)
-            self.machine = None
+            self.machine.shutdown(timeout=timeout, quick=quick)
 
     def _hwtrace_args(self) -> list[str]:
         if not self.opts.hwtrace_plugin:
@@ -442,11 +434,7 @@ class NestedLab:
 
     def down(self) -> None:
         try:
-            if self.session is not None:
-                self.session.close()
-                self.session = None
-            if self.machine is not None:
-                self.machine.shutdown(timeout=10)
+            self._stop_machine(timeout=10)
         finally:
             if self.detach or not self.own_rundir:
                 (self.workdir / "state.json").unlink(missing_ok=True)

@@ -26,11 +26,11 @@ import re
 import shlex
 import shutil
 import socket
-import subprocess
 import time
 from pathlib import Path
 
 from .errors import InfraError
+from .qemu import qemu_version
 
 log = logging.getLogger("vmlab.snapshot")
 
@@ -55,14 +55,6 @@ def enabled(spec, hwtrace: bool, extra_args) -> str | None:
     if extra_args:
         return "extra QEMU arguments for the lab"
     return None
-
-
-def qemu_version(binary: str) -> str:
-    try:
-        return subprocess.run([binary, "--version"], capture_output=True, text=True,
-                              timeout=30).stdout.splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return "?"
 
 
 def key(spec, image_path: Path) -> str:

@@ -9,6 +9,7 @@ shutdown ladder (QMP quit, SIGTERM, SIGKILL, each with a timeout).
 """
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -111,6 +112,16 @@ class VMSpec:
     def command_line(self) -> str:
         env = [f"{k}={v}" for k, v in sorted(self.env.items())]
         return shlex.join((["env", *env] if env else []) + self.argv())
+
+
+@functools.lru_cache(maxsize=4)
+def qemu_version(binary: str = "qemu-system-x86_64") -> str:
+    """This machine's QEMU, as `--version` says it (asked once per process)."""
+    try:
+        _, out, _ = proc.run_cmd([binary, "--version"], timeout=20)
+    except Exception as e:  # reported by doctor, not fatal here
+        return f"unavailable ({e})"
+    return out.splitlines()[0].replace("QEMU emulator version ", "") if out else "?"
 
 
 def free_port() -> int:

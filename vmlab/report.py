@@ -50,7 +50,7 @@ def _link(text: str) -> dict:
 def host_environment() -> list[tuple[str, str]]:
     """This machine: vmlab, its kernel, its QEMU (the one running the lab), its CPU."""
     from . import __version__
-    from .lab import qemu_version
+    from .qemu import qemu_version
     cpu = "?"
     try:
         with open("/proc/cpuinfo") as f:

@@ -8,6 +8,8 @@ import json
 import time
 from pathlib import Path
 
+import pytest
+
 from .conftest import qemu_pids, results_dir, vmlab_cmd
 
 OFF = {"VMLAB_SNAPSHOTS": "0"}
@@ -31,6 +33,7 @@ def _strip(d):
     return d
 
 
+@pytest.mark.nightly   # two doctor runs (two lab boots and two guests): the CI budget
 def test_a_restored_lab_is_the_booted_lab(images_ready):
     """doctor's facts (the lab's KVM, exporter, heaps; the guest it runs) the same whether
     the lab booted or was restored; the restore is said, with the snapshot it used."""
