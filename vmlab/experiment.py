@@ -8,6 +8,7 @@ interrupted run still explains itself.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import json
 import logging
@@ -18,7 +19,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape
 
 from . import config as cfgmod
-from . import caching, hwtrace, kvm_evidence, oracle, proc, report, reuse
+from . import caching, hwtrace, kvm_evidence, lab_snapshot, oracle, proc, report, reuse
 from .errors import CouldNotTest, NotApplicable, RemoteError, UserError, WaitTimeout
 from .exporter import AgentRequestFailed, HostAgent
 from .guest import GuestOptions
@@ -30,6 +31,7 @@ from .health import kernel_health, kernel_state
 from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer
 from .ssh import ChannelReader
 from .watch import Watch
+from .lab import lab_facts
 from .stack import GUEST_BOOT_ATTEMPTS, LAB_BOOT_ATTEMPTS, Stack, lab_options
 from .versions import qemu_upstream_version
 
@@ -59,41 +61,6 @@ class VMMDied(Exception):
     pass
 
 
-# what a result needs to be reproduced on another day: the kernel package (a release
-# string names many builds), its command line and the module parameters it ran with; and
-# the kernel release and QEMU the run checks against. One exec and one grep for the
-# parameters: under the TCG lab each process costs ~10 ms, and a `cat` per parameter
-# (some 90 of them) took 1.1 s of every run.
-_LAB_FACTS = r"""
-echo "release=$(uname -r)"
-echo "qemu=$(qemu-system-x86_64 --version | head -n1)"
-echo "cmdline=$(cat /proc/cmdline)"
-echo "kernel_package=$(dpkg-query -W -f '${Version}' "linux-image-$(uname -r)" 2>/dev/null || echo -)"
-grep -H '' /sys/module/vmlab_exporter/parameters/* /sys/module/kvm/parameters/* \
-  /sys/module/kvm_amd/parameters/* 2>/dev/null
-true
-"""
-
-
-def lab_facts(lab) -> dict:
-    """{"release", "qemu", "cmdline", "kernel_package", "module_params": {module: {name: value}}}"""
-    _, out, _ = lab.run(_LAB_FACTS, timeout=30, check=False)
-    facts: dict = {"module_params": {}}
-    for line in out.splitlines():
-        if line.startswith("/sys/module/"):
-            path, _, value = line.partition(":")
-            parts = path.split("/")   # ['', 'sys', 'module', MOD, 'parameters', NAME]
-            if len(parts) == 6:
-                facts["module_params"].setdefault(parts[3], {})[parts[5]] = value
-            continue
-        key, sep, value = line.partition("=")
-        if sep and key in ("release", "qemu", "cmdline", "kernel_package"):
-            facts[key] = value
-    if "qemu" in facts:
-        facts["qemu"] = facts["qemu"].replace("QEMU emulator version ", "")
-    return facts
-
-
 def guest_options(exp: cfgmod.Experiment, o: dict, name: str = "guest",
                   port: int = GuestOptions.ssh_port) -> tuple[GuestOptions, str]:
     """The guest this experiment boots, with its buffer's device on the command line, and
@@ -113,6 +80,13 @@ def guest_options(exp: cfgmod.Experiment, o: dict, name: str = "guest",
                         # a started vhost-user device hands the back-end the guest's RAM
                         shared_ram=exp.raw.get("transport") == "virtio-shm",
                         extra_qemu_args=device), sock
+
+
+def resident_options(gopts: GuestOptions) -> GuestOptions:
+    """The guest a lab snapshot holds for a run that would boot ``gopts``: the same guest,
+    its buffer left for hot-plug (root ports instead), with a key port for its next key."""
+    from .hotplug import root_port_args
+    return dataclasses.replace(gopts, extra_qemu_args=root_port_args(), key_port=True)
 
 
 def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
@@ -241,6 +215,30 @@ class Run:
                 raise VMMDied(what)
             raise RemoteError(f"{what} (no KVM error and no injected kill: not a VMM fault verdict)")
 
+    def take_resident(self, lab, gopts: GuestOptions) -> None:
+        """Run in the guest that came with the lab's snapshot (hot-plugging the buffer, as
+        in a shared guest), when it is the guest this run would boot; else stop it and
+        boot one. A guest that does not come back is stopped too, and its snapshot goes."""
+        g = lab.resident_guest
+        why = reuse.guest_mismatch(dataclasses.asdict(g.opts), gopts)
+        if why is None:
+            try:
+                g.thaw(self.progress)
+            except Exception as e:
+                why = f"it did not come back: {e}"
+                snap = (lab.snapshot or {}).get("restored")
+                if snap:
+                    lab_snapshot.discard(Path(snap))
+        if why is not None:
+            self.progress(f"not running in the guest saved with the lab ({why}); booting one")
+            if not lab.drop_resident():
+                raise CouldNotTest("the guest saved with the lab could not be stopped")
+            return
+        self.shared_guest = self.stack.shared_guest = g
+        self.stop_guest_in_doubt = True     # it is this run's, gone with its lab anyway
+        self.plug_name = f"run{os.getpid()}n{next(_PLUG_SEQ)}"
+        self.buffer_sock = f"{IVSHMEM_DIR}/{g.opts.name}-{self.plug_name}.sock"
+
     # --- phases ----------------------------------------------------------------------------
     def run(self) -> int:
         exp_cfg = self.exp.section("exporter")
@@ -267,7 +265,12 @@ class Run:
                               "in the lab's QEMU)")
             self.result["hw_oracle"] = {"plugin": plugin, "qemu": hwtrace.qemu_source_version()[1],
                                         "guest_map_va": hex(hwtrace.GUEST_MAP_VA)}
-        self.stack = Stack(self.out, self.progress, lab_options(o, hwtrace_plugin=plugin), gopts,
+        lab_opts = lab_options(o, hwtrace_plugin=plugin)
+        if self.shared_lab is None and self.shared_guest is None and \
+                hotplug_blocker(self.exp, o) is None:
+            # the lab's snapshot may then hold a guest this run takes by hot-plug
+            lab_opts = dataclasses.replace(lab_opts, resident_guest=resident_options(gopts))
+        self.stack = Stack(self.out, self.progress, lab_opts, gopts,
                            guest_kernel=o["guest_kernel"], build=not o["no_build"],
                            lab_boot_attempts=o.get("lab_boot_attempts", LAB_BOOT_ATTEMPTS),
                            # the vhost-user back-end serves one connection: no second boot
@@ -284,6 +287,8 @@ class Run:
                     self.require_shm_qemu(image_qemu, "the lab image's QEMU")
                     shm_checked = True
             lab = self.stack.up_lab()
+            if getattr(lab, "resident_guest", None) is not None:
+                self.take_resident(lab, gopts)
             if plugin:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
                 self.result["hw_oracle"]["plugin_hello"] = self.hw.connect()
@@ -352,8 +357,14 @@ class Run:
             self.gagent = GuestAgent(guest.session)
             if self.transport == "virtio-shm":
                 self.result["vmm"] = self.map_shared_memory()
-            self.result["guest"] = {"name": guest.opts.name,
-                                    "kernel": guest.run("uname -r", timeout=30)[1].strip(),
+            # with the kernel, a read of the guest's RNG and its clock's distance from ours:
+            # guests restored from one snapshot must differ in the one, agree in the other
+            words = guest.run("uname -r; cat /proc/sys/kernel/random/uuid; date +%s",
+                              timeout=30)[1].split()
+            self.result["guest"] = {"name": guest.opts.name, "kernel": words[0] if words else "?",
+                                    "random_uuid": words[1] if len(words) > 1 else None,
+                                    "clock_minus_controller_s": int(words[2]) - int(time.time())
+                                    if len(words) > 2 and words[2].isdigit() else None,
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
             if self.shared_guest is not None:
@@ -366,6 +377,8 @@ class Run:
                 self.plug.plug()
                 self.dev_args = f" --device {self.plug.bdf}"
                 self.result["guest"].update(reused_from=guest.reused_from,
+                                            # restored with the lab, or booted and saved with it
+                                            with_lab_snapshot=guest is getattr(self.stack.lab, "resident_guest", None),
                                             hotplug={"port": self.plug.port, "bdf": self.plug.bdf,
                                                      "seconds": round(time.monotonic() - t0, 3)})
                 self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")

@@ -13,11 +13,11 @@ import os
 import re
 import shlex
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from . import ssh
-from .errors import BootFailure, QemuRefused, RemoteError, UserError, WaitTimeout
+from .errors import BootFailure, InfraError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .lab_process import LabProcess
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec
 from .qmp import QMPGone
@@ -64,6 +64,7 @@ class GuestOptions:
     hostmem_mb: int = 64
     align_mappings: str = "4K"    # 2M: QEMU's large reservations 2 MiB-aligned (ALIGN_PRELOAD)
     shared_ram: bool = False      # RAM from a memfd (a vhost-user device gets it at start)
+    key_port: bool = False        # a virtio-serial port vmlab.key: its key after a lab restore
 
 
 class Guest:
@@ -143,6 +144,7 @@ class Guest:
             name=self.opts.name, kernel=f"{IMAGE_DIR}/vmlinuz", initrd=f"{IMAGE_DIR}/initramfs.img",
             append=" ".join(filter(None, [BOOT_ARGS, f"vmlab.sshkey={pub}",
                                           "vmlab.gpu=1" if self.opts.gpu != "none" else "",
+                                          "vmlab.keyport=1" if self.opts.key_port else "",
                                           self.opts.append])),
             memory_mb=self.opts.memory_mb, accel="kvm", cpu=self.cpu(), smp=self.opts.smp,
             machine=self.opts.machine, ssh_forward=self.opts.ssh_port,
@@ -152,7 +154,7 @@ class Guest:
             # to emulate one at random (it reads event-delivery type bits that QEMU's emulated
             # SVM leaves in EXITINTINFO: KVM internal error, suberror 3). Port I/O exits
             # take KVM's fast path, no emulator: virtio-net's notifications go there.
-            virtio_pio=True,
+            virtio_pio=True, key_port=f"{self.dir}/key.sock" if self.opts.key_port else None,
             extra=gargs + list(self.opts.extra_qemu_args))
 
     def command_line(self) -> str:
@@ -192,6 +194,56 @@ class Guest:
         self.phases = {"launch_s": round(launched - start, 3), "to_ready_s": round(ready - launched, 3),
                        "ssh_connect_s": round(end - ready, 3)}
         progress(f"guest up in {self.boot_seconds}s")
+
+    # --- a guest kept in a lab snapshot (lab_snapshot, NestedLab.resident_guest)
+    def freeze(self) -> dict:
+        """Make this guest fit to be saved with its lab: nobody can log in (its run's key
+        is removed), its vCPUs are out of KVM_RUN (QEMU's TCG refuses to restore a lab
+        vCPU that was in guest mode), SSH and the QMP relay closed (the relay runs from
+        the share, which the save unmounts). Returns what a restore needs to find it."""
+        if not self.opts.key_port:
+            raise InfraError(f"{self.opts.name}: a guest without a key port cannot be saved "
+                             f"(no key could reach it after a restore)")
+        self.run("rm -f /root/.ssh/authorized_keys", timeout=30)
+        self.cmd("stop")
+        self.disconnect()
+        return {"opts": asdict(self.opts), "pid": self.pid}
+
+    def thaw(self, progress=print, timeout: float = 30) -> None:
+        """Run a frozen guest again with this run's key (sent through its key port with
+        the time and the host's entropy, again every half second until its init says it
+        installed it), then SSH. The key's sender (an exec in the lab, its own deadline)
+        starts first and waits in the port's buffer while QMP's relay starts: two
+        Python start-ups under TCG, side by side."""
+        start = time.monotonic()
+        nonce = os.urandom(8).hex()
+        line = (f"VMLAB-KEY {ssh.public_key_b64(self.lab.key)} {int(time.time())} {nonce} "
+                f"{os.urandom(32).hex()}\n")
+        spec = self.spec()
+        chan = self.lab.session.open_exec(
+            f"python3 -S -c {shlex.quote(_KEY_SENDER)} {shlex.quote(spec.key_port)} "
+            f"{shlex.quote(spec.console_log)} {nonce} {timeout:g}")
+        try:
+            chan.sendall(line.encode())
+            chan.shutdown_write()
+            self.cmd("cont")
+            running = time.monotonic()
+            rd = ssh.ChannelReader(chan, f"{self.opts.name}: its key through the key port")
+            rd.read_until_exit(time.monotonic() + timeout + 15)
+        finally:
+            chan.close()
+        if rd.rc != 0:
+            raise BootFailure(self.opts.name, f"the restored guest did not take its key: "
+                              f"{bytes(rd.err or rd.out).decode(errors='replace').strip()[-300:]}",
+                              str(self.workdir / f"{self.opts.name}-console.log"), retryable=False)
+        keyed = time.monotonic()
+        self.connect(timeout=30, qmp=False)
+        end = time.monotonic()
+        self.boot_seconds = round(end - start, 1)
+        self.phases = {"cont_s": round(running - start, 3), "key_s": round(keyed - running, 3),
+                       "ssh_connect_s": round(end - keyed, 3)}
+        log.debug("%s thawed: %s", self.opts.name, self.phases)
+        progress(f"guest '{self.opts.name}' restored with the lab, running in {self.boot_seconds}s")
 
     def uptime_marks(self) -> dict:
         """The guest init's own uptime stamps ("vmlab-guest: [4.27] init started"): how
@@ -311,6 +363,33 @@ class Guest:
 
     def __exit__(self, *exc):
         self.down()
+
+
+# Runs in the lab (python3 -c): the key line from stdin into the guest's key port, sent
+# again every half second until the guest's console says it was installed (the init's
+# reader reopens the port between lines: a line sent meanwhile is lost).
+_KEY_SENDER = r"""
+import socket, sys, time
+port, console, nonce, limit = sys.argv[1], sys.argv[2], sys.argv[3].encode(), float(sys.argv[4])
+line = sys.stdin.buffer.read()   # written before QMP's cont: waits in the port
+mark = b"VMLAB-KEY-INSTALLED " + nonce
+deadline = time.monotonic() + limit
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(5)
+s.connect(port)
+with open(console, "rb") as f:
+    f.seek(0, 2)
+    seen = b""
+    while time.monotonic() < deadline:
+        s.sendall(line)
+        until = time.monotonic() + 0.5
+        while time.monotonic() < until:
+            seen = (seen + f.read())[-4096:]
+            if mark in seen:
+                sys.exit(0)
+            time.sleep(0.02)
+sys.exit("no VMLAB-KEY-INSTALLED on the guest's console within %g s" % limit)
+"""
 
 
 def _quietly(fn, what: str):

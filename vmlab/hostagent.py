@@ -2,7 +2,6 @@
 """vmlab host agent: runs ON THE LAB HOST, stdlib only (shipped with stamp.py and
 exporter_uapi.py through the lab's read-only share).
 
-    hostagent.py relay SOCKET   pipe stdin/stdout to a unix socket (QMP of a lab-side QEMU)
     hostagent.py serve          JSON lines on stdin/stdout: one request, one response
 
 It owns the buffers of a run: creates them (vmlab exporter, udmabuf, dma-heap), hands
@@ -23,7 +22,6 @@ import json
 import mmap
 import os
 import random
-import select
 import socket
 import struct
 import sys
@@ -43,24 +41,6 @@ except ImportError:  # running from the source tree (unit tests)
 
 EXPORTER_DEV = "/dev/vmlab-exporter"
 PAGE = 4096
-
-
-def relay(path):
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    s.connect(path)
-    fin, fout = sys.stdin.buffer.fileno(), sys.stdout.buffer.fileno()
-    while True:
-        r, _, _ = select.select([fin, s], [], [])
-        if fin in r:
-            data = os.read(fin, 65536)
-            if not data:
-                return 0
-            s.sendall(data)
-        if s in r:
-            data = s.recv(65536)
-            if not data:
-                return 0
-            os.write(fout, data)
 
 
 class AgentError(Exception):
@@ -1475,11 +1455,9 @@ def serve():
 
 
 def main(argv):
-    if len(argv) >= 3 and argv[1] == "relay":
-        return relay(argv[2])
     if len(argv) >= 2 and argv[1] == "serve":
         return serve()
-    print("usage: hostagent.py relay SOCKET | serve", file=sys.stderr)
+    print("usage: hostagent.py serve", file=sys.stderr)
     return 2
 
 

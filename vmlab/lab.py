@@ -34,6 +34,51 @@ HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py
                                                        "vhost_user.py")]
 
 
+# what a result needs to be reproduced on another day: the kernel package (a release
+# string names many builds), its command line and the module parameters it ran with; and
+# the kernel release and QEMU the run checks against. One exec and one grep for the
+# parameters: under the TCG lab each process costs ~10 ms, and a `cat` per parameter
+# (some 90 of them) took 1.1 s of every run.
+_STATIC_FACTS = r"""
+echo "release=$(uname -r)"
+echo "qemu=$(qemu-system-x86_64 --version | head -n1)"
+echo "kernel_package=$(dpkg-query -W -f '${Version}' "linux-image-$(uname -r)" 2>/dev/null || echo -)"
+"""
+_LIVE_FACTS = r"""
+echo "cmdline=$(cat /proc/cmdline)"
+grep -H '' /sys/module/vmlab_exporter/parameters/* /sys/module/kvm/parameters/* \
+  /sys/module/kvm_amd/parameters/* 2>/dev/null
+true
+"""
+# A nested lab's kernel and QEMU are its own for its life, so their words are asked once
+# and kept in its /run, and a lab saved in a snapshot keeps them (`qemu-system-x86_64
+# --version` and dpkg-query cost 1 s of every run under TCG). A box's QEMU may change
+# between runs, and its /run is the user's: asked every time there.
+_CACHED = "/run/vmlab-lab-facts"
+_NESTED_FACTS = (f"if [ ! -s {_CACHED} ]; then {{ {_STATIC_FACTS} }} > {_CACHED}.$$ && "
+                 f"mv {_CACHED}.$$ {_CACHED}; fi\ncat {_CACHED}\n" + _LIVE_FACTS)
+
+
+def lab_facts(lab) -> dict:
+    """{"release", "qemu", "cmdline", "kernel_package", "module_params": {module: {name: value}}}"""
+    script = _NESTED_FACTS if getattr(lab, "kind", None) == "nested" else _STATIC_FACTS + _LIVE_FACTS
+    _, out, _ = lab.run(script, timeout=30, check=False)
+    facts: dict = {"module_params": {}}
+    for line in out.splitlines():
+        if line.startswith("/sys/module/"):
+            path, _, value = line.partition(":")
+            parts = path.split("/")   # ['', 'sys', 'module', MOD, 'parameters', NAME]
+            if len(parts) == 6:
+                facts["module_params"].setdefault(parts[3], {})[parts[5]] = value
+            continue
+        key, sep, value = line.partition("=")
+        if sep and key in ("release", "qemu", "cmdline", "kernel_package"):
+            facts[key] = value
+    if "qemu" in facts:
+        facts["qemu"] = facts["qemu"].replace("QEMU emulator version ", "")
+    return facts
+
+
 @dataclass
 class LabOptions:
     accel: str = "auto"          # auto | kvm | tcg
@@ -48,6 +93,9 @@ class LabOptions:
     extra_qemu_args: tuple = ()
     hwtrace_plugin: str | None = None  # load the hardware oracle's TCG plugin (vmlab/hwtrace.py)
     accel_why: str = "chosen with --accel"  # said when accel is not auto
+    # a guest (GuestOptions, with a key port) booted in a new lab and saved in its snapshot,
+    # so that a restore brings the guest too (NestedLab.resident_guest); None: the lab alone
+    resident_guest: object | None = None
 
 
 def agent_digest() -> str:
@@ -160,6 +208,9 @@ class NestedLab:
         self.disk_overlay = self.rundir / "lab-disk.qcow2"   # the root fs's writes (lab_snapshot)
         self.snapshot: dict | None = None    # {"restored"|"saved": path}, or {"none": why}
         self.kernel_release_at_boot: str | None = None
+        # the guest saved with the lab's snapshot, frozen (Guest.freeze) until a run takes
+        # it (Guest.thaw) or drops it (drop_resident); None when the lab has none
+        self.resident_guest = None
 
     # --- files shared into the lab (read-only 9p): guest image + host agent
     def _prepare_share(self) -> Path:
@@ -208,7 +259,9 @@ class NestedLab:
             qmp_client=not self.detach,
             extra=list(self.opts.extra_qemu_args) + self._hwtrace_args())
         not_why = lab_snapshot.enabled(spec, bool(self.opts.hwtrace_plugin), self.opts.extra_qemu_args)
-        snap_key = lab_snapshot.key(spec, lab_image.path) if not_why is None else None
+        resident = self.opts.resident_guest if guest_image is not None else None
+        snap_key = lab_snapshot.key(spec, lab_image.path, resident=resident,
+                                    guest_image=guest_image) if not_why is None else None
         snap = lab_snapshot.find(lab_image.path, snap_key) if snap_key else None
         self.snapshot = {"none": not_why} if not_why else None
         if snap is not None:
@@ -219,6 +272,7 @@ class NestedLab:
                 with proc.signals_deferred():
                     self._stop_machine(quick=True)
                 self.machine = None
+                self.resident_guest = None
                 kept = Path(spec.console_log).with_suffix(".snapshot-failed.log")
                 if Path(spec.console_log).exists():
                     Path(spec.console_log).rename(kept)
@@ -255,7 +309,8 @@ class NestedLab:
             self.boot_seconds = round(time.monotonic() - start, 1)
             self.kernel_release_at_boot = self.kernel_release()
             progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release_at_boot}")
-            if snap_key is not None:
+            if snap_key is not None and (resident is None or self._boot_resident(resident, progress)):
+                lab_facts(self)    # asked once, kept in the lab: the snapshot holds them
                 self._save_snapshot(snap_key, progress)
             if self.detach:
                 self._save_state()
@@ -263,6 +318,26 @@ class NestedLab:
             with proc.signals_deferred():
                 self.down()
             raise
+
+    def _boot_resident(self, opts, progress) -> bool:
+        """Boot the guest the snapshot is to hold; False (said, nothing saved: the key
+        names this guest) when it does not come up."""
+        from .guest import Guest
+        g = Guest(self, opts, self.workdir)
+        try:
+            g.up(progress)
+        except (BootFailure, RemoteError, WaitTimeout, OSError) as e:
+            self.snapshot = {"none": f"the guest to save with the lab did not boot: {e}"}
+            progress(f"no snapshot of this lab: the guest to save with it did not boot ({e})")
+            g.down()
+            return False
+        self.resident_guest = g
+        return True
+
+    def drop_resident(self) -> bool:
+        """Stop the resident guest (a run that cannot use it); True when it is gone."""
+        g, self.resident_guest = self.resident_guest, None
+        return g.down() if g is not None else True
 
     def _new_overlay(self, lab_image: images.Image) -> None:
         """The lab's root fs as a qcow2 overlay of the image's (never written): a snapshot
@@ -290,6 +365,11 @@ class NestedLab:
         if self.detach:
             self._save_state()
         lab_snapshot.restore_into(self, snap)
+        rec = lab_snapshot.resident_record(snap)
+        if rec is not None:
+            from .guest import Guest, GuestOptions
+            self.resident_guest = Guest(self, GuestOptions(**rec["opts"]), self.workdir)
+            self.resident_guest.pid = rec["pid"]
         self.boot_seconds = round(time.monotonic() - start, 1)
         self.kernel_release_at_boot = self.kernel_release()
         self.snapshot = {"restored": str(snap)}
@@ -307,6 +387,8 @@ class NestedLab:
         except Exception as e:
             self.snapshot = {"none": f"saving failed: {e}"}
             log.warning("lab: saving a snapshot failed: %s", e)
+            if self.resident_guest is not None and self.session is not None:
+                self.drop_resident()    # frozen or not, half-saved: no run may take it
             if self.session is None or not self.machine.alive():
                 # the lab is left without its key or its share: it did not come up whole
                 raise self.machine.failure(f"saving a snapshot of the lab: {e}")

@@ -27,6 +27,7 @@ import shlex
 import shutil
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 from .errors import InfraError
@@ -34,7 +35,7 @@ from .qemu import qemu_version
 
 log = logging.getLogger("vmlab.snapshot")
 
-FORMAT = 1            # bump when what a snapshot holds or how it is restored changes
+FORMAT = 2            # bump when what a snapshot holds or how it is restored changes
 KEEP = 3              # snapshots kept per lab image (different lab memory, append...)
 SAVE_TIMEOUT = 120    # seconds for QEMU to write the snapshot
 LOAD_TIMEOUT = 60     # seconds for QEMU to read it back
@@ -57,13 +58,18 @@ def enabled(spec, hwtrace: bool, extra_args) -> str | None:
     return None
 
 
-def key(spec, image_path: Path) -> str:
+def key(spec, image_path: Path, *, resident=None, guest_image=None) -> str:
     """What must be equal for a snapshot to be this lab: the image, the outer QEMU, the
-    machine, and the kernel command line without the run's key."""
+    machine, and the kernel command line without the run's key; with a resident guest
+    (GuestOptions), that guest's options and the guest image it booted."""
     append = re.sub(r"vmlab\.sshkey=\S+", "", spec.append)
     what = {"format": FORMAT, "image": image_path.name, "qemu": qemu_version(spec.binary),
             "machine": spec.machine, "cpu": spec.cpu, "smp": spec.smp, "memory_mb": spec.memory_mb,
             "accel": spec.accel, "append": " ".join(append.split())}
+    if resident is not None:
+        o = asdict(resident)
+        o.pop("boot_timeout", None)     # how long a boot may take is no part of the guest
+        what["resident_guest"] = {"options": o, "image": guest_image.path.name}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -146,12 +152,17 @@ def save(lab, k: str, progress) -> Path | None:
     start = time.monotonic()
     stopped = False
     prepared = True     # from the next command on, the lab may lack its key and share
+    resident = None
     try:
-        # nothing to log in with, the share unmounted (it blocks migration), the page
-        # cache written out (the overlay kept with the memory must agree with it) and
-        # dropped (a smaller file)
-        lab.run("rm -f /root/.ssh/authorized_keys && umount /mnt/vmlab && sync && "
-                "echo 3 > /proc/sys/vm/drop_caches", timeout=120)
+        if lab.resident_guest is not None:
+            # frozen first: no key in it, its vCPUs out of guest mode; a run thaws it
+            resident = lab.resident_guest.freeze()
+        # nothing to log in with, the share unmounted (it blocks migration; a relay just
+        # closed may hold it a moment longer), the page cache written out (the overlay
+        # kept with the memory must agree with it) and dropped (a smaller file)
+        lab.run("rm -f /root/.ssh/authorized_keys && "
+                "for i in 1 2 3 4 5 6 7 8 9 10; do umount /mnt/vmlab 2>/dev/null && break; sleep 0.2; done; "
+                "! mountpoint -q /mnt/vmlab && sync && echo 3 > /proc/sys/vm/drop_caches", timeout=120)
         lab.session.close()
         lab.session = None
         m.cmd("stop")
@@ -169,7 +180,8 @@ def save(lab, k: str, progress) -> Path | None:
             _fsync(f)
         (tmp / "meta.json").write_text(json.dumps({
             "format": FORMAT, "key": k, "saved": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            "kernel": lab.kernel_release_at_boot, "bytes": (tmp / "vm.state").stat().st_size}))
+            "kernel": lab.kernel_release_at_boot, "bytes": (tmp / "vm.state").stat().st_size,
+            "resident_guest": resident}))
         _fsync(tmp / "meta.json")
         if final.exists() and find(image, k) is None:
             discard(final)    # a snapshot cut short (a full disk, a crash): replaced
@@ -183,19 +195,29 @@ def save(lab, k: str, progress) -> Path | None:
         raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-        if stopped and prepared:
-            m.cmd("cont")
         if prepared:
             if lab.session is not None:      # the prep failed half-way: start over clean
                 lab.session.close()
                 lab.session = None
-            resume(lab)
+            resume(lab, cont=stopped)
     if final is not None:
         progress(f"saved a snapshot of the booted lab in {time.monotonic() - start:.1f}s "
                  f"({(final / 'vm.state').stat().st_size >> 20} MiB): later runs restore it "
                  f"instead of booting ({final})")
         prune(image, keep=final)
     return final
+
+
+def resident_record(snap: Path) -> dict | None:
+    """The guest saved in ``snap`` ({"opts": GuestOptions as a dict, "pid": its QEMU in
+    the lab}), or None."""
+    try:
+        rec = json.loads((snap / "meta.json").read_text()).get("resident_guest")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if isinstance(rec, dict) and isinstance(rec.get("opts"), dict) and isinstance(rec.get("pid"), int):
+        return rec
+    return None
 
 
 def discard(snap: Path) -> None:
@@ -229,32 +251,59 @@ def restore_into(lab, snap: Path) -> None:
     m = lab.machine
     m.cmd("migrate-incoming", uri=f"exec:cat {shlex.quote(str(snap / 'vm.state'))}")
     _migrate_wait(m, LOAD_TIMEOUT, "restoring the lab's snapshot")
-    m.cmd("cont")
-    resume(lab)
+    resume(lab, cont=True)
 
 
-def resume(lab) -> None:
+def resume(lab, *, cont: bool = False) -> None:
     """The run's key, the time, fresh entropy and the share into a lab that runs without
-    them (just restored, or just saved), then SSH with that key. The line is sent again
-    every second until the key works: lab-setup reopens the port between lines, and a line
-    that arrives while it closes it is lost."""
+    them (just restored, or just saved), then SSH with that key. With ``cont`` the lab is
+    stopped, and runs once the first line waits in the port. SSH is tried once lab-setup
+    says on the console that the key is in (a login tried before that is refused, and a
+    new handshake costs a second under TCG); the line is sent again every second until
+    then: lab-setup reopens the port between lines, and a line that arrives while it
+    closes it is lost."""
     from . import ssh
     from .errors import RemoteError, WaitTimeout
     pub = ssh.public_key_b64(lab.key)
     deadline = time.monotonic() + RESUME_TIMEOUT
+    console = Path(lab.machine.spec.console_log)
+    try:
+        seen_from = console.stat().st_size
+    except OSError:
+        seen_from = 0
     s = socket.socket(socket.AF_UNIX)
     try:
         s.settimeout(10)
         s.connect(lab.machine.spec.key_port)
+        why = "lab-setup never said VMLAB-KEY-INSTALLED"
         while True:
             s.sendall(f"VMLAB-KEY {pub} {int(time.time())} {os.urandom(32).hex()}\n".encode())
-            try:
-                lab.session = ssh.SSHSession.connect("lab", "127.0.0.1", lab.ssh_port, lab.key,
-                                                     timeout=1, alive=lab.machine.alive)
-                return
-            except (WaitTimeout, RemoteError) as e:
-                if time.monotonic() > deadline or not lab.machine.alive():
-                    raise WaitTimeout("the lab taking its key through the key port",
-                                      RESUME_TIMEOUT, str(e)) from None
+            if cont:
+                lab.machine.cmd("cont")
+                cont = False
+            if _console_says(console, seen_from, b"VMLAB-KEY-INSTALLED", time.monotonic() + 1):
+                try:
+                    lab.session = ssh.SSHSession.connect("lab", "127.0.0.1", lab.ssh_port, lab.key,
+                                                         timeout=5, alive=lab.machine.alive)
+                    return
+                except (WaitTimeout, RemoteError) as e:
+                    why = str(e)
+            if time.monotonic() > deadline or not lab.machine.alive():
+                raise WaitTimeout("the lab taking its key through the key port", RESUME_TIMEOUT, why)
     finally:
         s.close()
+
+
+def _console_says(console: Path, offset: int, mark: bytes, until: float) -> bool:
+    """``mark`` in the console log after ``offset`` before ``until``."""
+    while True:
+        try:
+            with open(console, "rb") as f:
+                f.seek(offset)
+                if mark in f.read():
+                    return True
+        except OSError:
+            pass
+        if time.monotonic() >= until:
+            return False
+        time.sleep(0.02)

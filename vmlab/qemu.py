@@ -52,7 +52,7 @@ class VMSpec:
     binary: str = "qemu-system-x86_64"
     disk: str | None = None            # raw image, opened with snapshot=on (never modified)
     disk_overlay: bool = False         # disk is a qcow2 overlay of vmlab's own (a lab snapshot keeps it)
-    key_port: str | None = None        # socket of the lab's virtio-serial port vmlab.key (lab_snapshot)
+    key_port: str | None = None        # socket of a virtio-serial port vmlab.key (lab_snapshot)
     vmgenid: bool = False              # a VM generation ID: a restored snapshot reseeds its RNG
     console_append: bool = False       # QEMU appends to console_log (what the launcher put there first)
     ssh_forward: int | None = None     # host port (127.0.0.1 only) -> guest :22
@@ -90,7 +90,8 @@ class VMSpec:
             a += ["-drive", f"file={self.disk},if=virtio,format=qcow2" if self.disk_overlay
                   else f"file={self.disk},if=virtio,format=raw,snapshot=on"]
         if self.key_port:
-            a += ["-device", "virtio-serial-pci,id=vser0",
+            a += ["-device", "virtio-serial-pci,id=vser0"
+                  + (",disable-modern=on,disable-legacy=off" if self.virtio_pio else ""),
                   "-chardev", f"socket,id=keyport,path={self.key_port},server=on,wait=off",
                   "-device", "virtserialport,bus=vser0.0,chardev=keyport,name=vmlab.key"]
         if self.vmgenid:

@@ -15,6 +15,7 @@
  * ("gpu ..." commands live in gpu.c; see there.)
  */
 #define _GNU_SOURCE
+#include <ctype.h>
 #include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
@@ -27,6 +28,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <linux/random.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/stat.h>
@@ -68,7 +71,7 @@ static void __attribute__((noreturn, format(printf, 1, 2))) usage(const char *fm
 
 	va_start(ap, fmt);
 	agent_vfail(2, "usage: ", " (commands: find map read write watch virtio-start "
-		    "vectors pat version gpu; options: --path FILE --device BDF --pci-id VVVV:DDDD --bar N --caching wb|wc|uc "
+		    "vectors pat version gpu reseed; options: --path FILE --device BDF --pci-id VVVV:DDDD --bar N --caching wb|wc|uc "
 		    "--first I --count N --tag T --store plain|avx --duration S --interval-us U --pages I,J; "
 		    "pat: --phys ADDR --pat-file FILE)", fmt, ap);
 }
@@ -1496,8 +1499,57 @@ static int cmd_serve(void)
 	return 0;
 }
 
+/*
+ * reseed HEX: credit the host's bytes to the input pool and make the kernel reseed its
+ * CRNG now.  A guest restored from a lab snapshot runs on the RNG state every restore of
+ * that snapshot shares; writing to /dev/urandom only mixes, and the next reseed may be
+ * a minute away.  RNDRESEEDCRNG is 4.17 and later: older kernels get the credit only.
+ */
+static int cmd_reseed(int argc, char **argv)
+{
+	unsigned char buf[64];
+	struct rand_pool_info *info;
+	const char *h;
+	size_t n = 0;
+	int fd;
+
+	if (argc != 3)
+		usage("reseed needs HEX (the host's bytes)");
+	for (h = argv[2]; h[0] && h[1] && n < sizeof(buf); h += 2) {
+		unsigned int b;
+
+		if (!isxdigit((unsigned char)h[0]) || !isxdigit((unsigned char)h[1]) ||
+		    sscanf(h, "%2x", &b) != 1)
+			usage("reseed: not hex: '%s'", argv[2]);
+		buf[n++] = (unsigned char)b;
+	}
+	if (n < 16 || *h)
+		usage("reseed wants 16 to 64 bytes in hex");
+	fd = open("/dev/urandom", O_WRONLY | O_CLOEXEC);
+	if (fd < 0)
+		die("/dev/urandom: %s", strerror(errno));
+	info = calloc(1, sizeof(*info) + sizeof(buf));
+	if (!info)
+		die("out of memory");
+	info->entropy_count = (int)n * 8;
+	info->buf_size = (int)n;
+	memcpy(info->buf, buf, n);
+	if (ioctl(fd, RNDADDENTROPY, info))
+		die("RNDADDENTROPY: %s", strerror(errno));
+	free(info);
+	if (ioctl(fd, RNDRESEEDCRNG) && errno != EINVAL && errno != ENOTTY)
+		die("RNDRESEEDCRNG: %s", strerror(errno));
+	close(fd);
+	printf("{\"reseeded\": %zu}\n", n);
+	return 0;
+}
+
 int main(int argc, char **argv)
 {
+	if (argc >= 2 && !strcmp(argv[1], "reseed")) {
+		g_cmd = argv[1];
+		return cmd_reseed(argc, argv);
+	}
 	if (argc == 2 && !strcmp(argv[1], "serve"))
 		return cmd_serve();
 	return dispatch(argc, argv);

@@ -91,3 +91,33 @@ def test_a_snapshot_that_cannot_be_restored_is_a_boot_and_a_new_snapshot(images_
     finally:
         assert vmlab_cmd("lab", "down", env=env, timeout=300).returncode == 0
     assert qemu_pids(str(tmp_path)) == []
+
+
+def _run(tmp_path, name: str, env: dict) -> dict:
+    out = tmp_path / name
+    r = vmlab_cmd("run", *TCG, "--out", str(out), env=env, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    return json.loads((out / "results.json").read_text())
+
+
+def test_a_warm_run_takes_the_guest_saved_with_its_lab(images_ready, tmp_path):
+    """The default experiment's lab snapshot holds its guest too (frozen, no key in it):
+    a warm run restores both, thaws the guest with its own key and hot-plugs the buffer.
+    Its verdicts are the booted run's; each restored guest has the time and an RNG of its
+    own; nothing is left running."""
+    env = {"VMLAB_STATE_DIR": str(tmp_path / "s")}
+    booted = _run(tmp_path, "booted", {**env, **OFF})
+    assert booted["lab"]["snapshot"] == {"none": "VMLAB_SNAPSHOTS=0"}
+    assert not booted["guest"].get("with_lab_snapshot")
+    _run(tmp_path, "first", env)                  # saves the snapshot when there is none
+    warm = [_run(tmp_path, f"warm{i}", env) for i in (1, 2)]
+    verdicts = [[r["baseline"]["verdict"]] + [m["verdict"] for m in r["moves"]] for r in [booted] + warm]
+    assert verdicts[0] == ["REFAULTED", "REFAULTED", "REFAULTED", "REFAULTED", "STALE"], verdicts
+    assert verdicts[1] == verdicts[2] == verdicts[0]
+    for r in warm:
+        assert r["passed"] is True and "restored" in r["lab"]["snapshot"], r["lab"]
+        g = r["guest"]
+        assert g["with_lab_snapshot"] is True and g["hotplug"]["bdf"], g
+        assert abs(g["clock_minus_controller_s"]) <= 5, g
+    assert warm[0]["guest"]["random_uuid"] != warm[1]["guest"]["random_uuid"]
+    assert qemu_pids(str(tmp_path)) == []
