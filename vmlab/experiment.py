@@ -13,6 +13,7 @@ import itertools
 import json
 import logging
 import os
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -843,6 +844,11 @@ class Run:
                 self.save()
 
     def finish(self) -> None:
+        # the report's plots are drawn while the run tears down (waits on the lab, mostly)
+        plots = threading.Thread(target=report.prerender, name="report-plots", daemon=True,
+                                 args=({k: self.result.get(k) for k in ("baseline", "moves", "config")},))
+        plots.start()
+        self._plots = plots
         moves = self.result["moves"]
         base = self.result.get("baseline", {})
         # every planned move must have been judged: a run cut short never passes
@@ -903,6 +909,9 @@ class Run:
     def write_report(self) -> None:
         """report.html beside results.json: a report that cannot be drawn is logged and
         says so in its place, it never changes the run's outcome."""
+        plots = getattr(self, "_plots", None)
+        if plots is not None:
+            plots.join(timeout=60)     # not drawn by then: run_html draws them itself
         try:
             page = report.run_html(self.result, self.out)
         except Exception as e:

@@ -19,6 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import images, kvm_probe, lab_snapshot, proc, ssh
+from .exporter import agent_command
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port, qemu_version
@@ -185,6 +186,7 @@ class NestedLab:
     kind = "nested"
     share_dir = "/mnt/vmlab"   # the controller's read-only 9p share (lab-setup mounts it)
     hugepages_ledger = None    # the lab is vmlab's own: nothing to give back
+    agent_cache = True         # the host agent runs from a copy in the lab's /run (exporter.py)
 
     def __init__(self, workdir: Path, opts: LabOptions, *, detach: bool = False,
                  rundir: Path | None = None):
@@ -310,7 +312,10 @@ class NestedLab:
             self.kernel_release_at_boot = self.kernel_release()
             progress(f"lab host up in {self.boot_seconds}s: kernel {self.kernel_release_at_boot}")
             if snap_key is not None and (resident is None or self._boot_resident(resident, progress)):
-                lab_facts(self)    # asked once, kept in the lab: the snapshot holds them
+                # asked once and kept in the lab, so the snapshot holds them: the static
+                # facts, the host agent's copy and bytecode
+                lab_facts(self)
+                self.run(agent_command(self, warm=True), timeout=60, check=False)
                 self._save_snapshot(snap_key, progress)
             if self.detach:
                 self._save_state()

@@ -20,6 +20,7 @@ import argparse
 import json
 import logging
 import time
+from dataclasses import replace
 from datetime import datetime, timezone
 from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
@@ -63,6 +64,8 @@ class CellGuest:
         want = guest_options(exp, o)[0]
         if self.guest is not None and self.guest.lab is not lab:
             self.guest = None          # the lab was booted again: its guests went with it
+        if self.guest is None and getattr(lab, "resident_guest", None) is not None:
+            self._take_resident(lab, want)
         if self.guest is not None:
             why = guest_mismatch(asdict(self.guest.opts), want)
             if why is None and not self.guest.alive():
@@ -82,6 +85,39 @@ class CellGuest:
             g.reused_from = f"the matrix's guest '{self.NAME}' of this lab"
             self.guest = g
         return self.guest
+
+    def _take_resident(self, lab, want) -> None:
+        """The guest saved with the lab's snapshot (``resident_options``) becomes this
+        lab's matrix guest when it has the cell's shape; else it is stopped."""
+        from dataclasses import asdict
+        from .reuse import guest_mismatch
+        g = lab.resident_guest
+        why = guest_mismatch(asdict(g.opts), want)
+        if why is None:
+            try:
+                g.thaw(self.progress)
+            except Exception as e:
+                why = f"it did not come back ({type(e).__name__}: {e})"
+        if why is not None:
+            self.progress(f"matrix guest: not the one saved with the lab ({why}); stopping it")
+            lab.drop_resident()
+            return
+        lab.resident_guest = None      # the matrix's now, stopped by it
+        g.reused_from = f"the matrix's guest '{self.NAME}' of this lab (saved with its snapshot)"
+        self.guest = g
+
+    def resident_options(self, members):
+        """The guest a new lab's snapshot should hold for these cells: the first cell
+        that takes a shared guest, in this class's name and port; None when none does."""
+        from dataclasses import replace
+        from .experiment import guest_options, hotplug_blocker, resident_options
+        if not self.enabled:
+            return None
+        for exp, o in members:
+            if not hotplug_blocker(exp, o):
+                return replace(resident_options(guest_options(exp, o)[0]), name=self.NAME,
+                               ssh_port=self.PORT)
+        return None
 
     def after(self, result: dict) -> None:
         """Keep the guest only when the cell left it as it found it."""
@@ -284,13 +320,17 @@ class Matrix:
         if "hw" in o0["oracle"]:
             from . import hwtrace
             plugin = str(hwtrace.plugin_path(self.progress))
-        stack = Stack(kdir, self.progress, lab_options(o0, hwtrace_plugin=plugin),
+        cell_guest = CellGuest(kdir, self.progress,
+                               enabled=not getattr(self.args, "own_guests", False))
+        lab_opts = lab_options(o0, hwtrace_plugin=plugin)
+        if self.box is None:
+            # a restored lab then brings the cells' shared guest with it
+            lab_opts = replace(lab_opts, resident_guest=cell_guest.resident_options(members))
+        stack = Stack(kdir, self.progress, lab_opts,
                       guest_kernel=o0["guest_kernel"], build=not o0["no_build"])
         stack.lab_image, stack.guest_image = images
         lab_failed: str | None = None
         boots = 0
-        cell_guest = CellGuest(kdir, self.progress,
-                               enabled=not getattr(self.args, "own_guests", False))
         try:
             for exp, o in members:
                 n = len(self.cells) + 1

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import io
+import logging
 import math
 import os
 import platform
@@ -17,6 +18,8 @@ from pathlib import Path
 
 from jinja2 import Environment, PackageLoader, select_autoescape
 from markupsafe import Markup
+
+log = logging.getLogger("vmlab.report")
 
 _CLASS = {True: "match", False: "mismatch", None: "na"}
 _WORD = {True: "match", False: "MISMATCH", None: "not applicable"}
@@ -146,6 +149,39 @@ def _chain(chain: dict) -> dict | None:
     return {"boxes": boxes, "mismatches": mism}
 
 
+@lru_cache(maxsize=4 * MAX_MAPS)
+def _page_map_drawn(runs: tuple, npages: int) -> str:
+    return page_map_png([list(r) for r in runs], npages)
+
+
+@lru_cache(maxsize=4)
+def _latency_drawn(times: tuple) -> str | None:
+    return latency_svg([{"seconds": s, "watch": {"latency_s": w}} for s, w in times])
+
+
+def _plot_inputs(res: dict) -> tuple[list, int, tuple]:
+    """(page maps to draw, pages, per-move times) of a run, hashable: the plots are pure
+    functions of them, drawn once (prerender) and found again by run_html."""
+    npages = max(1, _buffer_pages(res))
+    rows = ([res["baseline"]] if res.get("baseline") else []) + list(res.get("moves", []))
+    maps = [tuple(tuple(x) for x in r["page_map"]) for r in rows if r.get("page_map")][:MAX_MAPS]
+    times = tuple((m.get("seconds"), m["watch"].get("latency_s") if isinstance(m.get("watch"), dict) else None)
+                  for m in res.get("moves", []))
+    return maps, npages, times
+
+
+def prerender(res: dict) -> None:
+    """Draw a run's plots ahead (matplotlib: about 1 s), on a thread while the run tears
+    down; run_html then finds them drawn. Never raises: run_html draws what is missing."""
+    try:
+        maps, npages, times = _plot_inputs(res)
+        for m in maps:
+            _page_map_drawn(m, npages)
+        _latency_drawn(times)
+    except Exception as e:
+        log.warning("report: drawing the plots ahead: %s: %s", type(e).__name__, e)
+
+
 def run_html(res: dict, outdir: Path) -> str:
     npages = max(1, _buffer_pages(res))
     rows, maps = [], []
@@ -158,7 +194,7 @@ def run_html(res: dict, outdir: Path) -> str:
         if r.get("page_map") and len(maps) < MAX_MAPS:
             maps.append({"label": f"move {r['n']} {r.get('mode', '')}: {r.get('verdict')}"
                          if r["n"] != "baseline" else f"baseline: {r.get('verdict')}",
-                         "png": page_map_png(r["page_map"], npages)})
+                         "png": _page_map_drawn(tuple(tuple(x) for x in r["page_map"]), npages)})
     drawn = sum(1 for r in rows if r.get("page_map"))
     kvm = []
     for m in res.get("moves", []):
@@ -180,7 +216,7 @@ def run_html(res: dict, outdir: Path) -> str:
     files = [f for f in ("results.json", "junit.xml", "reproduce.sh", "config.yaml", "vmlab.log",
                          "lab-console.log", "guest-console.log", "guest.qemu.log", "hostagent.log",
                          "lab-dmesg.log", "guest-dmesg.log") if (Path(outdir) / f).exists()]
-    svg = latency_svg(res.get("moves", []))
+    svg = _latency_drawn(_plot_inputs(res)[2])
     return _env().get_template("run.html.j2").render(
         title=f"vmlab run: {res.get('experiment', '')}", res=res, rows=rows, maps=maps,
         colour={"REFAULTED": "#2e7d32", "STALE": "#c62828", "HW_STALE": "#d84315", "TORN": "#283593",
