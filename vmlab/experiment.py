@@ -92,8 +92,12 @@ def resident_options(gopts: GuestOptions) -> GuestOptions:
 
 def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
     """Why this experiment's buffer cannot be hot-plugged into a running guest, or None."""
+    from .hotplug import HOTPLUG_MAX_BAR
     if exp.raw.get("transport", "ivshmem") != "ivshmem":
         return "its buffer travels over a vhost-user device that boots with the guest"
+    if exp.size > HOTPLUG_MAX_BAR:
+        return (f"its buffer ({exp.size >> 10} KiB) is larger than a hot-plugged BAR the guest "
+                f"finds room for ({HOTPLUG_MAX_BAR >> 10} KiB, vmlab/hotplug.py)")
     if exp.raw.get("gpu_roundtrip"):
         return "it drives the guest's virtio-gpu"
     if any(mv.get("inject") == "kill-vmm" for mv in exp.raw.get("moves") or []):
@@ -222,19 +226,20 @@ class Run:
         boot one. A guest that does not come back is stopped too, and its snapshot goes."""
         g = lab.resident_guest
         why = reuse.guest_mismatch(dataclasses.asdict(g.opts), gopts)
+        if why is None and hotplug_blocker(self.exp, self.opts) is not None:
+            why = hotplug_blocker(self.exp, self.opts)
         if why is None:
             try:
                 g.thaw(self.progress)
             except Exception as e:
                 why = f"it did not come back: {e}"
-                snap = (lab.snapshot or {}).get("restored")
-                if snap:
-                    lab_snapshot.discard(Path(snap))
+                lab.discard_snapshot()     # it would not come back from this snapshot again
         if why is not None:
             self.progress(f"not running in the guest saved with the lab ({why}); booting one")
             if not lab.drop_resident():
                 raise CouldNotTest("the guest saved with the lab could not be stopped")
             return
+        lab.resident_guest = None           # this run's now, gone with its lab
         self.shared_guest = self.stack.shared_guest = g
         self.stop_guest_in_doubt = True     # it is this run's, gone with its lab anyway
         self.plug_name = f"run{os.getpid()}n{next(_PLUG_SEQ)}"
@@ -288,8 +293,8 @@ class Run:
                     self.require_shm_qemu(image_qemu, "the lab image's QEMU")
                     shm_checked = True
             lab = self.stack.up_lab()
-            if getattr(lab, "resident_guest", None) is not None:
-                self.take_resident(lab, gopts)
+            if self.shared_lab is None and getattr(lab, "resident_guest", None) is not None:
+                self.take_resident(lab, gopts)     # a shared lab's is its owner's (CellGuest)
             if plugin:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
                 self.result["hw_oracle"]["plugin_hello"] = self.hw.connect()
@@ -911,7 +916,7 @@ class Run:
         says so in its place, it never changes the run's outcome."""
         plots = getattr(self, "_plots", None)
         if plots is not None:
-            plots.join(timeout=60)     # not drawn by then: run_html draws them itself
+            plots.join(timeout=15)     # not drawn by then: run_html draws them itself
         try:
             page = report.run_html(self.result, self.out)
         except Exception as e:

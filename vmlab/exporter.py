@@ -46,13 +46,13 @@ def agent_command(lab, *, warm: bool = False) -> str:
     src = lab.share_dir
     prep = ""
     if getattr(lab, "agent_cache", False):
-        from .lab import agent_digest
-        d = f"/run/vmlab-agent-{agent_digest()}"
-        prep = (f"[ -d {d} ] || {{ t=$(mktemp -d {d}.XXXXXX) && cp {src}/*.py $t/ && "
-                f"{{ mv -T $t {d} 2>/dev/null || rm -rf $t; }}; }}; ")
-        src = d
+        # named by what the share holds now (a kept lab's share is its first run's)
+        prep = (f"d=/run/vmlab-agent-$(cat {src}/*.py | sha256sum | cut -c1-16) && "
+                f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py $t/ && "
+                f"{{ mv -T $t $d 2>/dev/null || rm -rf $t; }}; }}; }} && ")
+        src = "$d"
     if warm:
-        return f"{prep}python3 -S -c 'import sys; sys.path.insert(0, \"{src}\"); import hostagent'"
+        return f"{prep}python3 -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import hostagent' {src}"
     return f"{prep}exec python3 -S -u -c {shlex.quote(_START)} {src}/hostagent.py serve"
 
 

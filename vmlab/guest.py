@@ -204,6 +204,11 @@ class Guest:
         if not self.opts.key_port:
             raise InfraError(f"{self.opts.name}: a guest without a key port cannot be saved "
                              f"(no key could reach it after a restore)")
+        rc, _, _ = self.lab.run(f"grep -q 'vmlab-guest: .* key port /dev/vport' "
+                                f"{shlex.quote(self.spec().console_log)}", timeout=30, check=False)
+        if rc != 0:   # its init found no port: a guest saved so could never be logged into
+            raise InfraError(f"{self.opts.name}: its init runs no key-port reader (no 'key port' "
+                             f"line on its console)")
         self.run("rm -f /root/.ssh/authorized_keys", timeout=30)
         self.cmd("stop")
         self.disconnect()
@@ -217,8 +222,8 @@ class Guest:
         Python start-ups under TCG, side by side."""
         start = time.monotonic()
         nonce = os.urandom(8).hex()
-        line = (f"VMLAB-KEY {ssh.public_key_b64(self.lab.key)} {int(time.time())} {nonce} "
-                f"{os.urandom(32).hex()}\n")
+        # the time is the lab's, stamped by the sender at each send (the lab's clock is set)
+        line = f"VMLAB-KEY {ssh.public_key_b64(self.lab.key)} TIME {nonce} {os.urandom(32).hex()}\n"
         spec = self.spec()
         chan = self.lab.session.open_exec(
             f"python3 -S -c {shlex.quote(_KEY_SENDER)} {shlex.quote(spec.key_port)} "
@@ -371,8 +376,8 @@ class Guest:
 _KEY_SENDER = r"""
 import socket, sys, time
 port, console, nonce, limit = sys.argv[1], sys.argv[2], sys.argv[3].encode(), float(sys.argv[4])
-line = sys.stdin.buffer.read()   # written before QMP's cont: waits in the port
-mark = b"VMLAB-KEY-INSTALLED " + nonce
+line = sys.stdin.buffer.read()
+mark = b"VMLAB-KEY-INSTALLED " + nonce + b" reseed="
 deadline = time.monotonic() + limit
 s = socket.socket(socket.AF_UNIX)
 s.settimeout(5)
@@ -381,12 +386,15 @@ with open(console, "rb") as f:
     f.seek(0, 2)
     seen = b""
     while time.monotonic() < deadline:
-        s.sendall(line)
+        s.sendall(line.replace(b"TIME", b"%d" % time.time()))   # waits in the port until cont
         until = time.monotonic() + 0.5
         while time.monotonic() < until:
             seen = (seen + f.read())[-4096:]
-            if mark in seen:
-                sys.exit(0)
+            at = seen.find(mark)
+            if at >= 0 and b"\n" in seen[at:]:
+                rc = seen[at + len(mark):].split(None, 1)[0]
+                # the guest's RNG reseeded from the host's bytes (0), or it says why not
+                sys.exit(0 if rc == b"0" else "the guest agent's reseed exited %s" % rc.decode())
             time.sleep(0.02)
 sys.exit("no VMLAB-KEY-INSTALLED on the guest's console within %g s" % limit)
 """

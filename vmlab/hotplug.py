@@ -29,6 +29,11 @@ log = logging.getLogger("vmlab.hotplug")
 PORTS = 4
 PORT_ID = "vmlab-hp{}"
 PREF64_RESERVE = "512M"      # the largest hot-plugged BAR (vmlab buffers are at most 256 MiB)
+# Measured (trixie's 6.12 guest, QEMU 10.0, ACPI hot-plug): the guest never places a
+# hot-plugged 64-bit prefetchable BAR in the root port's reserved 512 MiB pref64 window.
+# A 1 MiB BAR 2 lands in the port's 2 MiB 32-bit window; a 64 MiB one gets "can't assign;
+# no space" and the device never appears. Larger buffers boot with their device.
+HOTPLUG_MAX_BAR = 1 << 20
 IVSHMEM_DIR = "/run/vmlab/ivshmem"
 AGENT = "vmlab-guest-agent"
 

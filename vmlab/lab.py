@@ -56,8 +56,9 @@ true
 # --version` and dpkg-query cost 1 s of every run under TCG). A box's QEMU may change
 # between runs, and its /run is the user's: asked every time there.
 _CACHED = "/run/vmlab-lab-facts"
-_NESTED_FACTS = (f"if [ ! -s {_CACHED} ]; then {{ {_STATIC_FACTS} }} > {_CACHED}.$$ && "
-                 f"mv {_CACHED}.$$ {_CACHED}; fi\ncat {_CACHED}\n" + _LIVE_FACTS)
+_NESTED_FACTS = (f"if [ -s {_CACHED} ]; then cat {_CACHED}; else {{ {_STATIC_FACTS} }} > {_CACHED}.$$; "
+                 f"cat {_CACHED}.$$; if grep -q -e '=$' -e '=-$' {_CACHED}.$$; then rm -f {_CACHED}.$$; "
+                 f"else mv {_CACHED}.$$ {_CACHED}; fi; fi\n" + _LIVE_FACTS)
 
 
 def lab_facts(lab) -> dict:
@@ -314,8 +315,11 @@ class NestedLab:
             if snap_key is not None and (resident is None or self._boot_resident(resident, progress)):
                 # asked once and kept in the lab, so the snapshot holds them: the static
                 # facts, the host agent's copy and bytecode
-                lab_facts(self)
-                self.run(agent_command(self, warm=True), timeout=60, check=False)
+                try:
+                    lab_facts(self)
+                    self.run(agent_command(self, warm=True), timeout=60, check=False)
+                except (RemoteError, WaitTimeout) as e:   # only a speed-up: the save decides
+                    log.warning("lab: warming the facts and the host agent: %s", e)
                 self._save_snapshot(snap_key, progress)
             if self.detach:
                 self._save_state()
@@ -340,9 +344,25 @@ class NestedLab:
         return True
 
     def drop_resident(self) -> bool:
-        """Stop the resident guest (a run that cannot use it); True when it is gone."""
+        """Stop the resident guest (a run that cannot use it); True when it is gone. Its
+        logs are kept as ``NAME-console.saved-guest.log`` (a guest the run boots next
+        takes its name)."""
         g, self.resident_guest = self.resident_guest, None
-        return g.down() if g is not None else True
+        if g is None:
+            return True
+        gone = g.down()
+        for name in (f"{g.opts.name}-console.log", f"{g.opts.name}.qemu.log"):
+            src = self.workdir / name
+            if src.exists():
+                src.rename(src.with_suffix(".saved-guest.log"))
+        return gone
+
+    def discard_snapshot(self) -> None:
+        """The snapshot this lab was restored from or saved (a guest in it that would not
+        come back): the next lab boots and saves a new one."""
+        snap = (self.snapshot or {}).get("restored") or (self.snapshot or {}).get("saved")
+        if snap:
+            lab_snapshot.discard(Path(snap))
 
     def _new_overlay(self, lab_image: images.Image) -> None:
         """The lab's root fs as a qcow2 overlay of the image's (never written): a snapshot

@@ -36,7 +36,8 @@ from .qemu import qemu_version
 log = logging.getLogger("vmlab.snapshot")
 
 FORMAT = 2            # bump when what a snapshot holds or how it is restored changes
-KEEP = 3              # snapshots kept per lab image (different lab memory, append...)
+KEEP = 4              # per lab image: the lab alone, with the default run's guest, with
+                      # the matrix's, one more shape (lab memory, append, guest memory...)
 SAVE_TIMEOUT = 120    # seconds for QEMU to write the snapshot
 LOAD_TIMEOUT = 60     # seconds for QEMU to read it back
 DISABLE_ENV = "VMLAB_SNAPSHOTS"   # "0": never use or make snapshots

@@ -66,6 +66,8 @@ class CellGuest:
             self.guest = None          # the lab was booted again: its guests went with it
         if self.guest is None and getattr(lab, "resident_guest", None) is not None:
             self._take_resident(lab, want)
+            if not self.enabled:
+                return None
         if self.guest is not None:
             why = guest_mismatch(asdict(self.guest.opts), want)
             if why is None and not self.guest.alive():
@@ -98,9 +100,14 @@ class CellGuest:
                 g.thaw(self.progress)
             except Exception as e:
                 why = f"it did not come back ({type(e).__name__}: {e})"
+                lab.discard_snapshot()     # it would not come back from this snapshot again
         if why is not None:
             self.progress(f"matrix guest: not the one saved with the lab ({why}); stopping it")
-            lab.drop_resident()
+            if not lab.drop_resident():
+                # its name and port may still be taken: no shared guest in this lab
+                self.progress("matrix guest: the one saved with the lab is not known gone; "
+                              "the cells of this lab boot guests of their own")
+                self.enabled = False
             return
         lab.resident_guest = None      # the matrix's now, stopped by it
         g.reused_from = f"the matrix's guest '{self.NAME}' of this lab (saved with its snapshot)"

@@ -1537,8 +1537,10 @@ static int cmd_reseed(int argc, char **argv)
 	if (ioctl(fd, RNDADDENTROPY, info))
 		die("RNDADDENTROPY: %s", strerror(errno));
 	free(info);
+#ifdef RNDRESEEDCRNG
 	if (ioctl(fd, RNDRESEEDCRNG) && errno != EINVAL && errno != ENOTTY)
 		die("RNDRESEEDCRNG: %s", strerror(errno));
+#endif
 	close(fd);
 	printf("{\"reseeded\": %zu}\n", n);
 	return 0;

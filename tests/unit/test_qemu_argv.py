@@ -175,12 +175,13 @@ def test_a_guests_key_port_is_port_io_like_its_network():
     assert "virtio-serial-pci,id=vser0,disable-modern=on,disable-legacy=off" in opt(a, "-device")
 
 
-def test_snapshots_are_pruned_and_a_dead_vmlabs_leftovers_go(tmp_path):
+def test_snapshots_are_pruned_and_a_dead_vmlabs_leftovers_go(tmp_path, monkeypatch):
     import os
     import subprocess
     import time
 
     from vmlab import lab_snapshot
+    monkeypatch.setattr(lab_snapshot, "KEEP", 3)
     img = tmp_path / "lab-x"
     d = lab_snapshot.directory(img)
     for i, k in enumerate(("a1", "b2", "c3", "d4", "e5")):

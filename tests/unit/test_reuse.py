@@ -66,12 +66,14 @@ def test_which_experiments_can_take_their_buffer_by_hot_plug(tmp_path):
     from vmlab import config as cfgmod
     from vmlab.experiment import hotplug_blocker
 
-    def exp(body):
+    def exp(body, size="1M"):
         p = tmp_path / "e.yaml"
-        p.write_text("version: 1\nname: e\nexporter: {kind: vmlab, size: 1M}\n" + body)
+        p.write_text(f"version: 1\nname: e\nexporter: {{kind: vmlab, size: {size}}}\n" + body)
         return cfgmod.load(p)
     plain = "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n"
     assert hotplug_blocker(exp(plain), {}) is None
+    # measured: a hot-plugged BAR over 1 MiB finds no room in the guest (vmlab/hotplug.py)
+    assert "larger than a hot-plugged BAR" in hotplug_blocker(exp(plain, "2M"), {})
     assert "vhost-user" in hotplug_blocker(exp("transport: virtio-shm\n" + plain), {})
     kill = "moves:\n  - {mode: MIGRATE, inject: kill-vmm, expect: VMM_FAULT}\n"
     assert "kills the guest's QEMU" in hotplug_blocker(exp(kill), {})
