@@ -150,6 +150,7 @@ class Run:
         self.gagent: GuestAgent | None = None      # the guest agent's `serve` process
         self.bar2_gpa: int | None = None           # where the guest sees the buffer
         self.ktrace = False                        # KVM's tracepoints recorded per move
+        self.resident_taken = False                # the guest came with the lab's snapshot
 
     # --- helpers ------------------------------------------------------------------------
     def save(self) -> None:
@@ -240,6 +241,7 @@ class Run:
                 raise CouldNotTest("the guest saved with the lab could not be stopped")
             return
         lab.resident_guest = None           # this run's now, gone with its lab
+        self.resident_taken = True
         self.shared_guest = self.stack.shared_guest = g
         self.stop_guest_in_doubt = True     # it is this run's, gone with its lab anyway
         self.plug_name = f"run{os.getpid()}n{next(_PLUG_SEQ)}"
@@ -384,7 +386,7 @@ class Run:
                 self.dev_args = f" --device {self.plug.bdf}"
                 self.result["guest"].update(reused_from=guest.reused_from,
                                             # restored with the lab, or booted and saved with it
-                                            with_lab_snapshot=guest is getattr(self.stack.lab, "resident_guest", None),
+                                            with_lab_snapshot=self.resident_taken,
                                             hotplug={"port": self.plug.port, "bdf": self.plug.bdf,
                                                      "seconds": round(time.monotonic() - t0, 3)})
                 self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")

@@ -39,8 +39,8 @@ def agent_command(lab, *, warm: bool = False) -> str:
 
     It is imported, not run as a script: Python compiles a script on every start (0.7 s
     under TCG) but keeps a module's bytecode; -S: it is stdlib only, and site costs 0.35 s.
-    A nested lab (``agent_cache``) runs it from a copy in its /run, named by the agent's
-    digest, where that bytecode can be written (the share is read-only) and a snapshot
+    A nested lab (``agent_cache``) runs it from a copy in its /run, named by the share's
+    content, where that bytecode can be written (the share is read-only) and a snapshot
     keeps it; a box runs it from the run's directory, its /run is the user's. The path
     stays on the command line: cleanups find the agent by it."""
     src = lab.share_dir

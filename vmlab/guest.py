@@ -386,15 +386,17 @@ with open(console, "rb") as f:
     f.seek(0, 2)
     seen = b""
     while time.monotonic() < deadline:
-        s.sendall(line.replace(b"TIME", b"%d" % time.time()))   # waits in the port until cont
+        s.sendall(line.replace(b" TIME ", b" %d " % time.time(), 1))   # waits in the port until cont
         until = time.monotonic() + 0.5
         while time.monotonic() < until:
-            seen = (seen + f.read())[-4096:]
+            seen += f.read()
             at = seen.find(mark)
             if at >= 0 and b"\n" in seen[at:]:
                 rc = seen[at + len(mark):].split(None, 1)[0]
                 # the guest's RNG reseeded from the host's bytes (0), or it says why not
                 sys.exit(0 if rc == b"0" else "the guest agent's reseed exited %s" % rc.decode())
+            # kept: a mark still waiting for its newline, and what may be the start of one
+            seen = seen[at:] if at >= 0 else seen[-len(mark):]
             time.sleep(0.02)
 sys.exit("no VMLAB-KEY-INSTALLED on the guest's console within %g s" % limit)
 """

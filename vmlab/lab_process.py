@@ -116,7 +116,7 @@ class LabProcess:
             self.local_qmp,
             # the share (a box: the run's directory) named for the undo's pkill, unused
             lambda: self.lab.session.open_exec(f"python3 -S -c {shlex.quote(RELAY)} {sock} "
-                                               f"{shlex.quote(self.lab.share_dir)}"),
+                                               f"{shlex.quote(self.lab.share_dir + '/')}"),
             f"{m.spec.name}-qmp")
         q = QMP(str(self.local_qmp), nickname=f"{m.spec.name}-qmp")
         try:

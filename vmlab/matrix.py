@@ -59,6 +59,8 @@ class CellGuest:
         from .guest import Guest
         from .hotplug import root_port_args
         from .reuse import guest_mismatch
+        if not self.enabled and getattr(lab, "resident_guest", None) is not None:
+            lab.drop_resident()     # a lab booted again brought one: not used here, not kept
         if not self.enabled or hotplug_blocker(exp, o):
             return None
         want = guest_options(exp, o)[0]
