@@ -32,7 +32,7 @@ from .health import kernel_health, kernel_state
 from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer
 from .ssh import ChannelReader
 from .watch import Watch
-from .lab import lab_facts
+from .lab import ResidentNotGone, lab_facts
 from .stack import GUEST_BOOT_ATTEMPTS, LAB_BOOT_ATTEMPTS, Stack, lab_options
 from .versions import qemu_upstream_version
 
@@ -225,22 +225,12 @@ class Run:
         """Run in the guest that came with the lab's snapshot (hot-plugging the buffer, as
         in a shared guest), when it is the guest this run would boot; else stop it and
         boot one. A guest that does not come back is stopped too, and its snapshot goes."""
-        g = lab.resident_guest
-        why = reuse.guest_mismatch(dataclasses.asdict(g.opts), gopts)
-        if why is None and hotplug_blocker(self.exp, self.opts) is not None:
-            why = hotplug_blocker(self.exp, self.opts)
-        if why is None:
-            try:
-                g.thaw(self.progress)
-            except Exception as e:
-                why = f"it did not come back: {e}"
-                lab.discard_snapshot()     # it would not come back from this snapshot again
-        if why is not None:
-            self.progress(f"not running in the guest saved with the lab ({why}); booting one")
-            if not lab.drop_resident():
-                raise CouldNotTest("the guest saved with the lab could not be stopped")
-            return
-        lab.resident_guest = None           # this run's now, gone with its lab
+        try:
+            g = lab.take_resident(gopts, self.progress, blocker=hotplug_blocker(self.exp, self.opts))
+        except ResidentNotGone as e:
+            raise CouldNotTest(str(e))
+        if g is None:
+            return                          # the run boots its own
         self.resident_taken = True
         self.shared_guest = self.stack.shared_guest = g
         self.stop_guest_in_doubt = True     # it is this run's, gone with its lab anyway

@@ -67,6 +67,22 @@ class GuestOptions:
     key_port: bool = False        # a virtio-serial port vmlab.key: its key after a lab restore
 
 
+# what a guest's boot fixed and an experiment may ask for differently (name, port, boot
+# timeout and the devices on its command line are the guest's own)
+GUEST_SHAPE = ("memory_mb", "smp", "machine", "append", "gpu", "hostmem_mb", "align_mappings",
+               "shared_ram")
+
+
+def guest_mismatch(have: dict, want: GuestOptions) -> str | None:
+    """None when a guest booted with options ``have`` serves a run that would boot one
+    with ``want``, else the first difference in words."""
+    w = asdict(want)
+    for k in GUEST_SHAPE:
+        if have.get(k) != w[k]:
+            return f"its {k} is {have.get(k)!r}, this run wants {w[k]!r}"
+    return None
+
+
 class Guest:
     def __init__(self, lab, opts: GuestOptions, workdir: Path):
         self.lab = lab

@@ -81,6 +81,11 @@ def lab_facts(lab) -> dict:
     return facts
 
 
+class ResidentNotGone(Exception):
+    """The guest saved with a lab's snapshot was to be stopped, and may still run: its
+    name, port and directory are not free."""
+
+
 @dataclass
 class LabOptions:
     accel: str = "auto"          # auto | kvm | tcg
@@ -342,6 +347,31 @@ class NestedLab:
             return False
         self.resident_guest = g
         return True
+
+    def take_resident(self, want, progress, blocker: str | None = None):
+        """The guest saved with this lab's snapshot, thawed and no longer the lab's, when
+        it is the guest ``want`` (GuestOptions) describes and nothing (``blocker``) keeps
+        the caller from using it; else None, after one line saying why and stopping it
+        (ResidentNotGone when that cannot be confirmed). A guest that does not come back
+        takes its snapshot with it."""
+        from dataclasses import asdict
+        from .guest import guest_mismatch
+        g = self.resident_guest
+        why = guest_mismatch(asdict(g.opts), want) or blocker
+        if why is None:
+            try:
+                g.thaw(progress)
+            except Exception as e:
+                why = f"it did not come back ({type(e).__name__}: {e})"
+                self.discard_snapshot()     # it would not come back from this snapshot again
+        if why is None:
+            self.resident_guest = None      # the caller's now
+            return g
+        progress(f"not using the guest saved with the lab: {why}; stopping it")
+        if not self.drop_resident():
+            raise ResidentNotGone(f"the guest saved with the lab (lab pid {g.pid}) could not be "
+                                  f"confirmed stopped")
+        return None
 
     def drop_resident(self) -> bool:
         """Stop the resident guest (a run that cannot use it); True when it is gone. Its

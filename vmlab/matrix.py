@@ -58,7 +58,7 @@ class CellGuest:
         from .experiment import guest_options, hotplug_blocker
         from .guest import Guest
         from .hotplug import root_port_args
-        from .reuse import guest_mismatch
+        from .guest import guest_mismatch
         if not self.enabled and getattr(lab, "resident_guest", None) is not None:
             lab.drop_resident()     # a lab booted again brought one: not used here, not kept
         if not self.enabled or hotplug_blocker(exp, o):
@@ -93,25 +93,16 @@ class CellGuest:
     def _take_resident(self, lab, want) -> None:
         """The guest saved with the lab's snapshot (``resident_options``) becomes this
         lab's matrix guest when it has the cell's shape; else it is stopped."""
-        from dataclasses import asdict
-        from .reuse import guest_mismatch
-        g = lab.resident_guest
-        why = guest_mismatch(asdict(g.opts), want)
-        if why is None:
-            try:
-                g.thaw(self.progress)
-            except Exception as e:
-                why = f"it did not come back ({type(e).__name__}: {e})"
-                lab.discard_snapshot()     # it would not come back from this snapshot again
-        if why is not None:
-            self.progress(f"matrix guest: not the one saved with the lab ({why}); stopping it")
-            if not lab.drop_resident():
-                # its name and port may still be taken: no shared guest in this lab
-                self.progress("matrix guest: the one saved with the lab is not known gone; "
-                              "the cells of this lab boot guests of their own")
-                self.enabled = False
+        from .lab import ResidentNotGone
+        try:
+            g = lab.take_resident(want, self.progress)
+        except ResidentNotGone as e:
+            # its name and port may still be taken: no shared guest in this lab
+            self.progress(f"matrix guest: {e}; the cells of this lab boot guests of their own")
+            self.enabled = False
             return
-        lab.resident_guest = None      # the matrix's now, stopped by it
+        if g is None:
+            return
         g.reused_from = f"the matrix's guest '{self.NAME}' of this lab (saved with its snapshot)"
         self.guest = g
 

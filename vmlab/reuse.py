@@ -26,7 +26,7 @@ from dataclasses import asdict, fields
 
 from . import images
 from .errors import UserError, WaitTimeout
-from .guest import Guest, GuestOptions
+from .guest import Guest, GuestOptions, guest_mismatch
 from .lab import NestedLab, agent_digest
 from .paths import locked, read_json, state_dir, write_atomic
 
@@ -174,12 +174,6 @@ def guest_identity(lab) -> tuple[str, int]:
 
 
 # --- the guest of `vmlab guest up` -------------------------------------------------------
-# what a guest's boot fixed and an experiment may ask for differently (name, port, boot
-# timeout and the devices on its command line are the guest's own)
-GUEST_SHAPE = ("memory_mb", "smp", "machine", "append", "gpu", "hostmem_mb", "align_mappings",
-               "shared_ram")
-
-
 def guest_state(st) -> "os.PathLike":
     return st / "guest.json"
 
@@ -229,16 +223,6 @@ def mark_guest_in_doubt(st, why: str) -> None:
     if isinstance(rec, dict):
         rec["doubt"] = why
         write_atomic(guest_state(st), json.dumps(rec))
-
-
-def guest_mismatch(have: dict, want: GuestOptions) -> str | None:
-    """None when a guest booted with options ``have`` serves a run that would boot one
-    with ``want``, else the first difference in words."""
-    w = asdict(want)
-    for k in GUEST_SHAPE:
-        if have.get(k) != w[k]:
-            return f"its {k} is {have.get(k)!r}, this run wants {w[k]!r}"
-    return None
 
 
 @contextlib.contextmanager
