@@ -55,10 +55,13 @@ def _interrupt(tmp_path, sig, phase, code, again=False, snapshots=True, into=2.0
         assert qemu_pids(str(tmp_path)), "the lab QEMU should be running at this point"
         os.killpg(p.pid, sig)  # like the terminal's Ctrl-C: the whole process group
         if again:
-            time.sleep(0.3)
-            os.killpg(p.pid, sig)
-            time.sleep(0.3)
-            os.killpg(p.pid, sig)
+            # Ctrl-C pressed again and again while vmlab tears down (a teardown may take
+            # well under a second: every 50 ms until it has exited, 3 s at most)
+            for _ in range(60):
+                time.sleep(0.05)
+                if p.poll() is not None:
+                    break
+                os.killpg(p.pid, sig)
         rc = p.wait(timeout=90)
     finally:
         if p.poll() is None:
