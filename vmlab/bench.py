@@ -345,14 +345,26 @@ def bench_snapshot(args, progress, repeat: int) -> dict:
     return res
 
 
+def _vmlab_process(argv, env: dict, what: str, *, ok=(0,), timeout: float = 1800) -> float:
+    """Seconds ``vmlab ARGV`` took as its own process (as a user runs it, no stdin);
+    VmlabError when it exits with a status not in ``ok``."""
+    import subprocess
+    import sys
+    t = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "vmlab.cli", *argv], env=env, capture_output=True,
+                       text=True, timeout=timeout, stdin=subprocess.DEVNULL)
+    if r.returncode not in ok:
+        raise VmlabError(f"{what}: vmlab {' '.join(argv)} exited {r.returncode}: "
+                         f"{r.stderr.strip().splitlines()[-1:]}")
+    return time.monotonic() - t
+
+
 def _warm_runs(args, progress, repeat: int) -> dict:
     """The default experiment as a user runs it (``vmlab run``, a process each, a state
     directory of the bench's own), its lab and guest booted (snapshots off) and restored
     with the guest saved in the lab's snapshot, in turns; the first run saves that
     snapshot when there is none."""
     import json
-    import subprocess
-    import sys
     from . import lab_snapshot
     work = _workdir("warm-run")
     kernel = getattr(args, "kernel", None) or "trixie"
@@ -361,14 +373,8 @@ def _warm_runs(args, progress, repeat: int) -> dict:
         env = dict(os.environ, VMLAB_STATE_DIR=str(work / "state"),
                    **{lab_snapshot.DISABLE_ENV: "1" if snapshots else "0"})
         progress(f"bench snapshot: vmlab run ({name})")
-        t = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "vmlab.cli", "run", "--kernel", kernel, "--accel", "tcg",
-                            "--out", str(work / name)], env=env, capture_output=True, text=True,
-                           timeout=1800, stdin=subprocess.DEVNULL)
-        wall = time.monotonic() - t
-        if r.returncode != 0:
-            raise VmlabError(f"bench snapshot: vmlab run ({name}) exited {r.returncode}: "
-                             f"{r.stderr.strip().splitlines()[-1:]}")
+        wall = _vmlab_process(("run", "--kernel", kernel, "--accel", "tcg", "--out", str(work / name)),
+                              env, "bench snapshot", ok=(0,))
         res = json.loads((work / name / "results.json").read_text())
         return {"wall": round(wall, 2), "lab_s": res["lab"].get("boot_seconds"),
                 "guest_s": res["guest"].get("boot_seconds"), "snapshot": res["lab"].get("snapshot"),
@@ -396,20 +402,12 @@ def bench_reuse(args, progress, repeat: int) -> dict:
     its own (``--fresh``) and in the lab that ``vmlab lab up`` left running, alternating;
     then, after ``vmlab guest up``, in that running guest (the buffer hot-plugged)."""
     import json
-    import subprocess
-    import sys
     work = _workdir("reuse")
     env = dict(os.environ, VMLAB_STATE_DIR=str(work / "state"))
     kernel = getattr(args, "kernel", None) or "trixie"
 
     def vmlab(*a, timeout=1800):
-        t = time.monotonic()
-        r = subprocess.run([sys.executable, "-m", "vmlab.cli", *a], env=env, capture_output=True,
-                           text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-        if r.returncode not in (0, 1):
-            raise VmlabError(f"bench reuse: vmlab {' '.join(a)} exited {r.returncode}: "
-                             f"{r.stderr.strip().splitlines()[-1:]}")
-        return time.monotonic() - t
+        return _vmlab_process(a, env, "bench reuse", ok=(0, 1), timeout=timeout)
 
     def verdicts(d):
         res = json.loads((d / "results.json").read_text())

@@ -21,7 +21,7 @@ from pathlib import Path
 from . import images, kvm_probe, lab_snapshot, proc, ssh
 from .exporter import agent_command
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
-from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, write_atomic
+from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, set_aside, write_atomic
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port, qemu_version
 
 log = logging.getLogger("vmlab.lab")
@@ -381,10 +381,7 @@ class NestedLab:
         if g is None:
             return True
         gone = g.down()
-        for name in (f"{g.opts.name}-console.log", f"{g.opts.name}.qemu.log"):
-            src = self.workdir / name
-            if src.exists():
-                src.rename(src.with_suffix(".saved-guest.log"))
+        set_aside(self.workdir, (f"{g.opts.name}-console.log", f"{g.opts.name}.qemu.log"), "saved-guest")
         return gone
 
     def discard_snapshot(self) -> None:

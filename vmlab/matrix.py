@@ -28,6 +28,7 @@ from xml.sax.saxutils import escape, quoteattr
 from . import catalog, proc, report, strategies
 from . import config as cfgmod
 from .errors import CouldNotTest, ConfigError, UserError
+from .paths import set_aside
 from .reuse import guest_doubt
 from .stack import Stack, lab_images, lab_options
 
@@ -343,9 +344,7 @@ class Matrix:
                         self.progress(f"lab {kernel} stopped answering: booting it again")
                         with proc.signals_deferred():
                             stack.down()
-                        for name in ("lab-console.log", "lab.qemu.log", "lab-dmesg.log"):
-                            if (kdir / name).exists():
-                                (kdir / name).rename(kdir / name.replace(".log", f".boot{boots}.log"))
+                        set_aside(kdir, ("lab-console.log", "lab.qemu.log", "lab-dmesg.log"), f"boot{boots}")
                     try:
                         boots += 1
                         stack.up_lab()

@@ -104,3 +104,17 @@ def locked(path: Path, what: str, timeout: float = 900, shared: bool = False):
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def set_aside(directory: Path, names, tag: str) -> list[str]:
+    """Each ``NAME.log`` of ``names`` that exists in ``directory`` renamed to
+    ``NAME.TAG.log``, out of the way of the next VM of that name (a retried boot, a guest
+    replaced); the new names."""
+    kept = []
+    for name in names:
+        src = Path(directory) / name
+        if src.exists():
+            dst = src.with_name(f"{name[:-len('.log')]}.{tag}.log")
+            src.rename(dst)
+            kept.append(dst.name)
+    return kept

@@ -14,6 +14,7 @@ from . import images, proc
 from .errors import BootFailure
 from .guest import Guest, GuestOptions
 from .lab import LabOptions, NestedLab
+from .paths import set_aside
 
 log = logging.getLogger("vmlab.stack")
 LAB_BOOT_ATTEMPTS = 2
@@ -124,14 +125,7 @@ class Stack:
         return self.lab_image.manifest.get("qemu_version")
 
     def _keep_attempt_logs(self, attempt: int) -> list[str]:
-        kept = []
-        for name in ("lab-console.log", "lab.qemu.log"):
-            src = self.workdir / name
-            if src.exists():
-                dst = self.workdir / name.replace(".log", f".attempt{attempt}.log")
-                src.rename(dst)
-                kept.append(dst.name)
-        return kept
+        return set_aside(self.workdir, ("lab-console.log", "lab.qemu.log"), f"attempt{attempt}")
 
     def up_guest(self) -> Guest:
         if self.shared_guest is not None:
@@ -150,13 +144,8 @@ class Stack:
                 # a TCG artifact (an oops in the guest's early boot, about 1 in 80 boots):
                 # once more, the failed attempt's console kept and counted
                 name = self.guest_opts.name
-                kept = []
-                for log_name in (f"{name}-console.log", f"{name}.qemu.log"):
-                    src = self.workdir / log_name
-                    if src.exists():
-                        dst = self.workdir / log_name.replace(".log", f".attempt{attempt}.log")
-                        src.rename(dst)
-                        kept.append(dst.name)
+                kept = set_aside(self.workdir, (f"{name}-console.log", f"{name}.qemu.log"),
+                                 f"attempt{attempt}")
                 self.guest_boot_failures.append({"attempt": attempt, "cause": e.cause, "logs": kept})
                 self.progress(f"guest did not come up (attempt {attempt} of {attempts}): "
                               f"{e.cause}; booting it again")
