@@ -95,9 +95,9 @@ def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
     from .hotplug import HOTPLUG_MAX_BAR
     if exp.raw.get("transport", "ivshmem") != "ivshmem":
         return "its buffer travels over a vhost-user device that boots with the guest"
-    if exp.size > HOTPLUG_MAX_BAR:
-        return (f"its buffer ({exp.size >> 10} KiB) is larger than a hot-plugged BAR the guest "
-                f"finds room for ({HOTPLUG_MAX_BAR >> 10} KiB, vmlab/hotplug.py)")
+    if exp.size > HOTPLUG_MAX_BAR:    # the buffer is ivshmem's BAR 2 (config checks: a power of 2)
+        return (f"its BAR ({exp.size >> 20} MiB) is larger than a root port's reserved window "
+                f"({HOTPLUG_MAX_BAR >> 20} MiB, vmlab/hotplug.py)")
     if exp.raw.get("gpu_roundtrip"):
         return "it drives the guest's virtio-gpu"
     if any(mv.get("inject") == "kill-vmm" for mv in exp.raw.get("moves") or []):

@@ -28,12 +28,15 @@ from .errors import RemoteError, WaitTimeout
 log = logging.getLogger("vmlab.hotplug")
 PORTS = 4
 PORT_ID = "vmlab-hp{}"
-PREF64_RESERVE = "512M"      # the largest hot-plugged BAR (vmlab buffers are at most 256 MiB)
-# Measured (trixie's 6.12 guest, QEMU 10.0, ACPI hot-plug): the guest never places a
-# hot-plugged 64-bit prefetchable BAR in the root port's reserved 512 MiB pref64 window.
-# A 1 MiB BAR 2 lands in the port's 2 MiB 32-bit window; a 64 MiB one gets "can't assign;
-# no space" and the device never appears. Larger buffers boot with their device.
-HOTPLUG_MAX_BAR = 1 << 20
+HOTPLUG_MAX_BAR = 512 << 20   # each root port's reserved 64-bit prefetchable window holds one
+PREF64_RESERVE = f"{HOTPLUG_MAX_BAR >> 20}M"   # BAR this large (vmlab buffers are <= 256 MiB)
+# SeaBIOS puts those windows at the top of the guest's 40-bit physical space, inside the
+# range QEMU reserves in the e820 map for AMD's HyperTransport (0xfd00000000-0xffffffffff).
+# Linux keeps the windows the firmware assigned, but refuses to allocate a hot-plugged BAR
+# from e820-reserved memory (arch_remove_reservations): measured on trixie's 6.12 guest, a
+# 64 MiB BAR 2 got "can't assign; no space" and a 1 MiB one fell back to the 32-bit window.
+# The guest therefore boots with pci=no_e820 (guest.BOOT_ARGS); with it the 64 MiB BAR is
+# assigned at the window's start.
 IVSHMEM_DIR = "/run/vmlab/ivshmem"
 AGENT = "vmlab-guest-agent"
 

@@ -62,7 +62,7 @@ def enabled(spec, hwtrace: bool, extra_args) -> str | None:
 def key(spec, image_path: Path, *, resident=None, guest_image=None) -> str:
     """What must be equal for a snapshot to be this lab: the image, the outer QEMU, the
     machine, and the kernel command line without the run's key; with a resident guest
-    (GuestOptions), that guest's options and the guest image it booted."""
+    (GuestOptions), that guest's options, its kernel's fixed arguments and the guest image."""
     append = re.sub(r"vmlab\.sshkey=\S+", "", spec.append)
     what = {"format": FORMAT, "image": image_path.name, "qemu": qemu_version(spec.binary),
             "machine": spec.machine, "cpu": spec.cpu, "smp": spec.smp, "memory_mb": spec.memory_mb,
@@ -70,7 +70,8 @@ def key(spec, image_path: Path, *, resident=None, guest_image=None) -> str:
     if resident is not None:
         o = asdict(resident)
         o.pop("boot_timeout", None)     # how long a boot may take is no part of the guest
-        what["resident_guest"] = {"options": o, "image": guest_image.path.name}
+        from .guest import BOOT_ARGS
+        what["resident_guest"] = {"options": o, "image": guest_image.path.name, "boot_args": BOOT_ARGS}
     return hashlib.sha256(json.dumps(what, sort_keys=True).encode()).hexdigest()[:16]
 
 

@@ -62,7 +62,7 @@ def test_guest_shape_compares_what_a_boot_fixes_not_the_guests_own_names():
     assert "shared_ram" in reuse.guest_mismatch(have, GuestOptions(shared_ram=True))
 
 
-def test_which_experiments_can_take_their_buffer_by_hot_plug(tmp_path):
+def test_which_experiments_can_take_their_buffer_by_hot_plug(tmp_path, monkeypatch):
     from vmlab import config as cfgmod
     from vmlab.experiment import hotplug_blocker
 
@@ -72,8 +72,13 @@ def test_which_experiments_can_take_their_buffer_by_hot_plug(tmp_path):
         return cfgmod.load(p)
     plain = "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n"
     assert hotplug_blocker(exp(plain), {}) is None
-    # measured: a hot-plugged BAR over 1 MiB finds no room in the guest (vmlab/hotplug.py)
-    assert "larger than a hot-plugged BAR" in hotplug_blocker(exp(plain, "2M"), {})
+    # the largest buffer fits a root port's reserved window (with the guest's pci=no_e820)
+    assert hotplug_blocker(exp(plain, "256M"), {}) is None
+    from vmlab import hotplug
+    monkeypatch.setattr(hotplug, "HOTPLUG_MAX_BAR", 2 << 20)
+    assert hotplug_blocker(exp(plain, "2M"), {}) is None
+    assert "BAR (4 MiB) is larger than a root port's reserved window (2 MiB" in \
+        hotplug_blocker(exp(plain, "4M"), {})
     assert "vhost-user" in hotplug_blocker(exp("transport: virtio-shm\n" + plain), {})
     kill = "moves:\n  - {mode: MIGRATE, inject: kill-vmm, expect: VMM_FAULT}\n"
     assert "kills the guest's QEMU" in hotplug_blocker(exp(kill), {})
