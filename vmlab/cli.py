@@ -408,7 +408,9 @@ def parser() -> argparse.ArgumentParser:
                          "oracle's TCG cost, without and with the plugin), profile (where a "
                          "boot's seconds and VM exits go), matrix (the catalog matrix's seconds "
                          "per cell on --kernel), reuse (vmlab run with a lab of its own vs in the "
-                         "lab 'vmlab lab up' left running); default boot,build")
+                         "lab 'vmlab lab up' left running), snapshot (warm runs booted vs "
+                         "restored), cold (the main job with an empty cache: fresh machine -> "
+                         "first verdict); default boot,build")
     be.add_argument("--repeat", type=positive_int, default=1, help="how many times (>= 1, default 1)")
     _common(be)
     be.set_defaults(func=cmd_bench)

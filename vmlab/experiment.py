@@ -629,7 +629,7 @@ class Run:
         r = self.guest_agent(f"read --caching {self.mapping}{self.dev_args}", timeout=300)
         if "guest_fault" in r:
             return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
-        j = oracle.judge(r["records"], buffer_id=self.buf["id"], generation=generation,
+        j = oracle.judge(oracle.records(r), buffer_id=self.buf["id"], generation=generation,
                          npages=self.exp.size // 4096, expect_tag=expect_tag)
         j["read_ns"] = r.get("read_ns")
         j["guest_memtype"] = r.get("memtype")
@@ -744,6 +744,7 @@ class Run:
                         raise RemoteError(f"move {mv['n']}: the exporter's quarantine is full "
                                           f"(max_quarantine_mb): {e}")
                     raise
+                t_moved = time.monotonic()
                 if mres["generation"] != generation:
                     r = mv.get("pages") or {"first": 0, "count": npages}
                     page_gens[r["first"]:r["first"] + r["count"]] = \
@@ -770,12 +771,19 @@ class Run:
                     self.hw.retire(self.hw_moved_at, self.hw_pfns())
                 if mv["interval_ms"]:
                     time.sleep(mv["interval_ms"] / 1000)
+                t_watch = time.monotonic()
                 if mv["concurrent"]:
                     rec["watch"] = self.watch.wait_generation(generation, t_sent, timeout=30)
+                t_check = time.monotonic()
                 self.check_vmm()
+                t_read = time.monotonic()
                 j = self.read_and_judge(page_gens, tag)
                 rec.update(j)
-                rec["seconds"] = round(time.monotonic() - t_sent, 4)  # move + full verified read
+                t_end = time.monotonic()
+                rec["seconds"] = round(t_end - t_sent, 4)  # move + full verified read
+                # where those seconds went (vmlab bench --what move reports them)
+                rec["phases_s"] = {"move": round(t_moved - t_sent, 4), "watch": round(t_check - t_watch, 4),
+                                   "vmm_check": round(t_read - t_check, 4), "read": round(t_end - t_read, 4)}
                 info = self.exporter_info()
                 if info is not None:
                     rec["exporter_info"] = info

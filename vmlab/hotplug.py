@@ -245,7 +245,7 @@ class HotBuffer:
         r = self._agent("read")
         if "guest_fault" in r:
             return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
-        j = oracle.judge(r["records"], buffer_id=self.id, generation=list(self.page_gens),
+        j = oracle.judge(oracle.records(r), buffer_id=self.id, generation=list(self.page_gens),
                          npages=len(self.page_gens))
         j.update(generation=self.generation, memtype=r.get("memtype"))
         return j

@@ -45,6 +45,28 @@ def page_verdict(rec: list, *, buffer_id: int, generation: int | list[int],
     return "REFAULTED"
 
 
+def records(reply: dict) -> list[list]:
+    """The guest agent's read as one record per page, [index, status, buffer_id,
+    generation, page_index, state, tag]: its "runs" expanded ([index, count, status,
+    buffer_id, generation, page_index, state, tag], page_index counting up), or the
+    "records" of an agent that sends them whole. A run that is no run, or more pages than
+    the read's "pages", is a garbled reply: ValueError, never a verdict."""
+    if "runs" not in reply:
+        return reply["records"]
+    out: list[list] = []
+    limit = reply.get("pages")
+    for run in reply["runs"]:
+        if not (isinstance(run, list) and len(run) == 8 and
+                all(isinstance(run[k], int) and not isinstance(run[k], bool) for k in (0, 1, 3, 4, 5, 6, 7))
+                and run[1] >= 1):
+            raise ValueError(f"guest agent: not a run of pages: {str(run)[:80]}")
+        index, count, status, bid, gen, page_index, state, tag = run
+        if not isinstance(limit, int) or len(out) + count > limit:
+            raise ValueError(f"guest agent: runs of more pages than the {limit} it read")
+        out.extend([index + k, status, bid, gen, page_index + k, state, tag] for k in range(count))
+    return out
+
+
 def coverage_error(records: list, npages: int) -> str | None:
     """None when ``records`` hold each page 0..npages-1 exactly once, else what is wrong."""
     if len(records) != npages:

@@ -39,16 +39,21 @@ class Watch:
         if not self.exited():
             self.reader.pump(time.monotonic() + seconds, soft=True)
 
+    def _first(self, gen: int, t_sent: float) -> dict | None:
+        return next((e for e in self.events if e.get("generation") == gen and e.get("status") == "ok"
+                     and e["rx"] >= t_sent), None)
+
     def wait_generation(self, gen: int, t_sent: float, timeout: float) -> dict:
+        """Until the watcher shows generation ``gen`` (or exits, or ``timeout``): the pump
+        returns on the line that shows it, not at the end of a polling slice."""
         end = time.monotonic() + timeout
         while True:
-            hit = next((e for e in self.events if e.get("generation") == gen and e.get("status") == "ok"
-                        and e["rx"] >= t_sent), None)
+            hit = self._first(gen, t_sent)
             if hit:
                 return {"seen": True, "latency_s": round(hit["rx"] - t_sent, 6)}
-            if self.chan.exit_status_ready() or time.monotonic() >= end:
+            if self.exited() or time.monotonic() >= end:
                 return {"seen": False, "latency_s": None}
-            self._pump(0.05)
+            self.reader.pump(end, stop=lambda: self._first(gen, t_sent) is not None, soft=True)
 
     def exited(self) -> bool:
         return self.chan.exit_status_ready() or self.chan.closed

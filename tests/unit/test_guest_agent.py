@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[2]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from vmlab import stamp  # noqa: E402
+from vmlab import oracle, stamp  # noqa: E402
 
 SRC = ROOT / "guest-images" / "agent" / "vmlab-guest-agent.c"
 SRCS = sorted(SRC.parent.glob("*.c"))
@@ -140,8 +140,11 @@ def test_read_generations_and_states(agent, tmp_path):
     assert res["caching"] == "uc" and res["memtype"] == "n/a"
     assert res["pages"] == len(SPECS)
     assert isinstance(res["read_ns"], int) and res["read_ns"] >= 0
-    assert [r[0] for r in res["records"]] == list(range(len(SPECS)))
-    for rec, (i, (bid, gen, st)) in zip(res["records"], enumerate(SPECS)):
+    # pages 0 and 1 differ only in their index: one run of two
+    assert res["runs"][0] == [0, 2, "ok", 7, 1, 0, stamp.LIVE, 0] and len(res["runs"]) == 5
+    recs = oracle.records(res)
+    assert [r[0] for r in recs] == list(range(len(SPECS)))
+    for rec, (i, (bid, gen, st)) in zip(recs, enumerate(SPECS)):
         assert rec == [i, "ok", bid, gen, i, st, 0]
     assert res["summary"] == {"ok/1/1": 2, "ok/2/1": 1, "ok/2/2": 1, "ok/3/1": 1,
                               f"ok/{0xFFFFFFFFFFFFFFFF}/2": 1}
@@ -152,7 +155,7 @@ def test_read_range_and_caching_flag(agent, tmp_path):
     res = run_json(agent, "read", "--path", f, "--first", 2, "--count", 3, "--caching", "wc")
     assert res["caching"] == "wc" and res["memtype"] == "n/a"
     assert res["pages"] == 3
-    assert [(r[0], r[3], r[5]) for r in res["records"]] == [(2, 2, 1), (3, 2, 2), (4, 3, 1)]
+    assert [(r[0], r[3], r[5]) for r in oracle.records(res)] == [(2, 2, 1), (3, 2, 2), (4, 3, 1)]
     r = run(agent, "read", "--path", f, "--first", 5, "--count", 2, check_rc=1)
     assert r.stderr.startswith("vmlab-guest-agent: ") and len(r.stderr.splitlines()) == 1
 
@@ -163,7 +166,7 @@ def test_read_detects_corruption(agent, tmp_path):
     flip(f, 2 * PAGE + 0)                          # magic
     flip(f, 3 * PAGE + stamp.GUEST_OFF + 500)      # guest area: not checked
     res = run_json(agent, "read", "--path", f)
-    assert [r[1] for r in res["records"]] == ["ok", "bad_csum", "bad_magic", "ok"]
+    assert [r[1] for r in oracle.records(res)] == ["ok", "bad_csum", "bad_magic", "ok"]
     # python mirror agrees
     data = f.read_bytes()
     p1 = stamp.parse_page(data[PAGE:2 * PAGE])
@@ -180,7 +183,7 @@ def test_read_bad_pattern(agent, tmp_path):
     f = tmp_path / "buf"
     f.write_bytes(bytes(page))
     res = run_json(agent, "read", "--path", f)
-    assert res["records"][0][1] == "bad_pattern"
+    assert oracle.records(res)[0][1] == "bad_pattern"
 
 
 def test_bad_file_size(agent, tmp_path):
@@ -200,8 +203,8 @@ def test_write_tag_then_read(agent, tmp_path):
     res = run_json(agent, "write", "--path", f, "--tag", tag, "--first", 1, "--count", 3)
     assert res == {"written": 3, "tag": tag, "store": "plain", "readback_ok": True}
     res = run_json(agent, "read", "--path", f)
-    assert [r[6] for r in res["records"]] == [0, tag, tag, tag, 0]
-    assert all(r[1] == "ok" for r in res["records"])  # guest area is outside the checksum
+    assert [r[6] for r in oracle.records(res)] == [0, tag, tag, tag, 0]
+    assert all(r[1] == "ok" for r in oracle.records(res))  # guest area is outside the checksum
     data = f.read_bytes()
     parsed = [stamp.parse_page(data[i * PAGE:(i + 1) * PAGE]) for i in range(5)]
     assert [p.tag for p in parsed] == [0, tag, tag, tag, 0]
@@ -410,7 +413,8 @@ def _serve(agent: Path, lines: list[str], *, sigchld_ignored: bool = False):
 def test_serve_frames_each_command_with_its_own_status(agent, tmp_path, sigchld_ignored):
     """The same statuses and output as separate processes, even when the agent was
     started with SIGCHLD ignored (a made-up status 0 would turn a fault into a pass)."""
-    big = make_buffer(tmp_path / "big", [(9, 2, stamp.LIVE)] * 256)   # ~30 KiB of JSON: > a pipe
+    # a generation per page, so no two pages make one run: > 64 KiB of JSON, more than a pipe holds
+    big = make_buffer(tmp_path / "big", [(9, 10**15 + g, stamp.LIVE) for g in range(1024)])
     gone = tmp_path / "gone"
     replies = _serve(agent, ["version", f"read --path {big}", f"read --path {gone}",
                              "frobnicate", "watch --path x", " ".join(["version"] * 40),
@@ -418,7 +422,7 @@ def test_serve_frames_each_command_with_its_own_status(agent, tmp_path, sigchld_
     assert len(replies) == 7, replies
     assert replies[0][0] == 0 and json.loads(replies[0][1])["agent"] == "vmlab-guest-agent"
     status, out, _ = replies[1]
-    assert status == 0 and len(json.loads(out)["records"]) == 256
+    assert status == 0 and len(out) > 65536 and len(oracle.records(json.loads(out))) == 1024
     assert replies[2][0] != 0 and gone.name in replies[2][2]          # die() in the child
     assert replies[3][0] == 2 and "unknown command" in replies[3][2]
     assert replies[4][0] == 2 and "one-shot" in replies[4][2]

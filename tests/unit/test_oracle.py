@@ -215,3 +215,19 @@ def test_page_map_is_the_buffer_in_page_order_run_length_encoded():
     del recs[5]                            # and the last page never read
     j = oracle.judge(recs, buffer_id=BID, generation=GEN, npages=6)
     assert j["page_map"] == [["REFAULTED", 3], ["STALE", 1], ["REFAULTED", 1], ["MISSING", 1]]
+
+
+def test_runs_expand_to_the_records_they_stand_for():
+    reply = {"pages": 5, "runs": [[0, 3, "ok", 7, 2, 10, 1, 0], [3, 2, "bad_csum", 7, 1, 13, 2, 5]]}
+    assert oracle.records(reply) == [[0, "ok", 7, 2, 10, 1, 0], [1, "ok", 7, 2, 11, 1, 0],
+                                     [2, "ok", 7, 2, 12, 1, 0], [3, "bad_csum", 7, 1, 13, 2, 5],
+                                     [4, "bad_csum", 7, 1, 14, 2, 5]]
+    assert oracle.records({"records": [[0, "ok", 7, 2, 0, 1, 0]]}) == [[0, "ok", 7, 2, 0, 1, 0]]
+
+
+@pytest.mark.parametrize("runs", [[[0, 0, "ok", 7, 2, 0, 1, 0]], [[0, 1, "ok", 7, 2, 0, 1]],
+                                  [[0, "1", "ok", 7, 2, 0, 1, 0]], [[0, True, "ok", 7, 2, 0, 1, 0]],
+                                  [[0, 10**12, "ok", 7, 2, 0, 1, 0]], ["x"]])
+def test_a_garbled_run_is_an_error_not_a_verdict(runs):
+    with pytest.raises(ValueError):
+        oracle.records({"pages": 4, "runs": runs})
