@@ -381,20 +381,62 @@ def bench_snapshot(args, progress, repeat: int) -> dict:
 
 
 def _vmlab_process(argv, env: dict, what: str, *, ok=(0,), timeout: float = 1800,
-                   log: Path | None = None) -> float:
+                   log: Path | None = None, echo=None) -> float:
     """Seconds ``vmlab ARGV`` took as its own process (as a user runs it, no stdin);
-    VmlabError when it exits with a status not in ``ok``. ``log`` keeps its stderr."""
+    VmlabError when it exits with a status not in ``ok``, WaitTimeout (the process
+    killed) after ``timeout``. ``log`` keeps its stderr; ``echo`` (a progress function)
+    is handed each of its progress lines as it comes, for a run of minutes."""
     import subprocess
     import sys
+    import threading
+    from .errors import WaitTimeout
     t = time.monotonic()
-    r = subprocess.run([sys.executable, "-m", "vmlab.cli", *argv], env=env, capture_output=True,
-                       text=True, timeout=timeout, stdin=subprocess.DEVNULL)
-    if log is not None:
-        log.write_text(r.stderr)
-    if r.returncode not in ok:
-        raise VmlabError(f"{what}: vmlab {' '.join(argv)} exited {r.returncode}: "
-                         f"{r.stderr.strip().splitlines()[-1:]}")
+    p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *argv], env=env, stdin=subprocess.DEVNULL,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    lines: list[str] = []
+
+    def read() -> None:
+        for line in p.stderr:
+            lines.append(line)
+            if echo is not None and line.startswith("[vmlab "):
+                echo(f"{what}: {line.rstrip()}")
+    reader = threading.Thread(target=read, name="vmlab-process-stderr", daemon=True)
+    reader.start()
+    def stop() -> None:
+        p.terminate()      # vmlab stops what it started on SIGTERM
+        try:
+            p.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            p.wait()
+    try:
+        rc = p.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        stop()
+        raise WaitTimeout(f"{what}: vmlab {' '.join(argv)}", timeout)
+    except BaseException:
+        stop()
+        raise
+    finally:
+        reader.join(timeout=10)
+        if log is not None:
+            log.write_text("".join(lines))
+    if rc not in ok:
+        raise VmlabError(f"{what}: vmlab {' '.join(argv)} exited {rc}: "
+                         f"{''.join(lines).strip().splitlines()[-1:]}")
     return time.monotonic() - t
+
+
+def _milestones(log: str) -> list[dict]:
+    """The steps of a run worth a line in a cold start's account, with the run's own clock
+    from its progress lines ("[vmlab HH:MM:SSZ  12.3s] ...")."""
+    out = []
+    for line in log.splitlines():
+        m = re.match(r"\[vmlab \S+\s+([\d.]+)s\] (.*)", line)
+        if m and re.search(r"built|probe|lab host (booted|restored|saved)|guest up|baseline|PASSED|FAILED",
+                           m.group(2)):
+            out.append({"at_s": float(m.group(1)), "line": m.group(2)[:160]})
+    return out
 
 
 def bench_cold(args, progress) -> dict:
@@ -413,17 +455,11 @@ def bench_cold(args, progress) -> dict:
     progress(f"bench cold: vmlab run with an empty cache ({cache}); this builds everything")
     try:
         wall = _vmlab_process(("run", "--out", str(work / "run")), env, "bench cold",
-                              log=work / "vmlab-run.log", timeout=3600)
+                              log=work / "vmlab-run.log", timeout=3600, echo=progress)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     res = json.loads((work / "run" / "results.json").read_text())
-    # the run's own progress lines carry its clock: "[vmlab HH:MM:SSZ  12.3s] ..."
-    milestones = []
-    for line in (work / "vmlab-run.log").read_text().splitlines():
-        m = re.match(r"\[vmlab \S+\s+([\d.]+)s\] (.*)", line)
-        if m and re.search(r"built|probe|lab host (booted|restored|saved)|guest up|verdict|PASSED|FAILED",
-                           m.group(2)):
-            milestones.append({"at_s": float(m.group(1)), "line": m.group(2)[:160]})
+    milestones = _milestones((work / "vmlab-run.log").read_text())
     return {"first_verdict_seconds": round(wall, 1), "passed": res.get("passed"),
             "lab_accel": res.get("lab", {}).get("accel"),
             "lab_boot_seconds": res.get("lab", {}).get("boot_seconds"),

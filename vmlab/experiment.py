@@ -151,6 +151,14 @@ class Run:
         self.bar2_gpa: int | None = None           # where the guest sees the buffer
         self.ktrace = False                        # KVM's tracepoints recorded per move
         self.resident_taken = False                # the guest came with the lab's snapshot
+        self._phase_t = time.monotonic()           # where a run's seconds go: mark()
+
+    def mark(self, phase: str) -> None:
+        """The seconds since the last mark, as ``phase_seconds[phase]`` (bench profile)."""
+        now = time.monotonic()
+        ph = self.result.setdefault("phase_seconds", {})
+        ph[phase] = round(ph.get(phase, 0) + now - self._phase_t, 3)
+        self._phase_t = now
 
     # --- helpers ------------------------------------------------------------------------
     def save(self) -> None:
@@ -285,8 +293,10 @@ class Run:
                     self.require_shm_qemu(image_qemu, "the lab image's QEMU")
                     shm_checked = True
             lab = self.stack.up_lab()
+            self.mark("lab")
             if self.shared_lab is None and getattr(lab, "resident_guest", None) is not None:
                 self.take_resident(lab, gopts)     # a shared lab's is its owner's (CellGuest)
+                self.mark("guest")
             if plugin:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
                 self.result["hw_oracle"]["plugin_hello"] = self.hw.connect()
@@ -324,6 +334,7 @@ class Run:
             self.baseline_expect = self.exp.baseline_expect_for(release)
             self.health_start["lab"] = kernel_state(lab)
             self.save()
+            self.mark("lab_facts")
             self.agent = HostAgent(lab, self.out / "hostagent.log")
             self.result["lab"]["agent"] = self.agent.request("hello")
             self.check_applicable(self.result["lab"]["agent"], release)
@@ -351,6 +362,7 @@ class Run:
                 self.agent.request("serve_vhost_user", buf=self.buf["buf"], socket=self.buffer_sock)
             else:
                 self.agent.request("serve_ivshmem", buf=self.buf["buf"], socket=self.buffer_sock)
+            self.mark("buffer")
             guest = self.stack.up_guest()
             self.gagent = GuestAgent(guest.session)
             if self.transport == "virtio-shm":
@@ -365,6 +377,7 @@ class Run:
                                     if len(words) > 2 and words[2].isdigit() else None,
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
+            self.mark("guest")
             if self.shared_guest is not None:
                 t0 = time.monotonic()
                 try:
@@ -380,6 +393,7 @@ class Run:
                                             hotplug={"port": self.plug.port, "bdf": self.plug.bdf,
                                                      "seconds": round(time.monotonic() - t0, 3)})
                 self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")
+            self.mark("hotplug")
             self.health_start["guest"] = kernel_state(guest)
             self.check_guest_can_store()
             if exp_cfg["kind"] == "vmlab":
@@ -387,6 +401,7 @@ class Run:
             self.result["caching_chain"] = self.caching_chain()
             self.start_kvm_trace()
             self.save()
+            self.mark("caching_chain")
             if self.exp.raw.get("gpu_roundtrip"):
                 self.gpu_roundtrip(gopts.gpu)
             try:
@@ -397,7 +412,9 @@ class Run:
                 self.result["baseline"] = {"verdict": "VMM_FAULT", "detail": str(e),
                                            "expected": self.baseline_expect,
                                            "passed": "VMM_FAULT" in self.baseline_expect}
+            self.mark("baseline")
             self.moves()
+            self.mark("moves")
         except BaseException as e:
             if not isinstance(e, VMMDied):
                 self.aborted = e
@@ -897,16 +914,19 @@ class Run:
                     self.result["final_exporter_info"] = self.agent.request("info", buf=self.buf["buf"])
                 except Exception as e:
                     self.result["final_exporter_info"] = {"error": str(e)}
+            self.mark("moves")          # what was left of it, after a failure
             try:
                 self.check_health()
             except Exception as e:
                 log.warning("kernel health check: %s", e)
+            self.mark("health")
             if self.result.get("kernel_health_failed"):
                 self.result["passed"] = False
         finally:
             try:
                 self.teardown()
             finally:
+                self.mark("teardown")
                 self.save()
                 write_junit(self.out / "junit.xml", self.result)
                 self.write_report()
