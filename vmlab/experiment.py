@@ -332,11 +332,11 @@ class Run:
             # which expectation applies is decided by the kernel that really booted
             self.moves_plan = self.exp.expectations_for(release)
             self.baseline_expect = self.exp.baseline_expect_for(release)
-            self.health_start["lab"] = kernel_state(lab)
             self.save()
             self.mark("lab_facts")
             self.agent = HostAgent(lab, self.out / "hostagent.log")
             self.result["lab"]["agent"] = self.agent.request("hello")
+            self.health_start["lab"] = kernel_state(lab, self.agent)
             self.check_applicable(self.result["lab"]["agent"], release)
             create = {"kind": exp_cfg["kind"], "size": size}
             if exp_cfg["kind"] == "vmlab":
@@ -535,7 +535,8 @@ class Run:
         health = kernel_health({"lab": lab, "guest": self.stack.guest if self.stack else None},
                                self.health_start, vmm_fault=self.result.get("vmm_fault"),
                                lab_console=Path(lab.machine.spec.console_log)
-                               if getattr(lab, "machine", None) else self.out / "lab-console.log")
+                               if getattr(lab, "machine", None) else self.out / "lab-console.log",
+                               agents={"lab": self.agent})
         self.result["kernel_health"] = health
         bad = {k: v for k, v in health.items() if v.get("ok") is False}
         if bad and not self.exp.raw.get("expect_kernel_warnings"):

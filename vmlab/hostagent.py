@@ -1254,6 +1254,14 @@ class Agent:
     def op_meminfo(self, req):
         return meminfo()
 
+    def op_kernel_state(self, req):
+        """The taint mask and dmesg, as health.kernel_state reads them over an exec."""
+        import subprocess
+        with open("/proc/sys/kernel/tainted") as f:
+            taint = int(f.read().strip() or 0)
+        out = subprocess.run(["dmesg"], capture_output=True, timeout=60).stdout
+        return {"taint": taint, "dmesg": out.decode(errors="replace")}
+
     def op_dmesg_bad(self, req):
         return {"lines": dmesg_bad_lines()}
 

@@ -266,13 +266,14 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
                    f"'vmlab guest up' replace it")
         if why is None and not rec.get("hotplug_ports"):
             why = "it was booted without hot-plug ports (by an older vmlab)"
-        if why is None and not g.alive():
-            why = f"its QEMU (lab pid {g.pid}) is gone; 'vmlab guest down' clears it"
         if why is None:
             try:
                 g.connect(timeout=30)
             except Exception as e:
-                why = f"could not connect to it ({e})"
+                # asked only now: on the way in it is an exec in the lab, and a guest
+                # that answers SSH is running
+                why = (f"its QEMU (lab pid {g.pid}) is gone; 'vmlab guest down' clears it"
+                       if not g.alive() else f"could not connect to it ({e})")
         if why is None:
             from .hotplug import free_ports
             try:

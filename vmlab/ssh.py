@@ -75,8 +75,6 @@ class SSHSession:
         deadline = time.monotonic() + timeout
         last = ""
         while True:
-            if alive is not None and not alive():
-                raise RemoteError(f"{name}: VM exited while waiting for SSH")
             client = paramiko.SSHClient()
             if known_hosts is not None:
                 client.load_host_keys(str(known_hosts))
@@ -105,6 +103,10 @@ class SSHSession:
             except (OSError, EOFError) as e:
                 last = f"{type(e).__name__}: {e}"
                 client.close()
+            # asked after a refused attempt, not before the first: a running VM's first
+            # attempt succeeds, and the check is an exec in the lab for a guest
+            if alive is not None and not alive():
+                raise RemoteError(f"{name}: VM exited while waiting for SSH")
             if time.monotonic() >= deadline:
                 raise WaitTimeout(f"SSH to {name} ({host}:{port})", timeout, last)
             time.sleep(1.0)
@@ -255,6 +257,19 @@ class ChannelReader:
     def read_until_exit(self, deadline: float, **kw) -> int:
         self.pump(deadline, **kw)
         return self.rc
+
+
+def exec_bytes(session, command: str, timeout: float) -> tuple[int, bytes]:
+    """(exit status, stdout's exact bytes) of ``command`` on any session with open_exec
+    (SSH, or this machine's), bounded by ``timeout``."""
+    chan = session.open_exec(command)
+    try:
+        chan.shutdown_write()
+        rd = ChannelReader(chan, f"{getattr(session, 'name', '?')}: {command[:60]}")
+        rd.read_until_exit(time.monotonic() + timeout)
+    finally:
+        chan.close()
+    return rd.rc, bytes(rd.out)
 
 
 class ChannelForward:
