@@ -3,24 +3,45 @@ SSH channel as they come, each stamped with the controller's clock on arrival.""
 from __future__ import annotations
 
 import json
+import logging
+import threading
 import time
 
 from . import oracle
 from .ssh import ChannelReader
 
 AGENT = "vmlab-guest-agent"
+log = logging.getLogger("vmlab.watch")
 
 
 class Watch:
-    """The guest agent in watch mode on pages 0 and last, read live over one SSH channel."""
+    """The guest agent in watch mode on pages 0 and last, read live over one SSH channel.
+
+    A thread of its own reads the channel, so a line is stamped when it arrives, also
+    while the controller waits for the host agent's answer to a move: read only after
+    that answer, a line the guest wrote during the move would carry the move's whole
+    round trip as its latency."""
 
     def __init__(self, guest, mapping: str):
         self.chan = guest.session.open_exec(
             f"{AGENT} watch --duration 3600 --interval-us 100 --caching {mapping}")
         self.buf = bytearray()
         self.events: list[dict] = []
+        self._new = threading.Condition()
+        self._stop = threading.Event()
         self.reader = ChannelReader(self.chan, "guest watcher", on_out=self._feed)
-        self._pump(0.5)
+        self._thread = threading.Thread(target=self._read, name="guest-watcher", daemon=True)
+        self._thread.start()
+        self._wait_for(lambda: bool(self.events), 2.0)   # its first look at the buffer
+
+    def _read(self) -> None:
+        try:
+            self.reader.pump(time.monotonic() + 7200, stop=self._stop.is_set, soft=True)
+        except Exception as e:      # a dead session: exited() says so, the waits end
+            log.warning("guest watcher: %s", e)
+        finally:
+            with self._new:
+                self._new.notify_all()
 
     def _feed(self, data: bytes) -> None:
         self.buf += data
@@ -33,44 +54,54 @@ class Watch:
             except ValueError:
                 continue
             ev["rx"] = time.monotonic()
-            self.events.append(ev)
+            with self._new:
+                self.events.append(ev)
+                self._new.notify_all()
 
-    def _pump(self, seconds: float) -> None:
-        if not self.exited():
-            self.reader.pump(time.monotonic() + seconds, soft=True)
+    def _wait_for(self, cond, timeout: float) -> bool:
+        """Until ``cond()`` (checked under the lock the reader appends under), the reader
+        ends, or ``timeout``."""
+        end = time.monotonic() + timeout
+        with self._new:
+            while not cond():
+                left = end - time.monotonic()
+                if left <= 0 or not self._thread.is_alive():
+                    return cond()
+                self._new.wait(min(left, 0.5))
+        return True
 
     def _first(self, gen: int, t_sent: float) -> dict | None:
         return next((e for e in self.events if e.get("generation") == gen and e.get("status") == "ok"
                      and e["rx"] >= t_sent), None)
 
     def wait_generation(self, gen: int, t_sent: float, timeout: float) -> dict:
-        """Until the watcher shows generation ``gen`` (or exits, or ``timeout``): the pump
-        returns on the line that shows it, not at the end of a polling slice."""
-        end = time.monotonic() + timeout
-        while True:
+        """Until the watcher shows generation ``gen`` (or exits, or ``timeout``)."""
+        self._wait_for(lambda: self._first(gen, t_sent) is not None or self.exited(), timeout)
+        with self._new:
             hit = self._first(gen, t_sent)
-            if hit:
-                return {"seen": True, "latency_s": round(hit["rx"] - t_sent, 6)}
-            if self.exited() or time.monotonic() >= end:
-                return {"seen": False, "latency_s": None}
-            self.reader.pump(end, stop=lambda: self._first(gen, t_sent) is not None, soft=True)
+        if hit:
+            return {"seen": True, "latency_s": round(hit["rx"] - t_sent, 6)}
+        return {"seen": False, "latency_s": None}
 
     def exited(self) -> bool:
         return self.chan.exit_status_ready() or self.chan.closed
 
     def last(self, n: int) -> list[dict]:
-        return [{k: v for k, v in e.items() if k != "rx"} for e in self.events[-n:]]
+        with self._new:
+            return [{k: v for k, v in e.items() if k != "rx"} for e in self.events[-n:]]
 
     def events_between(self, t0: float, t1: float) -> list[dict]:
-        if not self.exited():  # take what has arrived, without waiting for more
-            self.reader.pump(time.monotonic(), soft=True)
-        return [e for e in self.events if t0 <= e["rx"] <= t1]
+        with self._new:
+            return [e for e in self.events if t0 <= e["rx"] <= t1]
 
     def close(self) -> dict:
+        self._stop.set()
         try:
             self.chan.close()
         except Exception:
             pass
-        changes = [e for e in self.events if "generation" in e]
+        self._thread.join(timeout=5)
+        with self._new:
+            changes = [e for e in self.events if "generation" in e]
         return {"events": len(changes), "stale_observations":
                 oracle.watch_stale(changes, generation=0)["stale_observations"]}
