@@ -381,29 +381,37 @@ def bench_snapshot(args, progress, repeat: int) -> dict:
 
 
 def _vmlab_process(argv, env: dict, what: str, *, ok=(0,), timeout: float = 1800,
-                   log: Path | None = None, echo=None) -> float:
+                   log_to: Path | None = None, echo=None) -> float:
     """Seconds ``vmlab ARGV`` took as its own process (as a user runs it, no stdin);
-    VmlabError when it exits with a status not in ``ok``, WaitTimeout (the process
-    killed) after ``timeout``. ``log`` keeps its stderr; ``echo`` (a progress function)
-    is handed each of its progress lines as it comes, for a run of minutes."""
+    VmlabError when it exits with a status not in ``ok``, WaitTimeout after ``timeout``.
+    ``log_to`` keeps its stderr; ``echo`` (a progress function) is handed each of its
+    progress lines as it comes, for a run of minutes. Stopped as a user stops vmlab:
+    SIGINT (its teardown stops what it started), SIGKILL only if that takes a minute."""
+    import signal
     import subprocess
     import sys
     import threading
     from .errors import WaitTimeout
     t = time.monotonic()
     p = subprocess.Popen([sys.executable, "-m", "vmlab.cli", *argv], env=env, stdin=subprocess.DEVNULL,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                         encoding="utf-8", errors="replace")
     lines: list[str] = []
 
     def read() -> None:
         for line in p.stderr:
             lines.append(line)
             if echo is not None and line.startswith("[vmlab "):
-                echo(f"{what}: {line.rstrip()}")
+                try:
+                    echo(f"{what}: {line.rstrip()}")
+                except Exception:
+                    pass     # the pipe must be drained whatever the echo does
     reader = threading.Thread(target=read, name="vmlab-process-stderr", daemon=True)
     reader.start()
+
     def stop() -> None:
-        p.terminate()      # vmlab stops what it started on SIGTERM
+        if p.poll() is None:
+            p.send_signal(signal.SIGINT)   # a Ctrl-C may have reached it already: a second is safe
         try:
             p.wait(timeout=60)
         except subprocess.TimeoutExpired:
@@ -419,8 +427,8 @@ def _vmlab_process(argv, env: dict, what: str, *, ok=(0,), timeout: float = 1800
         raise
     finally:
         reader.join(timeout=10)
-        if log is not None:
-            log.write_text("".join(lines))
+        if log_to is not None:
+            log_to.write_text("".join(lines))
     if rc not in ok:
         raise VmlabError(f"{what}: vmlab {' '.join(argv)} exited {rc}: "
                          f"{''.join(lines).strip().splitlines()[-1:]}")
@@ -455,7 +463,7 @@ def bench_cold(args, progress) -> dict:
     progress(f"bench cold: vmlab run with an empty cache ({cache}); this builds everything")
     try:
         wall = _vmlab_process(("run", "--out", str(work / "run")), env, "bench cold",
-                              log=work / "vmlab-run.log", timeout=3600, echo=progress)
+                              log_to=work / "vmlab-run.log", timeout=3600, echo=progress)
     finally:
         shutil.rmtree(cache, ignore_errors=True)
     res = json.loads((work / "run" / "results.json").read_text())

@@ -816,9 +816,12 @@ class Run:
                     dead = self.watch.exited()
                     rec["verdict"] = oracle.worst([rec["verdict"], "GUEST_FAULT" if dead else "STALE"])
                     rec["detail"] = (f"the guest watcher {'exited and ' if dead else ''}never showed "
-                                     f"generation {generation}; last lines: {self.watch.last(3)}")
+                                     f"generation {generation}; last lines: {self.watch.last(3)}"
+                                     + (f"; lost: {self.watch.lost}" if self.watch.lost else ""))
                 if self.watch is not None:
-                    window = self.watch.events_between(t_sent, time.monotonic())
+                    # everything it saw since the last move's judgement, the gap between
+                    # the two moves included
+                    window = self.watch.take_unjudged()
                     faults = [e for e in window if "error" in e]
                     if faults:
                         rec["verdict"] = oracle.worst([rec["verdict"], "GUEST_FAULT"])
@@ -829,10 +832,12 @@ class Run:
                         rec["verdict"] = oracle.worst([rec["verdict"], "STALE"])
                         rec["detail"] = ws["detail"]
                     # a page with no stamp is the VMM's unmap window only under remap, and
-                    # only until the memslot is back (+1 s for the line to arrive); anywhere
-                    # else it is memory that should not be there
+                    # only from this move until the memslot is back (+1 s for the line to
+                    # arrive); anywhere else, before this move too, it is memory that should
+                    # not be there
                     holes = [e for e in window if e.get("status") == "hole"]
-                    outside = [e for e in holes if window_end is None or e["rx"] > window_end + 1.0]
+                    outside = [e for e in holes if e["rx"] < t_sent or window_end is None
+                               or e["rx"] > window_end + 1.0]
                     rec["watch"]["holes_outside_window"] = len(outside)
                     if outside:
                         rec["verdict"] = oracle.worst([rec["verdict"], "TORN"])

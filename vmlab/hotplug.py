@@ -141,12 +141,20 @@ class HotPlug:
         """Until the guest has enumerated the device (ACPI hot-plug; a rescan after 5 s in
         case the guest missed the event)."""
         t0 = time.monotonic()
-        path = shlex.quote(f"/sys/bus/pci/devices/{self.bdf}/resource2")
+        dev = shlex.quote(f"/sys/bus/pci/devices/{self.bdf}")
+        # present; or, for a device that came without its BAR 2, the guest kernel's words
+        probe = (f"if [ -e {dev}/resource2 ]; then echo present; elif [ -e {dev} ]; then "
+                 f"dmesg | grep -F {shlex.quote(self.bdf + ': BAR 2')} | tail -n 1; fi")
         rescanned = False
         while True:
-            rc, _, _ = self.guest.run(f"test -e {path}", timeout=20, check=False)
-            if rc == 0:
+            _, out, _ = self.guest.run(probe, timeout=20, check=False)
+            if out.strip() == "present":
                 return
+            if "assign" in out:   # "can't assign; no space", "failed to assign"
+                raise RemoteError(
+                    f"{self.name}: the guest found no room for BAR 2 of {self.bdf} "
+                    f"({out.strip()[-160:]}); a hot-plugged BAR over 1 MiB needs the guest "
+                    f"kernel to honour pci=no_e820 (Linux 5.19 and later, vmlab/hotplug.py)")
             waited = time.monotonic() - t0
             if waited > timeout:
                 raise WaitTimeout(f"{self.name}: the guest to enumerate {self.bdf} after device_add",

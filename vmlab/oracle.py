@@ -56,7 +56,7 @@ def records(reply: dict) -> list[list]:
     out: list[list] = []
     limit = reply.get("pages")
     for run in reply["runs"]:
-        if not (isinstance(run, list) and len(run) == 8 and
+        if not (isinstance(run, list) and len(run) == 8 and isinstance(run[2], str) and
                 all(isinstance(run[k], int) and not isinstance(run[k], bool) for k in (0, 1, 3, 4, 5, 6, 7))
                 and run[1] >= 1):
             raise ValueError(f"guest agent: not a run of pages: {str(run)[:80]}")

@@ -26,7 +26,7 @@ from dataclasses import asdict, fields
 
 from . import images
 from .errors import UserError, WaitTimeout
-from .guest import Guest, GuestOptions, guest_mismatch
+from .guest import BOOT_ARGS, Guest, GuestOptions, guest_mismatch
 from .lab import NestedLab, agent_digest
 from .paths import locked, read_json, state_dir, write_atomic
 
@@ -180,7 +180,7 @@ def guest_state(st) -> "os.PathLike":
 
 def record_guest(st, guest: Guest, hotplug_ports: int) -> None:
     write_atomic(guest_state(st), json.dumps({"pid": guest.pid, "opts": asdict(guest.opts),
-                                              "hotplug_ports": hotplug_ports}))
+                                              "hotplug_ports": hotplug_ports, "boot_args": BOOT_ARGS}))
 
 
 def guest_attach(lab, workdir=None) -> tuple[Guest, dict]:
@@ -266,6 +266,9 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
                    f"'vmlab guest up' replace it")
         if why is None and not rec.get("hotplug_ports"):
             why = "it was booted without hot-plug ports (by an older vmlab)"
+        if why is None and rec.get("boot_args") != BOOT_ARGS:
+            # pci=no_e820 decides whether a hot-plugged BAR finds room (vmlab/hotplug.py)
+            why = "its kernel was booted with other fixed arguments (by an older vmlab)"
         if why is None:
             try:
                 g.connect(timeout=30)

@@ -27,6 +27,8 @@ class Watch:
             f"{AGENT} watch --duration 3600 --interval-us 100 --caching {mapping}")
         self.buf = bytearray()
         self.events: list[dict] = []
+        self._judged = 0               # events[:_judged] have been handed to a move
+        self.lost: str | None = None   # why the reader stopped early, if it did
         self._new = threading.Condition()
         self._stop = threading.Event()
         self.reader = ChannelReader(self.chan, "guest watcher", on_out=self._feed)
@@ -35,12 +37,19 @@ class Watch:
         self._wait_for(lambda: bool(self.events), 2.0)   # its first look at the buffer
 
     def _read(self) -> None:
+        # the agent watches for an hour (--duration 3600); the pump outlasts it
+        why = None
         try:
-            self.reader.pump(time.monotonic() + 7200, stop=self._stop.is_set, soft=True)
-        except Exception as e:      # a dead session: exited() says so, the waits end
-            log.warning("guest watcher: %s", e)
+            how = self.reader.pump(time.monotonic() + 7200, stop=self._stop.is_set, soft=True)
+            if how == "deadline":
+                why = "the watcher's reader ran out of time"
+        except Exception as e:      # a dead session, a bad line: the watcher is lost
+            why = f"{type(e).__name__}: {e}"
+            log.warning("guest watcher: %s", why)
         finally:
             with self._new:
+                if why and not self._stop.is_set():
+                    self.lost = why
                 self._new.notify_all()
 
     def _feed(self, data: bytes) -> None:
@@ -52,6 +61,8 @@ class Watch:
             try:
                 ev = json.loads(line)
             except ValueError:
+                continue
+            if not isinstance(ev, dict):
                 continue
             ev["rx"] = time.monotonic()
             with self._new:
@@ -84,23 +95,30 @@ class Watch:
         return {"seen": False, "latency_s": None}
 
     def exited(self) -> bool:
-        return self.chan.exit_status_ready() or self.chan.closed
+        """The watcher can no longer vouch for anything: its agent exited, its channel
+        closed, or nothing reads its lines any more."""
+        return self.chan.exit_status_ready() or self.chan.closed or not self._thread.is_alive()
 
     def last(self, n: int) -> list[dict]:
         with self._new:
             return [{k: v for k, v in e.items() if k != "rx"} for e in self.events[-n:]]
 
-    def events_between(self, t0: float, t1: float) -> list[dict]:
+    def take_unjudged(self) -> list[dict]:
+        """Every line that arrived since the last call, each handed out once: what the
+        guest saw between two moves is judged with the next, never dropped."""
         with self._new:
-            return [e for e in self.events if t0 <= e["rx"] <= t1]
+            new = self.events[self._judged:]
+            self._judged = len(self.events)
+        return new
 
     def close(self) -> dict:
+        # the reader first: a channel closed under its select() may take its fd with it
         self._stop.set()
+        self._thread.join(timeout=5)
         try:
             self.chan.close()
         except Exception:
             pass
-        self._thread.join(timeout=5)
         with self._new:
             changes = [e for e in self.events if "generation" in e]
         return {"events": len(changes), "stale_observations":

@@ -1,21 +1,56 @@
-"""The benches' runner of vmlab as its own process, and the cold bench's account of a log."""
+"""The benches' runner of vmlab as its own process, and the cold bench's account of a log.
+The process is a stand-in ``vmlab.cli`` on PYTHONPATH: the runner's boundary."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 
 from vmlab import bench
-from vmlab.errors import VmlabError
+from vmlab.errors import VmlabError, WaitTimeout
+
+_CLI = """import signal, sys, time
+def main():
+    print("[vmlab 13:00:00Z    0.1s] step one", file=sys.stderr, flush=True)
+    sys.stderr.buffer.write(b"not utf-8: \\xff\\xfe\\n"); sys.stderr.flush()
+    if sys.argv[1:] == ["slow"]:
+        def bye(*_):
+            print("[vmlab 13:00:01Z    1.0s] interrupted: stopping what I started", file=sys.stderr, flush=True)
+            sys.exit(130)
+        signal.signal(signal.SIGINT, bye)
+        time.sleep(60)
+    sys.exit(int(sys.argv[1]) if sys.argv[1:] and sys.argv[1].isdigit() else 0)
+main()
+"""
 
 
-def test_a_vmlab_process_is_timed_logged_and_echoed(tmp_path):
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)     # python -m looks in the working directory first
+    pkg = tmp_path / "fake" / "vmlab"
+    pkg.mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "cli.py").write_text(_CLI)
+    return dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+
+
+def test_a_vmlab_process_is_timed_logged_and_echoed(env, tmp_path):
     said = []
-    secs = bench._vmlab_process(("bench", "--what", "nonsense"), dict(os.environ), "t", ok=(2,),
-                                log=tmp_path / "log", echo=said.append)
-    assert secs > 0 and "not a benchmark" in (tmp_path / "log").read_text()
+    secs = bench._vmlab_process(("0",), env, "t", log_to=tmp_path / "log", echo=said.append)
+    assert secs > 0 and said == ["t: [vmlab 13:00:00Z    0.1s] step one"]
+    assert "not utf-8: \ufffd\ufffd" in (tmp_path / "log").read_text()   # kept, not fatal
     with pytest.raises(VmlabError, match="exited 2"):
-        bench._vmlab_process(("bench", "--what", "nonsense"), dict(os.environ), "t")
+        bench._vmlab_process(("2",), env, "t")
+    assert bench._vmlab_process(("2",), env, "t", ok=(2,)) > 0
+
+
+def test_a_vmlab_process_past_its_timeout_is_interrupted_like_a_user_would(env, tmp_path):
+    t = time.monotonic()
+    with pytest.raises(WaitTimeout):
+        bench._vmlab_process(("slow",), env, "t", timeout=2, log_to=tmp_path / "log")
+    assert time.monotonic() - t < 30                      # SIGINT, not the minute to SIGKILL
+    assert "interrupted: stopping what I started" in (tmp_path / "log").read_text()
 
 
 def test_a_cold_runs_milestones_come_from_its_progress_lines():

@@ -16,7 +16,8 @@ class FakeGuest:
     class opts:
         name = "g"
 
-    def __init__(self, *, del_raises=None, release_after=1, chardev_busy=0):
+    def __init__(self, *, del_raises=None, release_after=1, chardev_busy=0, probe_says="present"):
+        self.probe_says = probe_says
         self.devices: dict[str, str] = {}
         self.del_raises, self.release_after, self.chardev_busy = del_raises, release_after, chardev_busy
         self.pending = None
@@ -54,7 +55,8 @@ class FakeGuest:
         raise AssertionError(command)
 
     def run(self, command, **kw):
-        return 0, "", ""     # the guest enumerated the device at once
+        assert "resource2" in command and "dmesg" in command
+        return 0, self.probe_says + "\n", ""     # at once: what the guest's probe printed
 
 
 @pytest.fixture(autouse=True)
@@ -103,3 +105,14 @@ def test_a_plug_whose_reply_was_lost_is_still_unplugged():
     with pytest.raises(RemoteError):
         p.plug()
     assert g.devices == {} and p.gone()   # device_del was sent and QEMU let it go
+
+
+def test_a_bar_the_guest_found_no_room_for_fails_the_plug_at_once_and_unplugs():
+    """Measured on a guest without pci=no_e820: the device appears, its BAR 2 never does;
+    the plug says why at once instead of waiting out its timeout, and takes it back out."""
+    g = FakeGuest(probe_says="[ 17.5] pci 0000:01:00.0: BAR 2 [mem size 0x04000000 64bit pref]: "
+                             "can't assign; no space")
+    h = HotPlug(g, "/run/x.sock", "r1")
+    with pytest.raises(RemoteError, match="no room for BAR 2 of 0000:01:00.0.*pci=no_e820"):
+        h.plug(timeout=60)
+    assert g.devices == {} and g.chardevs == set() and h.gone()

@@ -227,7 +227,7 @@ def test_runs_expand_to_the_records_they_stand_for():
 
 @pytest.mark.parametrize("runs", [[[0, 0, "ok", 7, 2, 0, 1, 0]], [[0, 1, "ok", 7, 2, 0, 1]],
                                   [[0, "1", "ok", 7, 2, 0, 1, 0]], [[0, True, "ok", 7, 2, 0, 1, 0]],
-                                  [[0, 10**12, "ok", 7, 2, 0, 1, 0]], ["x"]])
+                                  [[0, 10**12, "ok", 7, 2, 0, 1, 0]], [[0, 1, 3, 7, 2, 0, 1, 0]], ["x"]])
 def test_a_garbled_run_is_an_error_not_a_verdict(runs):
     with pytest.raises(ValueError):
         oracle.records({"pages": 4, "runs": runs})

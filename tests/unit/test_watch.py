@@ -26,7 +26,7 @@ class _Session(LocalSession):
 def _lines(*timed) -> str:
     """A script that prints each (delay, event) as a JSON line after its delay."""
     body = "".join(f"time.sleep({d}); print(json.dumps({json.dumps(ev)}))\n" for d, ev in timed)
-    return "import json, time\n" + body + "time.sleep(30)\n"
+    return "import json, time\n" + body + "time.sleep(4)\n"
 
 
 def test_a_line_is_stamped_on_arrival_while_the_controller_is_busy():
@@ -38,7 +38,9 @@ def test_a_line_is_stamped_on_arrival_while_the_controller_is_busy():
         time.sleep(1.5)            # the move's round trip: nobody reads the watcher here
         got = w.wait_generation(2, t_sent, timeout=5)
         assert got["seen"] and got["latency_s"] < 1.2, got
-        assert [e["generation"] for e in w.events_between(t_sent, time.monotonic())] == [2]
+        # every line is handed to a judgement once: the one before the move too
+        assert [e["generation"] for e in w.take_unjudged()] == [1, 2]
+        assert w.take_unjudged() == []
     finally:
         res = w.close()
     assert res["events"] == 2
@@ -52,5 +54,28 @@ def test_a_watcher_that_never_shows_the_generation_is_not_seen():
         assert w.wait_generation(2, t0, timeout=0.5) == {"seen": False, "latency_s": None}
         assert time.monotonic() - t0 < 2
         assert w.last(1)[0]["generation"] == 1 and "rx" not in w.last(1)[0]
+    finally:
+        w.close()
+
+
+def test_a_watcher_whose_reader_died_is_lost_not_stale():
+    """A line that is JSON but no object is skipped; a session that dies ends the reader,
+    and then the watcher has exited (GUEST_FAULT for the move), never "alive but never
+    showed the generation" (STALE)."""
+    w = Watch(SimpleNamespace(session=_Session(_lines((0.0, [1, 2]), (0.0, {"page": 0, "generation": 1,
+                                                                           "state": 1, "status": "ok"})))), "uc")
+    try:
+        assert [e["generation"] for e in w.take_unjudged()] == [1]
+        w.reader.pump = lambda *a, **k: (_ for _ in ()).throw(OSError("session died"))
+        w._stop.set()
+        w._thread.join(5)            # the reader as it was: stopped by us, not lost
+        assert w.lost is None
+        w._stop.clear()
+        import threading
+        w._thread = threading.Thread(target=w._read, daemon=True)
+        w._thread.start()
+        w._thread.join(5)
+        assert w.exited() and "session died" in w.lost
+        assert w.wait_generation(2, time.monotonic(), timeout=5) == {"seen": False, "latency_s": None}
     finally:
         w.close()
