@@ -90,6 +90,9 @@ def resident_options(gopts: GuestOptions) -> GuestOptions:
     return dataclasses.replace(gopts, extra_qemu_args=root_port_args(), key_port=True)
 
 
+VMM_TICK = 0.5    # seconds between VMM checks while the guest works (Run._guest_exec)
+
+
 def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
     """Why this experiment's buffer cannot be hot-plugged into a running guest, or None."""
     from .hotplug import HOTPLUG_MAX_BAR
@@ -185,13 +188,15 @@ class Run:
         """Run in the guest while watching its VMM: a vCPU stopped by KVM_RUN failing
         would otherwise look like a slow guest until the timeout. Agent commands go to
         the run's one agent process (one round trip each); anything else is an exec."""
+        # a QMP query-status every half second: a stopped vCPU (a VMM fault, often the
+        # verdict) is found within it, where the guest would never answer
         if self.gagent is not None and command.startswith(AGENT + " "):
-            return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm)
+            return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm, tick=VMM_TICK)
         chan = self.stack.guest.session.open_exec(command)
         try:
             chan.shutdown_write()
             rd = ChannelReader(chan, f"guest: {command[:60]}")
-            rd.read_until_exit(time.monotonic() + timeout, on_tick=self.check_vmm)
+            rd.read_until_exit(time.monotonic() + timeout, on_tick=self.check_vmm, tick=VMM_TICK)
         finally:
             chan.close()
         return rd.rc, rd.out.decode(errors="replace"), rd.err.decode(errors="replace")

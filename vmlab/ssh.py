@@ -135,16 +135,10 @@ class SSHSession:
 
     def read_bytes(self, path: str, timeout: float = 120) -> bytes:
         """A file's exact bytes (``run`` decodes text; screendumps are binary)."""
-        chan = self._exec(f"cat {shlex.quote(path)}", timeout)
-        try:
-            chan.shutdown_write()
-            rd = ChannelReader(chan, f"{self.name}: read {path}")
-            rd.read_until_exit(time.monotonic() + timeout)
-        finally:
-            chan.close()
-        if rd.rc != 0:
-            raise RemoteError(f"{self.name}: cannot read {path} (exit {rd.rc})")
-        return bytes(rd.out)
+        rc, out = exec_bytes(self, f"cat {shlex.quote(path)}", timeout)
+        if rc != 0:
+            raise RemoteError(f"{self.name}: cannot read {path} (exit {rc})")
+        return out
 
     def _exec(self, command: str, timeout: float) -> paramiko.Channel:
         t = self.transport
