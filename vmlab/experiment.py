@@ -399,7 +399,7 @@ class Run:
                                                      "seconds": round(time.monotonic() - t0, 3)})
                 self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")
             self.mark("hotplug")
-            self.health_start["guest"] = kernel_state(guest)
+            self.health_start["guest"] = kernel_state(guest, self.gagent)
             self.check_guest_can_store()
             if exp_cfg["kind"] == "vmlab":
                 self.result["vmm_mapping"] = self.vmm_mapping()
@@ -541,7 +541,7 @@ class Run:
                                self.health_start, vmm_fault=self.result.get("vmm_fault"),
                                lab_console=Path(lab.machine.spec.console_log)
                                if getattr(lab, "machine", None) else self.out / "lab-console.log",
-                               agents={"lab": self.agent})
+                               agents={"lab": self.agent, "guest": self.gagent})
         self.result["kernel_health"] = health
         bad = {k: v for k, v in health.items() if v.get("ok") is False}
         if bad and not self.exp.raw.get("expect_kernel_warnings"):

@@ -99,6 +99,11 @@ class HostAgent:
             raise AgentRequestFailed(op, resp)
         return resp
 
+    def kernel_state(self) -> dict:
+        """The lab's taint mask and dmesg (health.kernel_state)."""
+        st = self.request("kernel_state", timeout=60)
+        return {"taint": int(st["taint"]), "dmesg": st["dmesg"]}
+
     def close(self) -> None:
         try:
             self.chan.shutdown_write()

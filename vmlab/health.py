@@ -13,15 +13,21 @@ log = logging.getLogger("vmlab.health")
 
 def kernel_state(vm, agent=None) -> dict:
     """dmesg and the taint mask of a VM now, to tell later what a run itself provoked:
-    from the lab's host ``agent`` when there is one (a request, where an exec in a TCG lab
-    is ~0.25 s), else (or when the agent cannot answer) over an exec."""
+    from ``agent`` when there is one (the lab's host agent or the guest's agent: a
+    request, where an exec in a TCG lab is ~0.25 s), else (or when the agent cannot
+    answer) over an exec. Both give the same text: the agents print dmesg as the VM's
+    own `dmesg` does."""
     if agent is not None:
         try:
-            st = agent.request("kernel_state", timeout=60)
-            return {"taint": int(st["taint"]), "dmesg": st["dmesg"]}
+            return agent.kernel_state()
         except Exception as e:
-            log.warning("kernel state from the host agent: %s; asking over an exec", e)
+            log.warning("kernel state from %s: %s; asking over an exec", type(agent).__name__, e)
     _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
+    return parse_kernel_state(out)
+
+
+def parse_kernel_state(out: str) -> dict:
+    """The taint mask on the first line, dmesg after it."""
     first, _, rest = out.partition("\n")
     try:
         taint = int(first.strip())

@@ -150,7 +150,9 @@ class HotPlug:
             _, out, _ = self.guest.run(probe, timeout=20, check=False)
             if out.strip() == "present":
                 return
-            if "assign" in out:   # "can't assign; no space", "failed to assign"
+            # its kernel's words for a BAR it found no room for ("...: assigned" is not one:
+            # the device's directory may come a moment before its resource files)
+            if "can't assign" in out or "failed to assign" in out:
                 raise RemoteError(
                     f"{self.name}: the guest found no room for BAR 2 of {self.bdf} "
                     f"({out.strip()[-160:]}); a hot-plugged BAR over 1 MiB needs the guest "

@@ -60,6 +60,26 @@ def test_a_64_mib_buffer_hot_plugs_into_its_ports_64_bit_window(vmlab_buffer, vm
     big.close()
 
 
+def test_the_guest_agents_kernel_state_is_what_the_guests_dmesg_prints(vmlab_guest):
+    """The health check may take a run's start from the guest agent and its end over an
+    exec (or the other way round): the two must be the same text, or every boot line
+    would look new."""
+    from vmlab.guest_agent import GuestAgent
+    from vmlab.health import parse_kernel_state
+    ga = GuestAgent(vmlab_guest.session)
+    try:
+        for _ in range(3):      # a line logged between the two reads: read both again
+            by_agent = ga.kernel_state()
+            _, out, _ = vmlab_guest.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60)
+            by_exec = parse_kernel_state(out)
+            if by_agent == by_exec:
+                break
+        assert by_agent == by_exec
+        assert "Linux version" in by_agent["dmesg"]
+    finally:
+        ga.close()
+
+
 def test_zap_only_through_vmlab_run(vmlab_run):
     res = vmlab_run(ROOT / "configs" / "experiments" / "zap-only.yaml")
     assert res["passed"] is True

@@ -469,3 +469,23 @@ def test_virtio_start_needs_a_device(agent):
     r = subprocess.run([str(agent), "virtio-start", "--path", "/dev/null"],
                        capture_output=True, text=True, timeout=10)
     assert r.returncode == 2 and "--path makes no sense" in r.stderr, r.stderr
+
+
+# -- kernel-state ------------------------------------------------------------------
+
+def test_kernel_state_prints_the_log_as_busybox_dmesg_does(agent, tmp_path):
+    """The taint mask, then each line without its "<level>" (only at a line's start), and
+    a newline at the end: busybox dmesg's output, so the health check may compare a start
+    taken from the agent with an end taken over an exec."""
+    raw = tmp_path / "klog"
+    raw.write_bytes(b"<6>[    1.000000] Linux version 6.12\n<4>[    2.000000] WARNING: x <y> z\n"
+                    b"no level <3> here\n<12>[    3.000000] last")
+    r = run(agent, "kernel-state", "--path", raw)
+    taint, _, log = r.stdout.partition("\n")
+    assert taint == open("/proc/sys/kernel/tainted").read().strip()
+    assert log == ("[    1.000000] Linux version 6.12\n[    2.000000] WARNING: x <y> z\n"
+                   "no level <3> here\n[    3.000000] last\n")
+    # the real log, when this machine lets us read it: the taint line, then text
+    r = run(agent, "kernel-state", check_rc=None)
+    if r.returncode == 0:
+        assert r.stdout.split("\n", 1)[0].isdigit()

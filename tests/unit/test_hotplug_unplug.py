@@ -16,8 +16,8 @@ class FakeGuest:
     class opts:
         name = "g"
 
-    def __init__(self, *, del_raises=None, release_after=1, chardev_busy=0, probe_says="present"):
-        self.probe_says = probe_says
+    def __init__(self, *, del_raises=None, release_after=1, chardev_busy=0, probe_says=("present",)):
+        self.probe_says = list(probe_says)     # one answer per probe; the last one repeats
         self.devices: dict[str, str] = {}
         self.del_raises, self.release_after, self.chardev_busy = del_raises, release_after, chardev_busy
         self.pending = None
@@ -56,7 +56,8 @@ class FakeGuest:
 
     def run(self, command, **kw):
         assert "resource2" in command and "dmesg" in command
-        return 0, self.probe_says + "\n", ""     # at once: what the guest's probe printed
+        said = self.probe_says.pop(0) if len(self.probe_says) > 1 else self.probe_says[0]
+        return 0, said + "\n", ""     # what the guest's probe printed
 
 
 @pytest.fixture(autouse=True)
@@ -110,9 +111,19 @@ def test_a_plug_whose_reply_was_lost_is_still_unplugged():
 def test_a_bar_the_guest_found_no_room_for_fails_the_plug_at_once_and_unplugs():
     """Measured on a guest without pci=no_e820: the device appears, its BAR 2 never does;
     the plug says why at once instead of waiting out its timeout, and takes it back out."""
-    g = FakeGuest(probe_says="[ 17.5] pci 0000:01:00.0: BAR 2 [mem size 0x04000000 64bit pref]: "
-                             "can't assign; no space")
+    g = FakeGuest(probe_says=["[ 17.5] pci 0000:01:00.0: BAR 2 [mem size 0x04000000 64bit pref]: "
+                              "can't assign; no space"])
     h = HotPlug(g, "/run/x.sock", "r1")
     with pytest.raises(RemoteError, match="no room for BAR 2 of 0000:01:00.0.*pci=no_e820"):
         h.plug(timeout=60)
     assert g.devices == {} and g.chardevs == set() and h.gone()
+
+
+def test_a_device_seen_before_its_resource_files_is_waited_for():
+    """Measured in CI: the device's directory came while its resource2 did not yet, and
+    the kernel's last word on its BAR 2 was "assigned": not a failure, the next look
+    finds it."""
+    g = FakeGuest(probe_says=["[ 21.8] pci 0000:01:00.0: BAR 2 [mem 0xff60000000-0xff601fffff 64bit pref]: "
+                              "assigned", "present"])
+    h = HotPlug(g, "/run/x.sock", "r1").plug(timeout=60)
+    assert h.bdf == "0000:01:00.0" and g.probe_says == ["present"]
