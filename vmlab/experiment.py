@@ -99,8 +99,8 @@ def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
     if exp.raw.get("transport", "ivshmem") != "ivshmem":
         return "its buffer travels over a vhost-user device that boots with the guest"
     if exp.size > HOTPLUG_MAX_BAR:    # the buffer is ivshmem's BAR 2 (config checks: a power of 2)
-        return (f"its BAR ({exp.size >> 20} MiB) is larger than a root port's reserved window "
-                f"({HOTPLUG_MAX_BAR >> 20} MiB, vmlab/hotplug.py)")
+        return (f"its BAR ({exp.size >> 20} MiB) is larger than a hot-plugged BAR can be "
+                f"({HOTPLUG_MAX_BAR >> 20} MiB: half a root port's reserved window, vmlab/hotplug.py)")
     if exp.raw.get("gpu_roundtrip"):
         return "it drives the guest's virtio-gpu"
     if any(mv.get("inject") == "kill-vmm" for mv in exp.raw.get("moves") or []):

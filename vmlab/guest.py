@@ -46,9 +46,7 @@ _COPY_IMAGE = (f"if [ ! -s {IMAGE_DIR}/initramfs.img ]; then mkdir -p {IMAGE_DIR
 # reached userspace, and the boot waited out its 240 s. WARN splats are not fatal.
 BOOT_FATAL = ("Oops:", "kernel BUG at", "general protection fault")
 OOPS_CAUSE = "kernel oops during boot"   # QemuMachine.wait_console's words for a BOOT_FATAL hit
-# pci=no_e820: a hot-plugged BAR may then land in the window its root port reserved
-# (vmlab/hotplug.py says why it otherwise cannot).
-BOOT_ARGS = ("console=ttyS0 panic=-1 loglevel=5 pci=no_e820 i8042.noaux i8042.nokbd i8042.nopnp "
+BOOT_ARGS = ("console=ttyS0 panic=-1 loglevel=5 i8042.noaux i8042.nokbd i8042.nopnp "
              "cryptomgr.notests "
              + SKIPPED_INITCALLS)
 

@@ -1,7 +1,7 @@
 """Buffers that come and go in a running guest: each one an ivshmem-doorbell device
 hot-plugged over QMP into a PCIe root port the guest was booted with, and unplugged again.
 
-The guest gets ``PORTS`` root ports at boot (``root_port_args``), each with a 64-bit
+The guest gets ``PORTS`` root ports at boot (``root_port_args``), each with a 32-bit
 prefetchable window reserved for a hot-plugged BAR (q35's pcie.0 itself takes no
 hot-plug). A buffer: the host agent exports it (ivshmem server socket), QMP adds a socket
 chardev to that server and the device on a free port, and the guest's PCI hot-plug
@@ -28,15 +28,18 @@ from .errors import RemoteError, WaitTimeout
 log = logging.getLogger("vmlab.hotplug")
 PORTS = 4
 PORT_ID = "vmlab-hp{}"
-HOTPLUG_MAX_BAR = 512 << 20   # each root port's reserved 64-bit prefetchable window holds one
-PREF64_RESERVE = f"{HOTPLUG_MAX_BAR >> 20}M"   # BAR this large (vmlab buffers are <= 256 MiB)
-# SeaBIOS puts those windows at the top of the guest's 40-bit physical space, inside the
-# range QEMU reserves in the e820 map for AMD's HyperTransport (0xfd00000000-0xffffffffff).
-# Linux keeps the windows the firmware assigned, but refuses to allocate a hot-plugged BAR
-# from e820-reserved memory (arch_remove_reservations): measured on trixie's 6.12 guest, a
-# 64 MiB BAR 2 got "can't assign; no space" and a 1 MiB one fell back to the 32-bit window.
-# The guest therefore boots with pci=no_e820 (guest.BOOT_ARGS); with it the 64 MiB BAR is
-# assigned at the window's start.
+# Each root port reserves a 32-bit prefetchable window (SeaBIOS honours QEMU's
+# pref32-reserve hint), so a hot-plugged BAR lands below 4 GiB like a boot-time one: in
+# the PCI hole, whose MTRR type (UC) is what the guest's PAT request meets. Measured on
+# trixie's 6.12 guest: with pref64-reserve instead, SeaBIOS put the windows at the top of
+# the 40-bit physical space, inside the range QEMU's e820 map reserves for AMD's
+# HyperTransport (0xfd00000000-0xffffffffff), and Linux refused to allocate a hot-plugged
+# BAR there ("can't assign; no space" for 64 MiB; 1 MiB fell back to the 32-bit window);
+# with pci=no_e820 it took them, but then a guest's WB request on a hot-plugged BAR got WB
+# (the 64-bit window's MTRR) where the same BAR at boot gets uncached-minus.
+PORT_WINDOW = 128 << 20
+# SeaBIOS aligns the window only to 4 MiB: of 128 MiB, an aligned 64 MiB block is certain
+HOTPLUG_MAX_BAR = PORT_WINDOW // 2
 IVSHMEM_DIR = "/run/vmlab/ivshmem"
 AGENT = "vmlab-guest-agent"
 
@@ -46,7 +49,7 @@ def root_port_args(ports: int = PORTS) -> list[str]:
     out = []
     for i in range(ports):
         out += ["-device", f"pcie-root-port,id={PORT_ID.format(i)},chassis={i + 1},slot={i + 1},"
-                           f"pref64-reserve={PREF64_RESERVE}"]
+                           f"pref32-reserve={PORT_WINDOW >> 20}M"]
     return out
 
 
@@ -155,8 +158,8 @@ class HotPlug:
             if "can't assign" in out or "failed to assign" in out:
                 raise RemoteError(
                     f"{self.name}: the guest found no room for BAR 2 of {self.bdf} "
-                    f"({out.strip()[-160:]}); a hot-plugged BAR over 1 MiB needs the guest "
-                    f"kernel to honour pci=no_e820 (Linux 5.19 and later, vmlab/hotplug.py)")
+                    f"({out.strip()[-160:]}); a root port's reserved window holds a BAR of "
+                    f"at most {HOTPLUG_MAX_BAR >> 20} MiB (vmlab/hotplug.py)")
             waited = time.monotonic() - t0
             if waited > timeout:
                 raise WaitTimeout(f"{self.name}: the guest to enumerate {self.bdf} after device_add",

@@ -267,7 +267,7 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
         if why is None and not rec.get("hotplug_ports"):
             why = "it was booted without hot-plug ports (by an older vmlab)"
         if why is None and rec.get("boot_args") != BOOT_ARGS:
-            # pci=no_e820 decides whether a hot-plugged BAR finds room (vmlab/hotplug.py)
+            # a guest kernel argument may decide where a hot-plugged BAR lands
             why = "its kernel was booted with other fixed arguments (by an older vmlab)"
         if why is None:
             try:
