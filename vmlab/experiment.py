@@ -28,7 +28,7 @@ from .guest_agent import GuestAgent
 from .hotplug import HotPlug
 from .qemu import qemu_version
 from .paths import repo_root
-from .health import kernel_health, kernel_state
+from .health import kernel_health, kernel_state, parse_kernel_state
 from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer
 from .ssh import ChannelReader
 from .watch import Watch
@@ -91,6 +91,21 @@ def resident_options(gopts: GuestOptions) -> GuestOptions:
 
 
 VMM_TICK = 0.5    # seconds between VMM checks while the guest works (Run._guest_exec)
+
+
+class _GuestKernelState:
+    """The guest's taint mask and dmesg from its agent (``kernel-state``, printed as the
+    guest's dmesg prints it) through the run's guest path: its VMM checks, and an exec
+    when the agent's channel is gone (health.kernel_state falls back to its own exec)."""
+
+    def __init__(self, run: "Run"):
+        self.run = run
+
+    def kernel_state(self) -> dict:
+        rc, out, err = self.run._guest_exec(f"{AGENT} kernel-state", 60)
+        if rc != 0:
+            raise RemoteError(f"guest agent kernel-state exited {rc}: {err.strip()[-200:]}")
+        return parse_kernel_state(out)
 
 
 def hotplug_blocker(exp: cfgmod.Experiment, o: dict) -> str | None:
@@ -189,8 +204,9 @@ class Run:
         would otherwise look like a slow guest until the timeout. Agent commands go to
         the run's one agent process (one round trip each); anything else is an exec."""
         # a QMP query-status every half second: a stopped vCPU (a VMM fault, often the
-        # verdict) is found within it, where the guest would never answer
-        if self.gagent is not None and command.startswith(AGENT + " "):
+        # verdict) is found within it, where the guest would never answer. An agent whose
+        # channel an earlier failure closed leaves its commands to an exec each.
+        if self.gagent is not None and self.gagent.chan is not None and command.startswith(AGENT + " "):
             return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm, tick=VMM_TICK)
         chan = self.stack.guest.session.open_exec(command)
         try:
@@ -399,7 +415,7 @@ class Run:
                                                      "seconds": round(time.monotonic() - t0, 3)})
                 self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")
             self.mark("hotplug")
-            self.health_start["guest"] = kernel_state(guest, self.gagent)
+            self.health_start["guest"] = kernel_state(guest, _GuestKernelState(self))
             self.check_guest_can_store()
             if exp_cfg["kind"] == "vmlab":
                 self.result["vmm_mapping"] = self.vmm_mapping()
@@ -541,7 +557,7 @@ class Run:
                                self.health_start, vmm_fault=self.result.get("vmm_fault"),
                                lab_console=Path(lab.machine.spec.console_log)
                                if getattr(lab, "machine", None) else self.out / "lab-console.log",
-                               agents={"lab": self.agent, "guest": self.gagent})
+                               agents={"lab": self.agent, "guest": _GuestKernelState(self)})
         self.result["kernel_health"] = health
         bad = {k: v for k, v in health.items() if v.get("ok") is False}
         if bad and not self.exp.raw.get("expect_kernel_warnings"):

@@ -71,14 +71,6 @@ class GuestAgent:
             raise
         return result[0]
 
-    def kernel_state(self) -> dict:
-        """The guest's taint mask and dmesg (health.kernel_state), as its `dmesg` prints it."""
-        from .health import parse_kernel_state
-        rc, out, err = self.run("kernel-state", 60)
-        if rc != 0:
-            raise RemoteError(f"guest agent kernel-state exited {rc}: {err.strip()[-200:]}")
-        return parse_kernel_state(out)
-
     def close(self, wait: float = 10) -> None:
         """End of input, then up to ``wait`` seconds for the agent to exit."""
         if self.chan is None:

@@ -27,12 +27,14 @@ def kernel_state(vm, agent=None) -> dict:
 
 
 def parse_kernel_state(out: str) -> dict:
-    """The taint mask on the first line, dmesg after it."""
+    """The taint mask on the first line, dmesg after it. No taint mask is no state (a
+    shell killed half-way, an empty answer): ValueError, never taint 0 with no lines,
+    which would pass any check."""
     first, _, rest = out.partition("\n")
     try:
         taint = int(first.strip())
     except ValueError:
-        taint = 0
+        raise ValueError(f"no taint mask where the kernel state begins: {first[:80]!r}") from None
     return {"taint": taint, "dmesg": rest}
 
 

@@ -87,6 +87,26 @@ def _qdev_ids(guest) -> set[str]:
     return ids
 
 
+def probe_verdict(out: str) -> tuple[str, object]:
+    """What HotPlug's probe printed: ("present", BAR 2's start) once the resource file is
+    there; ("no_room", the kernel's line) when the kernel's last word on this device's
+    BAR 2, after its last enumeration (an earlier device at the same address said its own
+    words), is that it found no room; else ("waiting", None)."""
+    text = out.strip()
+    if text.startswith("present"):
+        words = text.split()
+        try:
+            return "present", int(words[1], 16)
+        except (IndexError, ValueError):
+            return "waiting", None      # the resource file, half-written: look again
+    lines = text.splitlines()
+    last_scan = max((i for i, ln in enumerate(lines) if "[1af4:1110]" in ln), default=-1)
+    bar2 = [ln for ln in lines[last_scan + 1:] if "BAR 2" in ln]
+    if bar2 and ("can't assign" in bar2[-1] or "failed to assign" in bar2[-1]):
+        return "no_room", bar2[-1].strip()
+    return "waiting", None
+
+
 class HotPlug:
     """One ivshmem-doorbell device hot-plugged into a free root port of ``guest``, its
     chardev connected to an ivshmem server socket that is already serving (the host
@@ -141,26 +161,39 @@ class HotPlug:
                           f"({PORTS} buffers at most at once)")
 
     def _wait_in_guest(self, timeout: float) -> None:
-        """Until the guest has enumerated the device (ACPI hot-plug; a rescan after 5 s in
-        case the guest missed the event)."""
+        """Until the guest has enumerated the device with its BAR 2 below 4 GiB (ACPI
+        hot-plug; a rescan after 5 s in case the guest missed the event). A BAR the guest's
+        kernel found no room for fails the plug once that has held for a second (a second
+        assignment pass may still place it); one above 4 GiB fails it at once."""
         t0 = time.monotonic()
         dev = shlex.quote(f"/sys/bus/pci/devices/{self.bdf}")
-        # present; or, for a device that came without its BAR 2, the guest kernel's words
-        probe = (f"if [ -e {dev}/resource2 ]; then echo present; elif [ -e {dev} ]; then "
-                 f"dmesg | grep -F {shlex.quote(self.bdf + ': BAR 2')} | tail -n 1; fi")
+        # BAR 2's start once it is there; else, for a device that came without it, the
+        # kernel's lines about this BDF
+        probe = (f"if [ -e {dev}/resource2 ]; then echo present $(sed -n 3p {dev}/resource); "
+                 f"elif [ -e {dev} ]; then dmesg | grep -F {shlex.quote(self.bdf + ': ')}; fi")
         rescanned = False
+        no_room_since = None
         while True:
             _, out, _ = self.guest.run(probe, timeout=20, check=False)
-            if out.strip() == "present":
+            what, detail = probe_verdict(out)
+            if what == "present":
+                if detail >= 1 << 32:
+                    raise RemoteError(
+                        f"{self.name}: BAR 2 of {self.bdf} landed at {detail:#x}, above 4 GiB, "
+                        f"where a boot-time BAR would not (the PCI hole's root-port windows "
+                        f"did not fit: vmlab/hotplug.py)")
                 return
-            # its kernel's words for a BAR it found no room for ("...: assigned" is not one:
-            # the device's directory may come a moment before its resource files)
-            if "can't assign" in out or "failed to assign" in out:
-                raise RemoteError(
-                    f"{self.name}: the guest found no room for BAR 2 of {self.bdf} "
-                    f"({out.strip()[-160:]}); a root port's reserved window holds a BAR of "
-                    f"at most {HOTPLUG_MAX_BAR >> 20} MiB (vmlab/hotplug.py)")
-            waited = time.monotonic() - t0
+            now = time.monotonic()
+            if what == "no_room":
+                no_room_since = no_room_since or now
+                if now - no_room_since >= 1.0:
+                    raise RemoteError(
+                        f"{self.name}: the guest found no room for BAR 2 of {self.bdf} "
+                        f"({detail[-160:]}); a root port's reserved window holds a BAR of "
+                        f"at most {HOTPLUG_MAX_BAR >> 20} MiB (vmlab/hotplug.py)")
+            else:
+                no_room_since = None
+            waited = now - t0
             if waited > timeout:
                 raise WaitTimeout(f"{self.name}: the guest to enumerate {self.bdf} after device_add",
                                   timeout)

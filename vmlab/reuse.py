@@ -27,6 +27,7 @@ from dataclasses import asdict, fields
 from . import images
 from .errors import UserError, WaitTimeout
 from .guest import BOOT_ARGS, Guest, GuestOptions, guest_mismatch
+from .hotplug import free_ports, root_port_args
 from .lab import NestedLab, agent_digest
 from .paths import locked, read_json, state_dir, write_atomic
 
@@ -269,6 +270,9 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
         if why is None and rec.get("boot_args") != BOOT_ARGS:
             # a guest kernel argument may decide where a hot-plugged BAR lands
             why = "its kernel was booted with other fixed arguments (by an older vmlab)"
+        if why is None and rec["opts"].get("extra_qemu_args") != root_port_args():
+            # the ports' reserved windows decide where a hot-plugged BAR lands
+            why = "its hot-plug ports were made another way (by an older vmlab)"
         if why is None:
             try:
                 g.connect(timeout=30)
@@ -278,7 +282,6 @@ def persistent_guest(lab, want: GuestOptions, blocker: str | None, progress, wor
                 why = (f"its QEMU (lab pid {g.pid}) is gone; 'vmlab guest down' clears it"
                        if not g.alive() else f"could not connect to it ({e})")
         if why is None:
-            from .hotplug import free_ports
             try:
                 status = g.cmd("query-status").get("status")
                 if status != "running":

@@ -72,7 +72,9 @@ def test_the_guest_agents_kernel_state_is_what_the_guests_dmesg_prints(vmlab_gue
     ga = GuestAgent(vmlab_guest.session)
     try:
         for _ in range(3):      # a line logged between the two reads: read both again
-            by_agent = ga.kernel_state()
+            rc, out, err = ga.run("kernel-state", 60)
+            assert rc == 0, err
+            by_agent = parse_kernel_state(out)
             _, out, _ = vmlab_guest.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60)
             by_exec = parse_kernel_state(out)
             if by_agent == by_exec:

@@ -2,6 +2,8 @@
 lab whose kernel died must still fail the check: then neither answers)."""
 from __future__ import annotations
 
+import pytest
+
 from vmlab import health
 
 
@@ -47,3 +49,13 @@ def test_a_dead_kernel_fails_the_health_check_with_or_without_an_agent(tmp_path)
         h = health.kernel_health({"lab": vm}, start, vmm_fault=None, lab_console=tmp_path / "none",
                                  agents={"lab": agent})
         assert h["lab"]["ok"] is False and "SSH session is gone" in h["lab"]["error"]
+
+
+def test_an_exec_that_gave_no_taint_mask_is_no_state():
+    """A shell killed half-way answers nothing: that must not read as taint 0 and no lines
+    (a pass), it is an error, and the health check says the kernel did not answer."""
+    with pytest.raises(ValueError, match="no taint mask"):
+        health.kernel_state(_VM(""))
+    with pytest.raises(ValueError):
+        health.parse_kernel_state("dmesg: klogctl: Operation not permitted\n")
+    assert health.parse_kernel_state("0\n") == {"taint": 0, "dmesg": ""}
