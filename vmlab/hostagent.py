@@ -551,10 +551,19 @@ def meminfo():
     return out
 
 
-def dmesg_bad_lines():
+def dmesg():
+    """The kernel log; bounded well inside the controller's 60 s for a request (a late
+    answer leaves the agent unusable for the run's teardown), a failing dmesg an error."""
     import subprocess
-    out = subprocess.run(["dmesg"], capture_output=True, text=True).stdout
-    bad = [ln for ln in out.splitlines()
+    r = subprocess.run(["dmesg"], capture_output=True, timeout=20)
+    if r.returncode != 0:
+        raise AgentError(f"dmesg exited {r.returncode}: "
+                         f"{r.stderr.decode(errors='replace').strip()[-200:]}", errno.EIO)
+    return r.stdout.decode(errors="replace")
+
+
+def dmesg_bad_lines():
+    bad = [ln for ln in dmesg().splitlines()
            if any(w in ln for w in ("WARNING:", "BUG:", "Oops", "general protection", "Call Trace",
                                     "KASAN", "UBSAN", "kernel BUG"))]
     return bad
@@ -1256,16 +1265,9 @@ class Agent:
 
     def op_kernel_state(self, req):
         """The taint mask and dmesg, as health.kernel_state reads them over an exec."""
-        import subprocess
         with open("/proc/sys/kernel/tainted") as f:
             taint = int(f.read().strip() or 0)
-        # well inside the controller's 60 s for the request: a late answer would leave
-        # this agent unusable for the run's teardown (close, release_quarantine)
-        r = subprocess.run(["dmesg"], capture_output=True, timeout=20)
-        if r.returncode != 0:
-            raise AgentError(f"dmesg exited {r.returncode}: "
-                             f"{r.stderr.decode(errors='replace').strip()[-200:]}", errno.EIO)
-        return {"taint": taint, "dmesg": r.stdout.decode(errors="replace")}
+        return {"taint": taint, "dmesg": dmesg()}
 
     def op_dmesg_bad(self, req):
         return {"lines": dmesg_bad_lines()}

@@ -41,6 +41,7 @@ PORT_WINDOW = 128 << 20
 # SeaBIOS aligns the window only to 4 MiB: of 128 MiB, an aligned 64 MiB block is certain
 HOTPLUG_MAX_BAR = PORT_WINDOW // 2
 IVSHMEM_DIR = "/run/vmlab/ivshmem"
+IVSHMEM_PCI_ID = "1af4:1110"    # ivshmem-doorbell, as the guest kernel names it when it scans
 AGENT = "vmlab-guest-agent"
 
 
@@ -100,7 +101,7 @@ def probe_verdict(out: str) -> tuple[str, object]:
         except (IndexError, ValueError):
             return "waiting", None      # the resource file, half-written: look again
     lines = text.splitlines()
-    last_scan = max((i for i, ln in enumerate(lines) if "[1af4:1110]" in ln), default=-1)
+    last_scan = max((i for i, ln in enumerate(lines) if f"[{IVSHMEM_PCI_ID}]" in ln), default=-1)
     bar2 = [ln for ln in lines[last_scan + 1:] if "BAR 2" in ln]
     if bar2 and ("can't assign" in bar2[-1] or "failed to assign" in bar2[-1]):
         return "no_room", bar2[-1].strip()
