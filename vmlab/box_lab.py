@@ -308,7 +308,7 @@ class BoxLab:
     def _upload(self, progress) -> None:
         """The run's directory on the box (0700, made by the lock's shell): the host agent
         and the guest image, what a nested lab gets through its 9p share."""
-        from .lab import HOSTAGENT_FILES
+        from .exporter import HOSTAGENT_FILES
         share = shlex.quote(self.share_dir)
         # the host agent raises vm.nr_hugepages (writing down by how much) and may set
         # shmem_enabled: take back what it raised, not more (someone else's change to it

@@ -494,7 +494,11 @@ class Run:
                 "memslot_seen_s": mapped["memslot_seen_s"]}
 
     def qemu_log_size(self) -> int | None:
-        _, out, _ = self.stack.lab.run(f"stat -c %s {self.stack.guest.dir}/qemu.log", timeout=20, check=False)
+        path = f"{self.stack.guest.dir}/qemu.log"
+        if self.agent is not None:
+            f = self.agent.read_files([path], max_bytes=0)[0]
+            return None if f is None else f[0]
+        _, out, _ = self.stack.lab.run(f"stat -c %s {path}", timeout=20, check=False)
         return int(out) if out.strip().isdigit() else None
 
     def wait_memslot(self, since: int | None, timeout: float = 10, need: str = "recreated") -> float | None:
@@ -993,7 +997,7 @@ class Run:
                     guest_gone = g.down()
                     self.result["guest"]["stopped_by_run"] = "its device could not be unplugged"
                 # the shared guest's whole console and QEMU log so far: this run's evidence too
-                g.fetch_logs(self.out)
+                g.fetch_logs(self.out, agent=self.agent)
                 self.stack.guest = None
             elif self.stack.guest is not None:
                 guest_gone = self.stack.guest.down()

@@ -2,6 +2,9 @@
 the lab host (vmlab exporter, udmabuf, dma-heap), as JSON lines over one SSH channel."""
 from __future__ import annotations
 
+import base64
+import functools
+import hashlib
 import json
 import logging
 import shlex
@@ -11,6 +14,7 @@ from enum import Enum
 from pathlib import Path
 
 from .errors import RemoteError, WaitTimeout
+from .paths import repo_root
 from .ssh import ChannelReader
 
 log = logging.getLogger("vmlab.exporter")
@@ -34,26 +38,75 @@ _START = ("import sys; sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0]); import
           "sys.exit(hostagent.main(sys.argv[1:]))")
 
 
-def agent_command(lab, *, warm: bool = False) -> str:
-    """The shell command that starts the host agent in ``lab`` (``warm``: only compiles it).
+ATTACH_SRC = "vmlab_attach.c"    # shipped with the agent (HOSTAGENT_FILES), built in the lab
+
+# The host agent and the stdlib-only modules it imports, shipped through the share.
+HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py",
+                                                       "vhost_user.py")] + \
+    [repo_root() / "host-tools/vmlab-attach/vmlab_attach.c"]
+
+
+@functools.lru_cache(maxsize=None)
+def agent_digest() -> str:
+    """sha256 of the host agent's files as this vmlab would copy them into a lab."""
+    h = hashlib.sha256()
+    for f in HOSTAGENT_FILES:
+        h.update(f.name.encode() + b"\0" + f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+EX_NO_AGENT = 75                  # vmlab-attach: no agent started, the caller starts one
+
+
+def _agent_dir(lab) -> tuple[str, str]:
+    """(shell that sets $d to the lab's copy of the agent, "$d"), or ("", the share)."""
+    src = lab.share_dir
+    if not getattr(lab, "agent_cache", False):
+        return "", src
+    # named by the digest of what this vmlab puts in a share: a lab whose share holds
+    # another's is never reused (reuse.wanted_shape), and hashing it there cost 0.2 s a start
+    return (f"d=/run/vmlab-agent-{agent_digest()} && "
+            f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py {src}/*.c $t/ && "
+            f"{{ mv -T $t $d 2>/dev/null || rm -rf $t; }}; }}; }} && "), "$d"
+
+
+def agent_command(lab) -> str:
+    """The shell command that starts the host agent in ``lab``.
 
     It is imported, not run as a script: Python compiles a script on every start (0.7 s
     under TCG) but keeps a module's bytecode; -S: it is stdlib only, and site costs 0.35 s.
-    A nested lab (``agent_cache``) runs it from a copy in its /run, named by the share's
-    content, where that bytecode can be written (the share is read-only) and a snapshot
-    keeps it; a box runs it from the run's directory, its /run is the user's. The path
-    stays on the command line: cleanups find the agent by it."""
-    src = lab.share_dir
-    prep = ""
-    if getattr(lab, "agent_cache", False):
-        # named by what the share holds now (a kept lab's share is its first run's)
-        prep = (f"d=/run/vmlab-agent-$(cat {src}/*.py | sha256sum | cut -c1-16) && "
-                f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py $t/ && "
-                f"{{ mv -T $t $d 2>/dev/null || rm -rf $t; }}; }}; }} && ")
-        src = "$d"
-    if warm:
-        return f"{prep}python3 -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import hostagent' {src}"
-    return f"{prep}exec python3 -S -u -c {shlex.quote(_START)} {src}/hostagent.py serve"
+    A nested lab (``agent_cache``) runs it from a copy in its /run, named by the agent's
+    digest, where that bytecode can be written (the share is read-only) and a snapshot
+    keeps it; there the agent is forked by the copy's fork server (``warm_command``)
+    when one answers, and started as here when none does. A box runs it from the run's
+    directory, its /run is the user's. The path stays on the command line: cleanups find
+    a started agent by it, a forked one by its server's pid (matrix.clean_lab_script)."""
+    prep, src = _agent_dir(lab)
+    start = f"exec python3 -S -u -c {shlex.quote(_START)} {src}/hostagent.py serve"
+    if not prep:
+        return start
+    return (f"{prep}if [ -x $d/vmlab-attach ]; then $d/vmlab-attach agent $d/zygote.sock; "
+            f"rc=$?; [ $rc = {EX_NO_AGENT} ] || exit $rc; fi; {start}")
+
+
+def warm_command(lab) -> str:
+    """What a nested lab does once before its snapshot is saved, so that every restore has
+    it: the agent's copy and bytecode, vmlab-attach built with the lab's gcc, and the fork
+    server started (detached: it outlives this exec) and listening; again, with the fork
+    server already answering, nothing. Its log is $d/zygote.log."""
+    prep, src = _agent_dir(lab)
+    assert prep, "only a nested lab keeps a fork server"
+    # $1 the copy, $2 the start line; the pid file is the server's (sh execs python)
+    server = ('echo $$ > "$1/zygote.pid"; '
+              'exec python3 -S -u -c "$2" "$1/hostagent.py" zygote "$1/zygote.sock"')
+    return (f"{prep}python3 -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import hostagent' {src} && "
+            f"{{ [ -x $d/vmlab-attach ] || {{ gcc -O2 -Wall -o $d/vmlab-attach.tmp $d/{ATTACH_SRC} && "
+            f"mv $d/vmlab-attach.tmp $d/vmlab-attach; }}; }} && "
+            f"if ! {{ [ -f $d/zygote.pid ] && kill -0 $(cat $d/zygote.pid) 2>/dev/null; }}; then "
+            f"rm -f $d/zygote.sock; setsid -f sh -c {shlex.quote(server)} sh $d {shlex.quote(_START)} "
+            f"</dev/null >/dev/null 2>>$d/zygote.log; "
+            f"for i in $(seq 150); do [ -S $d/zygote.sock ] && break; sleep 0.2; done; fi; "
+            f"[ -S $d/zygote.sock ]")
 
 
 class HostAgent:
@@ -63,7 +116,8 @@ class HostAgent:
         self.lab = lab
         self.log_path = Path(log_path)
         self._logf = open(self.log_path, "ab")
-        env = f"VMLAB_HUGEPAGES_LEDGER={shlex.quote(lab.hugepages_ledger)} " if lab.hugepages_ledger else ""
+        # exported: a forked agent gets it through vmlab-attach, not from the exec
+        env = f"export VMLAB_HUGEPAGES_LEDGER={shlex.quote(lab.hugepages_ledger)}; " if lab.hugepages_ledger else ""
         self.chan = lab.session.open_exec(env + agent_command(lab))
         self._buf = bytearray()
         self._late: str | None = None   # a request that timed out: the channel is out of step
@@ -103,6 +157,13 @@ class HostAgent:
         """The lab's taint mask and dmesg (health.kernel_state)."""
         st = self.request("kernel_state", timeout=60)
         return {"taint": int(st["taint"]), "dmesg": st["dmesg"]}
+
+    def read_files(self, paths: list[str], max_bytes: int = 16 << 20) -> list[tuple[int, bytes] | None]:
+        """(size, its first ``max_bytes`` bytes) of each lab file, None where unreadable."""
+        files = self.request("read_files", paths=list(paths), max_bytes=max_bytes, timeout=60)["files"]
+        if len(files) != len(paths):
+            raise RemoteError(f"host agent: read_files: {len(files)} answers for {len(paths)} paths")
+        return [None if f is None else (int(f["size"]), base64.b64decode(f["data"])) for f in files]
 
     def close(self) -> None:
         try:

@@ -369,18 +369,27 @@ class Guest:
     def alive(self) -> bool:
         return self.machine.alive()
 
-    def fetch_logs(self, into: Path | None = None) -> None:
+    def fetch_logs(self, into: Path | None = None, agent=None) -> None:
         """Copy the guest's console and QEMU log from the lab into the results directory
-        (``into``: another one, e.g. a run's in a guest it shares)."""
+        (``into``: another one, e.g. a run's in a guest it shares), through the run's host
+        agent when given (HostAgent.read_files), else in one exec."""
         files = (("console.log", f"{self.opts.name}-console.log"), ("qemu.log", f"{self.opts.name}.qemu.log"))
-        # one exec for both: an exec in a TCG lab is ~0.2 s
-        script = _sized_cat([f"{self.dir}/{n}" for n, _ in files])
-        try:
-            _, out = ssh.exec_bytes(self.lab.session, script, timeout=60)
-        except Exception as e:  # the lab itself may be gone: keep going, say why
-            log.warning("could not fetch the logs of %s: %s", self.opts.name, e)
-            return
-        for (name, dest), data in zip(files, _sized_parts(out)):
+        paths = [f"{self.dir}/{n}" for n, _ in files]
+        parts = None
+        if agent is not None:
+            try:
+                parts = [None if f is None else f[1] for f in agent.read_files(paths)]
+            except Exception as e:
+                log.warning("the host agent could not read the logs of %s (%s); by exec", self.opts.name, e)
+        if parts is None:
+            # one exec for both: an exec in a TCG lab is ~0.2 s
+            try:
+                _, out = ssh.exec_bytes(self.lab.session, _sized_cat(paths), timeout=60)
+            except Exception as e:  # the lab itself may be gone: keep going, say why
+                log.warning("could not fetch the logs of %s: %s", self.opts.name, e)
+                return
+            parts = _sized_parts(out)
+        for (name, dest), data in zip(files, parts):
             if data is None:
                 log.warning("could not fetch %s of %s", name, self.opts.name)
             else:

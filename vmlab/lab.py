@@ -19,7 +19,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from . import images, kvm_probe, lab_snapshot, proc, ssh
-from .exporter import agent_command
+from .exporter import HOSTAGENT_FILES, agent_digest, warm_command
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, set_aside, write_atomic
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port, qemu_version
@@ -30,9 +30,6 @@ TCG_CPU = "EPYC,+svm,+npt"
 READY = "VMLAB-LAB-READY"
 FIRST_OUTPUT_S = 10   # the accel probe's kernel must print its banner by then
 UNSURE_PROBE_TTL_S = 3600
-# The host agent and the stdlib-only modules it imports, shipped through the share.
-HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py",
-                                                       "vhost_user.py")]
 
 
 # what a result needs to be reproduced on another day: the kernel package (a release
@@ -103,14 +100,6 @@ class LabOptions:
     # a guest (GuestOptions, with a key port) booted in a new lab and saved in its snapshot,
     # so that a restore brings the guest too (NestedLab.resident_guest); None: the lab alone
     resident_guest: object | None = None
-
-
-def agent_digest() -> str:
-    """sha256 of the host agent's files as this vmlab would copy them into a lab."""
-    h = hashlib.sha256()
-    for f in HOSTAGENT_FILES:
-        h.update(f.name.encode() + b"\0" + f.read_bytes())
-    return h.hexdigest()[:16]
 
 
 def boot_id() -> str:
@@ -268,8 +257,8 @@ class NestedLab:
             extra=list(self.opts.extra_qemu_args) + self._hwtrace_args())
         not_why = lab_snapshot.enabled(spec, bool(self.opts.hwtrace_plugin), self.opts.extra_qemu_args)
         resident = self.opts.resident_guest if guest_image is not None else None
-        snap_key = lab_snapshot.key(spec, lab_image.path, resident=resident,
-                                    guest_image=guest_image) if not_why is None else None
+        snap_key = lab_snapshot.key(spec, lab_image.path, resident=resident, guest_image=guest_image,
+                                    agent=agent_digest()) if not_why is None else None
         snap = lab_snapshot.find(lab_image.path, snap_key) if snap_key else None
         self.snapshot = {"none": not_why} if not_why else None
         if snap is not None:
@@ -322,7 +311,9 @@ class NestedLab:
                 # facts, the host agent's copy and bytecode
                 try:
                     lab_facts(self)
-                    self.run(agent_command(self, warm=True), timeout=60, check=False)
+                    rc, _, err = self.run(warm_command(self), timeout=90, check=False)
+                    if rc:
+                        log.warning("lab: no host agent fork server (rc %s): %s", rc, err.strip()[-300:])
                 except (RemoteError, WaitTimeout) as e:   # only a speed-up: the save decides
                     log.warning("lab: warming the facts and the host agent: %s", e)
                 self._save_snapshot(snap_key, progress)

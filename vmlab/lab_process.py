@@ -112,12 +112,15 @@ class LabProcess:
         if getattr(self.lab, "local", False):
             # lab kind local: the socket is on this machine
             return qmp.connect(m.spec.qmp_socket, m.spec.name, timeout)
-        self._fwd = ssh.ChannelForward(
-            self.local_qmp,
-            # the share (a box: the run's directory) named for the undo's pkill, unused
-            lambda: self.lab.session.open_exec(f"python3 -S -c {shlex.quote(RELAY)} {sock} "
-                                               f"{shlex.quote(self.lab.share_dir + '/')}"),
-            f"{m.spec.name}-qmp")
+        # the share (a box: the run's directory) named for the undo's pkill, unused
+        relay = f"python3 -S -c {shlex.quote(RELAY)} {sock} {shlex.quote(self.lab.share_dir + '/')}"
+        if getattr(self.lab, "agent_cache", False):
+            # a nested lab's vmlab-attach (exporter.warm_command) relays in an exec, not
+            # a Python start (0.5 s under TCG); the relay is plain bytes, any copy will do
+            relay = (f"for x in /run/vmlab-agent-*/vmlab-attach; do [ -x \"$x\" ] && "
+                     f"exec \"$x\" relay {sock}; done; exec {relay}")
+        self._fwd = ssh.ChannelForward(self.local_qmp, lambda: self.lab.session.open_exec(relay),
+                                       f"{m.spec.name}-qmp")
         q = QMP(str(self.local_qmp), nickname=f"{m.spec.name}-qmp")
         try:
             q.connect_within(timeout, f"QMP of {m.spec.name} (relay through the lab)")

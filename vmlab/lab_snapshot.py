@@ -35,7 +35,7 @@ from .qemu import qemu_version
 
 log = logging.getLogger("vmlab.snapshot")
 
-FORMAT = 2            # bump when what a snapshot holds or how it is restored changes
+FORMAT = 3            # bump when what a snapshot holds or how it is restored changes
 KEEP = 4              # per lab image: the lab alone, with the default run's guest, with
                       # the matrix's, one more shape (lab memory, append, guest memory...)
 SAVE_TIMEOUT = 120    # seconds for QEMU to write the snapshot
@@ -59,14 +59,15 @@ def enabled(spec, hwtrace: bool, extra_args) -> str | None:
     return None
 
 
-def key(spec, image_path: Path, *, resident=None, guest_image=None) -> str:
+def key(spec, image_path: Path, *, resident=None, guest_image=None, agent: str = "") -> str:
     """What must be equal for a snapshot to be this lab: the image, the outer QEMU, the
-    machine, and the kernel command line without the run's key; with a resident guest
+    machine, and the kernel command line without the run's key; the host agent (``agent``,
+    exporter.agent_digest: the snapshot holds its fork server); with a resident guest
     (GuestOptions), that guest's options, its kernel's fixed arguments and the guest image."""
     append = re.sub(r"vmlab\.sshkey=\S+", "", spec.append)
     what = {"format": FORMAT, "image": image_path.name, "qemu": qemu_version(spec.binary),
             "machine": spec.machine, "cpu": spec.cpu, "smp": spec.smp, "memory_mb": spec.memory_mb,
-            "accel": spec.accel, "append": " ".join(append.split())}
+            "accel": spec.accel, "append": " ".join(append.split()), "agent": agent}
     if resident is not None:
         o = asdict(resident)
         o.pop("boot_timeout", None)     # how long a boot may take is no part of the guest

@@ -451,17 +451,21 @@ def exit_status(cells: list[dict]) -> int:
 
 # Between cells: nothing of the last cell may be left in a shared lab (a guest QEMU
 # holds the guest's port and directory, a host agent the ivshmem socket path).
-_CLEAN_LAB = r"""
 # [g]/[h]: the patterns must not match this script's own command line
-left=$(pgrep -f -- '-name [g]uest ' ; pgrep -f '[h]ostagent.py serve')
+_CLEAN_LAB = r"""
+strays() { pgrep -f -- '-name [g]uest '; pgrep -f '[h]ostagent.py serve'; FORKED }
+left=$(strays)
 [ -z "$left" ] && exit 0
 echo "left: $(echo $left)"; kill -KILL $left 2>/dev/null
 for i in $(seq 50); do
-  pgrep -f -- '-name [g]uest ' >/dev/null || pgrep -f '[h]ostagent.py serve' >/dev/null || exit 0
+  [ -z "$(strays)" ] && exit 0
   sleep 0.2
 done
 exit 1
 """
+# a nested lab's agents forked by its fork server (exporter.warm_command): the server's
+# children, not the server (it holds nothing of a cell's)
+_FORKED = "for z in $(pgrep -f '[h]ostagent.py zygote'); do pgrep -P $z; done;"
 
 
 def clean_lab_script(lab) -> str:
@@ -469,12 +473,12 @@ def clean_lab_script(lab) -> str:
     host agent is an earlier cell's. A box is the user's machine: only this run's (a guest
     in vmlab's run directory there, a host agent started from the run's directory)."""
     if getattr(lab, "kind", "nested") == "nested":
-        guests, agents = "-name [g]uest ", "[h]ostagent.py serve"
-    else:
-        from .box_lab import RUN_DIR
-        guests = f"/[{RUN_DIR[1]}]{RUN_DIR[2:]}/guest/"
-        agents = f"/[{lab.share_dir[1]}]{lab.share_dir[2:]}/hostagent.py serve"
-    return _CLEAN_LAB.replace("-name [g]uest ", guests).replace("[h]ostagent.py serve", agents)
+        return _CLEAN_LAB.replace("FORKED", _FORKED)
+    from .box_lab import RUN_DIR
+    guests = f"/[{RUN_DIR[1]}]{RUN_DIR[2:]}/guest/"
+    agents = f"/[{lab.share_dir[1]}]{lab.share_dir[2:]}/hostagent.py serve"
+    return (_CLEAN_LAB.replace("-name [g]uest ", guests).replace("[h]ostagent.py serve", agents)
+            .replace("FORKED", ""))
 
 
 def _clean_lab(lab, progress) -> bool:

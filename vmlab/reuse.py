@@ -28,7 +28,8 @@ from . import images
 from .errors import UserError, WaitTimeout
 from .guest import BOOT_ARGS, Guest, GuestOptions, guest_mismatch
 from .hotplug import free_ports, root_port_args
-from .lab import NestedLab, agent_digest
+from .exporter import agent_digest
+from .lab import NestedLab
 from .paths import locked, read_json, state_dir, write_atomic
 
 # what must be equal, in the order a mismatch is reported

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from vmlab import stamp
-from vmlab.exporter import AgentRequestFailed, HostAgent
+from vmlab.exporter import AgentRequestFailed, HostAgent, agent_digest, warm_command
 
 
 MiB = 1 << 20
@@ -498,3 +498,59 @@ def test_dma_heap_has_no_move(agent):
         agent.request("move", buf=b["buf"], mode="MIGRATE")
     assert e.value.errname in ("EOPNOTSUPP", "ENOTSUP") and "unsupported" in str(e.value)
     agent.request("close", buf=b["buf"])
+
+
+def test_a_labs_agents_are_forks_of_its_agent_server(lab, agent):
+    """Issue: speed. A TCG lab saved in (or restored from) a snapshot runs a fork server of
+    the host agent (exporter.warm_command); each run's agent is a fork of it, a process of
+    its own whose end, by EOF or by SIGKILL, is a process exit: the buffer it left open is
+    closed and its pages retired into the quarantine, and the server forks the next one.
+    With no server answering, the agent starts as it always did."""
+    d = f"/run/vmlab-agent-{agent_digest()}"
+    hello = agent.request("hello")
+    if not (lab.snapshot or {}).keys() & {"restored", "saved"}:
+        assert hello["forked_from"] is None, lab.snapshot
+        return
+    server = int(lab.run(f"cat {d}/zygote.pid", timeout=30)[1])
+    assert hello["forked_from"] == server
+
+    def left_open(a):
+        """an agent's buffer, moved once and never closed"""
+        h = a.request("hello")
+        assert h["forked_from"] == server and h["pid"] not in (hello["pid"], server)
+        b = a.request("create", kind="vmlab", size=MiB)
+        a.request("move", buf=b["buf"], mode="MIGRATE")
+        return h["pid"], b["id"]
+
+    def retired(bid):
+        return sorted(s[:2] for s in agent.request("quarantine")["sets"] if s[0] == bid)
+
+    ended = HostAgent(lab, lab.workdir / "hostagent-forked-eof.log")
+    pid, bid = left_open(ended)
+    assert retired(bid) == [[bid, 1]]           # the MIGRATE's old set, the buffer still open
+    ended.close()                               # EOF, as when the controller goes
+    assert retired(bid) == [[bid, 1], [bid, 2]]
+    assert lab.run(f"kill -0 {pid}", timeout=30, check=False)[0] != 0
+
+    killed = HostAgent(lab, lab.workdir / "hostagent-forked-kill.log")
+    pid2, bid2 = left_open(killed)
+    lab.run(f"kill -KILL {pid2}", timeout=30)
+    killed.close()
+    assert retired(bid2) == [[bid2, 1], [bid2, 2]]
+    for b in (bid, bid2):
+        agent.request("release_quarantine", id=b)
+
+    # no server: started as before; the warm command starts a new one
+    lab.run(f"kill -KILL {server}", timeout=30)
+    plain = HostAgent(lab, lab.workdir / "hostagent-no-server.log")
+    try:
+        assert plain.request("hello")["forked_from"] is None
+    finally:
+        plain.close()
+    assert lab.run(warm_command(lab), timeout=120, check=False)[0] == 0
+    server = int(lab.run(f"cat {d}/zygote.pid", timeout=30)[1])
+    again = HostAgent(lab, lab.workdir / "hostagent-new-server.log")
+    try:
+        assert again.request("hello")["forked_from"] == server
+    finally:
+        again.close()

@@ -306,4 +306,35 @@ def test_between_cells_a_box_loses_only_this_runs_processes(tmp_path, monkeypatc
         for p in procs.values():
             p.kill()
             p.wait()
-    assert matrix.clean_lab_script(Nested()) == matrix._CLEAN_LAB
+    nested = matrix.clean_lab_script(Nested())
+    assert "[h]ostagent.py serve" in nested and "-name [g]uest " in nested
+
+
+def test_clean_lab_kills_the_fork_servers_agents_not_the_server():
+    """A nested lab's agents forked by its fork server (exporter.warm_command) are a cell's
+    leftovers like started ones; the server holds nothing of a cell's and stays. Run here
+    against real processes, the patterns narrowed to this test's own."""
+    class Nested:
+        kind = "nested"
+    tag = f"t{os.getpid()}"
+    script = (matrix.clean_lab_script(Nested())
+              .replace("[h]ostagent.py zygote", f"[h]ostagent.py zygote {tag}")
+              .replace("[h]ostagent.py serve", f"[h]ostagent.py serve {tag}")
+              .replace("-name [g]uest ", f"-name [g]uest-{tag} "))
+    server = subprocess.Popen(
+        # like the real server, it leaves its children to the kernel to reap
+        [sys.executable, "-c", "import signal, subprocess, sys, time; "
+         "signal.signal(signal.SIGCHLD, signal.SIG_IGN); subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
+         "print('forked', flush=True); time.sleep(60)", "hostagent.py", "zygote", tag],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout.readline().strip() == "forked"
+        kids = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
+        assert len(kids) == 1
+        r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip() == f"left: {kids[0]}"
+        assert server.poll() is None
+    finally:
+        server.kill()
+        server.wait()

@@ -132,6 +132,8 @@ def test_a_snapshot_key_is_the_machine_without_the_runs_key(monkeypatch, tmp_pat
                   spec(append=s.append, accel="tcg", memory_mb=4096)):
         assert lab_snapshot.key(other, img) != k
     assert lab_snapshot.key(s, tmp_path / "lab-trixie-def") != k
+    # the snapshot holds the host agent's fork server: another agent, another snapshot
+    assert lab_snapshot.key(s, img, agent="0123") != k
     monkeypatch.setattr(lab_snapshot, "qemu_version", lambda b: "QEMU emulator version 8.2.0")
     assert lab_snapshot.key(s, img) != k
     assert lab_snapshot.find(img, k) is None

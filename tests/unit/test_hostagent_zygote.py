@@ -1,0 +1,139 @@
+"""The host agent's fork server (hostagent.py zygote) and vmlab-attach, run here as real
+processes (the lab test is tests/lab/test_exporter.py's): each attach gets an agent of its
+own that holds the caller's pipes and ends with them; no server means exit 75 and not a
+byte written; a killed agent is 137; the relay copies both ways."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from vmlab import exporter
+from vmlab.exporter import HOSTAGENT_FILES
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = ROOT / "vmlab" / "hostagent.py"
+SRC = ROOT / "host-tools" / "vmlab-attach" / "vmlab_attach.c"
+
+
+@pytest.fixture(scope="module")
+def attach(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("attach") / "vmlab-attach"
+    subprocess.run(["gcc", "-O2", "-Wall", "-Wextra", "-Werror", "-o", str(out), str(SRC)],
+                   check=True, timeout=120)
+    return out
+
+
+@pytest.fixture
+def server(tmp_path):
+    sock = tmp_path / "zygote.sock"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    p = subprocess.Popen([sys.executable, "-S", "-u", str(AGENT), "zygote", str(sock)], env=env,
+                         stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                         stderr=open(tmp_path / "zygote.log", "wb"))
+    deadline = time.monotonic() + 30
+    while not sock.exists():
+        assert p.poll() is None and time.monotonic() < deadline, (tmp_path / "zygote.log").read_text()
+        time.sleep(0.05)
+    yield p, sock
+    p.kill()
+    p.wait()
+
+
+def _attached(attach, sock, env=None):
+    return subprocess.Popen([str(attach), "agent", str(sock)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, **(env or {})})
+
+
+def _ask(p, op):
+    p.stdin.write((json.dumps({"op": op}) + "\n").encode())
+    p.stdin.flush()
+    return json.loads(p.stdout.readline())
+
+
+def test_each_attach_gets_an_agent_of_its_own_that_ends_with_its_pipes(attach, server):
+    z, sock = server
+    a = _attached(attach, sock, {"VMLAB_HUGEPAGES_LEDGER": "/tmp/ledger-a", "OTHER": "x"})
+    b = _attached(attach, sock)
+    ha, hb = _ask(a, "hello"), _ask(b, "hello")
+    assert ha["ok"] and hb["ok"]
+    assert ha["forked_from"] == hb["forked_from"] == z.pid
+    assert len({ha["pid"], hb["pid"], z.pid}) == 3
+    # the caller's VMLAB_* environment, nothing of another caller's
+    assert ha["env"] == {"VMLAB_HUGEPAGES_LEDGER": "/tmp/ledger-a"}
+    assert hb["env"] == {}
+    a.stdin.close()                     # the controller's EOF
+    assert a.wait(timeout=30) == 0
+    assert b"stdin closed: buffers released, exiting" in a.stderr.read()
+    with pytest.raises(ProcessLookupError):
+        os.kill(ha["pid"], 0)
+    assert _ask(b, "ping") == {"ok": True}          # the other agent goes on
+    b.stdin.close()
+    assert b.wait(timeout=30) == 0
+    assert z.poll() is None
+
+
+def test_a_killed_agent_is_137_and_the_server_forks_the_next(attach, server):
+    z, sock = server
+    a = _attached(attach, sock)
+    pid = _ask(a, "hello")["pid"]
+    os.kill(pid, signal.SIGKILL)
+    assert a.wait(timeout=30) == 137
+    assert b"without a status" in a.stderr.read()
+    c = _attached(attach, sock)
+    assert _ask(c, "ping") == {"ok": True}
+    c.stdin.close()
+    assert c.wait(timeout=30) == 0
+
+
+def test_no_server_is_75_and_nothing_written(attach, tmp_path):
+    p = subprocess.run([str(attach), "agent", str(tmp_path / "none.sock")], input=b'{"op": "ping"}\n',
+                       capture_output=True, timeout=30)
+    assert p.returncode == exporter.EX_NO_AGENT and p.stdout == b""
+    # a socket nobody forks from (accepts and hangs up)
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(str(tmp_path / "mute.sock"))
+        s.listen(1)
+        q = subprocess.Popen([str(attach), "agent", str(tmp_path / "mute.sock")], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE)
+        s.accept()[0].close()
+        assert q.wait(timeout=30) == exporter.EX_NO_AGENT and q.stdout.read() == b""
+
+
+def test_relay_copies_both_ways(attach, tmp_path):
+    path = str(tmp_path / "echo.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        s.listen(1)
+        p = subprocess.Popen([str(attach), "relay", path], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        c, _ = s.accept()
+        c.sendall(b"greeting\n")
+        assert p.stdout.readline() == b"greeting\n"
+        p.stdin.write(b"x" * 200000)
+        p.stdin.flush()
+        got = b""
+        while len(got) < 200000:
+            got += c.recv(65536)
+        assert got == b"x" * 200000
+        c.close()                       # the socket's end is the relay's
+        assert p.wait(timeout=30) == 0
+
+
+def test_the_lab_gets_the_attach_source_with_the_agent():
+    assert SRC in HOSTAGENT_FILES
+    class Nested:
+        share_dir, agent_cache = "/mnt/vmlab", True
+    cmd = exporter.agent_command(Nested())
+    # the fork server when it answers, the agent's own start otherwise: never both
+    assert "$d/vmlab-attach agent $d/zygote.sock; rc=$?; [ $rc = 75 ] || exit $rc; fi; exec python3" in cmd
+    class Box:
+        share_dir, agent_cache = "/tmp/vmlab-run.x", False
+    assert "attach" not in exporter.agent_command(Box())
