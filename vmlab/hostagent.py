@@ -1519,7 +1519,9 @@ def zygote(sock_path):
         conn, _ = srv.accept()
         fds = []
         try:
+            conn.settimeout(5)      # one silent client must not hold the others' agents
             msg, fds, _, _ = socket.recv_fds(conn, _ZYGOTE_MAX_MSG, 3)
+            conn.settimeout(None)
             if len(fds) != 3 or not msg.startswith(b"A"):
                 log(f"zygote: dropped a message of {len(msg)} bytes with {len(fds)} fds")
                 continue

@@ -30,6 +30,7 @@
 
 #define EX_NO_AGENT 75
 #define EX_KILLED 137
+#define START_TIMEOUT_MS 30000
 /* one message: 'A', then the VMLAB_* environment entries, each NUL-terminated */
 #define MAX_MSG 8192
 
@@ -79,6 +80,7 @@ static int agent(const char *path)
 	struct iovec iov;
 	struct msghdr m = { 0 };
 	struct cmsghdr *h;
+	struct pollfd p;
 	unsigned char b;
 	size_t n = 0, l;
 	int s, r;
@@ -117,7 +119,18 @@ static int agent(const char *path)
 		return EX_NO_AGENT;
 	}
 	/* 'S' once the forked agent owns the pipes, before it writes anything to them: EOF
-	 * before it means no agent ran for this channel */
+	 * before it means no agent ran for this channel.  A server that says nothing for
+	 * START_TIMEOUT_MS is an error, not a fallback: its agent may still start and read
+	 * the pipes, and two agents must never share them. */
+	p.fd = s;
+	p.events = POLLIN;
+	do
+		r = poll(&p, 1, START_TIMEOUT_MS);
+	while (r < 0 && errno == EINTR);
+	if (r == 0) {
+		fprintf(stderr, "vmlab-attach: %s started no agent in %d ms\n", path, START_TIMEOUT_MS);
+		return 1;
+	}
 	r = read_byte(s, &b);
 	if (r != 1 || b != 'S') {
 		fprintf(stderr, "vmlab-attach: %s started no agent; starting the agent itself\n", path);

@@ -137,3 +137,13 @@ def test_the_lab_gets_the_attach_source_with_the_agent():
     class Box:
         share_dir, agent_cache = "/tmp/vmlab-run.x", False
     assert "attach" not in exporter.agent_command(Box())
+
+
+def test_a_silent_client_holds_the_server_for_seconds_only(attach, server):
+    z, sock = server
+    with socket.socket(socket.AF_UNIX) as silent:
+        silent.connect(str(sock))          # says nothing: the server gives up on it
+        a = _attached(attach, sock)
+        assert _ask(a, "ping") == {"ok": True}
+        a.stdin.close()
+        assert a.wait(timeout=30) == 0
