@@ -90,8 +90,7 @@ def cmd_images(a) -> int:
     why = qemu_suite_problem(a.qemu, recipes[0].kernel)
     if why:
         raise ConfigError("<command line>", "--qemu", why)
-    for r in recipes:
-        images.ensure(r, progress)
+    images.ensure_all(recipes, progress)
     return 0
 
 
