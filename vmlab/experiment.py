@@ -986,6 +986,7 @@ class Run:
         if self.stack is None:
             return
         guest_gone = True
+        logs_of = None
         try:
             if self.stack.guest is not None and self.stack.guest is self.shared_guest:
                 g = self.stack.guest
@@ -996,19 +997,26 @@ class Run:
                     # no KVM mapping of the buffer is left once its QEMU is gone
                     guest_gone = g.down()
                     self.result["guest"]["stopped_by_run"] = "its device could not be unplugged"
-                # the shared guest's whole console and QEMU log so far: this run's evidence too
-                g.fetch_logs(self.out, agent=self.agent)
+                logs_of = g
                 self.stack.guest = None
             elif self.stack.guest is not None:
                 guest_gone = self.stack.guest.down()
                 self.stack.guest = None
         finally:
             try:
-                if self.agent is not None:
-                    try:
+                try:
+                    if self.agent is not None:
                         self.release_buffer(guest_gone)
+                finally:
+                    try:
+                        if logs_of is not None:
+                            # the shared guest's whole console and QEMU log so far: this
+                            # run's evidence too; read after the release, so that a slow
+                            # read never keeps the buffer's pages quarantined
+                            logs_of.fetch_logs(self.out, agent=self.agent)
                     finally:
-                        self.agent.close()
+                        if self.agent is not None:
+                            self.agent.close()
             finally:
                 self.stack.down()
 

@@ -51,6 +51,10 @@ BOOT_ARGS = ("console=ttyS0 panic=-1 loglevel=5 i8042.noaux i8042.nokbd i8042.no
              + SKIPPED_INITCALLS)
 
 
+# logs up to this size come through the host agent's JSON (base64); bigger ones by exec
+AGENT_LOG_BYTES = 4 << 20
+
+
 def _sized_cat(paths: list[str]) -> str:
     """A shell script that writes each file as its size, a newline and that many bytes
     (-1 and no bytes: unreadable); a file that grows meanwhile is cut at the size it had."""
@@ -378,7 +382,10 @@ class Guest:
         parts = None
         if agent is not None:
             try:
-                parts = [None if f is None else f[1] for f in agent.read_files(paths)]
+                got = agent.read_files(paths, max_bytes=AGENT_LOG_BYTES)
+                # a log past the cap is read whole by the exec: this run's part is its end
+                if all(f is None or f[0] <= AGENT_LOG_BYTES for f in got):
+                    parts = [None if f is None else f[1] for f in got]
             except Exception as e:
                 log.warning("the host agent could not read the logs of %s (%s); by exec", self.opts.name, e)
         if parts is None:

@@ -1503,6 +1503,7 @@ def zygote(sock_path):
     the exec would start, with the channel's own pipes as its stdin, stdout and stderr,
     and its end is a process exit. The server itself only accepts; a message it cannot
     take is dropped (vmlab-attach then starts the agent itself)."""
+    import ctypes  # noqa: F401  (imported once here, not in every agent: _forked_agent)
     import signal
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)   # the kernel reaps the agents
     tmp = f"{sock_path}.{os.getpid()}"
@@ -1516,12 +1517,16 @@ def zygote(sock_path):
     os.rename(tmp, sock_path)       # atomic: a client never sees a socket not yet listening
     log(f"zygote: serving {sock_path} (pid {os.getpid()})")
     while True:
-        conn, _ = srv.accept()
+        try:
+            conn, _ = srv.accept()
+        except OSError as e:        # out of fds, an aborted connection: not the server's end
+            log(f"zygote: accept: {e}")
+            time.sleep(0.1)
+            continue
         fds = []
         try:
             conn.settimeout(5)      # one silent client must not hold the others' agents
             msg, fds, _, _ = socket.recv_fds(conn, _ZYGOTE_MAX_MSG, 3)
-            conn.settimeout(None)
             if len(fds) != 3 or not msg.startswith(b"A"):
                 log(f"zygote: dropped a message of {len(msg)} bytes with {len(fds)} fds")
                 continue
@@ -1537,14 +1542,25 @@ def zygote(sock_path):
             conn.close()
 
 
+# what a forked agent calls itself (prctl PR_SET_NAME): its command line is its server's,
+# and cleanups must find it also when that server is gone (matrix.clean_lab_script)
+FORKED_AGENT_NAME = b"vmlab-agent"
+
+
 def _forked_agent(conn, fds, env):
-    """The child of zygote(): become the agent the exec would have started, then exit."""
+    """The child of zygote(): become the agent the exec would have started, then exit.
+    Nothing is sent before it owns the channel's pipes (vmlab-attach then starts an agent
+    itself); then "S" and its pid, and it waits for vmlab-attach to hold a pidfd of it:
+    the exec ends only once this process has exited, as sshd's wait on an agent it
+    started would."""
     global FORKED_FROM
+    import ctypes
     import signal
-    rc = 1
+    rc, started = 1, False
     try:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)   # its subprocesses are waited for
         os.setsid()
+        ctypes.CDLL(None, use_errno=True).prctl(15, FORKED_AGENT_NAME, 0, 0, 0)   # PR_SET_NAME
         for i, fd in enumerate(fds):
             os.dup2(fd, i)
             os.close(fd)
@@ -1559,7 +1575,13 @@ def _forked_agent(conn, fds, env):
         sys.stdout = open(1, "w", buffering=1, closefd=False)
         sys.stderr = open(2, "w", buffering=1, closefd=False)
         FORKED_FROM = os.getppid()
-        conn.sendall(b"S")
+        conn.settimeout(30)
+        conn.sendall(b"S" + struct.pack("<I", os.getpid()))
+        started = True
+        if conn.recv(1) != b"A":
+            # vmlab-attach is gone: the exec has ended, so nobody may be served here
+            os._exit(1)
+        conn.settimeout(None)
         rc = serve()
     except BaseException:
         try:
@@ -1567,12 +1589,16 @@ def _forked_agent(conn, fds, env):
         except Exception:
             pass
     finally:
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-            conn.sendall(bytes([rc & 0xFF]))
-        except Exception:
-            pass
+        for f in (sys.stdout, sys.stderr):
+            try:
+                f.flush()
+            except Exception:   # the controller gone (EPIPE): the status still goes
+                pass
+        if started:
+            try:
+                conn.sendall(bytes([rc & 0xFF]))
+            except Exception:
+                pass
         os._exit(rc)
 
 

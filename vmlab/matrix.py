@@ -463,9 +463,10 @@ for i in $(seq 50); do
 done
 exit 1
 """
-# a nested lab's agents forked by its fork server (exporter.warm_command): the server's
-# children, not the server (it holds nothing of a cell's)
-_FORKED = "for z in $(pgrep -f '[h]ostagent.py zygote'); do pgrep -P $z; done;"
+# a nested lab's agents forked by its fork server (exporter.warm_command), by the name
+# they give themselves (hostagent.FORKED_AGENT_NAME; their command line is the server's,
+# and their server may be gone); never the server: it holds nothing of a cell's
+_FORKED = "pgrep -x vmlab-agent;"
 
 
 def clean_lab_script(lab) -> str:

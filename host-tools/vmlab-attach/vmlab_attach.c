@@ -12,7 +12,10 @@
  *
  * The agent is a process of its own that holds the channel's pipes itself, so it sees
  * the controller's EOF exactly as an agent started by the exec would, and its exit is a
- * process exit: every buffer fd, mapping and socket of the run goes with it.
+ * process exit: every buffer fd, mapping and socket of the run goes with it.  This exits
+ * only once that process has exited (a pidfd of it, taken before the agent may run), as
+ * sshd's wait for an agent it started would: the controller's "the agent ended" means
+ * its files and mappings are gone.
  *
  * Exit 75 (EX_TEMPFAIL) from "agent" means no agent was started for this channel and
  * nothing was written to it: the caller starts one itself.  Anything else is the agent's
@@ -21,16 +24,26 @@
 #define _GNU_SOURCE
 #include <errno.h>
 #include <poll.h>
+#include <signal.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <sys/syscall.h>
+#include <sys/time.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
+
+#ifndef SYS_pidfd_open
+#define SYS_pidfd_open 434
+#endif
 
 #define EX_NO_AGENT 75
 #define EX_KILLED 137
 #define START_TIMEOUT_MS 30000
+#define CONNECT_TIMEOUT_S 10
 /* one message: 'A', then the VMLAB_* environment entries, each NUL-terminated */
 #define MAX_MSG 8192
 
@@ -49,7 +62,10 @@ static int connect_unix(const char *path)
 	s = socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
 	if (s < 0)
 		return -1;
-	if (connect(s, (struct sockaddr *)&a, sizeof(a)) < 0) {
+	/* a wedged server with a full backlog: connect gives up (AF_UNIX honours it) */
+	struct timeval tv = { .tv_sec = CONNECT_TIMEOUT_S };
+	if (setsockopt(s, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof(tv)) < 0 ||
+	    connect(s, (struct sockaddr *)&a, sizeof(a)) < 0) {
 		e = errno;
 		close(s);
 		errno = e;
@@ -58,15 +74,40 @@ static int connect_unix(const char *path)
 	return s;
 }
 
-/* one byte, retried on EINTR; 1 read, 0 EOF, -1 error */
-static int read_byte(int s, unsigned char *b)
+/* exactly len bytes, retried on EINTR; len read, 0 EOF first, -1 error or EOF midway */
+static ssize_t read_full(int s, void *buf, size_t len)
 {
+	size_t got = 0;
 	ssize_t n;
 
-	do
-		n = read(s, b, 1);
-	while (n < 0 && errno == EINTR);
-	return n < 0 ? -1 : (int)n;
+	while (got < len) {
+		n = read(s, (char *)buf + got, len - got);
+		if (n < 0 && errno == EINTR)
+			continue;
+		if (n < 0)
+			return -1;
+		if (n == 0)
+			return got ? -1 : 0;
+		got += n;
+	}
+	return got;
+}
+
+/* until the process pid has exited (its files and mappings released) */
+static void wait_exited(pid_t pid, int pidfd)
+{
+	struct pollfd p = { .fd = pidfd, .events = POLLIN };
+	struct timespec ten_ms = { 0, 10 * 1000 * 1000 };
+
+	if (pidfd >= 0) {
+		while (poll(&p, 1, -1) < 0 && errno == EINTR)
+			;
+		close(pidfd);
+		return;
+	}
+	/* no pidfd (before Linux 5.3): the server's children are reaped at their exit */
+	while (kill(pid, 0) == 0 || errno != ESRCH)
+		nanosleep(&ten_ms, NULL);
 }
 
 static int agent(const char *path)
@@ -82,8 +123,13 @@ static int agent(const char *path)
 	struct cmsghdr *h;
 	struct pollfd p;
 	unsigned char b;
+	struct {
+		char s;
+		uint32_t pid;
+	} __attribute__((packed)) hello;
+	ssize_t sent;
 	size_t n = 0, l;
-	int s, r;
+	int s, r, pidfd;
 
 	msg[n++] = 'A';
 	for (char **e = environ; *e; e++) {
@@ -113,13 +159,19 @@ static int agent(const char *path)
 	h->cmsg_type = SCM_RIGHTS;
 	h->cmsg_len = CMSG_LEN(sizeof(fds));
 	memcpy(CMSG_DATA(h), fds, sizeof(fds));
-	if (sendmsg(s, &m, MSG_NOSIGNAL) != (ssize_t)n) {
+	sent = sendmsg(s, &m, MSG_NOSIGNAL);
+	if (sent < 0) {
 		fprintf(stderr, "vmlab-attach: sending to %s: %s; starting the agent itself\n",
 			path, strerror(errno));
 		return EX_NO_AGENT;
 	}
-	/* 'S' once the forked agent owns the pipes, before it writes anything to them: EOF
-	 * before it means no agent ran for this channel.  A server that says nothing for
+	if (sent != (ssize_t)n) {
+		/* the fds went with the first byte: an agent may start, so no second one */
+		fprintf(stderr, "vmlab-attach: %s took %zd of %zu bytes\n", path, sent, n);
+		return 1;
+	}
+	/* 'S' and the agent's pid once it owns the pipes, before it reads or writes them:
+	 * EOF before it means no agent ran for this channel.  A server that says nothing for
 	 * START_TIMEOUT_MS is an error, not a fallback: its agent may still start and read
 	 * the pipes, and two agents must never share them. */
 	p.fd = s;
@@ -127,19 +179,31 @@ static int agent(const char *path)
 	do
 		r = poll(&p, 1, START_TIMEOUT_MS);
 	while (r < 0 && errno == EINTR);
-	if (r == 0) {
+	if (r <= 0) {
 		fprintf(stderr, "vmlab-attach: %s started no agent in %d ms\n", path, START_TIMEOUT_MS);
 		return 1;
 	}
-	r = read_byte(s, &b);
-	if (r != 1 || b != 'S') {
+	r = read_full(s, &hello, sizeof(hello));
+	if (r == 0) {
 		fprintf(stderr, "vmlab-attach: %s started no agent; starting the agent itself\n", path);
 		return EX_NO_AGENT;
+	}
+	if (r < 0 || hello.s != 'S' || hello.pid == 0) {
+		fprintf(stderr, "vmlab-attach: %s: a garbled start\n", path);
+		return 1;
+	}
+	/* the agent waits for this ack, so its pid names it when the pidfd is taken */
+	pidfd = syscall(SYS_pidfd_open, (pid_t)hello.pid, 0);
+	if (write(s, "A", 1) != 1) {
+		fprintf(stderr, "vmlab-attach: %s: %s\n", path, strerror(errno));
+		wait_exited(hello.pid, pidfd);
+		return 1;
 	}
 	/* the agent holds the pipes now; ours would only delay the controller's EOF */
 	close(0);
 	close(1);
-	r = read_byte(s, &b);
+	r = read_full(s, &b, 1);
+	wait_exited(hello.pid, pidfd);
 	if (r != 1) {
 		fprintf(stderr, "vmlab-attach: the host agent ended without a status (killed?)\n");
 		return EX_KILLED;
@@ -169,6 +233,8 @@ static int relay(const char *path)
 			return 1;
 		}
 		for (int i = 0; i < 2; i++) {
+			if (p[i].revents & POLLNVAL)
+				return 1;
 			if (!(p[i].revents & (POLLIN | POLLHUP | POLLERR)))
 				continue;
 			from = p[i].fd;

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from vmlab import exporter
+from vmlab import exporter, hostagent
 from vmlab.exporter import HOSTAGENT_FILES
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -53,6 +53,15 @@ def _attached(attach, sock, env=None):
                             env={**os.environ, **(env or {})})
 
 
+def _exited(pid: int) -> bool:
+    """gone, or past exit and only waiting to be reaped (its files and memory released)"""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")
+
+
 def _ask(p, op):
     p.stdin.write((json.dumps({"op": op}) + "\n").encode())
     p.stdin.flush()
@@ -70,11 +79,13 @@ def test_each_attach_gets_an_agent_of_its_own_that_ends_with_its_pipes(attach, s
     # the caller's VMLAB_* environment, nothing of another caller's
     assert ha["env"] == {"VMLAB_HUGEPAGES_LEDGER": "/tmp/ledger-a"}
     assert hb["env"] == {}
+    # named for cleanups that look for agents (matrix.clean_lab_script)
+    assert Path(f"/proc/{ha['pid']}/comm").read_text().strip() == hostagent.FORKED_AGENT_NAME.decode()
     a.stdin.close()                     # the controller's EOF
     assert a.wait(timeout=30) == 0
+    # attach ended only once the agent had exited: its files and mappings are gone
+    assert _exited(ha["pid"])
     assert b"stdin closed: buffers released, exiting" in a.stderr.read()
-    with pytest.raises(ProcessLookupError):
-        os.kill(ha["pid"], 0)
     assert _ask(b, "ping") == {"ok": True}          # the other agent goes on
     b.stdin.close()
     assert b.wait(timeout=30) == 0
@@ -87,6 +98,7 @@ def test_a_killed_agent_is_137_and_the_server_forks_the_next(attach, server):
     pid = _ask(a, "hello")["pid"]
     os.kill(pid, signal.SIGKILL)
     assert a.wait(timeout=30) == 137
+    assert _exited(pid)
     assert b"without a status" in a.stderr.read()
     c = _attached(attach, sock)
     assert _ask(c, "ping") == {"ok": True}
@@ -147,3 +159,36 @@ def test_a_silent_client_holds_the_server_for_seconds_only(attach, server):
         assert _ask(a, "ping") == {"ok": True}
         a.stdin.close()
         assert a.wait(timeout=30) == 0
+
+
+def test_an_agent_outlives_its_server_and_keeps_its_name(attach, server):
+    """A server killed under a running agent: the agent serves on until its EOF, and is
+    still found by its name (its command line is the dead server's)."""
+    z, sock = server
+    a = _attached(attach, sock)
+    pid = _ask(a, "hello")["pid"]
+    z.kill()
+    z.wait()
+    assert _ask(a, "ping") == {"ok": True}
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == "vmlab-agent"
+    a.stdin.close()
+    assert a.wait(timeout=30) == 0 and _exited(pid)
+
+
+def test_a_failed_start_writes_nothing_and_falls_back(attach, tmp_path):
+    """A server that takes the fds and hangs up before its agent said "S" (here: a
+    stand-in that only receives) leaves the channel untouched: 75."""
+    path = str(tmp_path / "taker.sock")
+    with socket.socket(socket.AF_UNIX) as s:
+        s.bind(path)
+        s.listen(1)
+        q = subprocess.Popen([str(attach), "agent", path], stdin=subprocess.PIPE,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        c, _ = s.accept()
+        msg, fds, _, _ = socket.recv_fds(c, 8192, 3)
+        assert msg.startswith(b"A") and len(fds) == 3
+        for fd in fds:
+            os.close(fd)
+        c.close()
+        assert q.wait(timeout=30) == exporter.EX_NO_AGENT
+        assert q.stdout.read() == b""

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -310,31 +311,37 @@ def test_between_cells_a_box_loses_only_this_runs_processes(tmp_path, monkeypatc
     assert "[h]ostagent.py serve" in nested and "-name [g]uest " in nested
 
 
-def test_clean_lab_kills_the_fork_servers_agents_not_the_server():
+def test_clean_lab_kills_forked_agents_by_name_not_their_server(tmp_path):
     """A nested lab's agents forked by its fork server (exporter.warm_command) are a cell's
-    leftovers like started ones; the server holds nothing of a cell's and stays. Run here
+    leftovers like started ones, found by their name (hostagent.FORKED_AGENT_NAME) also
+    when their server is gone; the server holds nothing of a cell's and stays. Run here
     against real processes, the patterns narrowed to this test's own."""
+    from vmlab import hostagent
+
     class Nested:
         kind = "nested"
     tag = f"t{os.getpid()}"
+    name = f"vmlab-agent{os.getpid() % 10000}"      # a comm is 15 characters at most
     script = (matrix.clean_lab_script(Nested())
-              .replace("[h]ostagent.py zygote", f"[h]ostagent.py zygote {tag}")
+              .replace(f"pgrep -x {hostagent.FORKED_AGENT_NAME.decode()}", f"pgrep -x {name}")
               .replace("[h]ostagent.py serve", f"[h]ostagent.py serve {tag}")
               .replace("-name [g]uest ", f"-name [g]uest-{tag} "))
-    server = subprocess.Popen(
-        # like the real server, it leaves its children to the kernel to reap
-        [sys.executable, "-c", "import signal, subprocess, sys, time; "
-         "signal.signal(signal.SIGCHLD, signal.SIG_IGN); subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']); "
-         "print('forked', flush=True); time.sleep(60)", "hostagent.py", "zygote", tag],
-        stdout=subprocess.PIPE, text=True)
+    assert f"pgrep -x {name}" in script
+    (tmp_path / name).symlink_to("/bin/sleep")
+    server = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
+                               "hostagent.py", "zygote", tag])
+    agent = subprocess.Popen([str(tmp_path / name), "60"])
+    # reaped at once, as the lab's init or server reaps an agent: no zombie for pgrep
+    reaper = threading.Thread(target=agent.wait, daemon=True)
+    reaper.start()
     try:
-        assert server.stdout.readline().strip() == "forked"
-        kids = subprocess.run(["pgrep", "-P", str(server.pid)], capture_output=True, text=True).stdout.split()
-        assert len(kids) == 1
         r = subprocess.run(["sh", "-c", script], capture_output=True, text=True, timeout=60)
         assert r.returncode == 0, r.stderr
-        assert r.stdout.strip() == f"left: {kids[0]}"
+        assert r.stdout.strip() == f"left: {agent.pid}"
+        reaper.join(timeout=10)
+        assert agent.returncode == -9
         assert server.poll() is None
     finally:
-        server.kill()
-        server.wait()
+        for p in (server, agent):
+            p.kill()
+            p.wait()
