@@ -7,6 +7,7 @@ import functools
 import hashlib
 import json
 import logging
+import os
 import shlex
 import threading
 import time
@@ -14,7 +15,7 @@ from enum import Enum
 from pathlib import Path
 
 from .errors import RemoteError, WaitTimeout
-from .paths import repo_root
+from .paths import cache_dir, repo_root
 from .ssh import ChannelReader
 
 log = logging.getLogger("vmlab.exporter")
@@ -38,12 +39,12 @@ _START = ("import sys; sys.path.insert(0, sys.argv[1].rsplit('/', 1)[0]); import
           "sys.exit(hostagent.main(sys.argv[1:]))")
 
 
-ATTACH_SRC = "vmlab_attach.c"    # shipped with the agent (HOSTAGENT_FILES), built in the lab
-
+# vmlab-attach's source: shipped with the agent (its digest names the agent's copy) and
+# built here (attach_binary)
+ATTACH_SOURCE = repo_root() / "host-tools/vmlab-attach/vmlab_attach.c"
 # The host agent and the stdlib-only modules it imports, shipped through the share.
 HOSTAGENT_FILES = [repo_root() / "vmlab" / n for n in ("hostagent.py", "stamp.py", "exporter_uapi.py",
-                                                       "vhost_user.py")] + \
-    [repo_root() / "host-tools/vmlab-attach/vmlab_attach.c"]
+                                                       "vhost_user.py")] + [ATTACH_SOURCE]
 
 
 @functools.lru_cache(maxsize=None)
@@ -56,6 +57,26 @@ def agent_digest() -> str:
 
 
 EX_NO_AGENT = 75                  # vmlab-attach: no agent started, the caller starts one
+ATTACH_BIN = "vmlab-attach"
+
+
+def attach_binary() -> Path:
+    """vmlab-attach, built static on this machine (the guest agent's gcc) once per source
+    and kept in the cache; a nested lab gets it through its share. Built here, not in
+    the lab: gcc under TCG cost seconds of every snapshot's first boot."""
+    src = ATTACH_SOURCE
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()[:16]
+    out = cache_dir() / "tools" / f"{ATTACH_BIN}-{digest}"
+    if not out.exists():
+        from .proc import run_cmd
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.{os.getpid()}")
+        try:
+            run_cmd(["gcc", "-static", "-O2", "-Wall", "-Wextra", "-o", str(tmp), str(src)], timeout=120)
+            os.replace(tmp, out)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return out
 
 
 def _agent_dir(lab) -> tuple[str, str]:
@@ -66,7 +87,7 @@ def _agent_dir(lab) -> tuple[str, str]:
     # named by the digest of what this vmlab puts in a share: a lab whose share holds
     # another's is never reused (reuse.wanted_shape), and hashing it there cost 0.2 s a start
     return (f"d=/run/vmlab-agent-{agent_digest()} && "
-            f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py {src}/*.c $t/ && "
+            f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py {src}/*.c {src}/{ATTACH_BIN} $t/ && "
             f"{{ mv -T $t $d 2>/dev/null || rm -rf $t; }}; }}; }} && "), "$d"
 
 
@@ -91,17 +112,15 @@ def agent_command(lab) -> str:
 
 def warm_command(lab) -> str:
     """What a nested lab does once before its snapshot is saved, so that every restore has
-    it: the agent's copy and bytecode, vmlab-attach built with the lab's gcc, and the fork
-    server started (detached: it outlives this exec) and listening; again, with the fork
-    server already answering, nothing. Its log is $d/zygote.log."""
+    it: the agent's copy (vmlab-attach with it) and bytecode, and the fork server started
+    (detached: it outlives this exec) and listening; again, with the fork server already
+    answering, nothing. Its log is $d/zygote.log."""
     prep, src = _agent_dir(lab)
     assert prep, "only a nested lab keeps a fork server"
     # $1 the copy, $2 the start line; the pid file is the server's (sh execs python)
     server = ('echo $$ > "$1/zygote.pid"; '
               'exec python3 -S -u -c "$2" "$1/hostagent.py" zygote "$1/zygote.sock"')
     return (f"{prep}python3 -S -c 'import sys; sys.path.insert(0, sys.argv[1]); import hostagent' {src} && "
-            f"{{ [ -x $d/vmlab-attach ] || {{ gcc -O2 -Wall -o $d/vmlab-attach.tmp $d/{ATTACH_SRC} && "
-            f"mv $d/vmlab-attach.tmp $d/vmlab-attach; }}; }} && "
             f"if ! {{ [ -f $d/zygote.pid ] && kill -0 $(cat $d/zygote.pid) 2>/dev/null; }}; then "
             f"rm -f $d/zygote.sock; setsid -f sh -c {shlex.quote(server)} sh $d {shlex.quote(_START)} "
             f"</dev/null >/dev/null 2>>$d/zygote.log; "

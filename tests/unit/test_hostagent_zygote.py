@@ -192,3 +192,13 @@ def test_a_failed_start_writes_nothing_and_falls_back(attach, tmp_path):
         c.close()
         assert q.wait(timeout=30) == exporter.EX_NO_AGENT
         assert q.stdout.read() == b""
+
+
+def test_the_attach_binary_is_built_once_per_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("VMLAB_CACHE_DIR", str(tmp_path))
+    b = exporter.attach_binary()
+    assert b.parent == tmp_path / "tools" and os.access(b, os.X_OK)
+    stamp = b.stat().st_mtime_ns
+    assert exporter.attach_binary() == b and b.stat().st_mtime_ns == stamp
+    r = subprocess.run([str(b)], capture_output=True, timeout=30)
+    assert r.returncode == 2 and b"usage" in r.stderr
