@@ -90,7 +90,8 @@ def cmd_images(a) -> int:
     why = qemu_suite_problem(a.qemu, recipes[0].kernel)
     if why:
         raise ConfigError("<command line>", "--qemu", why)
-    images.ensure_all(recipes, progress)
+    for r in recipes:
+        images.ensure(r, progress)
     return 0
 
 

@@ -21,7 +21,6 @@ import shlex
 import shutil
 import subprocess
 import sys
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -243,67 +242,12 @@ def ensure(r: Recipe, progress=print) -> tuple[Image, bool]:
     return build(r, progress), True
 
 
-def ensure_all(recipes: list[Recipe], progress=print) -> list[Image]:
-    """The images for ``recipes``; when several are missing they are built at once, the
-    first here and each other on a thread: a first run builds its lab and guest images
-    side by side (the guest's, ~20 s of downloads and a gcc, hides behind the lab's 2
-    minutes). Any failure or interrupt cancels the others' builds (their steps stopped,
-    their build directories removed) and is raised once they have stopped."""
-    found = [find(r) for r in recipes]
-    missing = [r for r, img in zip(recipes, found) if img is None]
-    if len(missing) < 2:
-        return [ensure(r, progress)[0] for r in recipes]
-    cancel = threading.Event()
-    results: dict[int, object] = {}
-
-    def build_on_thread(i: int, r: Recipe) -> None:
-        _thread.cancel = cancel
-        try:
-            results[i] = build(r, progress)
-        except BaseException as e:
-            results[i] = e
-            cancel.set()
-
-    threads = [threading.Thread(target=build_on_thread, args=(i, r), name=f"image-{r.kind}", daemon=True)
-               for i, r in enumerate(missing[1:], 1)]
-    for t in threads:
-        t.start()
-    try:
-        results[0] = build(missing[0], progress)
-        for t in threads:
-            # each step of a build has its own timeout (mmdebstrap: 30 min)
-            while t.is_alive():
-                t.join(timeout=1)
-    except BaseException:
-        cancel.set()
-        for t in threads:
-            t.join(timeout=120)     # a cancelled step is stopped within a second, then TERM/KILL
-        raise
-    for i in range(1, len(missing)):
-        if isinstance(results.get(i), BaseException):
-            raise results[i]
-    built = iter(results[i] for i in range(len(missing)))
-    return [img if img is not None else next(built) for img in found]
-
-
-class BuildCancelled(Exception):
-    """A build on another thread (ensure_all) stopped because the caller's own failed or
-    was interrupted."""
-
-
-# the cancel event of a build running on a thread of ensure_all (an interrupt reaches only
-# the main thread, and the build's steps lead process groups of their own)
-_thread = threading.local()
-
-
 def _run_logged(argv: list[str], logf: Path, what: str, progress, timeout: float, env=None) -> None:
     """Run a long build step with its output in ``logf`` and a progress line every 15 s.
-    The step leads its own process group, so an interrupt, a cancel (ensure_all) or a
-    timeout stops its apt and dpkg children too (TERM, then KILL), not just the top process."""
+    The step leads its own process group, so an interrupt or a timeout stops its apt and
+    dpkg children too (TERM, then KILL), not just the top process."""
     from .proc import popen, stop_group
-    cancel = getattr(_thread, "cancel", None)
     start = time.monotonic()
-    next_note = start + 15
     with open(logf, "ab") as out:
         out.write(("\n$ " + " ".join(argv) + "\n").encode())
         out.flush()
@@ -312,20 +256,14 @@ def _run_logged(argv: list[str], logf: Path, what: str, progress, timeout: float
         try:
             while True:
                 try:
-                    rc = p.wait(timeout=0.5 if cancel is not None else 15)
+                    rc = p.wait(timeout=15)
                     break
                 except subprocess.TimeoutExpired:
-                    if cancel is not None and cancel.is_set():
-                        stop_group(p)
-                        raise BuildCancelled(f"{what}: cancelled")
-                    now = time.monotonic()
-                    el = now - start
+                    el = time.monotonic() - start
                     if el > timeout:
                         stop_group(p)
                         raise CommandFailed(argv, -9, "", f"{what} exceeded {timeout:.0f}s; log: {logf}")
-                    if now >= next_note:
-                        next_note = now + 15
-                        progress(f"  {what}: {el:.0f}s ... ({_last_line(logf)})")
+                    progress(f"  {what}: {el:.0f}s ... ({_last_line(logf)})")
         except BaseException:
             stop_group(p)
             raise

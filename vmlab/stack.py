@@ -41,11 +41,9 @@ def lab_images(kernel: str, guest_kernel: str | None, *, build: bool, progress,
     """The lab image for ``kernel`` (with the QEMU ``qemu`` names) and the guest image for
     ``guest_kernel``: built when missing, or ImageMissing (exit 2) when building is not
     allowed. A test box (``need_lab`` False) takes only the guest image."""
-    wanted = ([images.recipe("lab", kernel, qemu, base)] if need_lab else []) + \
-        ([images.recipe("guest", guest_kernel or "trixie")] if need_guest else [])
-    got = images.ensure_all(wanted, progress) if build else [images.require(r) for r in wanted]
-    lab_img = got.pop(0) if need_lab else None
-    guest_img = got.pop(0) if need_guest else None
+    get = (lambda r: images.ensure(r, progress)[0]) if build else images.require
+    lab_img = get(images.recipe("lab", kernel, qemu, base)) if need_lab else None
+    guest_img = get(images.recipe("guest", guest_kernel or "trixie")) if need_guest else None
     return lab_img, guest_img
 
 
