@@ -1013,7 +1013,8 @@ class Run:
                             # the shared guest's whole console and QEMU log so far: this
                             # run's evidence too; read after the release, so that a slow
                             # read never keeps the buffer's pages quarantined
-                            logs_of.fetch_logs(self.out, agent=self.agent)
+                            logs_of.fetch_logs(self.out, agent=self.agent if self.agent is not None
+                                               and self.agent.answering else None)
                     finally:
                         if self.agent is not None:
                             self.agent.close()

@@ -87,7 +87,8 @@ def _agent_dir(lab) -> tuple[str, str]:
     # named by the digest of what this vmlab puts in a share: a lab whose share holds
     # another's is never reused (reuse.wanted_shape), and hashing it there cost 0.2 s a start
     return (f"d=/run/vmlab-agent-{agent_digest()} && "
-            f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py {src}/*.c {src}/{ATTACH_BIN} $t/ && "
+            f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py {src}/*.c $t/ && "
+            f"{{ [ ! -e {src}/{ATTACH_BIN} ] || cp {src}/{ATTACH_BIN} $t/; }} && "
             f"{{ mv -T $t $d 2>/dev/null || rm -rf $t; }}; }}; }} && "), "$d"
 
 
@@ -171,6 +172,11 @@ class HostAgent:
         if not resp.pop("ok", False):
             raise AgentRequestFailed(op, resp)
         return resp
+
+    @property
+    def answering(self) -> bool:
+        """False once a request timed out: the channel is out of step for good."""
+        return self._late is None
 
     def kernel_state(self) -> dict:
         """The lab's taint mask and dmesg (health.kernel_state)."""

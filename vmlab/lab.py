@@ -20,7 +20,7 @@ from pathlib import Path
 
 from . import images, kvm_probe, lab_snapshot, proc, ssh
 from .exporter import ATTACH_BIN, HOSTAGENT_FILES, agent_digest, attach_binary, warm_command
-from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, WaitTimeout
+from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, VmlabError, WaitTimeout
 from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, set_aside, write_atomic
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port, qemu_version
 
@@ -223,8 +223,13 @@ class NestedLab:
                     shutil.copyfile(src, share / "guest" / name)
         for src in HOSTAGENT_FILES:
             shutil.copyfile(src, share / src.name)
-        shutil.copyfile(attach_binary(), share / ATTACH_BIN)
-        os.chmod(share / ATTACH_BIN, 0o755)
+        try:
+            shutil.copyfile(attach_binary(), share / ATTACH_BIN)
+            os.chmod(share / ATTACH_BIN, 0o755)
+        except (OSError, VmlabError) as e:
+            # only a speed-up: the agent then starts as Python in every run
+            log.warning("lab: no vmlab-attach for the lab (%s); the host agent starts without "
+                        "its fork server", e)
         os.chmod(share, 0o755)
         return share
 

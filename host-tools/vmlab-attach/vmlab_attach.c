@@ -84,6 +84,8 @@ static ssize_t read_full(int s, void *buf, size_t len)
 		n = read(s, (char *)buf + got, len - got);
 		if (n < 0 && errno == EINTR)
 			continue;
+		if (n < 0 && errno == ECONNRESET && !got)
+			return 0;	/* a server gone with our message unread: an EOF */
 		if (n < 0)
 			return -1;
 		if (n == 0)
@@ -93,7 +95,11 @@ static ssize_t read_full(int s, void *buf, size_t len)
 	return got;
 }
 
-/* until the process pid has exited (its files and mappings released) */
+/* until the process pid has exited (its files and mappings released).  With a pidfd,
+ * as long as that takes, as sshd waits for an agent it started; without one (before
+ * Linux 5.3, or an agent that died as it was taken) the pid may be reused, so at most
+ * NOPIDFD_WAIT_MS: the server's children are reaped at their exit. */
+#define NOPIDFD_WAIT_MS 10000
 static void wait_exited(pid_t pid, int pidfd)
 {
 	struct pollfd p = { .fd = pidfd, .events = POLLIN };
@@ -105,8 +111,7 @@ static void wait_exited(pid_t pid, int pidfd)
 		close(pidfd);
 		return;
 	}
-	/* no pidfd (before Linux 5.3): the server's children are reaped at their exit */
-	while (kill(pid, 0) == 0 || errno != ESRCH)
+	for (int i = 0; i < NOPIDFD_WAIT_MS / 10 && (kill(pid, 0) == 0 || errno != ESRCH); i++)
 		nanosleep(&ten_ms, NULL);
 }
 
@@ -192,9 +197,17 @@ static int agent(const char *path)
 		fprintf(stderr, "vmlab-attach: %s: a garbled start\n", path);
 		return 1;
 	}
-	/* the agent waits for this ack, so its pid names it when the pidfd is taken */
+	/* the agent waits for this ack and sends nothing before it, holding the socket
+	 * until its exit: a socket still quiet after the pidfd is taken means the pidfd
+	 * names the agent, not a process that took its pid after it died */
 	pidfd = syscall(SYS_pidfd_open, (pid_t)hello.pid, 0);
-	if (write(s, "A", 1) != 1) {
+	p.fd = s;
+	p.events = POLLIN;
+	if (pidfd >= 0 && poll(&p, 1, 0) != 0) {
+		close(pidfd);
+		pidfd = -1;
+	}
+	if (send(s, "A", 1, MSG_NOSIGNAL) != 1) {
 		fprintf(stderr, "vmlab-attach: %s: %s\n", path, strerror(errno));
 		wait_exited(hello.pid, pidfd);
 		return 1;
