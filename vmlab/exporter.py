@@ -140,7 +140,7 @@ class HostAgent:
         env = f"export VMLAB_HUGEPAGES_LEDGER={shlex.quote(lab.hugepages_ledger)}; " if lab.hugepages_ledger else ""
         self.chan = lab.session.open_exec(env + agent_command(lab))
         self._buf = bytearray()
-        self._late: str | None = None   # a request that timed out: the channel is out of step
+        self._late: str | None = None   # a request whose answer was not read: out of step
         self._lock = threading.Lock()
         self._reader = ChannelReader(self.chan, "host agent", on_out=self._buf.extend,
                                      on_err=self._log)
@@ -156,18 +156,19 @@ class HostAgent:
                 # an unanswered request's reply would be taken for this one's
                 raise RemoteError(f"host agent: {op}: not sent, the answer to {self._late} is "
                                   f"still outstanding (log: {self.log_path})")
+            # outstanding until its answer is read: a timeout or an interrupt (Ctrl-C in
+            # the move loop) leaves the channel out of step for good, and the teardown's
+            # requests would read this one's answer as theirs
+            self._late = op
             self.chan.sendall((json.dumps({"op": op, **kw}) + "\n").encode())
             self._reader.what = f"host agent op {op}"
-            try:
-                how = self._reader.pump(time.monotonic() + timeout, stop=lambda: b"\n" in self._buf)
-            except WaitTimeout:
-                self._late = op
-                raise
+            how = self._reader.pump(time.monotonic() + timeout, stop=lambda: b"\n" in self._buf)
             if how == "exit":
                 raise RemoteError(f"host agent exited during {op} (log: {self.log_path})")
             i = self._buf.index(b"\n")
             line = bytes(self._buf[:i])
             del self._buf[:i + 1]
+            self._late = None
         resp = json.loads(line)
         if not resp.pop("ok", False):
             raise AgentRequestFailed(op, resp)

@@ -231,3 +231,33 @@ def test_a_share_without_a_server_or_binary_starts_the_agent_itself(attach, tmp_
     assert (copy / exporter.ATTACH_BIN).exists() == with_binary
     p.stdin.close()
     assert p.wait(timeout=60) == 0
+
+
+def test_an_interrupted_request_leaves_the_agent_unusable_not_out_of_step(tmp_path):
+    """Ctrl-C while a request waits for its answer: that answer arrives later, and the
+    teardown's next request must not read it as its own (it got the move's answer for a
+    close). A real agent, started here the way a box starts it."""
+    from vmlab.errors import RemoteError
+    from vmlab.local_session import LocalSession
+    share = tmp_path / "share"
+    share.mkdir()
+    for f in HOSTAGENT_FILES:
+        (share / f.name).write_bytes(f.read_bytes())
+
+    class Lab:
+        session, share_dir, hugepages_ledger = LocalSession(), str(share), None
+    a = exporter.HostAgent(Lab(), tmp_path / "agent.log")
+    try:
+        real = a._reader.pump
+
+        def interrupted(*args, **kw):
+            raise KeyboardInterrupt
+        a._reader.pump = interrupted
+        with pytest.raises(KeyboardInterrupt):
+            a.request("hello")
+        a._reader.pump = real
+        assert not a.answering
+        with pytest.raises(RemoteError, match="the answer to hello is still outstanding"):
+            a.request("ping")
+    finally:
+        a.close()
