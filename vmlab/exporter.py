@@ -58,6 +58,7 @@ def agent_digest() -> str:
 
 EX_NO_AGENT = 75                  # vmlab-attach: no agent started, the caller starts one
 ATTACH_BIN = "vmlab-attach"
+AGENT_COPY_PREFIX = "/run/vmlab-agent-"   # a nested lab's copies of the agent, one per digest
 
 
 def attach_binary() -> Path:
@@ -86,7 +87,7 @@ def _agent_dir(lab) -> tuple[str, str]:
         return "", src
     # named by the digest of what this vmlab puts in a share: a lab whose share holds
     # another's is never reused (reuse.wanted_shape), and hashing it there cost 0.2 s a start
-    return (f"d=/run/vmlab-agent-{agent_digest()} && "
+    return (f"d={AGENT_COPY_PREFIX}{agent_digest()} && "
             f"{{ [ -d $d ] || {{ t=$(mktemp -d $d.XXXXXX) && cp {src}/*.py {src}/*.c $t/ && "
             f"{{ [ ! -e {src}/{ATTACH_BIN} ] || cp {src}/{ATTACH_BIN} $t/; }} && "
             f"{{ mv -T $t $d 2>/dev/null || rm -rf $t; }}; }}; }} && "), "$d"
@@ -102,12 +103,12 @@ def agent_command(lab) -> str:
     keeps it; there the agent is forked by the copy's fork server (``warm_command``)
     when one answers, and started as here when none does. A box runs it from the run's
     directory, its /run is the user's. The path stays on the command line: cleanups find
-    a started agent by it, a forked one by its server's pid (matrix.clean_lab_script)."""
+    a started agent by it, a forked one by its name (matrix.clean_lab_script)."""
     prep, src = _agent_dir(lab)
     start = f"exec python3 -S -u -c {shlex.quote(_START)} {src}/hostagent.py serve"
     if not prep:
         return start
-    return (f"{prep}if [ -x $d/vmlab-attach ]; then $d/vmlab-attach agent $d/zygote.sock; "
+    return (f"{prep}if [ -x $d/{ATTACH_BIN} ]; then $d/{ATTACH_BIN} agent $d/zygote.sock; "
             f"rc=$?; [ $rc = {EX_NO_AGENT} ] || exit $rc; fi; {start}")
 
 
@@ -176,7 +177,8 @@ class HostAgent:
 
     @property
     def answering(self) -> bool:
-        """False once a request timed out: the channel is out of step for good."""
+        """False once a request's answer went unread (a timeout, an interrupt): the
+        channel is out of step for good."""
         return self._late is None
 
     def kernel_state(self) -> dict:

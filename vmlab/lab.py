@@ -21,7 +21,7 @@ from pathlib import Path
 from . import images, kvm_probe, lab_snapshot, proc, ssh
 from .exporter import ATTACH_BIN, HOSTAGENT_FILES, agent_digest, attach_binary, warm_command
 from .errors import BootFailure, ConfigError, QemuRefused, RemoteError, UserError, VmlabError, WaitTimeout
-from .paths import cache_dir, private_dir, read_json, repo_root, runtime_dir, set_aside, write_atomic
+from .paths import cache_dir, private_dir, read_json, runtime_dir, set_aside, write_atomic
 from .qemu import SKIPPED_INITCALLS, QemuMachine, VMSpec, console_tail, free_port, qemu_version
 
 log = logging.getLogger("vmlab.lab")

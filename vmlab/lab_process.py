@@ -14,6 +14,7 @@ import shlex
 from pathlib import Path
 
 from . import qmp, ssh
+from .exporter import AGENT_COPY_PREFIX, ATTACH_BIN
 from .qmp import QMP
 
 log = logging.getLogger("vmlab.lab_process")
@@ -117,7 +118,7 @@ class LabProcess:
         if getattr(self.lab, "agent_cache", False):
             # a nested lab's vmlab-attach (exporter.warm_command) relays in an exec, not
             # a Python start (0.5 s under TCG); the relay is plain bytes, any copy will do
-            relay = (f"for x in /run/vmlab-agent-*/vmlab-attach; do [ -x \"$x\" ] && "
+            relay = (f"for x in {AGENT_COPY_PREFIX}*/{ATTACH_BIN}; do [ -x \"$x\" ] && "
                      f"exec \"$x\" relay {sock}; done; exec {relay}")
         self._fwd = ssh.ChannelForward(self.local_qmp, lambda: self.lab.session.open_exec(relay),
                                        f"{m.spec.name}-qmp")

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from vmlab import stamp
-from vmlab.exporter import AgentRequestFailed, HostAgent, agent_digest, warm_command
+from vmlab.exporter import AGENT_COPY_PREFIX, AgentRequestFailed, HostAgent, agent_digest, warm_command
 
 
 MiB = 1 << 20
@@ -506,7 +506,7 @@ def test_a_labs_agents_are_forks_of_its_agent_server(lab, agent):
     its own whose end, by EOF or by SIGKILL, is a process exit: the buffer it left open is
     closed and its pages retired into the quarantine, and the server forks the next one.
     With no server answering, the agent starts as it always did."""
-    d = f"/run/vmlab-agent-{agent_digest()}"
+    d = f"{AGENT_COPY_PREFIX}{agent_digest()}"
     hello = agent.request("hello")
     if not (lab.snapshot or {}).keys() & {"restored", "saved"}:
         assert hello["forked_from"] is None, lab.snapshot

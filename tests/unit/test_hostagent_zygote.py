@@ -173,7 +173,7 @@ def test_an_agent_outlives_its_server_and_keeps_its_name(attach, server):
     z.kill()
     z.wait()
     assert _ask(a, "ping") == {"ok": True}
-    assert Path(f"/proc/{pid}/comm").read_text().strip() == "vmlab-agent"
+    assert Path(f"/proc/{pid}/comm").read_text().strip() == hostagent.FORKED_AGENT_NAME.decode()
     a.stdin.close()
     assert a.wait(timeout=30) == 0 and _exited(pid)
 
@@ -222,7 +222,7 @@ def test_a_share_without_a_server_or_binary_starts_the_agent_itself(attach, tmp_
 
     class Nested:
         share_dir, agent_cache = str(share), True
-    cmd = exporter.agent_command(Nested()).replace("/run/vmlab-agent-", f"{tmp_path}/run-agent-")
+    cmd = exporter.agent_command(Nested()).replace(exporter.AGENT_COPY_PREFIX, f"{tmp_path}/run-agent-")
     p = subprocess.Popen(["sh", "-c", cmd], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                          stderr=subprocess.PIPE)
     h = _ask(p, "hello")
