@@ -134,29 +134,61 @@ def kernel_version(root: Path) -> str:
     return vers[0]
 
 
-def ensure_depmod(root: Path, kver: str) -> None:
-    """An extracted (not installed) kernel has no modules.dep yet: make it with depmod -b."""
-    if not (modules_root(root) / kver / "modules.dep").exists():
-        depmod(root, kver)
-
-
 def depmod(root: Path, kver: str) -> None:
     mroot = modules_root(root)
     subprocess.run(["depmod", "-b", str(mroot.parent.parent), kver], check=True,
                    capture_output=True, env=dict(os.environ, PATH="/usr/sbin:/sbin:" + os.environ.get("PATH", "")))
 
 
-def module_closure(root: Path, kver: str, names: list[str]) -> list[str]:
-    """Module files (relative to /lib/modules/<kver>) needed for ``names``, deps first.
-    Names not found are assumed built in (modules.builtin) or absent and skipped."""
-    moddir = modules_root(root) / kver
+def _module_name(path: str) -> str:
+    return os.path.basename(path).split(".ko")[0].replace("-", "_")
+
+
+def _modinfo_depends(data: bytes) -> list[str]:
+    """The modules a module needs, by name, as modpost wrote them into its .modinfo
+    (``depends=``): what depmod would put in modules.dep for it."""
+    sec = ELFFile(io.BytesIO(data)).get_section_by_name(".modinfo")
+    for entry in (sec.data().split(b"\0") if sec is not None else ()):
+        if entry.startswith(b"depends="):
+            return [n.replace("-", "_") for n in entry[len(b"depends="):].decode().split(",") if n]
+    return []
+
+
+def _module_deps(moddir: Path, names: list[str]) -> tuple[dict[str, list[str]], dict[str, str]]:
+    """({module path: [paths it needs]}, {module name: path}), paths relative to
+    ``moddir``. From modules.dep where depmod made one; an extracted (not installed)
+    kernel has none, and depmod -a reads every module of it (6 s for Debian's): then
+    only ``names`` and what they need are read, from their own .modinfo."""
     deps: dict[str, list[str]] = {}
     by_name: dict[str, str] = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        path, _, rest = line.partition(":")
-        deps[path] = rest.split()
-        base = os.path.basename(path).split(".ko")[0].replace("-", "_")
-        by_name[base] = path
+    if (moddir / "modules.dep").exists():
+        for line in (moddir / "modules.dep").read_text().splitlines():
+            path, _, rest = line.partition(":")
+            deps[path] = rest.split()
+            by_name[_module_name(path)] = path
+        return deps, by_name
+    for dirpath, _, files in os.walk(moddir):
+        for f in files:
+            if ".ko" in f:
+                rel = os.path.relpath(os.path.join(dirpath, f), moddir)
+                by_name.setdefault(_module_name(rel), rel)
+    todo = [by_name[n] for n in (x.replace("-", "_") for x in names) if n in by_name]
+    while todo:
+        path = todo.pop()
+        if path in deps:
+            continue
+        needs = _modinfo_depends(_decompressed(moddir / path))
+        missing = [n for n in needs if n not in by_name]
+        if missing:
+            raise InfraError(f"{path} needs {', '.join(missing)}, which {moddir} does not have")
+        deps[path] = [by_name[n] for n in needs]
+        todo.extend(deps[path])
+    # modules.dep lists every module a module needs, the last to be loaded first (as
+    # depmod writes it): a loader that does not recurse loads them from the end
+    return {p: _load_order(deps, [p])[-2::-1] for p in deps}, by_name
+
+
+def _load_order(deps: dict[str, list[str]], paths: list[str]) -> list[str]:
     order: list[str] = []
 
     def visit(path: str) -> None:
@@ -166,11 +198,17 @@ def module_closure(root: Path, kver: str, names: list[str]) -> list[str]:
             visit(d)
         order.append(path)
 
-    for n in names:
-        path = by_name.get(n.replace("-", "_"))
-        if path:
-            visit(path)
+    for p in paths:
+        visit(p)
     return order
+
+
+def module_closure(root: Path, kver: str, names: list[str],
+                   deps_and_names: tuple | None = None) -> list[str]:
+    """Module files (relative to /lib/modules/<kver>) needed for ``names``, deps first.
+    Names not found are assumed built in (modules.builtin) or absent and skipped."""
+    deps, by_name = deps_and_names or _module_deps(modules_root(root) / kver, names)
+    return _load_order(deps, [by_name[n] for n in (x.replace("-", "_") for x in names) if n in by_name])
 
 
 def _decompressed(path: Path) -> bytes:
@@ -186,14 +224,11 @@ def _decompressed(path: Path) -> bytes:
 
 def add_modules(cpio: Cpio, root: Path, kver: str, names: list[str]) -> list[str]:
     """Add modules (uncompressed, so busybox modprobe can load them) and a modules.dep."""
-    ensure_depmod(root, kver)
-    files = module_closure(root, kver, names)
     moddir = modules_root(root) / kver
+    full = _module_deps(moddir, names)
+    files = module_closure(root, kver, names, full)
+    full = full[0]
     dep_lines = []
-    full = {}
-    for line in (moddir / "modules.dep").read_text().splitlines():
-        path, _, rest = line.partition(":")
-        full[path] = rest.split()
 
     def plain(p: str) -> str:
         return p.split(".ko")[0] + ".ko"

@@ -61,4 +61,7 @@ install -m 0644 "$src/guest-images/lab/inittab" "$root/etc/inittab"
 # The image is booted with init=busybox; no getty, no passwords: keys only.
 sed -i 's/^root:[^:]*:/root:*:/' "$root/etc/shadow"
 echo "vmlab-lab" > "$root/etc/hostname"
+# the real update-initramfs back (essential-hook.sh diverted it for the build)
+rm -f "$root/usr/sbin/update-initramfs"
+chroot "$root" dpkg-divert --local --rename --remove /usr/sbin/update-initramfs
 chroot "$root" dpkg-query -W -f '${Package}\t${Version}\n' > "$root/usr/lib/vmlab/packages.tsv"

@@ -165,6 +165,48 @@ def test_add_modules_gz_and_plain(tmp_path):
     assert (xm / "modules.dep").read_text() == "p.ko: \ng.ko: p.ko\n"
 
 
+def _module_object(path: Path, depends: str) -> bytes:
+    """A real ELF object with a .modinfo section, as modpost leaves in a .ko."""
+    need_tools("gcc")
+    src = path.with_suffix(".c")
+    src.write_text(f'__attribute__((section(".modinfo"), used)) static const char '
+                   f'info[] = "license=GPL\\0depends={depends}\\0name={path.stem}";\n')
+    subprocess.run(["gcc", "-c", "-o", str(path), str(src)], check=True, timeout=60)
+    return path.read_bytes()
+
+
+def test_add_modules_without_modules_dep_reads_modinfo(tmp_path):
+    """An extracted kernel (the guest image) has no modules.dep: the closure comes from
+    the modules' own depends=, transitively, and the cpio's modules.dep is depmod's."""
+    root = tmp_path / "root"
+    md = root / "lib" / "modules" / KVER
+    (md / "kernel/a").mkdir(parents=True)
+    (md / "kernel/b").mkdir(parents=True)
+    objs = {"kernel/a/top-mod.ko.xz": "mid,base_mod", "kernel/b/mid.ko.xz": "base_mod",
+            "kernel/a/base-mod.ko.xz": "", "kernel/b/other.ko.xz": "mid"}
+    for rel, depends in objs.items():
+        (md / rel).write_bytes(lzma.compress(_module_object(tmp_path / Path(rel).name.split(".")[0],
+                                                            depends)))
+    (md / "modules.builtin").write_text("")
+    c = Cpio()
+    assert initramfs.add_modules(c, root, KVER, ["top_mod", "absent"]) == ["base-mod", "mid", "top-mod"]
+    assert not (md / "modules.dep").exists()     # nothing written into the tree
+    extract(c.bytes(), tmp_path / "x")
+    xm = tmp_path / "x" / "lib" / "modules" / KVER
+    assert (xm / "modules.dep").read_text().splitlines() == [
+        "kernel/a/base-mod.ko: ", "kernel/b/mid.ko: kernel/a/base-mod.ko",
+        "kernel/a/top-mod.ko: kernel/b/mid.ko kernel/a/base-mod.ko"]
+    assert not (xm / "kernel/b/other.ko").exists()
+
+
+def test_a_module_needing_an_absent_one_is_an_error(tmp_path):
+    md = tmp_path / "root" / "lib" / "modules" / KVER
+    md.mkdir(parents=True)
+    (md / "lone.ko").write_bytes(_module_object(tmp_path / "lone", "gone"))
+    with pytest.raises(initramfs.InfraError, match="lone.ko needs gone"):
+        initramfs.add_modules(Cpio(), tmp_path / "root", KVER, ["lone"])
+
+
 # --- ELF --------------------------------------------------------------------------------
 def test_needed_libs_host_ls():
     libs = initramfs.needed_libs(Path("/"), "bin/ls")
