@@ -7,6 +7,7 @@ interrupted run still explains itself.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -168,6 +169,9 @@ class Run:
         self.gagent: GuestAgent | None = None      # the guest agent's `serve` process
         self.bar2_gpa: int | None = None           # where the guest sees the buffer
         self.ktrace = False                        # KVM's tracepoints recorded per move
+        # (the last judged move's record, the generation below which its read let the
+        # quarantine go): sent with the next move's requests, or after the last move
+        self.pending_release: tuple[dict, int] | None = None
         self.resident_taken = False                # the guest came with the lab's snapshot
         self._phase_t = time.monotonic()           # where a run's seconds go: mark()
 
@@ -184,11 +188,13 @@ class Run:
         tmp.write_text(json.dumps(self.result, indent=2, sort_keys=True, default=str) + "\n")
         tmp.rename(self.out / "results.json")
 
-    def guest_agent(self, cmd: str, timeout: float = 120) -> dict:
+    def guest_agent(self, cmd: str, timeout: float = 120, check_now: bool = False) -> dict:
         """Run the guest agent; returns its JSON. Raises VMMDied when the guest's QEMU
-        died or stopped, so the caller records VMM_FAULT instead of hanging."""
+        died or stopped, so the caller records VMM_FAULT instead of hanging. ``check_now``:
+        the VMM is checked at once, while the guest works on the command, not only after
+        the first half second."""
         try:
-            rc, out, err = self._guest_exec(f"{AGENT} {cmd}", timeout)
+            rc, out, err = self._guest_exec(f"{AGENT} {cmd}", timeout, check_now)
         except (WaitTimeout, OSError, EOFError, RemoteError) as e:
             self.check_vmm()
             raise RemoteError(f"guest agent '{cmd}' did not answer: {e}")
@@ -199,7 +205,7 @@ class Run:
             raise RemoteError(f"guest agent '{cmd}' exited {rc}: {err.strip() or out.strip()}")
         return json.loads(out)
 
-    def _guest_exec(self, command: str, timeout: float) -> tuple[int, str, str]:
+    def _guest_exec(self, command: str, timeout: float, check_now: bool = False) -> tuple[int, str, str]:
         """Run in the guest while watching its VMM: a vCPU stopped by KVM_RUN failing
         would otherwise look like a slow guest until the timeout. Agent commands go to
         the run's one agent process (one round trip each); anything else is an exec."""
@@ -207,7 +213,10 @@ class Run:
         # verdict) is found within it, where the guest would never answer. An agent whose
         # channel an earlier failure closed leaves its commands to an exec each.
         if self.gagent is not None and self.gagent.chan is not None and command.startswith(AGENT + " "):
-            return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm, tick=VMM_TICK)
+            return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm, tick=VMM_TICK,
+                                   first_tick=0 if check_now else None)
+        if check_now:
+            self.check_vmm()
         chan = self.stack.guest.session.open_exec(command)
         try:
             chan.shutdown_write()
@@ -322,7 +331,15 @@ class Run:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
                 self.result["hw_oracle"]["plugin_hello"] = self.hw.connect()
                 self.progress("hardware oracle: the TCG plugin in the lab's QEMU answers")
-            facts = lab_facts(lab)
+            # the host agent starts while the lab's facts are read: two channels of one
+            # SSH session, and the lab's CPU is mostly idle while each waits on the other
+            agent_start = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-start")
+            agent = agent_start.submit(HostAgent, lab, self.out / "hostagent.log")
+            agent_start.shutdown(wait=False)
+            try:
+                facts = lab_facts(lab)
+            finally:
+                self.agent = agent.result()   # the teardown closes it, whatever comes next
             release = facts.pop("release", None) or lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,
@@ -355,7 +372,6 @@ class Run:
             self.baseline_expect = self.exp.baseline_expect_for(release)
             self.save()
             self.mark("lab_facts")
-            self.agent = HostAgent(lab, self.out / "hostagent.log")
             self.result["lab"]["agent"] = self.agent.request("hello")
             self.health_start["lab"] = kernel_state(lab, self.agent)
             self.check_applicable(self.result["lab"]["agent"], release)
@@ -619,29 +635,94 @@ class Run:
         self.result["kvm_trace"] = st
         self.ktrace = True
 
-    def kvm_evidence_begin(self) -> list[int] | None:
-        """Clear the trace before a move; the exporter's pfns then. Evidence, not a
-        verdict: a trace that fails is recorded and the move goes on."""
-        if not self.ktrace:
-            return None
-        try:
-            self.agent.request("ktrace_clear", timeout=30)
-        except (AgentRequestFailed, WaitTimeout) as e:
-            self.result.setdefault("kvm_trace", {})["error"] = f"clear: {e}"
-            self.ktrace = False
-            return None
-        return self.hw_pfns() if self.exp.kind == "vmlab" else None
+    def pre_move_batch(self, requests: list[dict]) -> list:
+        """``requests`` answered in one round trip (HostAgent.batch) after the quarantine
+        release the last judged move earned, whose answer goes into that move's record."""
+        pending, self.pending_release = self.pending_release, None
+        if pending is not None:
+            requests = [{"op": "release_quarantine", "buf": self.buf["buf"],
+                         "max_generation": pending[1], "may_fail": True}] + requests
+        answers = self.agent.batch(requests, timeout=120)
+        if pending is not None:
+            self.record_release(pending[0], answers.pop(0))
+        return answers
 
-    def kvm_evidence_end(self, rec: dict, old_pfns: list[int] | None) -> None:
+    @staticmethod
+    def record_release(rec: dict, got) -> None:
+        if isinstance(got, AgentRequestFailed):
+            if got.errname != "EBUSY":
+                # vmlab's own failure: the run ends (the move sent with it may have run)
+                raise got
+            # the exporter knows a host PTE may still map an old set (a move without
+            # zap): it stays quarantined until the guest is gone
+            rec["released_pages"] = 0
+            rec["quarantine_busy"] = str(got)
+        elif got is not None:
+            rec["released_pages"] = got["freed_pages"]
+
+    def evidence_begin_requests(self) -> list[dict]:
+        """What kvm_evidence_begun needs: the trace cleared, the exporter's pfns then."""
+        if not self.ktrace:
+            return []
+        reqs = [{"op": "ktrace_clear", "may_fail": True}]
+        if self.exp.kind == "vmlab":
+            reqs.append({"op": "info", "buf": self.buf["buf"], "pfns": True})
+        return reqs
+
+    def kvm_evidence_begun(self, answers: list) -> list[int] | None:
+        """The pfns before a move (None: no evidence for it). Evidence, not a verdict:
+        a trace that fails is recorded and the move goes on."""
+        if not self.ktrace:
+            return None
+        if not isinstance(answers[0], dict):
+            self.result.setdefault("kvm_trace", {})["error"] = f"clear: {answers[0]}"
+            self.ktrace = False
+            return None
+        if len(answers) < 2:
+            return None
+        if not isinstance(answers[1], dict):
+            raise answers[1] or RemoteError("host agent: the exporter's pfns were not read")
+        return answers[1]["pfns"]
+
+    def kvm_evidence_begin(self) -> list[int] | None:
+        """kvm_evidence_begun, in a round trip of its own (before a guest's write)."""
+        reqs = self.evidence_begin_requests()
+        if not reqs:
+            return None
+        try:
+            answers = self.pre_move_batch(reqs)
+        except WaitTimeout as e:
+            answers = [e]
+        return self.kvm_evidence_begun(answers)
+
+    def evidence_end_requests(self, old_pfns: list[int] | None) -> list[dict]:
+        if not self.ktrace:
+            return []
+        reqs = [{"op": "ktrace_collect", "may_fail": True}]
+        if old_pfns is not None:
+            reqs.append({"op": "info", "buf": self.buf["buf"], "pfns": True})
+        return reqs
+
+    def kvm_evidence_end(self, rec: dict, old_pfns: list[int] | None, answers: list | None = None) -> None:
+        """KVM's events since kvm_evidence_begun into ``rec``; ``answers``: those of
+        evidence_end_requests when they were sent with other requests."""
         if not self.ktrace:
             return
-        try:
-            got = self.agent.request("ktrace_collect", timeout=120)
-        except (AgentRequestFailed, WaitTimeout) as e:
-            rec["kvm_evidence"] = {"error": str(e)}
+        if answers is None:
+            try:
+                answers = self.agent.batch(self.evidence_end_requests(old_pfns), timeout=120)
+            except WaitTimeout as e:
+                answers = [e]
+        got = answers[0]
+        if not isinstance(got, dict):
+            rec["kvm_evidence"] = {"error": str(got)}
             self.ktrace = False
             return
-        new_pfns = self.hw_pfns() if old_pfns is not None else None
+        new_pfns = None
+        if old_pfns is not None:
+            if not isinstance(answers[1], dict):
+                raise answers[1] or RemoteError("host agent: the exporter's pfns were not read")
+            new_pfns = answers[1]["pfns"]
         st = self.result["kvm_trace"]
         # the TDP MMU runs only with nested paging on (kvm.tdp_mmu only allows it)
         npt = self.result.get("caching_chain", {}).get("kvm", {}).get("mmu") == "NPT"
@@ -668,8 +749,10 @@ class Run:
             self.progress(out["note"])
         return out
 
-    def read_and_judge(self, generation: int | list[int], expect_tag: int | None) -> dict:
-        r = self.guest_agent(f"read --caching {self.mapping}{self.dev_args}", timeout=300)
+    def read_and_judge(self, generation: int | list[int], expect_tag: int | None,
+                       check_vmm: bool = False) -> dict:
+        r = self.guest_agent(f"read --caching {self.mapping}{self.dev_args}", timeout=300,
+                             check_now=check_vmm)
         if "guest_fault" in r:
             return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
         j = oracle.judge(oracle.records(r), buffer_id=self.buf["id"], generation=generation,
@@ -744,8 +827,10 @@ class Run:
                     self.hw.epoch(mv["n"])
                     self.hw_moved_at = None
                 # KVM's evidence covers the guest's write too (a write to a read-only
-                # PTE is where KVM emulates)
-                ev_pfns = self.kvm_evidence_begin()
+                # PTE is where KVM emulates): then it starts in a round trip of its own,
+                # else with the move
+                ev_pfns = self.kvm_evidence_begin() if mv["guest_write"] else None
+                ev_reqs = [] if mv["guest_write"] else self.evidence_begin_requests()
                 if mv["guest_write"]:
                     tag = TAG_BASE | mv["n"]
                     w = self.guest_agent(f"write --tag {tag} --caching {self.mapping}{self.dev_args} "
@@ -764,10 +849,29 @@ class Run:
                     self.injected_kill = True
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
-                before = self.exporter_info() if mv["mode"] == "ZAP_ONLY" else None
+                info_req = [{"op": "info", "buf": self.buf["buf"]}] \
+                    if mv["mode"] == "ZAP_ONLY" and self.exp.section("exporter")["kind"] == "vmlab" else []
                 log_at = self.qemu_log_size() if self.transport == "virtio-shm" else None
                 window_end = None    # under remap: when the memslot was seen back
+                sends_move = mv["inject"] != "skip-zap" and mv["mode"] != "NONE"
+                move_req = [{"op": "move", "buf": self.buf["buf"], "mode": mv["mode"],
+                             "caching": mv["caching"], "pages": mv.get("pages"), "remap": self.remap,
+                             "inject": mv["inject"]}] if sends_move else []
+                # one round trip: the last move's release, the evidence's start, ZAP_ONLY's
+                # before, the move (t_sent is the move's: the others cost the lab ~1 ms)
                 t_sent = time.monotonic()
+                answers = self.pre_move_batch(ev_reqs + info_req + move_req)
+                if move_req and len(self.agent.batch_elapsed) > 1:
+                    # the move began when the agent was done with the requests before it
+                    t_sent += sum(self.agent.batch_elapsed[:-1])
+                if ev_reqs:
+                    ev_pfns = self.kvm_evidence_begun(answers[:len(ev_reqs)])
+                    answers = answers[len(ev_reqs):]
+                before = None
+                if info_req:
+                    before = answers.pop(0)
+                    if not isinstance(before, dict):
+                        raise before or RemoteError("host agent: the exporter's info was not read")
                 try:
                     if mv["inject"] == "skip-zap":
                         # the oracle's negative control: a "zap" that changes nothing
@@ -775,10 +879,10 @@ class Run:
                                 "what": "injected: the ZAP_ONLY request was never sent"}
                     elif mv["mode"] == "NONE":
                         mres = {"generation": generation, "what": "no move: the guest's write, then a read"}
+                    elif isinstance(answers[0], dict):
+                        mres = answers[0]
                     else:
-                        mres = self.agent.request("move", buf=self.buf["buf"], mode=mv["mode"],
-                                                  caching=mv["caching"], pages=mv.get("pages"),
-                                                  remap=self.remap, inject=mv["inject"])
+                        raise answers[0] or RemoteError("host agent: the move was not sent")
                 except AgentRequestFailed as e:
                     if e.errname in ("EOPNOTSUPP", "ENOTSUP"):
                         rec.update(verdict="UNSUPPORTED", pages={}, detail=str(e))
@@ -817,17 +921,24 @@ class Run:
                 t_watch = time.monotonic()
                 if mv["concurrent"]:
                     rec["watch"] = self.watch.wait_generation(generation, t_sent, timeout=30)
-                t_check = time.monotonic()
-                self.check_vmm()
                 t_read = time.monotonic()
-                j = self.read_and_judge(page_gens, tag)
+                # the VMM is checked (QMP) while the guest reads: a dead or stopped one
+                # is VMM_FAULT, as a check before the read said it
+                j = self.read_and_judge(page_gens, tag, check_vmm=True)
                 rec.update(j)
                 t_end = time.monotonic()
                 rec["seconds"] = round(t_end - t_sent, 4)  # move + full verified read
                 # where those seconds went (vmlab bench --what move reports them)
-                rec["phases_s"] = {"move": round(t_moved - t_sent, 4), "watch": round(t_check - t_watch, 4),
-                                   "vmm_check": round(t_read - t_check, 4), "read": round(t_end - t_read, 4)}
-                info = self.exporter_info()
+                rec["phases_s"] = {"move": round(t_moved - t_sent, 4), "watch": round(t_read - t_watch, 4),
+                                   "read": round(t_end - t_read, 4)}
+                # one round trip: the exporter's state after the read, KVM's evidence
+                vmlab_kind = self.exp.section("exporter")["kind"] == "vmlab"
+                post = self.agent.batch(([{"op": "info", "buf": self.buf["buf"]}] if vmlab_kind else [])
+                                        + self.evidence_end_requests(ev_pfns), timeout=120)
+                info = post.pop(0) if vmlab_kind else None
+                if vmlab_kind and not isinstance(info, dict):
+                    raise info or RemoteError("host agent: the exporter's info was not read")
+                ev_answers = post
                 if info is not None:
                     rec["exporter_info"] = info
                 if before is not None and info is not None and rec["verdict"] == "REFAULTED":
@@ -869,24 +980,15 @@ class Run:
                         rec["detail"] = (f"the guest watcher read {len(outside)} pages with no stamp "
                                          f"outside the VMM's unmap window (page {outside[0].get('page')})")
                 self.hw_judge(rec)
-                self.kvm_evidence_end(rec, ev_pfns)
+                self.kvm_evidence_end(rec, ev_pfns, ev_answers)
                 if log_at is not None:
                     rec["memslot_evidence"] = self.memslot_evidence(log_at)
                 hw_clear = self.hw is None or rec.get("hw_oracle", {}).get("verdict") == "HW_REFAULTED"
                 if rec["verdict"] == "REFAULTED" and hw_clear and info is not None and generation > 1:
                     # every page was read at the new generation: no guest mapping of the
-                    # older pages is left, so their quarantine may end
-                    try:
-                        rec["released_pages"] = self.agent.request(
-                            "release_quarantine", buf=self.buf["buf"],
-                            max_generation=generation - 1)["freed_pages"]
-                    except AgentRequestFailed as e:
-                        if e.errname != "EBUSY":
-                            raise
-                        # the exporter knows a host PTE may still map an old set (a move
-                        # without zap): it stays quarantined until the guest is gone
-                        rec["released_pages"] = 0
-                        rec["quarantine_busy"] = str(e)
+                    # older pages is left, so their quarantine may end (with the next
+                    # move's requests: later is as safe, and a round trip less)
+                    self.pending_release = (rec, generation - 1)
             except VMMDied as e:
                 rec.update(verdict="VMM_FAULT", pages={}, detail=str(e))
                 self.result["vmm_fault"] = str(e)
@@ -895,6 +997,9 @@ class Run:
                 self.progress(f"move {mv['n']:3} {mv['mode']:15} -> {rec.get('verdict') or '?':12} "
                               f"expected {'/'.join(mv['expect'])} {rec.get('pages', '')}")
                 self.save()
+        if self.pending_release is not None:
+            self.pre_move_batch([])      # the last move's release: no move follows
+            self.save()
 
     def finish(self) -> None:
         # the report's plots are drawn while the run tears down (waits on the lab, mostly)

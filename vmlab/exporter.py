@@ -142,6 +142,7 @@ class HostAgent:
         self.chan = lab.session.open_exec(env + agent_command(lab))
         self._buf = bytearray()
         self._late: str | None = None   # a request whose answer was not read: out of step
+        self.batch_elapsed: list[float] = []   # the last batch's times per request (batch)
         self._lock = threading.Lock()
         self._reader = ChannelReader(self.chan, "host agent", on_out=self._buf.extend,
                                      on_err=self._log)
@@ -174,6 +175,28 @@ class HostAgent:
         if not resp.pop("ok", False):
             raise AgentRequestFailed(op, resp)
         return resp
+
+    def batch(self, requests: list[dict], timeout: float = 120) -> list:
+        """``requests`` ({"op": ..., **args}, and ``may_fail``: the batch goes on past
+        its failure) answered in one round trip, in order. Each answer is a dict, an
+        AgentRequestFailed, or None where an earlier failure ended the batch."""
+        self.batch_elapsed: list[float] = []
+        if not requests:
+            return []
+        resp = self.request("batch", timeout=timeout, requests=requests)
+        got = resp["answers"]
+        # what each request took in the agent (a caller times one of them by the others)
+        self.batch_elapsed = [float(x) for x in resp.get("elapsed_s", [])]
+        if len(got) > len(requests):
+            raise RemoteError(f"host agent: batch: {len(got)} answers for {len(requests)} requests")
+        out: list = []
+        for req, ans in zip(requests, got + [None] * (len(requests) - len(got))):
+            if ans is not None:
+                ans = dict(ans)
+                if not ans.pop("ok", False):
+                    ans = AgentRequestFailed(req["op"], ans)
+            out.append(ans)
+        return out
 
     @property
     def answering(self) -> bool:

@@ -940,6 +940,7 @@ class Agent:
         self.maps = {}
         self.next = 1
         self.ktrace = None    # this agent's tracefs instance (op_ktrace_start)
+        self.ktrace_overrun = 0   # its overruns at the last take (_ktrace_take)
 
     def control(self):
         if self.ctl is None:
@@ -1380,6 +1381,7 @@ class Agent:
         inst = f"{root}/instances/vmlab-{os.getpid()}"
         os.mkdir(inst)
         self.ktrace = inst
+        self.ktrace_overrun = 0
         with open(inst + "/buffer_size_kb", "w") as f:
             f.write(str(int(req.get("buffer_kb", 8192))))
         enabled, missing = [], []
@@ -1398,24 +1400,41 @@ class Agent:
         return {"instance": inst, "enabled": enabled, "missing": missing,
                 "tdp_mmu": _read_first("/sys/module/kvm/parameters/tdp_mmu")}
 
-    def op_ktrace_clear(self, req):
+    def _ktrace_take(self) -> tuple[list[str], int]:
+        """The events recorded since the last take, consumed from trace_pipe, and the
+        ring buffer's overruns meanwhile. Consuming, not clearing: a write to ``trace``
+        resets the buffer behind an RCU grace period (29 ms a move under the TCG lab)."""
         if not self.ktrace:
             raise AgentError("ktrace_start first", errno.EINVAL)
-        with open(self.ktrace + "/trace", "w") as f:
-            f.write("")
-        return {}
-
-    def op_ktrace_collect(self, req):
-        """The events since the last clear, as tracefs prints them (one per line), and
-        whether the ring buffer overflowed (then the record is incomplete)."""
-        if not self.ktrace:
-            raise AgentError("ktrace_start first", errno.EINVAL)
-        with open(self.ktrace + "/trace") as f:
-            lines = [ln.rstrip("\n") for ln in f if not ln.startswith("#")]
+        chunks = []
+        fd = os.open(self.ktrace + "/trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            while True:
+                try:
+                    chunk = os.read(fd, 1 << 16)
+                except BlockingIOError:
+                    break
+                if not chunk:
+                    break
+                chunks.append(chunk)
+        finally:
+            os.close(fd)
         overrun = 0
         for cpu in os.listdir(self.ktrace + "/per_cpu"):
             with open(f"{self.ktrace}/per_cpu/{cpu}/stats") as f:
                 overrun += sum(int(ln.split()[1]) for ln in f if ln.startswith("overrun:"))
+        new_overrun, self.ktrace_overrun = overrun - self.ktrace_overrun, overrun
+        lines = b"".join(chunks).decode(errors="replace").splitlines()
+        return [ln for ln in lines if ln and not ln.startswith("#")], new_overrun
+
+    def op_ktrace_clear(self, req):
+        self._ktrace_take()
+        return {}
+
+    def op_ktrace_collect(self, req):
+        """The events since the last clear, as tracefs prints them (one per line), and
+        whether the ring buffer overflowed meanwhile (then the record is incomplete)."""
+        lines, overrun = self._ktrace_take()
         return {"lines": lines, "overrun": overrun}
 
     def op_ktrace_stop(self, req):
@@ -1430,6 +1449,26 @@ class Agent:
 
     def op_ping(self, req):
         return {}
+
+    def op_batch(self, req):
+        """Several requests in one round trip, run in order, each answered as it would be
+        alone: a move's extras (KVM's trace, the pfns, the quarantine) cost a channel
+        round trip each through the TCG lab. A failed request ends the batch (those
+        after it are not run) unless it says ``may_fail``."""
+        subs = req.get("requests")
+        if not isinstance(subs, list) or not all(isinstance(r, dict) for r in subs):
+            raise AgentError("batch: requests must be a list of requests", errno.EINVAL)
+        if any(r.get("op") == "batch" for r in subs):
+            raise AgentError("batch: a batch cannot hold a batch", errno.EINVAL)
+        answers, elapsed = [], []
+        for sub in subs:
+            t = time.monotonic()
+            answers.append(answer(self, sub))
+            elapsed.append(round(time.monotonic() - t, 6))
+            if not answers[-1]["ok"] and not sub.get("may_fail"):
+                break
+        # each request's own time here: the controller times a move, not the ones before it
+        return {"answers": answers, "elapsed_s": elapsed}
 
     def op_read_files(self, req):
         """Each path's size and first ``max_bytes`` bytes (base64), None where it cannot be
@@ -1461,6 +1500,23 @@ class Agent:
             self.ctl = None
 
 
+def answer(agent, req) -> dict:
+    """One request's answer: {"ok": True, ...} or {"ok": False, "error", "errno", ...}."""
+    try:
+        fn = getattr(agent, "op_" + str(req.get("op", "")), None)
+        if fn is None:
+            raise AgentError(f"unknown op {req.get('op')!r}", errno.EINVAL)
+        resp = {"ok": True}
+        resp.update(fn(req))
+    except AgentError as e:
+        resp = {"ok": False, "error": str(e), "errno": e.errno,
+                "errname": errno.errorcode.get(e.errno or 0, "")}
+    except Exception as e:  # report, keep serving: the controller decides
+        log(traceback.format_exc())
+        resp = {"ok": False, "error": f"{type(e).__name__}: {e}", "errno": None}
+    return resp
+
+
 def serve():
     agent = Agent()
     log(f"serving (pid {os.getpid()})")
@@ -1472,17 +1528,13 @@ def serve():
                 continue
             try:
                 req = json.loads(line)
-                fn = getattr(agent, "op_" + req.get("op", ""), None)
-                if fn is None:
-                    raise AgentError(f"unknown op {req.get('op')!r}", errno.EINVAL)
-                resp = {"ok": True}
-                resp.update(fn(req))
-            except AgentError as e:
-                resp = {"ok": False, "error": str(e), "errno": e.errno,
-                        "errname": errno.errorcode.get(e.errno or 0, "")}
-            except Exception as e:  # report, keep serving: the controller decides
-                log(traceback.format_exc())
-                resp = {"ok": False, "error": f"{type(e).__name__}: {e}", "errno": None}
+            except ValueError as e:
+                resp = {"ok": False, "error": f"not a JSON request: {e}", "errno": errno.EINVAL,
+                        "errname": "EINVAL"}
+            else:
+                resp = answer(agent, req) if isinstance(req, dict) else \
+                    {"ok": False, "error": "a request is a JSON object", "errno": errno.EINVAL,
+                     "errname": "EINVAL"}
             out.write(json.dumps(resp) + "\n")
             out.flush()
     finally:
