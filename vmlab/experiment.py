@@ -1122,6 +1122,8 @@ class Run:
                                                and self.agent.answering else None)
                     finally:
                         if self.agent is not None:
+                            if self.agent.answering:
+                                self.stack.save_lab_dmesg(self.agent)
                             self.agent.close()
             finally:
                 self.stack.down()

@@ -1274,6 +1274,31 @@ class Agent:
             taint = int(f.read().strip() or 0)
         return {"taint": taint, "dmesg": dmesg()}
 
+    def op_kmsg(self, req):
+        """The kernel log as text, one "[seconds] message" line per record, read from
+        /dev/kmsg in this process: a log to keep, not to compare with `dmesg` (health's
+        kernel_state runs dmesg itself); the kernel's escapes (\\xNN) are kept."""
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        lines = []
+        try:
+            while True:
+                try:
+                    rec = os.read(fd, 8192)
+                except BlockingIOError:
+                    break
+                except BrokenPipeError:   # records overwritten while read: go on
+                    continue
+                if not rec:
+                    break
+                head, _, text = rec.decode(errors="replace").partition(";")
+                fields = head.split(",")
+                usec = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+                lines.append(f"[{usec // 1000000:5d}.{usec % 1000000:06d}] "
+                             f"{text.splitlines()[0] if text else ''}")
+        finally:
+            os.close(fd)
+        return {"text": "".join(ln + "\n" for ln in lines)}
+
     def op_dmesg_bad(self, req):
         return {"lines": dmesg_bad_lines()}
 

@@ -1,0 +1,81 @@
+"""The host agent's batch op, on a real ``hostagent.py serve`` process on this machine
+(requests that need no exporter: ping, an unknown op, a bad request): answers in
+order, each as it would be alone, the batch ended by a failure unless it may fail."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+AGENT = ROOT / "vmlab" / "hostagent.py"
+
+
+@pytest.fixture
+def agent(tmp_path):
+    p = subprocess.Popen([sys.executable, "-S", "-u", str(AGENT), "serve"],
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, stdin=subprocess.PIPE,
+                         stdout=subprocess.PIPE, stderr=open(tmp_path / "agent.log", "wb"))
+    yield p
+    p.stdin.close()
+    assert p.wait(timeout=30) == 0
+
+
+def ask(p, req) -> dict:
+    p.stdin.write((json.dumps(req) + "\n").encode())
+    p.stdin.flush()
+    line = p.stdout.readline()
+    assert line, "the agent exited"
+    return json.loads(line)
+
+
+def test_answers_in_order_and_a_failure_ends_the_batch_unless_it_may_fail(agent):
+    got = ask(agent, {"op": "batch", "requests": [
+        {"op": "ping"}, {"op": "nonsense", "may_fail": True}, {"op": "ping"},
+        {"op": "nonsense"}, {"op": "ping"}]})
+    assert got["ok"]
+    answers = got["answers"]
+    assert [a["ok"] for a in answers] == [True, False, True, False]     # the 5th never ran
+    assert answers[1]["errname"] == "EINVAL" and "nonsense" in answers[1]["error"]
+    assert len(got["elapsed_s"]) == 4 and all(t >= 0 for t in got["elapsed_s"])
+    assert ask(agent, {"op": "ping"}) == {"ok": True}     # still in step
+
+
+@pytest.mark.parametrize("requests", [None, "ping", [{"op": "ping"}, "ping"],
+                                      [{"op": "batch", "requests": []}]])
+def test_a_malformed_batch_is_refused_whole(agent, requests):
+    got = ask(agent, {"op": "batch", "requests": requests})
+    assert not got["ok"] and got["errname"] == "EINVAL"
+    assert ask(agent, {"op": "ping"}) == {"ok": True}
+
+
+def test_a_line_that_is_no_request_is_an_error_not_an_exit(agent):
+    for line in (b"not json\n", b"[1, 2]\n"):
+        agent.stdin.write(line)
+        agent.stdin.flush()
+        got = json.loads(agent.stdout.readline())
+        assert not got["ok"] and got["errname"] == "EINVAL"
+    assert ask(agent, {"op": "ping"}) == {"ok": True}
+
+
+def test_the_controller_maps_answers_to_results_and_the_unrun_to_none(agent, tmp_path):
+    """exporter.HostAgent.batch over the same process (its channel faked by the pipes)."""
+    from vmlab import exporter
+
+    class Pipes:
+        def request(self, op, timeout=120, **kw):
+            resp = ask(agent, {"op": op, **kw})
+            assert resp.pop("ok")
+            return resp
+    h = exporter.HostAgent.__new__(exporter.HostAgent)
+    h.request = Pipes().request
+    out = exporter.HostAgent.batch(h, [{"op": "ping"}, {"op": "nope"}, {"op": "ping"}])
+    assert out[0] == {}
+    assert isinstance(out[1], exporter.AgentRequestFailed) and out[1].errname == "EINVAL"
+    assert out[2] is None
+    assert len(h.batch_elapsed) == 2
+    assert exporter.HostAgent.batch(h, []) == []
