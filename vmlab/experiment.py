@@ -338,8 +338,11 @@ class Run:
             agent_start.shutdown(wait=False)
             try:
                 facts = lab_facts(lab)
-            finally:
-                self.agent = agent.result()   # the teardown closes it, whatever comes next
+            except BaseException:
+                # the facts' failure is the run's; an agent that started anyway is closed
+                agent.add_done_callback(lambda f: f.exception() is None and f.result().close())
+                raise
+            self.agent = agent.result()       # the teardown closes it, whatever comes next
             release = facts.pop("release", None) or lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,
@@ -640,9 +643,16 @@ class Run:
         release the last judged move earned, whose answer goes into that move's record."""
         pending, self.pending_release = self.pending_release, None
         if pending is not None:
+            # EBUSY is an answer (record_release); any other failure is vmlab's and
+            # stops the batch before the move
             requests = [{"op": "release_quarantine", "buf": self.buf["buf"],
-                         "max_generation": pending[1], "may_fail": True}] + requests
-        answers = self.agent.batch(requests, timeout=120)
+                         "max_generation": pending[1], "may_fail": ["EBUSY"]}] + requests
+        try:
+            answers = self.agent.batch(requests, timeout=120)
+        except (WaitTimeout, RemoteError) as e:
+            if pending is not None:
+                pending[0]["release_error"] = f"unknown: {e}"
+            raise
         if pending is not None:
             self.record_release(pending[0], answers.pop(0))
         return answers
@@ -651,7 +661,9 @@ class Run:
     def record_release(rec: dict, got) -> None:
         if isinstance(got, AgentRequestFailed):
             if got.errname != "EBUSY":
-                # vmlab's own failure: the run ends (the move sent with it may have run)
+                # vmlab's own failure, said in the move that earned the release: the
+                # run ends (the batch stopped before anything after it ran)
+                rec["release_error"] = str(got)
                 raise got
             # the exporter knows a host PTE may still map an old set (a move without
             # zap): it stays quarantined until the guest is gone
@@ -829,6 +841,8 @@ class Run:
                 # KVM's evidence covers the guest's write too (a write to a read-only
                 # PTE is where KVM emulates): then it starts in a round trip of its own,
                 # else with the move
+                # (for a move without a write the window opens with the move's batch: after
+                # an injected kill and the watcher's start, not before them)
                 ev_pfns = self.kvm_evidence_begin() if mv["guest_write"] else None
                 ev_reqs = [] if mv["guest_write"] else self.evidence_begin_requests()
                 if mv["guest_write"]:

@@ -1299,6 +1299,13 @@ class Agent:
             os.close(fd)
         return {"text": "".join(ln + "\n" for ln in lines)}
 
+    def op_shutdown(self, req):
+        """Close every buffer, mapping, trace and the exporter's control file as the
+        agent's exit would, then the kernel log (op_kmsg) with what that printed: the
+        teardown's lab-dmesg.log, without an exec of dmesg after the agent is gone."""
+        self.close_all()
+        return self.op_kmsg(req)
+
     def op_dmesg_bad(self, req):
         return {"lines": dmesg_bad_lines()}
 
@@ -1479,7 +1486,8 @@ class Agent:
         """Several requests in one round trip, run in order, each answered as it would be
         alone: a move's extras (KVM's trace, the pfns, the quarantine) cost a channel
         round trip each through the TCG lab. A failed request ends the batch (those
-        after it are not run) unless it says ``may_fail``."""
+        after it are not run) unless it says ``may_fail``: true, or the errno names
+        (["EBUSY"]) with which the ones after it may still run."""
         subs = req.get("requests")
         if not isinstance(subs, list) or not all(isinstance(r, dict) for r in subs):
             raise AgentError("batch: requests must be a list of requests", errno.EINVAL)
@@ -1490,7 +1498,9 @@ class Agent:
             t = time.monotonic()
             answers.append(answer(self, sub))
             elapsed.append(round(time.monotonic() - t, 6))
-            if not answers[-1]["ok"] and not sub.get("may_fail"):
+            may_fail = sub.get("may_fail")
+            if not answers[-1]["ok"] and not (may_fail is True or isinstance(may_fail, list)
+                                              and answers[-1].get("errname") in may_fail):
                 break
         # each request's own time here: the controller times a move, not the ones before it
         return {"answers": answers, "elapsed_s": elapsed}

@@ -119,7 +119,9 @@ class Recipe:
     def key(self) -> str:
         # everything that decides the bytes: recipe fields, apt sources and pins, inputs
         fields = self.fields()
-        h = hashlib.sha256(json.dumps([fields, _sources(self), _apt_args(self)],
+        # the lab's dpkg options shape its bytes (eatmydata's hooks do not)
+        dpkg = _LAB_DPKG_ARGS if self.kind == "lab" else []
+        h = hashlib.sha256(json.dumps([fields, _sources(self), _apt_args(self)] + ([dpkg] if dpkg else []),
                                       sort_keys=True).encode())
         root = repo_root()
         for rel in self.inputs:
@@ -366,7 +368,7 @@ def _mem_available() -> int:
     return 0
 
 
-def _make_tree(root: Path) -> bool:
+def _make_tree(root: Path, in_memory: bool = True) -> bool:
     """The directory the image's tree is installed into: a tmpfs of its own when memory
     allows (True), else a directory on the cache's disk. Its 50,000 files are written
     once, read once by mke2fs and deleted: on disk their writeback competed with the
@@ -374,7 +376,7 @@ def _make_tree(root: Path) -> bool:
     from .proc import run_cmd
     avail = _mem_available()
     root.mkdir()
-    if avail < _TREE_IN_MEMORY_MIN:
+    if not in_memory or avail < _TREE_IN_MEMORY_MIN:
         return False
     try:
         run_cmd(["mount", "-t", "tmpfs", "-o", f"size={(avail - (2 << 30)) >> 20}m,mode=0755",
@@ -458,10 +460,14 @@ def build(r: Recipe, progress=print) -> Image:
         if img:  # another vmlab built it while we waited for the lock
             return img
         work = images_dir() / f".build-{final.name}-{os.getpid()}"
-        for stale in images_dir().glob(f".build-{final.name}-*"):
-            # this image's lock is ours: a build of it killed before its cleanup (its
-            # tree may be a tmpfs that holds memory until unmounted)
-            remove_build_dir(stale)
+        for stale in images_dir().glob(".build-*-*"):
+            # a build killed before its cleanup (its tree may be a tmpfs that holds
+            # memory until unmounted): this image's are stale while its lock is ours,
+            # any other image's once the vmlab that made it is gone
+            pid = stale.name.rsplit("-", 1)[1]
+            if stale.name.startswith(f".build-{final.name}-") or \
+                    (pid.isdigit() and not os.path.exists(f"/proc/{pid}")):
+                remove_build_dir(stale)
         work.mkdir(parents=True)
         start = time.monotonic()
         what = f"{r.source.spec} on {r.kernel}, {r.source.base_why}" if r.user_kernel else r.kernel
@@ -547,7 +553,8 @@ def _mmdebstrap(r: Recipe, variant: str, root: Path, logf: Path, progress, hooks
 
 #: what nothing in the lab reads: less for dpkg to write and mke2fs to copy
 _LAB_DPKG_ARGS = [f"--dpkgopt=path-exclude=/usr/share/{d}/*" for d in ("man", "doc", "locale", "info")] + \
-    ["--dpkgopt=path-include=/usr/share/doc/*/copyright"]
+    ["--dpkgopt=path-include=/usr/share/doc/*/copyright",
+     "--dpkgopt=path-include=/usr/share/locale/locale.alias"]
 _EATMYDATA_HOOKS = "/usr/share/mmdebstrap/hooks/eatmydata"
 
 
@@ -580,7 +587,8 @@ def _build_lab(r: Recipe, work: Path, progress) -> dict:
                  f"mount -o remount,bind,ro {mp}",
                  *hooks,
                  f"--customize-hook=umount {mp} && while IFS= read -r d; do rmdir \"$1$d\"; done < {made}"]
-    _make_tree(root)
+    # a user's kernel on disk: a tree's unstripped modules can outgrow the memory left
+    _make_tree(root, in_memory=not r.user_kernel)
     try:
         _mmdebstrap(r, "essential", root, logf, progress, hooks, tree)
     finally:
@@ -659,7 +667,7 @@ def _build_guest(r: Recipe, work: Path, progress) -> dict:
     logf = work / "build.log"
     pkgs = work / "packages.txt"
     hook = f"--extract-hook=ls \"$1/var/cache/apt/archives\" > {pkgs}"
-    _make_tree(root)
+    _make_tree(root, in_memory=not r.user_kernel)
     _mmdebstrap(r, "extract", root, logf, progress, [hook])
     src = r.source
     if src and src.form == "deb":

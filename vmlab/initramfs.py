@@ -144,6 +144,10 @@ def _module_name(path: str) -> str:
     return os.path.basename(path).split(".ko")[0].replace("-", "_")
 
 
+def _search_rank(rel: str) -> int:
+    return 0 if rel.startswith("updates/") else 1 if rel.startswith("extra/") else 2
+
+
 def _modinfo_depends(data: bytes) -> list[str]:
     """The modules a module needs, by name, as modpost wrote them into its .modinfo
     (``depends=``): what depmod would put in modules.dep for it."""
@@ -171,7 +175,9 @@ def _module_deps(moddir: Path, names: list[str]) -> tuple[dict[str, list[str]], 
         for f in files:
             if ".ko" in f:
                 rel = os.path.relpath(os.path.join(dirpath, f), moddir)
-                by_name.setdefault(_module_name(rel), rel)
+                # one name in two places: depmod's order, updates/ and extra/ first
+                if _module_name(rel) not in by_name or _search_rank(rel) < _search_rank(by_name[_module_name(rel)]):
+                    by_name[_module_name(rel)] = rel
     todo = [by_name[n] for n in (x.replace("-", "_") for x in names) if n in by_name]
     while todo:
         path = todo.pop()

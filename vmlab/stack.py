@@ -167,10 +167,11 @@ class Stack:
             log.warning("%s: %s", name, e)
 
     def save_lab_dmesg(self, agent) -> None:
-        """lab-dmesg.log from the lab's host agent (/dev/kmsg read in the lab: a
-        request, where down()'s exec of dmesg costs the TCG lab 0.2 s)."""
+        """lab-dmesg.log from the lab's host agent as it shuts down (its buffers, trace
+        and control file closed first, so what they print is in it; /dev/kmsg read in
+        the lab: a request, where down()'s exec of dmesg costs the TCG lab 0.2 s)."""
         try:
-            text = agent.request("kmsg", timeout=60)["text"]
+            text = agent.request("shutdown", timeout=60)["text"]
         except Exception as e:      # down() takes the exec instead
             log.warning("lab-dmesg.log from the host agent: %s", e)
             return

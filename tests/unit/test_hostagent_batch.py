@@ -79,3 +79,24 @@ def test_the_controller_maps_answers_to_results_and_the_unrun_to_none(agent, tmp
     assert out[2] is None
     assert len(h.batch_elapsed) == 2
     assert exporter.HostAgent.batch(h, []) == []
+
+
+def test_may_fail_names_the_errors_the_rest_may_follow(agent):
+    got = ask(agent, {"op": "batch", "requests": [
+        {"op": "nonsense", "may_fail": ["EBUSY"]}, {"op": "ping"}]})
+    assert [a["ok"] for a in got["answers"]] == [False]        # EINVAL is not EBUSY
+    got = ask(agent, {"op": "batch", "requests": [
+        {"op": "nonsense", "may_fail": ["EINVAL"]}, {"op": "ping"}]})
+    assert [a["ok"] for a in got["answers"]] == [False, True]
+
+
+@pytest.mark.skipif(not os.access("/dev/kmsg", os.R_OK), reason="/dev/kmsg is root's")
+def test_shutdown_closes_and_gives_the_kernel_log_as_lines(agent):
+    got = ask(agent, {"op": "shutdown"})
+    assert got["ok"]
+    lines = got["text"].splitlines()
+    assert lines, "an empty kernel log"
+    assert all(ln.startswith("[") and "] " in ln for ln in lines), lines[:3]
+    secs = [float(ln[1:ln.index("]")]) for ln in lines]
+    assert secs == sorted(secs)
+    assert ask(agent, {"op": "ping"}) == {"ok": True}

@@ -199,6 +199,18 @@ def test_add_modules_without_modules_dep_reads_modinfo(tmp_path):
     assert not (xm / "kernel/b/other.ko").exists()
 
 
+def test_a_name_in_updates_wins_over_the_kernels_as_depmod_has_it(tmp_path):
+    md = tmp_path / "root" / "lib" / "modules" / KVER
+    for d in ("kernel/drivers", "updates", "extra"):
+        (md / d).mkdir(parents=True)
+    (md / "kernel/drivers/twin.ko").write_bytes(_module_object(tmp_path / "twin", ""))
+    (md / "extra/twin.ko").write_bytes(_module_object(tmp_path / "twin", ""))
+    (md / "updates/twin.ko").write_bytes(_module_object(tmp_path / "twin", ""))
+    assert initramfs.module_closure(tmp_path / "root", KVER, ["twin"]) == ["updates/twin.ko"]
+    (md / "updates/twin.ko").unlink()
+    assert initramfs.module_closure(tmp_path / "root", KVER, ["twin"]) == ["extra/twin.ko"]
+
+
 def test_a_module_needing_an_absent_one_is_an_error(tmp_path):
     md = tmp_path / "root" / "lib" / "modules" / KVER
     md.mkdir(parents=True)
