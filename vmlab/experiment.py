@@ -692,9 +692,7 @@ class Run:
             return None
         if len(answers) < 2:
             return None
-        if not isinstance(answers[1], dict):
-            raise answers[1] or RemoteError("host agent: the exporter's pfns were not read")
-        return answers[1]["pfns"]
+        return HostAgent.answered(answers[1], "reading the exporter's pfns")["pfns"]
 
     def kvm_evidence_begin(self) -> list[int] | None:
         """kvm_evidence_begun, in a round trip of its own (before a guest's write)."""
@@ -730,11 +728,8 @@ class Run:
             rec["kvm_evidence"] = {"error": str(got)}
             self.ktrace = False
             return
-        new_pfns = None
-        if old_pfns is not None:
-            if not isinstance(answers[1], dict):
-                raise answers[1] or RemoteError("host agent: the exporter's pfns were not read")
-            new_pfns = answers[1]["pfns"]
+        new_pfns = None if old_pfns is None else \
+            HostAgent.answered(answers[1], "reading the exporter's pfns")["pfns"]
         st = self.result["kvm_trace"]
         # the TDP MMU runs only with nested paging on (kvm.tdp_mmu only allows it)
         npt = self.result.get("caching_chain", {}).get("kvm", {}).get("mmu") == "NPT"
@@ -864,7 +859,7 @@ class Run:
                     self.stack.lab.run(f"kill -KILL {self.stack.guest.pid}", timeout=20, check=False)
                     rec["injected"] = "SIGKILL to the guest's QEMU before the move"
                 info_req = [{"op": "info", "buf": self.buf["buf"]}] \
-                    if mv["mode"] == "ZAP_ONLY" and self.exp.section("exporter")["kind"] == "vmlab" else []
+                    if mv["mode"] == "ZAP_ONLY" and self.exp.kind == "vmlab" else []
                 log_at = self.qemu_log_size() if self.transport == "virtio-shm" else None
                 window_end = None    # under remap: when the memslot was seen back
                 sends_move = mv["inject"] != "skip-zap" and mv["mode"] != "NONE"
@@ -881,11 +876,7 @@ class Run:
                 if ev_reqs:
                     ev_pfns = self.kvm_evidence_begun(answers[:len(ev_reqs)])
                     answers = answers[len(ev_reqs):]
-                before = None
-                if info_req:
-                    before = answers.pop(0)
-                    if not isinstance(before, dict):
-                        raise before or RemoteError("host agent: the exporter's info was not read")
+                before = HostAgent.answered(answers.pop(0), "reading the exporter's info") if info_req else None
                 try:
                     if mv["inject"] == "skip-zap":
                         # the oracle's negative control: a "zap" that changes nothing
@@ -893,10 +884,8 @@ class Run:
                                 "what": "injected: the ZAP_ONLY request was never sent"}
                     elif mv["mode"] == "NONE":
                         mres = {"generation": generation, "what": "no move: the guest's write, then a read"}
-                    elif isinstance(answers[0], dict):
-                        mres = answers[0]
                     else:
-                        raise answers[0] or RemoteError("host agent: the move was not sent")
+                        mres = HostAgent.answered(answers[0], "the move")
                 except AgentRequestFailed as e:
                     if e.errname in ("EOPNOTSUPP", "ENOTSUP"):
                         rec.update(verdict="UNSUPPORTED", pages={}, detail=str(e))
@@ -946,13 +935,11 @@ class Run:
                 rec["phases_s"] = {"move": round(t_moved - t_sent, 4), "watch": round(t_read - t_watch, 4),
                                    "read": round(t_end - t_read, 4)}
                 # one round trip: the exporter's state after the read, KVM's evidence
-                vmlab_kind = self.exp.section("exporter")["kind"] == "vmlab"
-                post = self.agent.batch(([{"op": "info", "buf": self.buf["buf"]}] if vmlab_kind else [])
-                                        + self.evidence_end_requests(ev_pfns), timeout=120)
-                info = post.pop(0) if vmlab_kind else None
-                if vmlab_kind and not isinstance(info, dict):
-                    raise info or RemoteError("host agent: the exporter's info was not read")
-                ev_answers = post
+                vmlab_kind = self.exp.kind == "vmlab"
+                ev_answers = self.agent.batch(([{"op": "info", "buf": self.buf["buf"]}] if vmlab_kind else [])
+                                              + self.evidence_end_requests(ev_pfns), timeout=120)
+                info = HostAgent.answered(ev_answers.pop(0), "reading the exporter's info") \
+                    if vmlab_kind else None
                 if info is not None:
                     rec["exporter_info"] = info
                 if before is not None and info is not None and rec["verdict"] == "REFAULTED":

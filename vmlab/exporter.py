@@ -180,7 +180,7 @@ class HostAgent:
         """``requests`` ({"op": ..., **args}, and ``may_fail``: the batch goes on past
         its failure) answered in one round trip, in order. Each answer is a dict, an
         AgentRequestFailed, or None where an earlier failure ended the batch."""
-        self.batch_elapsed: list[float] = []
+        self.batch_elapsed = []
         if not requests:
             return []
         resp = self.request("batch", timeout=timeout, requests=requests)
@@ -197,6 +197,14 @@ class HostAgent:
                     ans = AgentRequestFailed(req["op"], ans)
             out.append(ans)
         return out
+
+    @staticmethod
+    def answered(ans, what: str) -> dict:
+        """A batch answer that must be there: the answer, else its failure raised (or,
+        where an earlier failure ended the batch, that ``what`` was not done)."""
+        if isinstance(ans, dict):
+            return ans
+        raise ans or RemoteError(f"host agent: {what} was not done: the batch ended before it")
 
     @property
     def answering(self) -> bool:

@@ -565,6 +565,26 @@ def dmesg():
     return r.stdout.decode(errors="replace")
 
 
+def _drain(path, size):
+    """Each read of ``path`` opened non-blocking until it has nothing more (EAGAIN or
+    EOF): what trace_pipe and /dev/kmsg hold now, without waiting for more. A kmsg
+    record overwritten while read (EPIPE) is skipped, the next one read."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        while True:
+            try:
+                data = os.read(fd, size)
+            except BlockingIOError:
+                return
+            except BrokenPipeError:
+                continue
+            if not data:
+                return
+            yield data
+    finally:
+        os.close(fd)
+
+
 def dmesg_bad_lines():
     bad = [ln for ln in dmesg().splitlines()
            if any(w in ln for w in ("WARNING:", "BUG:", "Oops", "general protection", "Call Trace",
@@ -1278,25 +1298,13 @@ class Agent:
         """The kernel log as text, one "[seconds] message" line per record, read from
         /dev/kmsg in this process: a log to keep, not to compare with `dmesg` (health's
         kernel_state runs dmesg itself); the kernel's escapes (\\xNN) are kept."""
-        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
         lines = []
-        try:
-            while True:
-                try:
-                    rec = os.read(fd, 8192)
-                except BlockingIOError:
-                    break
-                except BrokenPipeError:   # records overwritten while read: go on
-                    continue
-                if not rec:
-                    break
-                head, _, text = rec.decode(errors="replace").partition(";")
-                fields = head.split(",")
-                usec = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
-                lines.append(f"[{usec // 1000000:5d}.{usec % 1000000:06d}] "
-                             f"{text.splitlines()[0] if text else ''}")
-        finally:
-            os.close(fd)
+        for rec in _drain("/dev/kmsg", 8192):      # one record per read
+            head, _, text = rec.decode(errors="replace").partition(";")
+            fields = head.split(",")
+            usec = int(fields[2]) if len(fields) > 2 and fields[2].isdigit() else 0
+            lines.append(f"[{usec // 1000000:5d}.{usec % 1000000:06d}] "
+                         f"{text.splitlines()[0] if text else ''}")
         return {"text": "".join(ln + "\n" for ln in lines)}
 
     def op_shutdown(self, req):
@@ -1438,19 +1446,7 @@ class Agent:
         resets the buffer behind an RCU grace period (29 ms a move under the TCG lab)."""
         if not self.ktrace:
             raise AgentError("ktrace_start first", errno.EINVAL)
-        chunks = []
-        fd = os.open(self.ktrace + "/trace_pipe", os.O_RDONLY | os.O_NONBLOCK)
-        try:
-            while True:
-                try:
-                    chunk = os.read(fd, 1 << 16)
-                except BlockingIOError:
-                    break
-                if not chunk:
-                    break
-                chunks.append(chunk)
-        finally:
-            os.close(fd)
+        chunks = list(_drain(self.ktrace + "/trace_pipe", 1 << 16))
         overrun = 0
         for cpu in os.listdir(self.ktrace + "/per_cpu"):
             with open(f"{self.ktrace}/per_cpu/{cpu}/stats") as f:

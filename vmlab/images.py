@@ -368,23 +368,21 @@ def _mem_available() -> int:
     return 0
 
 
-def _make_tree(root: Path, in_memory: bool = True) -> bool:
+def _make_tree(root: Path, in_memory: bool = True) -> None:
     """The directory the image's tree is installed into: a tmpfs of its own when memory
-    allows (True), else a directory on the cache's disk. Its 50,000 files are written
+    allows, else a directory on the cache's disk. Its 50,000 files are written
     once, read once by mke2fs and deleted: on disk their writeback competed with the
     build itself (mmdebstrap took 52-85 s for one recipe on this disk)."""
     from .proc import run_cmd
     avail = _mem_available()
     root.mkdir()
     if not in_memory or avail < _TREE_IN_MEMORY_MIN:
-        return False
+        return
     try:
         run_cmd(["mount", "-t", "tmpfs", "-o", f"size={(avail - (2 << 30)) >> 20}m,mode=0755",
                  "vmlab-image-tree", str(root)], timeout=30)
     except Exception as e:   # a container without mount rights: the disk does it
         log.info("image tree on disk: tmpfs: %s", e)
-        return False
-    return True
 
 
 def _drop_tree(root: Path) -> None:

@@ -178,7 +178,7 @@ def _module_deps(moddir: Path, names: list[str]) -> tuple[dict[str, list[str]], 
                 # one name in two places: depmod's order, updates/ and extra/ first
                 if _module_name(rel) not in by_name or _search_rank(rel) < _search_rank(by_name[_module_name(rel)]):
                     by_name[_module_name(rel)] = rel
-    todo = [by_name[n] for n in (x.replace("-", "_") for x in names) if n in by_name]
+    todo = _roots(by_name, names)
     while todo:
         path = todo.pop()
         if path in deps:
@@ -209,12 +209,16 @@ def _load_order(deps: dict[str, list[str]], paths: list[str]) -> list[str]:
     return order
 
 
-def module_closure(root: Path, kver: str, names: list[str],
-                   deps_and_names: tuple | None = None) -> list[str]:
-    """Module files (relative to /lib/modules/<kver>) needed for ``names``, deps first.
-    Names not found are assumed built in (modules.builtin) or absent and skipped."""
-    deps, by_name = deps_and_names or _module_deps(modules_root(root) / kver, names)
-    return _load_order(deps, [by_name[n] for n in (x.replace("-", "_") for x in names) if n in by_name])
+def _roots(by_name: dict[str, str], names: list[str]) -> list[str]:
+    """The files of ``names`` that are modules; the others are assumed built in
+    (modules.builtin) or absent, and skipped."""
+    return [by_name[n] for n in (x.replace("-", "_") for x in names) if n in by_name]
+
+
+def module_closure(root: Path, kver: str, names: list[str]) -> list[str]:
+    """Module files (relative to /lib/modules/<kver>) needed for ``names``, deps first."""
+    deps, by_name = _module_deps(modules_root(root) / kver, names)
+    return _load_order(deps, _roots(by_name, names))
 
 
 def _decompressed(path: Path) -> bytes:
@@ -231,9 +235,8 @@ def _decompressed(path: Path) -> bytes:
 def add_modules(cpio: Cpio, root: Path, kver: str, names: list[str]) -> list[str]:
     """Add modules (uncompressed, so busybox modprobe can load them) and a modules.dep."""
     moddir = modules_root(root) / kver
-    full = _module_deps(moddir, names)
-    files = module_closure(root, kver, names, full)
-    full = full[0]
+    full, by_name = _module_deps(moddir, names)
+    files = _load_order(full, _roots(by_name, names))
     dep_lines = []
 
     def plain(p: str) -> str:
