@@ -169,8 +169,12 @@ class HotPlug:
         t0 = time.monotonic()
         dev = shlex.quote(f"/sys/bus/pci/devices/{self.bdf}")
         # BAR 2's start once it is there; else, for a device that came without it, the
-        # kernel's lines about this BDF
-        probe = (f"if [ -e {dev}/resource2 ]; then echo present $(sed -n 3p {dev}/resource); "
+        # kernel's lines about this BDF. Each exec first waits in the guest (up to 2 s, or
+        # 0.5 s once the device is there without BAR 2): the enumeration takes ~0.1 s
+        # after device_add, and a second exec would cost another ~0.07 s.
+        probe = (f"i=0; while [ $i -lt 100 ] && [ ! -e {dev}/resource2 ] && "
+                 f"{{ [ ! -e {dev} ] || [ $i -lt 25 ]; }}; do sleep 0.02; i=$((i+1)); done; "
+                 f"if [ -e {dev}/resource2 ]; then echo present $(sed -n 3p {dev}/resource); "
                  f"elif [ -e {dev} ]; then dmesg | grep -F {shlex.quote(self.bdf + ': ')}; fi")
         rescanned = False
         no_room_since = None
@@ -201,7 +205,6 @@ class HotPlug:
             if waited > 5 and not rescanned:
                 self.guest.run("echo 1 > /sys/bus/pci/rescan", timeout=30, check=False)
                 rescanned = True
-            time.sleep(0.05)    # each probe is an exec in the guest: itself ~0.05 s
 
     def close(self, timeout: float = 60) -> None:
         """device_del and wait until QEMU has finalized the device (its BAR, memslot and
