@@ -7,7 +7,6 @@ interrupted run still explains itself.
 """
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
 import dataclasses
 import itertools
@@ -331,18 +330,10 @@ class Run:
                 self.hw = hwtrace.HwTrace(lab.hwtrace_socket)
                 self.result["hw_oracle"]["plugin_hello"] = self.hw.connect()
                 self.progress("hardware oracle: the TCG plugin in the lab's QEMU answers")
-            # the host agent starts while the lab's facts are read: two channels of one
-            # SSH session, and the lab's CPU is mostly idle while each waits on the other
-            agent_start = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="agent-start")
-            agent = agent_start.submit(HostAgent, lab, self.out / "hostagent.log")
-            agent_start.shutdown(wait=False)
-            try:
-                facts = lab_facts(lab)
-            except BaseException:
-                # the facts' failure is the run's; an agent that started anyway is closed
-                agent.add_done_callback(lambda f: f.exception() is None and f.result().close())
-                raise
-            self.agent = agent.result()       # the teardown closes it, whatever comes next
+            self.agent = HostAgent(lab, self.out / "hostagent.log")   # the teardown closes it
+            # the lab's facts from the agent: an exec of the facts script cost the TCG lab
+            # 0.2-0.3 s, more than the agent's start, beside which it used to run
+            facts = lab_facts(lab, self.agent)
             release = facts.pop("release", None) or lab.kernel_release()
             self.result["lab"] = {"kernel": release, "accel": lab.accel,
                                   "accel_reason": lab.accel_reason, "boot_seconds": lab.boot_seconds,

@@ -42,12 +42,18 @@ echo "release=$(uname -r)"
 echo "qemu=$(qemu-system-x86_64 --version | head -n1)"
 echo "kernel_package=$(dpkg-query -W -f '${Version}' "linux-image-$(uname -r)" 2>/dev/null || echo -)"
 """
-_LIVE_FACTS = r"""
-echo "cmdline=$(cat /proc/cmdline)"
-grep -H '' /sys/module/vmlab_exporter/parameters/* /sys/module/kvm/parameters/* \
-  /sys/module/kvm_amd/parameters/* 2>/dev/null
-true
-"""
+_FACT_MODULES = ("vmlab_exporter", "kvm", "kvm_amd")
+
+
+def _live_facts(modules) -> str:
+    """The facts that may change while a lab runs (the host agent's op lab_facts reads
+    the same files)."""
+    return ('echo "cmdline=$(cat /proc/cmdline)"\n'
+            f"grep -H '' {' '.join(f'/sys/module/{m}/parameters/*' for m in modules)} 2>/dev/null\n"
+            "true\n")
+
+
+_LIVE_FACTS = _live_facts(_FACT_MODULES)
 # A nested lab's kernel and QEMU are its own for its life, so their words are asked once
 # and kept in its /run, and a lab saved in a snapshot keeps them (`qemu-system-x86_64
 # --version` and dpkg-query cost 1 s of every run under TCG). A box's QEMU may change
@@ -58,10 +64,22 @@ _NESTED_FACTS = (f"if [ -s {_CACHED} ]; then cat {_CACHED}; else {{ {_STATIC_FAC
                  f"else mv {_CACHED}.$$ {_CACHED}; fi; fi\n" + _LIVE_FACTS)
 
 
-def lab_facts(lab) -> dict:
-    """{"release", "qemu", "cmdline", "kernel_package", "module_params": {module: {name: value}}}"""
-    script = _NESTED_FACTS if getattr(lab, "kind", None) == "nested" else _STATIC_FACTS + _LIVE_FACTS
-    _, out, _ = lab.run(script, timeout=30, check=False)
+def lab_facts(lab, agent=None) -> dict:
+    """{"release", "qemu", "cmdline", "kernel_package", "module_params": {module: {name: value}}}.
+    A nested lab's run asks its host agent (``agent``) for the same text, read in the
+    agent's process, once the static part is cached."""
+    nested = getattr(lab, "kind", None) == "nested"
+    out = None
+    if nested and agent is not None:
+        out = agent.request("lab_facts", cache=_CACHED, modules=list(_FACT_MODULES), timeout=30)["text"]
+    if out is None:
+        script = _NESTED_FACTS if nested else _STATIC_FACTS + _LIVE_FACTS
+        _, out, _ = lab.run(script, timeout=30, check=False)
+    return parse_facts(out)
+
+
+def parse_facts(out: str) -> dict:
+    """The facts script's output (or the host agent's op lab_facts) as lab_facts returns it."""
     facts: dict = {"module_params": {}}
     for line in out.splitlines():
         if line.startswith("/sys/module/"):
