@@ -489,3 +489,20 @@ def test_kernel_state_prints_the_log_as_busybox_dmesg_does(agent, tmp_path):
     r = run(agent, "kernel-state", check_rc=None)
     if r.returncode == 0:
         assert r.stdout.split("\n", 1)[0].isdigit()
+
+
+def test_serve_over_a_channel_says_when_it_exited(agent, tmp_path):
+    """GuestAgent.close is True only once the serve process's exit status came (a run
+    then leaves no agent behind and skips the guest-wide pkill), False when it did not
+    exit in time."""
+    from vmlab.guest_agent import GuestAgent
+    from vmlab.local_session import LocalSession
+    ga = GuestAgent(LocalSession(), binary=str(agent))
+    assert ga.run("version", timeout=30)[0] == 0
+    assert ga.close(wait=10) is True and ga.close() is True
+    # a "serve" that does not end at EOF: never said to have exited
+    stuck = tmp_path / "stuck-agent"
+    stuck.write_text("#!/bin/sh\nexec sleep 30\n")
+    stuck.chmod(0o755)
+    ga = GuestAgent(LocalSession(), binary=str(stuck))
+    assert ga.close(wait=0.5) is False
