@@ -190,13 +190,11 @@ class Run:
         tmp.write_text(json.dumps(self.result, indent=2, sort_keys=True, default=str) + "\n")
         tmp.rename(self.out / "results.json")
 
-    def guest_agent(self, cmd: str, timeout: float = 120, check_now: bool = False) -> dict:
+    def guest_agent(self, cmd: str, timeout: float = 120) -> dict:
         """Run the guest agent; returns its JSON. Raises VMMDied when the guest's QEMU
-        died or stopped, so the caller records VMM_FAULT instead of hanging. ``check_now``:
-        the VMM is checked at once, while the guest works on the command, not only after
-        the first half second."""
+        died or stopped, so the caller records VMM_FAULT instead of hanging."""
         try:
-            rc, out, err = self._guest_exec(f"{AGENT} {cmd}", timeout, check_now)
+            rc, out, err = self._guest_exec(f"{AGENT} {cmd}", timeout)
         except (WaitTimeout, OSError, EOFError, RemoteError) as e:
             self.check_vmm()
             raise RemoteError(f"guest agent '{cmd}' did not answer: {e}")
@@ -207,18 +205,17 @@ class Run:
             raise RemoteError(f"guest agent '{cmd}' exited {rc}: {err.strip() or out.strip()}")
         return json.loads(out)
 
-    def _guest_exec(self, command: str, timeout: float, check_now: bool = False) -> tuple[int, str, str]:
+    def _guest_exec(self, command: str, timeout: float) -> tuple[int, str, str]:
         """Run in the guest while watching its VMM: a vCPU stopped by KVM_RUN failing
         would otherwise look like a slow guest until the timeout. Agent commands go to
         the run's one agent process (one round trip each); anything else is an exec."""
         # a QMP query-status every half second: a stopped vCPU (a VMM fault, often the
-        # verdict) is found within it, where the guest would never answer. An agent whose
+        # verdict) is found within it, where the guest would never answer (a stopped VM
+        # runs no guest code, so no answer means no check missed: a check before each
+        # command cost a QMP round trip, ~45 ms while the guest reads). An agent whose
         # channel an earlier failure closed leaves its commands to an exec each.
         if self.gagent is not None and self.gagent.chan is not None and command.startswith(AGENT + " "):
-            return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm, tick=VMM_TICK,
-                                   first_tick=0 if check_now else None)
-        if check_now:
-            self.check_vmm()
+            return self.gagent.run(command[len(AGENT) + 1:], timeout, on_tick=self.check_vmm, tick=VMM_TICK)
         chan = self.stack.guest.session.open_exec(command)
         try:
             chan.shutdown_write()
@@ -750,10 +747,8 @@ class Run:
             self.progress(out["note"])
         return out
 
-    def read_and_judge(self, generation: int | list[int], expect_tag: int | None,
-                       check_vmm: bool = False) -> dict:
-        r = self.guest_agent(f"read --caching {self.mapping}{self.dev_args}", timeout=300,
-                             check_now=check_vmm)
+    def read_and_judge(self, generation: int | list[int], expect_tag: int | None) -> dict:
+        r = self.guest_agent(f"read --caching {self.mapping}{self.dev_args}", timeout=300)
         if "guest_fault" in r:
             return {"verdict": "GUEST_FAULT", "pages": {}, "detail": r}
         j = oracle.judge(oracle.records(r), buffer_id=self.buf["id"], generation=generation,
@@ -919,9 +914,9 @@ class Run:
                 if mv["concurrent"]:
                     rec["watch"] = self.watch.wait_generation(generation, t_sent, timeout=30)
                 t_read = time.monotonic()
-                # the VMM is checked (QMP) while the guest reads: a dead or stopped one
-                # is VMM_FAULT, as a check before the read said it
-                j = self.read_and_judge(page_gens, tag, check_vmm=True)
+                # the VMM is checked (QMP) every half second while the guest reads: a
+                # dead or stopped one is VMM_FAULT, as a check before the read said it
+                j = self.read_and_judge(page_gens, tag)
                 rec.update(j)
                 t_end = time.monotonic()
                 rec["seconds"] = round(t_end - t_sent, 4)  # move + full verified read

@@ -44,8 +44,7 @@ class GuestAgent:
         del self._buf[:end]
         return status, out.decode(errors="replace"), err.decode(errors="replace")
 
-    def run(self, command: str, timeout: float, on_tick=None, tick: float = 3.0,
-            first_tick: float | None = None) -> tuple[int, str, str]:
+    def run(self, command: str, timeout: float, on_tick=None, tick: float = 3.0) -> tuple[int, str, str]:
         """One agent command line ("read --caching uc"): (exit status, stdout, stderr).
         After any failure the channel is closed: a late reply must never be taken for the
         next command's."""
@@ -64,8 +63,7 @@ class GuestAgent:
         try:
             self.chan.sendall(command.encode() + b"\n")
             self._reader.what = f"guest agent: {command[:60]}"
-            how = self._reader.pump(time.monotonic() + timeout, on_tick=on_tick, tick=tick,
-                                    first_tick=first_tick, stop=done)
+            how = self._reader.pump(time.monotonic() + timeout, on_tick=on_tick, tick=tick, stop=done)
             if how == "exit":
                 raise RemoteError(f"guest agent exited during '{command[:60]}': "
                                   f"{bytes(self._err[-300:]).decode(errors='replace').strip()}")

@@ -221,15 +221,14 @@ class ChannelReader:
         return n > 0
 
     def pump(self, deadline: float, *, stop=None, on_tick=None, tick: float = 3.0,
-             first_tick: float | None = None, soft: bool = False) -> str:
+             soft: bool = False) -> str:
         """Read until ``stop()`` is true ("stop"), the remote command exits and its output
         is drained ("exit"), or ``deadline`` passes: WaitTimeout, or "deadline" when
-        ``soft``. ``on_tick`` runs every ``tick`` seconds (a liveness check that may raise),
-        the first time after ``first_tick`` seconds when given (0: while the remote side
-        works on what was just sent). A channel whose SSH session died raises RemoteError
+        ``soft``. ``on_tick`` runs every ``tick`` seconds (a liveness check that may raise).
+        A channel whose SSH session died raises RemoteError
         instead of waiting."""
         start = time.monotonic()
-        next_tick = start + (tick if first_tick is None else first_tick)
+        next_tick = start + tick
         while True:
             self._drain()
             if stop is not None and stop():
