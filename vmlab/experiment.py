@@ -166,9 +166,6 @@ class Run:
         self.hw: hwtrace.HwTrace | None = None    # the hardware oracle, when asked for
         self.hw_moved_at: int | None = None        # time.monotonic_ns() when the move returned
         self.gagent: GuestAgent | None = None      # the guest agent's `serve` process
-        # True once that process was seen to exit, every command answered: then no agent
-        # of this run is left in the guest (Run.unplug)
-        self.gagent_exited = False
         self.bar2_gpa: int | None = None           # where the guest sees the buffer
         self.ktrace = False                        # KVM's tracepoints recorded per move
         # (the last judged move's record, the generation below which its read let the
@@ -1075,10 +1072,8 @@ class Run:
         """Guest, buffer, host agent, lab: each step runs whatever the one before did."""
         if self.hw is not None:
             self.hw.close()
-        if self.gagent is not None:
-            self.gagent_exited = self.gagent.close(wait=2)
-            self.gagent = None
         if self.stack is None:
+            self.close_guest_agent()
             return
         guest_gone = True
         logs_of = None
@@ -1087,7 +1082,8 @@ class Run:
                 g = self.stack.guest
                 guest_gone = self.unplug()
                 if guest_gone:   # running (a stopped guest would leave dmesg to its timeout)
-                    self.stack._save_dmesg(g, f"{g.opts.name}-dmesg.log")
+                    self.save_guest_dmesg(g)
+                self.close_guest_agent()
                 if not guest_gone and self.stop_guest_in_doubt:
                     # no KVM mapping of the buffer is left once its QEMU is gone
                     guest_gone = g.down()
@@ -1095,9 +1091,11 @@ class Run:
                 logs_of = g
                 self.stack.guest = None
             elif self.stack.guest is not None:
+                self.close_guest_agent()
                 guest_gone = self.stack.guest.down()
                 self.stack.guest = None
         finally:
+            self.close_guest_agent()
             try:
                 try:
                     if self.agent is not None:
@@ -1119,6 +1117,22 @@ class Run:
                 self.stack.down()
 
 
+    def close_guest_agent(self) -> None:
+        if self.gagent is not None:
+            gagent, self.gagent = self.gagent, None
+            gagent.close(wait=2)
+
+    def save_guest_dmesg(self, g) -> None:
+        """The shared guest's log after the unplug (its lines are this run's too): from
+        the run's guest agent while it serves (the same text as the guest's dmesg; a
+        request, where an exec costs ~0.1 s), else the agent's command over an exec."""
+        try:
+            text = _GuestKernelState(self).kernel_state()["dmesg"]
+        except Exception as e:
+            log.warning("%s-dmesg.log: %s", g.opts.name, e)
+            return
+        (self.out / f"{g.opts.name}-dmesg.log").write_text(text)
+
     def unplug(self) -> bool:
         """The buffer's device out of the shared guest; True once QEMU has finalized it
         (no BAR, memslot or mapping of the buffer left in that VM)."""
@@ -1135,9 +1149,10 @@ class Run:
             return False
         # nothing of this run may outlive it in a guest others use: the watcher runs for
         # an hour unless killed, and an agent that did not exit holds the BAR. When every
-        # agent command went through the one serve process and it exited, none is left
-        # (an exec in the guest less: ~0.1 s)
-        if self.watch is not None or not self.gagent_exited:
+        # agent command went through the one serve process, which answered them all,
+        # none is left (an exec in the guest less: ~0.1 s)
+        if self.watch is not None or self.gagent is None or not self.gagent.idle:
+            self.close_guest_agent()    # the kill takes its serve process too
             try:
                 self.stack.guest.run("busybox pkill -KILL -f '[v]mlab-guest-agent'; true",
                                      timeout=30, check=False)

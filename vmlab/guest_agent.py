@@ -21,7 +21,6 @@ _HEADER = re.compile(rb"VMLAB-REPLY (-?\d+) (\d+) (\d+)\n")
 class GuestAgent:
     def __init__(self, session, binary: str = "vmlab-guest-agent"):
         self.chan = session.open_exec(f"exec {binary} serve")
-        self.exited = False
         self._buf = bytearray()
         self._err = bytearray()
         self._reader = ChannelReader(self.chan, "guest agent", on_out=self._buf.extend,
@@ -72,21 +71,24 @@ class GuestAgent:
             raise
         return result[0]
 
-    def close(self, wait: float = 10) -> bool:
-        """End of input, then up to ``wait`` seconds for the agent to exit. True when its
-        exit status came: the agent and every command's child are gone (it answers a
-        command only after reaping its child, and exits at EOF), so nothing of it maps
-        the buffer any more."""
+    @property
+    def idle(self) -> bool:
+        """Open, and every command it was sent answered: it answers only after reaping
+        the command's child, and the serve process itself maps nothing, so no process of
+        this agent holds the buffer (after any failure the channel is closed: not idle)."""
+        return self.chan is not None
+
+    def close(self, wait: float = 10) -> None:
+        """End of input, then up to ``wait`` seconds for the agent to exit."""
         if self.chan is None:
-            return self.exited
+            return
         chan, self.chan = self.chan, None
         try:
             if wait > 0:
                 chan.shutdown_write()
                 self._reader.what = "guest agent exit"
-                self.exited = self._reader.pump(time.monotonic() + wait, soft=True) == "exit"
+                self._reader.pump(time.monotonic() + wait, soft=True)
         except Exception:
             pass   # the guest may be gone already: nothing to wait for then
         finally:
             chan.close()
-        return self.exited

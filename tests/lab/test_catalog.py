@@ -81,10 +81,15 @@ def test_every_cell_says_what_it_ran_with(catalog_matrix):
         assert "console=ttyS0" in c["kernel_cmdline"]
         assert "max_quarantine_mb" in c["module_params"]["vmlab_exporter"], c["module_params"]
         assert c["module_params"]["kvm_amd"]["npt"] == "Y"
-        guest = json.loads((Path(c["results"]) / "results.json").read_text())["guest"]["name"]
+        g = json.loads((Path(c["results"]) / "results.json").read_text())["guest"]
+        guest = g["name"]
         for f in ("results.json", "reproduce.sh", "config.yaml", f"{guest}-console.log", "lab-dmesg.log",
                   "junit.xml"):
             assert (Path(c["results"]) / f).exists(), (c["results"], f)
+        if "hotplug" in g:
+            # the shared guest's log after the cell's unplug (from its guest agent)
+            log = (Path(c["results"]) / f"{guest}-dmesg.log").read_text()
+            assert "Linux version" in log and g["hotplug"]["bdf"] in log, c["results"]
         assert f"--kernel={c['kernel_suite']}" in Path(c["reproduce"]).read_text()
 
 

@@ -491,18 +491,23 @@ def test_kernel_state_prints_the_log_as_busybox_dmesg_does(agent, tmp_path):
         assert r.stdout.split("\n", 1)[0].isdigit()
 
 
-def test_serve_over_a_channel_says_when_it_exited(agent, tmp_path):
-    """GuestAgent.close is True only once the serve process's exit status came (a run
-    then leaves no agent behind and skips the guest-wide pkill), False when it did not
-    exit in time."""
+def test_serve_over_a_channel_is_idle_until_a_failure_or_close(agent, tmp_path):
+    """GuestAgent.idle (every command answered, so no child of it maps anything: a run
+    then skips the guest-wide pkill) holds after commands that ran, whatever their
+    status, and ends with a command that did not answer, and with close."""
+    from vmlab.errors import WaitTimeout
     from vmlab.guest_agent import GuestAgent
     from vmlab.local_session import LocalSession
     ga = GuestAgent(LocalSession(), binary=str(agent))
-    assert ga.run("version", timeout=30)[0] == 0
-    assert ga.close(wait=10) is True and ga.close() is True
-    # a "serve" that does not end at EOF: never said to have exited
+    assert ga.idle and ga.run("version", timeout=30)[0] == 0
+    assert ga.run(f"read --path {tmp_path / 'gone'}", timeout=30)[0] != 0 and ga.idle
+    ga.close(wait=10)
+    assert not ga.idle
+    # a "serve" that never answers: the command times out and the channel is closed
     stuck = tmp_path / "stuck-agent"
     stuck.write_text("#!/bin/sh\nexec sleep 30\n")
     stuck.chmod(0o755)
     ga = GuestAgent(LocalSession(), binary=str(stuck))
-    assert ga.close(wait=0.5) is False
+    with pytest.raises(WaitTimeout):
+        ga.run("version", timeout=0.5)
+    assert not ga.idle

@@ -36,19 +36,33 @@ class FakeStack:
         self.guest = FakeGuest()
 
 
-def unplug(gagent_exited: bool, watch) -> list[str]:
+class FakeAgent:
+    def __init__(self, idle):
+        self.idle, self.closed = idle, False
+
+    def close(self, wait=10):
+        self.closed = True
+
+
+def unplug(gagent, watch):
     r = Run.__new__(Run)
     r.plug, r.stack, r.result = FakePlug(), FakeStack(), {}
-    r.gagent_exited, r.watch = gagent_exited, watch
+    r.gagent, r.watch = gagent, watch
     assert r.unplug() is True
-    return r.stack.guest.execs
+    return r
 
 
-@pytest.mark.parametrize("exited, watch, kills", [
-    (True, None, False),       # every command answered by one serve, which exited
-    (False, None, True),       # it did not exit (or never started): anything may be left
+@pytest.mark.parametrize("idle, watch, kills", [
+    (True, None, False),       # every command went to one serve, which answered them all
+    (False, None, True),       # a command failed or timed out: its child may be left
+    (None, None, True),        # no serve process: commands (if any) were execs
     (True, object(), True),    # a watcher runs for an hour unless killed
 ])
-def test_the_kill_runs_unless_every_agent_is_known_gone(exited, watch, kills):
-    execs = unplug(exited, watch)
-    assert bool([c for c in execs if "pkill" in c and "mlab-guest-agent" in c]) == kills
+def test_the_kill_runs_unless_every_agent_is_known_gone(idle, watch, kills):
+    agent = None if idle is None else FakeAgent(idle)
+    r = unplug(agent, watch)
+    assert bool([c for c in r.stack.guest.execs if "pkill" in c and "mlab-guest-agent" in c]) == kills
+    if agent is not None:
+        # the kill takes the serve process: it is closed first, so the log that follows
+        # the unplug is asked over an exec, not of an agent that is gone
+        assert agent.closed == kills and (r.gagent is None) == kills
