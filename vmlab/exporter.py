@@ -212,10 +212,17 @@ class HostAgent:
         channel is out of step for good."""
         return self._late is None
 
-    def kernel_state(self) -> dict:
-        """The lab's taint mask and dmesg (health.kernel_state)."""
-        st = self.request("kernel_state", timeout=60)
-        return {"taint": int(st["taint"]), "dmesg": st["dmesg"]}
+    def kernel_mark(self) -> dict:
+        """The lab's taint mask, and a mark at its kernel log's end that this agent holds
+        (health.kernel_state): the state at a run's start."""
+        st = self.request("kernel_state", mark=True, timeout=60)
+        return {"taint": int(st["taint"]), "mark": True}
+
+    def kernel_since_mark(self) -> dict:
+        """The taint mask, and the kernel log's lines since the mark (as "dmesg") with how
+        often the ring overwrote lines before they were read ("overruns")."""
+        st = self.request("kernel_state", since_mark=True, timeout=60)
+        return {"taint": int(st["taint"]), "dmesg": st["text"], "overruns": int(st["overruns"])}
 
     def read_files(self, paths: list[str], max_bytes: int = 16 << 20) -> list[tuple[int, bytes] | None]:
         """(size, its first ``max_bytes`` bytes) of each lab file, None where unreadable."""

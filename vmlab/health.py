@@ -12,18 +12,37 @@ log = logging.getLogger("vmlab.health")
 
 
 def kernel_state(vm, agent=None) -> dict:
-    """dmesg and the taint mask of a VM now, to tell later what a run itself provoked:
-    from ``agent`` when there is one (the lab's host agent or the guest's agent: a
-    request, where an exec in a TCG lab is ~0.25 s), else (or when the agent cannot
-    answer) over an exec. Both give the same text: the agents print dmesg as the VM's
-    own `dmesg` does."""
+    """The taint mask of a VM now and what tells later which kernel lines a run itself
+    provoked. From ``agent`` when there is one: the lab's host agent marks the log's end
+    and holds the mark ({"taint", "mark": True}; the end reads only the lines since);
+    the guest's agent prints its dmesg (a request, where an exec in a TCG lab is ~0.25 s).
+    Else (or when the agent cannot answer) dmesg over an exec: the same text as the
+    guest's agent prints, so either may be taken at either end."""
     if agent is not None:
+        try:
+            return agent.kernel_mark() if hasattr(agent, "kernel_mark") else agent.kernel_state()
+        except Exception as e:
+            log.warning("kernel state from %s: %s; asking over an exec", type(agent).__name__, e)
+    return _exec_state(vm)
+
+
+def _exec_state(vm) -> dict:
+    _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
+    return parse_kernel_state(out)
+
+
+def kernel_state_now(vm, start: dict, agent=None) -> dict:
+    """The state at a run's end, taken as its start was: since the host agent's mark
+    (only that agent can say what came after it: its failure is the health check's),
+    else the whole log from the agent or an exec."""
+    if start.get("mark"):
+        return agent.kernel_since_mark()
+    if agent is not None and not hasattr(agent, "kernel_mark"):
         try:
             return agent.kernel_state()
         except Exception as e:
             log.warning("kernel state from %s: %s; asking over an exec", type(agent).__name__, e)
-    _, out, _ = vm.run("cat /proc/sys/kernel/tainted; dmesg", timeout=60, check=False)
-    return parse_kernel_state(out)
+    return _exec_state(vm)
 
 
 def parse_kernel_state(out: str) -> dict:
@@ -56,7 +75,7 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
                             "new_taint": "?", "bad_line_count": 0, "bad_lines": []}
             continue
         try:
-            now = kernel_state(vm, (agents or {}).get(name))
+            now = kernel_state_now(vm, st, (agents or {}).get(name))
         except Exception as e:
             # A kernel that cannot answer at the end is no clean run: the lab runs with
             # oops=panic, so an oops after the last verdict shows up exactly like this.
@@ -68,7 +87,13 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
                 h["bad_lines"], h["bad_line_count"] = tail[-20:], len(tail)
             health[name] = h
             continue
-        health[name] = oracle.kernel_health(st["dmesg"], now["dmesg"], st["taint"], now["taint"])
+        # after a mark, every line is the run's
+        h = oracle.kernel_health("" if st.get("mark") else st["dmesg"], now["dmesg"], st["taint"], now["taint"])
+        if now.get("overruns"):
+            # lines the run's kernel logged were overwritten before they were read: a
+            # flood, and whatever it held cannot be vouched for
+            h.update(ok=False, overruns=now["overruns"])
+        health[name] = h
     return health
 
 

@@ -59,3 +59,47 @@ def test_an_exec_that_gave_no_taint_mask_is_no_state():
     with pytest.raises(ValueError):
         health.parse_kernel_state("dmesg: klogctl: Operation not permitted\n")
     assert health.parse_kernel_state("0\n") == {"taint": 0, "dmesg": ""}
+
+
+class _MarkingAgent:
+    """The lab's host agent at its request boundary: a mark at the start, the lines since
+    at the end."""
+
+    def __init__(self, since=None, error=None):
+        self.since, self.error, self.marked = since, error, 0
+
+    def kernel_mark(self):
+        self.marked += 1
+        return {"taint": 0, "mark": True}
+
+    def kernel_since_mark(self):
+        if self.error:
+            raise self.error
+        return self.since
+
+
+def _lab_health(agent, tmp_path):
+    vm = _VM("0\n[ 1.0] boot\n[ 2.0] WARNING: old, from before the run\n")
+    vm.session = object()
+    start = {"lab": health.kernel_state(vm, agent)}
+    assert start["lab"] == {"taint": 0, "mark": True} and vm.calls == 0
+    return health.kernel_health({"lab": vm}, start, vmm_fault=None, lab_console=tmp_path / "none",
+                                agents={"lab": agent})["lab"], vm
+
+
+def test_after_a_mark_every_line_since_is_the_runs(tmp_path):
+    h, vm = _lab_health(_MarkingAgent({"taint": 0, "dmesg": "[ 3.0] vmlab: moved\n", "overruns": 0}), tmp_path)
+    assert h["ok"] is True and vm.calls == 0     # the old WARNING is not the run's
+    h, _ = _lab_health(_MarkingAgent({"taint": 512, "dmesg": "[ 3.0] WARNING: CPU: 0 at x\n",
+                                      "overruns": 0}), tmp_path)
+    assert h["ok"] is False and h["bad_lines"] == ["[ 3.0] WARNING: CPU: 0 at x"] and h["new_taint"] == "W"
+
+
+def test_lines_lost_to_the_ring_or_an_agent_gone_fail_the_check(tmp_path):
+    """What the run logged cannot be vouched for: never a pass, and never the whole log
+    over an exec instead (it holds lines from before the mark, with nothing to tell them
+    from the run's)."""
+    h, _ = _lab_health(_MarkingAgent({"taint": 0, "dmesg": "[ 9.0] fine\n", "overruns": 1}), tmp_path)
+    assert h["ok"] is False and h["overruns"] == 1
+    h, vm = _lab_health(_MarkingAgent(error=OSError("agent gone")), tmp_path)
+    assert h["ok"] is False and "agent gone" in h["error"] and vm.calls == 0

@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -103,3 +104,23 @@ def test_shutdown_closes_and_gives_the_kernel_log_as_lines(agent):
     secs = [float(ln[1:ln.index("]")]) for ln in lines]
     assert secs == sorted(secs)
     assert ask(agent, {"op": "ping"}) == {"ok": True}
+
+
+def test_kernel_state_reads_the_lines_logged_since_its_mark(agent):
+    """op_kernel_state on this machine's own kernel log: a line written to /dev/kmsg after
+    the mark is read at the end, one written before it is not, and nothing twice."""
+    if not os.access("/dev/kmsg", os.R_OK | os.W_OK):
+        missing("/dev/kmsg is not readable: the kernel log needs root (CI runs as root)")
+    tag = f"vmlab-test-{os.getpid()}-{time.monotonic_ns()}"
+    r = ask(agent, {"op": "kernel_state", "since_mark": True})
+    assert r["ok"] is False and "no mark" in r["error"]
+    with open("/dev/kmsg", "w") as k:
+        k.write(f"{tag} before the mark\n")
+    r = ask(agent, {"op": "kernel_state", "mark": True})
+    assert r["ok"] and isinstance(r["taint"], int) and "text" not in r
+    with open("/dev/kmsg", "w") as k:
+        k.write(f"{tag} after the mark\n")
+    r = ask(agent, {"op": "kernel_state", "since_mark": True})
+    assert r["ok"] and f"{tag} after the mark" in r["text"] and f"{tag} before" not in r["text"]
+    assert r["overruns"] == 0
+    assert tag not in ask(agent, {"op": "kernel_state", "since_mark": True})["text"]
