@@ -12,6 +12,7 @@ import dataclasses
 import itertools
 import json
 import logging
+import math
 import os
 import threading
 import time
@@ -1018,7 +1019,7 @@ class Run:
                          if m.get("watch", {}).get("latency_s") is not None)
             if lat:
                 self.result["watch"]["move_to_guest_latency_s"] = {
-                    "n": len(lat), "p50": lat[len(lat) // 2], "p99": lat[min(len(lat) - 1, int(len(lat) * 0.99))],
+                    "n": len(lat), "p50": lat[len(lat) // 2], "p99": lat[math.ceil(len(lat) * 0.99) - 1],
                     "note": "controller clock, from sending MOVE to receiving the guest's watch line "
                             "(an upper bound: includes SSH transport both ways)"}
         self.result["ended"] = datetime.now(timezone.utc).isoformat()
