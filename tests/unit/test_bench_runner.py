@@ -63,3 +63,10 @@ def test_a_cold_runs_milestones_come_from_its_progress_lines():
         {"at_s": 81.2, "line": "lab image built in 80.1s"},
         {"at_s": 111.0, "line": "baseline read: {'REFAULTED': 256} -> REFAULTED"},
         {"at_s": 126.4, "line": "PASSED: results in /tmp/x"}]
+
+
+def test_p99_is_the_nearest_rank_not_simply_the_largest():
+    from vmlab.bench import _stats
+    assert _stats([float(x) for x in range(1, 101)])["p99"] == 99    # of 100: the 99th
+    assert _stats([float(x) for x in range(1, 21)])["p99"] == 20     # of 20 it is the max
+    assert _stats([0.5])["p99"] == 0.5 and _stats([]) == {"n": 0}
