@@ -89,10 +89,10 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
             continue
         # after a mark, every line is the run's
         h = oracle.kernel_health("" if st.get("mark") else st["dmesg"], now["dmesg"], st["taint"], now["taint"])
-        if now.get("overruns"):
-            # lines the run's kernel logged were overwritten before they were read: a
-            # flood, and whatever it held cannot be vouched for
-            h.update(ok=False, overruns=now["overruns"])
+        if now.get("overruns") or now.get("truncated"):
+            # lines the run's kernel logged were overwritten before they were read, or
+            # more came than could be read: a flood, and what it held cannot be vouched for
+            h.update(ok=False, overruns=now.get("overruns", 0), truncated=bool(now.get("truncated")))
         health[name] = h
     return health
 

@@ -44,6 +44,8 @@ except ImportError:  # running from the source tree (unit tests)
 EXPORTER_DEV = "/dev/vmlab-exporter"
 PAGE = 4096
 FORKED_FROM = None   # the zygote's pid when this agent is its fork (hello says so)
+KMSG_READ_SECONDS = 20           # op_kernel_state's read of the lines since its mark
+KMSG_READ_BYTES = 16 << 20
 
 
 class AgentError(Exception):
@@ -1348,8 +1350,15 @@ class Agent:
         if req.get("since_mark"):
             if self.kmsg_mark is None:
                 raise AgentError("kernel_state since_mark: no mark was set", errno.EINVAL)
-            lines, overruns = [], 0
+            lines, overruns, size = [], 0, 0
+            # bounded well inside the controller's 60 s (a late answer leaves the agent
+            # unusable for the teardown): a kernel that logs as fast as this reads, or
+            # more than 16 MiB, is cut short, and "truncated" fails the health check
+            deadline, truncated = time.monotonic() + KMSG_READ_SECONDS, False
             while True:
+                if time.monotonic() > deadline or size > KMSG_READ_BYTES:
+                    truncated = True
+                    break
                 try:
                     rec = os.read(self.kmsg_mark, 8192)     # one record per read
                 except BlockingIOError:
@@ -1360,7 +1369,9 @@ class Agent:
                 if not rec:
                     break
                 lines.append(_kmsg_line(rec))
-            return {"taint": taint, "text": "".join(ln + "\n" for ln in lines), "overruns": overruns}
+                size += len(rec)
+            return {"taint": taint, "text": "".join(ln + "\n" for ln in lines), "overruns": overruns,
+                    "truncated": truncated}
         raise AgentError("kernel_state needs mark or since_mark", errno.EINVAL)
 
     def op_kmsg(self, req):

@@ -101,5 +101,8 @@ def test_lines_lost_to_the_ring_or_an_agent_gone_fail_the_check(tmp_path):
     from the run's)."""
     h, _ = _lab_health(_MarkingAgent({"taint": 0, "dmesg": "[ 9.0] fine\n", "overruns": 1}), tmp_path)
     assert h["ok"] is False and h["overruns"] == 1
+    h, _ = _lab_health(_MarkingAgent({"taint": 0, "dmesg": "[ 9.0] fine\n", "overruns": 0,
+                                      "truncated": True}), tmp_path)
+    assert h["ok"] is False and h["truncated"] is True
     h, vm = _lab_health(_MarkingAgent(error=OSError("agent gone")), tmp_path)
     assert h["ok"] is False and "agent gone" in h["error"] and vm.calls == 0

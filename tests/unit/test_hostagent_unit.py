@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.prereq import missing
 from vmlab import exporter_uapi as U
 from vmlab import hostagent, stamp
 
@@ -357,3 +358,24 @@ def test_move_under_writes_stops_its_writer_on_error(devnull_agent, memfd):
     with pytest.raises(hostagent.AgentError):
         devnull_agent.op_move_under_writes({"buf": 1, "mode": "MIGRATE", "page": 2})
     del devnull_agent.buffers[1]
+
+
+def test_the_read_since_the_mark_is_bounded(monkeypatch):
+    """A kernel that logs as fast as the agent reads must not hold its answer past the
+    controller's timeout: the read stops at its deadline and says so."""
+    if not os.access("/dev/kmsg", os.R_OK | os.W_OK):
+        missing("/dev/kmsg is not readable: the kernel log needs root (CI runs as root)")
+    agent = hostagent.Agent()
+    try:
+        agent.op_kernel_state({"mark": True})
+        with open("/dev/kmsg", "w") as k:
+            k.write(f"vmlab-test-{os.getpid()} a line to read\n")
+        monkeypatch.setattr(hostagent, "KMSG_READ_SECONDS", -1)
+        st = agent.op_kernel_state({"since_mark": True})
+        assert st["truncated"] is True and st["text"] == ""
+        monkeypatch.setattr(hostagent, "KMSG_READ_SECONDS", 20)
+        st = agent.op_kernel_state({"since_mark": True})
+        assert st["truncated"] is False and f"vmlab-test-{os.getpid()} a line to read" in st["text"]
+    finally:
+        agent.close_all()
+    assert agent.kmsg_mark is None
