@@ -575,9 +575,19 @@ class Run:
         if bad and not self.exp.raw.get("expect_kernel_warnings"):
             self.result["kernel_health_failed"] = sorted(bad)
             for k, v in bad.items():
-                self.progress(f"{k} kernel complained during the run: new taint '{v['new_taint']}', "
-                              f"{v['bad_line_count']} WARN/BUG lines, first: "
-                              f"{(v['bad_lines'] or [''])[0][:160]}")
+                if "error" in v:
+                    # no judgement: a kernel that died, or (after the lab's mark) a host
+                    # agent that could not say what came since; never a pass
+                    self.progress(f"{k} kernel's health could not be read at the end: {v['error'][:200]}"
+                                  + (f"; its console: {v['bad_lines'][-1][:160]}" if v["bad_lines"] else ""))
+                elif v["bad_line_count"] or v["new_taint"]:
+                    self.progress(f"{k} kernel complained during the run: new taint '{v['new_taint']}', "
+                                  f"{v['bad_line_count']} WARN/BUG lines, first: "
+                                  f"{(v['bad_lines'] or [''])[0][:160]}")
+                else:
+                    self.progress(f"{k} kernel logged more during the run than could be read "
+                                  f"(overwritten {v.get('overruns', 0)} times"
+                                  f"{', read cut short' if v.get('truncated') else ''}): not vouched for")
 
     def gpu_roundtrip(self, mode: str) -> None:
         from . import doctor, gpu_roundtrip
