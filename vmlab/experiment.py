@@ -153,6 +153,7 @@ class Run:
         self.agent: HostAgent | None = None
         self.buf: dict = {}
         self.watch: Watch | None = None
+        self.watch_tried = False     # a watcher may run in the guest (Run.unplug)
         self.moves_plan: list[dict] = []
         self.baseline_expect: list[str] = ["REFAULTED"]
         self.health_start: dict = {}
@@ -923,7 +924,7 @@ class Run:
                     rec["watch"] = self.watch.wait_generation(generation, t_sent, timeout=30)
                 t_read = time.monotonic()
                 # the VMM is checked (QMP) every half second while the guest reads: a
-                # dead or stopped one is VMM_FAULT, as a check before the read said it
+                # dead or stopped one is VMM_FAULT (a stopped VM cannot answer the read)
                 j = self.read_and_judge(page_gens, tag)
                 rec.update(j)
                 t_end = time.monotonic()
@@ -1165,7 +1166,7 @@ class Run:
         # an hour unless killed, and an agent that did not exit holds the BAR. When every
         # agent command went through the one serve process, which answered them all,
         # none is left (an exec in the guest less: ~0.1 s)
-        if self.watch is not None or self.gagent is None or not self.gagent.idle:
+        if self.watch_tried or self.gagent is None or not self.gagent.idle:
             self.close_guest_agent()    # the kill takes its serve process too
             try:
                 self.stack.guest.run("busybox pkill -KILL -f '[v]mlab-guest-agent'; true",

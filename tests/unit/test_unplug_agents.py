@@ -47,16 +47,16 @@ class FakeAgent:
 def unplug(gagent, watch):
     r = Run.__new__(Run)
     r.plug, r.stack, r.result = FakePlug(), FakeStack(), {}
-    r.gagent, r.watch = gagent, watch
+    r.gagent, r.watch_tried = gagent, watch
     assert r.unplug() is True
     return r
 
 
 @pytest.mark.parametrize("idle, watch, kills", [
-    (True, None, False),       # every command went to one serve, which answered them all
-    (False, None, True),       # a command failed or timed out: its child may be left
-    (None, None, True),        # no serve process: commands (if any) were execs
-    (True, object(), True),    # a watcher runs for an hour unless killed
+    (True, False, False),       # every command went to one serve, which answered them all
+    (False, False, True),       # a command failed or timed out: its child may be left
+    (None, False, True),        # no serve process: commands (if any) were execs
+    (True, True, True),        # a watcher (even one whose Watch() failed) runs for an hour
 ])
 def test_the_kill_runs_unless_every_agent_is_known_gone(idle, watch, kills):
     agent = None if idle is None else FakeAgent(idle)
