@@ -71,7 +71,10 @@ def lab_facts(lab, agent=None) -> dict:
     nested = getattr(lab, "kind", None) == "nested"
     out = None
     if nested and agent is not None:
-        out = agent.request("lab_facts", cache=_CACHED, modules=list(_FACT_MODULES), timeout=30)["text"]
+        try:
+            out = agent.request("lab_facts", cache=_CACHED, modules=list(_FACT_MODULES), timeout=30)["text"]
+        except (RemoteError, WaitTimeout) as e:   # the script says the same, slower
+            log.warning("lab facts from the host agent: %s; running the facts script", e)
     if out is None:
         script = _NESTED_FACTS if nested else _STATIC_FACTS + _LIVE_FACTS
         _, out, _ = lab.run(script, timeout=30, check=False)

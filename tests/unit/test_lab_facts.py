@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 
 from vmlab import lab
+from vmlab.exporter import AgentRequestFailed
 from vmlab import hostagent   # after lab: it puts vmlab/ first on sys.path (its lab-side imports)
 
 # kvm where it is loaded, two that every kernel has (one with write-only parameters
@@ -55,11 +56,13 @@ class _Lab:
 
 
 class _Agent:
-    def __init__(self, text):
-        self.text = text
+    def __init__(self, text, error=None):
+        self.text, self.error = text, error
 
     def request(self, op, **kw):
         assert op == "lab_facts" and kw["cache"] == lab._CACHED
+        if self.error:
+            raise self.error
         return {"text": self.text}
 
 
@@ -69,6 +72,10 @@ def test_a_run_takes_the_agents_answer_and_else_runs_the_script():
     assert vm.scripts == []
     assert lab.lab_facts(vm, _Agent(None))["qemu"] == "7.2.0"
     assert vm.scripts == [lab._NESTED_FACTS]
+    # an agent that cannot answer: the script says the same, slower
+    failed = AgentRequestFailed("lab_facts", {"error": "unknown op", "errname": "EINVAL"})
+    assert lab.lab_facts(vm, _Agent("release=never\n", error=failed))["release"] == "6.1.0"
+    assert vm.scripts == [lab._NESTED_FACTS] * 2
     box = _Lab()
     box.kind = "ssh"     # a box's QEMU may change between runs: its script, every time
     lab.lab_facts(box, _Agent("release=never\n"))
