@@ -169,9 +169,10 @@ class HotPlug:
         t0 = time.monotonic()
         dev = shlex.quote(f"/sys/bus/pci/devices/{self.bdf}")
         # BAR 2's start once it is there; else, for a device that came without it, the
-        # kernel's lines about this BDF. Each exec first waits in the guest (up to 2 s, or
-        # 0.5 s once the device is there without BAR 2): the enumeration takes ~0.1 s
-        # after device_add, and a second exec would cost another ~0.07 s.
+        # kernel's lines about this BDF. Each exec first waits in the guest until BAR 2
+        # is there, for up to 2 s (0.5 s from the exec's start when the device is there
+        # without it): the enumeration takes ~0.1 s after device_add, and a second exec
+        # would cost another ~0.07 s.
         probe = (f"i=0; while [ $i -lt 100 ] && [ ! -e {dev}/resource2 ] && "
                  f"{{ [ ! -e {dev} ] || [ $i -lt 25 ]; }}; do sleep 0.02; i=$((i+1)); done; "
                  f"if [ -e {dev}/resource2 ]; then echo present $(sed -n 3p {dev}/resource); "
@@ -179,6 +180,7 @@ class HotPlug:
         rescanned = False
         no_room_since = None
         while True:
+            t_probe = time.monotonic()
             _, out, _ = self.guest.run(probe, timeout=20, check=False)
             what, detail = probe_verdict(out)
             if what == "present":
@@ -205,6 +207,8 @@ class HotPlug:
             if waited > 5 and not rescanned:
                 self.guest.run("echo 1 > /sys/bus/pci/rescan", timeout=30, check=False)
                 rescanned = True
+            if time.monotonic() - t_probe < 0.2:
+                time.sleep(0.05)    # a probe that did not wait in the guest (it failed)
 
     def close(self, timeout: float = 60) -> None:
         """device_del and wait until QEMU has finalized the device (its BAR, memslot and
