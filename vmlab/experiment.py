@@ -851,6 +851,7 @@ class Run:
                         self.kvm_evidence_end(rec, ev_pfns)
                         continue
                 if mv["concurrent"] and self.watch is None:
+                    self.watch_tried = True   # its exec may start although Watch() fails
                     self.watch = Watch(self.stack.guest, self.mapping + self.dev_args)
                 if mv["inject"] == "kill-vmm":
                     self.injected_kill = True
