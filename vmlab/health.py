@@ -58,11 +58,12 @@ def parse_kernel_state(out: str) -> dict:
 
 
 def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console: Path,
-                  agents: dict | None = None) -> dict:
+                  agents: dict | None = None, ends: dict | None = None) -> dict:
     """name -> oracle.kernel_health of each VM (``vms``: name -> lab or guest) from its
     state at ``start[name]`` to now; ``ok`` None where it cannot be judged and that is
     excused (a guest whose VMM fault is the verdict), False where a kernel that should
-    answer does not. ``agents``: name -> the host agent that may answer for that VM."""
+    answer does not. ``agents``: name -> the host agent that may answer for that VM;
+    ``ends``, when given, gets name -> the state read now (for teardown_health)."""
     health = {}
     for name, vm in vms.items():
         st = start.get(name)
@@ -87,6 +88,8 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
                 h["bad_lines"], h["bad_line_count"] = tail[-20:], len(tail)
             health[name] = h
             continue
+        if ends is not None:
+            ends[name] = now
         # after a mark, every line is the run's
         h = oracle.kernel_health("" if st.get("mark") else st["dmesg"], now["dmesg"], st["taint"], now["taint"])
         if now.get("overruns") or now.get("truncated"):
@@ -95,6 +98,19 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
             h.update(ok=False, overruns=now.get("overruns", 0), truncated=bool(now.get("truncated")))
         health[name] = h
     return health
+
+
+def teardown_health(before: dict, after: dict) -> dict:
+    """What a kernel said between the health check and the end of a run's teardown (the
+    unplug, the buffer's close and its quarantine's release): ``before`` the state the
+    check read, ``after`` the whole log then (the guest's), or only the lines since the
+    check ("since_mark": the lab's host agent at its shutdown)."""
+    since = after.get("since_mark", False)
+    h = oracle.kernel_health("" if since else before["dmesg"], after["dmesg"],
+                             before["taint"], after["taint"])
+    if after.get("overruns") or after.get("truncated"):
+        h.update(ok=False, overruns=after.get("overruns", 0), truncated=bool(after.get("truncated")))
+    return h
 
 
 def _read_text(p: Path) -> str:

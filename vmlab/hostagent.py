@@ -1382,9 +1382,19 @@ class Agent:
     def op_shutdown(self, req):
         """Close every buffer, mapping, trace and the exporter's control file as the
         agent's exit would, then the kernel log (op_kmsg) with what that printed: the
-        teardown's lab-dmesg.log, without an exec of dmesg after the agent is gone."""
-        self.close_all()
-        return self.op_kmsg(req)
+        teardown's lab-dmesg.log, without an exec of dmesg after the agent is gone. When
+        a run marked the log (op_kernel_state), also what came since the mark was last
+        read ("since_mark", as op_kernel_state says it): what the teardown made the
+        kernel say (the unplug, the buffer's close, its quarantine's release)."""
+        self.close_all(keep_mark=True)
+        out = self.op_kmsg(req)
+        if self.kmsg_mark is not None:
+            try:
+                out["since_mark"] = self.op_kernel_state({"since_mark": True})
+            finally:
+                os.close(self.kmsg_mark)
+                self.kmsg_mark = None
+        return out
 
     def op_dmesg_bad(self, req):
         return {"lines": dmesg_bad_lines()}
@@ -1591,7 +1601,7 @@ class Agent:
             out.append({"size": size, "data": base64.b64encode(data).decode()})
         return {"files": out}
 
-    def close_all(self):
+    def close_all(self, keep_mark=False):
         try:
             self.op_ktrace_stop({})
         except OSError as e:
@@ -1601,7 +1611,7 @@ class Agent:
         if self.ctl is not None:
             os.close(self.ctl)
             self.ctl = None
-        if self.kmsg_mark is not None:
+        if self.kmsg_mark is not None and not keep_mark:
             os.close(self.kmsg_mark)
             self.kmsg_mark = None
 

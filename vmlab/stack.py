@@ -166,17 +166,19 @@ class Stack:
         except Exception as e:
             log.warning("%s: %s", name, e)
 
-    def save_lab_dmesg(self, agent) -> None:
+    def save_lab_dmesg(self, agent) -> dict | None:
         """lab-dmesg.log from the lab's host agent as it shuts down (its buffers, trace
         and control file closed first, so what they print is in it; /dev/kmsg read in
-        the lab: a request, where down()'s exec of dmesg costs the TCG lab 0.2 s)."""
+        the lab: a request, where down()'s exec of dmesg costs the TCG lab 0.2 s). The
+        agent's answer (op_shutdown), None when it gave none."""
         try:
-            text = agent.request("shutdown", timeout=60)["text"]
+            ans = agent.request("shutdown", timeout=60)
         except Exception as e:      # down() takes the exec instead
             log.warning("lab-dmesg.log from the host agent: %s", e)
-            return
-        (self.workdir / "lab-dmesg.log").write_text(text)
+            return None
+        (self.workdir / "lab-dmesg.log").write_text(ans["text"])
         self.lab_dmesg_saved = True
+        return ans
 
     def down(self) -> None:
         try:

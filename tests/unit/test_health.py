@@ -106,3 +106,18 @@ def test_lines_lost_to_the_ring_or_an_agent_gone_fail_the_check(tmp_path):
     assert h["ok"] is False and h["truncated"] is True
     h, vm = _lab_health(_MarkingAgent(error=OSError("agent gone")), tmp_path)
     assert h["ok"] is False and "agent gone" in h["error"] and vm.calls == 0
+
+
+def test_teardown_health_judges_only_what_came_after_the_check():
+    end = {"taint": 0, "dmesg": "[ 1.0] boot\n[ 2.0] WARNING: old, judged by the check\n"}
+    # the guest: its whole log after the unplug against the check's
+    assert health.teardown_health(end, {"taint": 0, "dmesg": end["dmesg"] + "[ 3.0] pci eject\n"})["ok"] is True
+    h = health.teardown_health(end, {"taint": 512, "dmesg": end["dmesg"] + "[ 3.0] WARNING: at close\n"})
+    assert h["ok"] is False and h["bad_lines"] == ["[ 3.0] WARNING: at close"] and h["new_taint"] == "W"
+    # the lab: only the lines since the check's read of the mark
+    lab_end = {"taint": 0, "dmesg": "", "since_mark": True}
+    assert health.teardown_health(lab_end, {"taint": 0, "dmesg": "[ 4.0] freed\n", "since_mark": True})["ok"]
+    h = health.teardown_health(lab_end, {"taint": 0, "dmesg": "[ 4.0] BUG: bad page\n", "since_mark": True})
+    assert h["ok"] is False and h["bad_line_count"] == 1
+    h = health.teardown_health(lab_end, {"taint": 0, "dmesg": "", "since_mark": True, "overruns": 2})
+    assert h["ok"] is False and h["overruns"] == 2

@@ -124,3 +124,25 @@ def test_kernel_state_reads_the_lines_logged_since_its_mark(agent):
     assert r["ok"] and f"{tag} after the mark" in r["text"] and f"{tag} before" not in r["text"]
     assert r["overruns"] == 0
     assert tag not in ask(agent, {"op": "kernel_state", "since_mark": True})["text"]
+
+
+def test_shutdown_says_what_came_since_the_marks_last_read(agent):
+    """What the teardown makes the lab's kernel say (the buffers' close at shutdown, a
+    line written here): the lines since the health check's read of the mark."""
+    if not os.access("/dev/kmsg", os.R_OK | os.W_OK):
+        missing("/dev/kmsg is not readable: the kernel log needs root (CI runs as root)")
+    tag = f"vmlab-test-{os.getpid()}-{time.monotonic_ns()}"
+    assert ask(agent, {"op": "kernel_state", "mark": True})["ok"]
+    with open("/dev/kmsg", "w") as k:
+        k.write(f"{tag} during the run\n")
+    assert f"{tag} during the run" in ask(agent, {"op": "kernel_state", "since_mark": True})["text"]
+    with open("/dev/kmsg", "w") as k:
+        k.write(f"{tag} at teardown\n")
+    r = ask(agent, {"op": "shutdown"})
+    assert r["ok"] and f"{tag} at teardown" in r["text"] and f"{tag} during the run" in r["text"]
+    sm = r["since_mark"]
+    assert f"{tag} at teardown" in sm["text"] and "during the run" not in sm["text"]
+    assert sm["overruns"] == 0 and sm["truncated"] is False
+    # the mark went with the shutdown
+    assert ask(agent, {"op": "kernel_state", "since_mark": True})["ok"] is False
+    assert "since_mark" not in ask(agent, {"op": "shutdown"})
