@@ -29,7 +29,7 @@ from .guest_agent import GuestAgent
 from .hotplug import HotPlug
 from .qemu import qemu_version
 from .paths import repo_root
-from .health import kernel_health, kernel_state, parse_kernel_state
+from .health import kernel_health, kernel_state, parse_kernel_state, teardown_health
 from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer
 from .ssh import ChannelReader
 from .watch import Watch
@@ -157,6 +157,7 @@ class Run:
         self.moves_plan: list[dict] = []
         self.baseline_expect: list[str] = ["REFAULTED"]
         self.health_start: dict = {}
+        self.health_end: dict = {}        # what check_health read (Run.judge_teardown)
         self.aborted: BaseException | None = None   # what cut the run short, if anything
         self.injected_kill = False
         self.mapping = opts["guest_mapping"]
@@ -570,7 +571,8 @@ class Run:
                                self.health_start, vmm_fault=self.result.get("vmm_fault"),
                                lab_console=Path(lab.machine.spec.console_log)
                                if getattr(lab, "machine", None) else self.out / "lab-console.log",
-                               agents={"lab": self.agent, "guest": _GuestKernelState(self)})
+                               agents={"lab": self.agent, "guest": _GuestKernelState(self)},
+                               ends=self.health_end)
         self.result["kernel_health"] = health
         bad = {k: v for k, v in health.items() if v.get("ok") is False}
         if bad and not self.exp.raw.get("expect_kernel_warnings"):
@@ -1124,7 +1126,13 @@ class Run:
                     finally:
                         if self.agent is not None:
                             if self.agent.answering:
-                                self.stack.save_lab_dmesg(self.agent)
+                                ans = self.stack.save_lab_dmesg(self.agent)
+                                sm = (ans or {}).get("since_mark")
+                                before = self.health_end.get("lab") or self.health_start.get("lab")
+                                if sm is not None and before is not None:
+                                    self.judge_teardown("lab", before, {
+                                        "taint": sm["taint"], "dmesg": sm["text"], "since_mark": True,
+                                        "overruns": sm["overruns"], "truncated": sm["truncated"]})
                             self.agent.close()
             finally:
                 self.stack.down()
@@ -1143,11 +1151,33 @@ class Run:
         the run's guest agent while it serves (the same text as the guest's dmesg; a
         request, where an exec costs ~0.1 s), else the agent's command over an exec."""
         try:
-            text = _GuestKernelState(self).kernel_state()["dmesg"]
+            st = _GuestKernelState(self).kernel_state()
         except Exception as e:
             log.warning("%s-dmesg.log: %s", g.opts.name, e)
             return
-        (self.out / f"{g.opts.name}-dmesg.log").write_text(text)
+        (self.out / f"{g.opts.name}-dmesg.log").write_text(st["dmesg"])
+        if "guest" in self.health_end:
+            self.judge_teardown("guest", self.health_end["guest"], st)
+
+    def judge_teardown(self, name: str, before: dict, after: dict) -> None:
+        """What ``name``'s kernel said while the run tore down (health.teardown_health)
+        fails the run as what it said during the moves does: a WARN at the buffer's
+        unplug, close or quarantine release is as much the run's."""
+        try:
+            h = teardown_health(before, after)
+        except Exception as e:       # no state to compare: said, never a pass made up
+            h = {"ok": False, "error": f"{type(e).__name__}: {e}", "bad_lines": [], "bad_line_count": 0}
+        kh = self.result.setdefault("kernel_health", {}).setdefault(name, {})
+        kh["teardown"] = h
+        if h["ok"] is False and not self.exp.raw.get("expect_kernel_warnings"):
+            kh["ok"] = False
+            self.result["kernel_health_failed"] = sorted(set(self.result.get("kernel_health_failed", [])) | {name})
+            self.result["passed"] = False
+            self.progress(f"{name} kernel complained while the run tore down: new taint "
+                          f"'{h.get('new_taint', '?')}', {h['bad_line_count']} WARN/BUG lines"
+                          + (f", first: {h['bad_lines'][0][:160]}" if h["bad_lines"] else "")
+                          + (f"; {h['error']}" if "error" in h else "")
+                          + ("; lines were lost" if h.get("overruns") or h.get("truncated") else ""))
 
     def unplug(self) -> bool:
         """The buffer's device out of the shared guest; True once QEMU has finalized it

@@ -66,3 +66,26 @@ def test_the_kill_runs_unless_every_agent_is_known_gone(idle, watch, kills):
         # the kill takes the serve process: it is closed first, so the log that follows
         # the unplug is asked over an exec, not of an agent that is gone
         assert agent.closed == kills and (r.gagent is None) == kills
+
+
+class _Exp:
+    def __init__(self, expect_warnings=False):
+        self.raw = {"expect_kernel_warnings": expect_warnings}
+
+
+def _judged(after, expect_warnings=False):
+    r = Run.__new__(Run)
+    r.exp, r.result, said = _Exp(expect_warnings), {"passed": True, "kernel_health": {"guest": {"ok": True}}}, []
+    r.progress = said.append
+    r.judge_teardown("guest", {"taint": 0, "dmesg": "[ 1.0] boot\n"}, after)
+    return r.result, said
+
+
+def test_a_warn_at_teardown_fails_the_run_unless_expected():
+    res, said = _judged({"taint": 0, "dmesg": "[ 1.0] boot\n[ 2.0] pciehp eject\n"})
+    assert res["passed"] is True and res["kernel_health"]["guest"]["teardown"]["ok"] is True and not said
+    res, said = _judged({"taint": 0, "dmesg": "[ 1.0] boot\n[ 2.0] WARNING: CPU: 0 at release\n"})
+    assert res["passed"] is False and res["kernel_health_failed"] == ["guest"]
+    assert res["kernel_health"]["guest"]["ok"] is False and "tore down" in said[0]
+    res, _ = _judged({"taint": 0, "dmesg": "[ 2.0] WARNING: expected\n"}, expect_warnings=True)
+    assert res["passed"] is True and res["kernel_health"]["guest"]["teardown"]["ok"] is False
