@@ -92,6 +92,8 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
             ends[name] = now
         # after a mark, every line is the run's
         h = oracle.kernel_health("" if st.get("mark") else st["dmesg"], now["dmesg"], st["taint"], now["taint"])
+        if not st.get("mark") and _wrapped(st["dmesg"], now["dmesg"]):
+            now = dict(now, truncated=True)
         if now.get("overruns") or now.get("truncated"):
             # lines the run's kernel logged were overwritten before they were read, or
             # more came than could be read: a flood, and what it held cannot be vouched for
@@ -108,9 +110,19 @@ def teardown_health(before: dict, after: dict) -> dict:
     since = after.get("since_mark", False)
     h = oracle.kernel_health("" if since else before["dmesg"], after["dmesg"],
                              before["taint"], after["taint"])
+    if not since and _wrapped(before["dmesg"], after["dmesg"]):
+        after = dict(after, truncated=True)
     if after.get("overruns") or after.get("truncated"):
         h.update(ok=False, overruns=after.get("overruns", 0), truncated=bool(after.get("truncated")))
     return h
+
+
+def _wrapped(before: str, after: str) -> bool:
+    """A whole log read twice, whose first read's last line is gone from the second: the
+    ring wrapped in between, and lines logged in between may have gone with it (the
+    comparison could only miss them, never invent one)."""
+    last = before.rstrip("\n").rpartition("\n")[2]
+    return bool(last) and last not in after.splitlines()
 
 
 def _read_text(p: Path) -> str:

@@ -121,3 +121,17 @@ def test_teardown_health_judges_only_what_came_after_the_check():
     assert h["ok"] is False and h["bad_line_count"] == 1
     h = health.teardown_health(lab_end, {"taint": 0, "dmesg": "", "since_mark": True, "overruns": 2})
     assert h["ok"] is False and h["overruns"] == 2
+
+
+def test_a_log_that_wrapped_between_two_whole_reads_is_not_vouched_for(tmp_path):
+    """The guest's log is read whole at both ends: when the first read's last line is gone
+    from the second, lines between may have gone too (a WARN among them)."""
+    start = {"guest": {"taint": 0, "dmesg": "[ 1.0] boot\n[ 2.0] last before\n"}}
+    for end, ok in (("[ 1.0] boot\n[ 2.0] last before\n[ 3.0] more\n", True),
+                    ("[ 5.0] newer\n[ 6.0] newest\n", False)):
+        vm = _VM("0\n" + end)
+        vm.session = object()
+        h = health.kernel_health({"guest": vm}, start, vmm_fault=None, lab_console=tmp_path / "none")
+        assert h["guest"]["ok"] is ok and h["guest"].get("truncated", False) is (not ok)
+    h = health.teardown_health(start["guest"], {"taint": 0, "dmesg": "[ 7.0] after the wrap\n"})
+    assert h["ok"] is False and h["truncated"] is True
