@@ -1125,18 +1125,34 @@ class Run:
                                                and self.agent.answering else None)
                     finally:
                         if self.agent is not None:
-                            if self.agent.answering:
-                                ans = self.stack.save_lab_dmesg(self.agent)
-                                sm = (ans or {}).get("since_mark")
-                                before = self.health_end.get("lab") or self.health_start.get("lab")
-                                if sm is not None and before is not None:
-                                    self.judge_teardown("lab", before, {
-                                        "taint": sm["taint"], "dmesg": sm["text"], "since_mark": True,
-                                        "overruns": sm["overruns"], "truncated": sm["truncated"]})
-                            self.agent.close()
+                            try:
+                                self.judge_lab_teardown()
+                            finally:
+                                self.agent.close()
             finally:
                 self.stack.down()
 
+
+    def judge_lab_teardown(self) -> None:
+        """lab-dmesg.log from the host agent's shutdown, and the lab's lines since the
+        health check's read of its mark judged (judge_teardown). A lab whose log was
+        marked but that gave no lines back is judged as one that could not be read: the
+        lab runs with oops=panic, so a BUG at the buffer's close or quarantine release
+        looks exactly like an agent that stopped answering."""
+        ans = self.stack.save_lab_dmesg(self.agent) if self.agent.answering else None
+        start = self.health_start.get("lab") or {}
+        if not start.get("mark"):
+            return          # no mark (its start was an exec's): nothing since it to read
+        before = self.health_end.get("lab") or start
+        sm = (ans or {}).get("since_mark")
+        if sm is None:
+            self.judge_teardown("lab", before, None,
+                                error="the lab's host agent gave no kernel lines at its shutdown "
+                                      + ("(no answer)" if ans is None else "(no mark left)"))
+            return
+        self.judge_teardown("lab", before, {"taint": sm.get("taint"), "dmesg": sm.get("text"),
+                                            "since_mark": True, "overruns": sm.get("overruns"),
+                                            "truncated": sm.get("truncated")})
 
     def close_guest_agent(self) -> None:
         # not waited for (it was 2 s, ~0.06 s when it answers): an open agent is idle,
@@ -1154,23 +1170,30 @@ class Run:
             st = _GuestKernelState(self).kernel_state()
         except Exception as e:
             log.warning("%s-dmesg.log: %s", g.opts.name, e)
+            if "guest" in self.health_end:   # the check read it: now it cannot be read
+                self.judge_teardown("guest", self.health_end["guest"], None,
+                                    error=f"the guest's kernel log after the unplug: {type(e).__name__}: {e}")
             return
         (self.out / f"{g.opts.name}-dmesg.log").write_text(st["dmesg"])
         if "guest" in self.health_end:
             self.judge_teardown("guest", self.health_end["guest"], st)
 
-    def judge_teardown(self, name: str, before: dict, after: dict) -> None:
+    def judge_teardown(self, name: str, before: dict, after: dict | None, error: str | None = None) -> None:
         """What ``name``'s kernel said while the run tore down (health.teardown_health)
         fails the run as what it said during the moves does: a WARN at the buffer's
-        unplug, close or quarantine release is as much the run's."""
+        unplug, close or quarantine release is as much the run's. ``after`` None: it
+        could not be read (``error`` says why), which is no pass either."""
         try:
+            if after is None:
+                raise RuntimeError(error)
             h = teardown_health(before, after)
         except Exception as e:       # no state to compare: said, never a pass made up
-            h = {"ok": False, "error": f"{type(e).__name__}: {e}", "bad_lines": [], "bad_line_count": 0}
+            h = {"ok": False, "error": str(e) if after is None else f"{type(e).__name__}: {e}",
+                 "new_taint": "?", "bad_lines": [], "bad_line_count": 0}
         kh = self.result.setdefault("kernel_health", {}).setdefault(name, {})
         kh["teardown"] = h
         if h["ok"] is False and not self.exp.raw.get("expect_kernel_warnings"):
-            kh["ok"] = False
+            kh.update(ok=False, teardown_failed=True)
             self.result["kernel_health_failed"] = sorted(set(self.result.get("kernel_health_failed", [])) | {name})
             self.result["passed"] = False
             self.progress(f"{name} kernel complained while the run tore down: new taint "

@@ -89,3 +89,58 @@ def test_a_warn_at_teardown_fails_the_run_unless_expected():
     assert res["kernel_health"]["guest"]["ok"] is False and "tore down" in said[0]
     res, _ = _judged({"taint": 0, "dmesg": "[ 2.0] WARNING: expected\n"}, expect_warnings=True)
     assert res["passed"] is True and res["kernel_health"]["guest"]["teardown"]["ok"] is False
+
+
+class _TeardownAgent:
+    answering = True
+
+    def close(self):
+        self.closed = True
+
+
+class _LabStack:
+    """Stack at the teardown's boundary: no guest, the host agent's shutdown answer."""
+
+    def __init__(self, shutdown):
+        self.guest, self.shutdown, self.downed = None, shutdown, False
+
+    def save_lab_dmesg(self, agent):
+        return self.shutdown
+
+    def down(self):
+        self.downed = True
+
+
+def _torn_down(shutdown, marked=True, answering=True):
+    r = Run.__new__(Run)
+    r.hw = r.gagent = r.buf = None
+    r.exp, r.result, said = _Exp(), {"passed": True, "kernel_health": {"lab": {"ok": True}}}, []
+    r.progress = said.append
+    r.stack, r.shared_guest, r.agent = _LabStack(shutdown), None, _TeardownAgent()
+    r.agent.answering = answering
+    r.health_start = {"lab": {"taint": 0, "mark": True} if marked else {"taint": 0, "dmesg": "x\n"}}
+    r.health_end = {"lab": {"taint": 0, "dmesg": "", "overruns": 0}}
+    r.teardown()
+    assert r.agent.closed and r.stack.downed
+    return r.result
+
+
+def _since(text, **kw):
+    return {"text": "...", "since_mark": dict({"taint": 0, "text": text, "overruns": 0, "truncated": False}, **kw)}
+
+
+def test_the_teardown_judges_the_labs_lines_since_the_check():
+    assert _torn_down(_since("[ 9.0] vmlab-exporter: freed\n"))["passed"] is True
+    res = _torn_down(_since("[ 9.0] BUG: Bad page state in process hostagent\n"))
+    assert res["passed"] is False and res["kernel_health_failed"] == ["lab"]
+    assert res["kernel_health"]["lab"]["teardown_failed"] is True
+    assert _torn_down(_since("", overruns=3))["passed"] is False
+
+
+def test_a_marked_lab_that_gives_no_lines_back_fails_the_run():
+    """oops=panic: a BUG at the buffer's close looks like an agent that stopped answering."""
+    for shutdown, answering in ((None, True), ({"text": "..."}, True), (_since(""), False)):
+        res = _torn_down(shutdown, answering=answering)
+        assert res["passed"] is False and "error" in res["kernel_health"]["lab"]["teardown"]
+    # no mark (the start was read over an exec): nothing since it to judge
+    assert _torn_down(None, marked=False)["passed"] is True
