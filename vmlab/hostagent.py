@@ -567,22 +567,39 @@ def dmesg():
     return r.stdout.decode(errors="replace")
 
 
+def _reads(fd, size, counts=None, deadline=None, max_bytes=None):
+    """Each read of the non-blocking ``fd`` until it has nothing more (EAGAIN or EOF):
+    what trace_pipe and /dev/kmsg hold now, without waiting for more. A kmsg record
+    overwritten while read (EPIPE) is skipped, the next one read, and counted in
+    ``counts["overruns"]``; past ``deadline`` (monotonic) or ``max_bytes`` the reads stop
+    with ``counts["truncated"]`` set."""
+    counts = {} if counts is None else counts
+    counts.setdefault("overruns", 0)
+    counts.setdefault("truncated", False)
+    n = 0
+    while True:
+        if (deadline is not None and time.monotonic() > deadline) or \
+                (max_bytes is not None and n > max_bytes):
+            counts["truncated"] = True
+            return
+        try:
+            data = os.read(fd, size)
+        except BlockingIOError:
+            return
+        except BrokenPipeError:
+            counts["overruns"] += 1
+            continue
+        if not data:
+            return
+        n += len(data)
+        yield data
+
+
 def _drain(path, size):
-    """Each read of ``path`` opened non-blocking until it has nothing more (EAGAIN or
-    EOF): what trace_pipe and /dev/kmsg hold now, without waiting for more. A kmsg
-    record overwritten while read (EPIPE) is skipped, the next one read."""
+    """_reads of ``path``, opened non-blocking for them."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        while True:
-            try:
-                data = os.read(fd, size)
-            except BlockingIOError:
-                return
-            except BrokenPipeError:
-                continue
-            if not data:
-                return
-            yield data
+        yield from _reads(fd, size)
     finally:
         os.close(fd)
 
@@ -1350,28 +1367,13 @@ class Agent:
         if req.get("since_mark"):
             if self.kmsg_mark is None:
                 raise AgentError("kernel_state since_mark: no mark was set", errno.EINVAL)
-            lines, overruns, size = [], 0, 0
             # bounded well inside the controller's 60 s (a late answer leaves the agent
             # unusable for the teardown): a kernel that logs as fast as this reads, or
             # more than 16 MiB, is cut short, and "truncated" fails the health check
-            deadline, truncated = time.monotonic() + KMSG_READ_SECONDS, False
-            while True:
-                if time.monotonic() > deadline or size > KMSG_READ_BYTES:
-                    truncated = True
-                    break
-                try:
-                    rec = os.read(self.kmsg_mark, 8192)     # one record per read
-                except BlockingIOError:
-                    break
-                except BrokenPipeError:     # overwritten: the reader is at the oldest left
-                    overruns += 1
-                    continue
-                if not rec:
-                    break
-                lines.append(_kmsg_line(rec))
-                size += len(rec)
-            return {"taint": taint, "text": "".join(ln + "\n" for ln in lines), "overruns": overruns,
-                    "truncated": truncated}
+            counts: dict = {}
+            text = "".join(_kmsg_line(rec) + "\n" for rec in _reads(   # one record per read
+                self.kmsg_mark, 8192, counts, time.monotonic() + KMSG_READ_SECONDS, KMSG_READ_BYTES))
+            return {"taint": taint, "text": text, **counts}
         raise AgentError("kernel_state needs mark or since_mark", errno.EINVAL)
 
     def op_kmsg(self, req):
