@@ -29,7 +29,7 @@ from .guest_agent import GuestAgent
 from .hotplug import HotPlug
 from .qemu import qemu_version
 from .paths import repo_root
-from .health import kernel_health, kernel_state, parse_kernel_state, teardown_health
+from .health import compare_states, kernel_health, kernel_state, parse_kernel_state
 from .run_dir import cli_passthrough, results_dir, table, write_junit, write_reproducer
 from .ssh import ChannelReader
 from .watch import Watch
@@ -1150,9 +1150,12 @@ class Run:
                                 error="the lab's host agent gave no kernel lines at its shutdown "
                                       + ("(no answer)" if ans is None else "(no mark left)"))
             return
-        self.judge_teardown("lab", before, {"taint": sm.get("taint"), "dmesg": sm.get("text"),
-                                            "since_mark": True, "overruns": sm.get("overruns"),
-                                            "truncated": sm.get("truncated")})
+        try:
+            after = HostAgent.kernel_lines(sm)
+        except (KeyError, TypeError, ValueError) as e:
+            self.judge_teardown("lab", before, None, error=f"the host agent's kernel lines at its shutdown: {e!r}")
+            return
+        self.judge_teardown("lab", before, after)
 
     def close_guest_agent(self) -> None:
         # not waited for (it was 2 s, ~0.06 s when it answers): an open agent is idle,
@@ -1179,17 +1182,16 @@ class Run:
             self.judge_teardown("guest", self.health_end["guest"], st)
 
     def judge_teardown(self, name: str, before: dict, after: dict | None, error: str | None = None) -> None:
-        """What ``name``'s kernel said while the run tore down (health.teardown_health)
+        """What ``name``'s kernel said while the run tore down (health.compare_states)
         fails the run as what it said during the moves does: a WARN at the buffer's
         unplug, close or quarantine release is as much the run's. ``after`` None: it
         could not be read (``error`` says why), which is no pass either."""
-        try:
-            if after is None:
-                raise RuntimeError(error)
-            h = teardown_health(before, after)
-        except Exception as e:       # no state to compare: said, never a pass made up
-            h = {"ok": False, "error": str(e) if after is None else f"{type(e).__name__}: {e}",
-                 "new_taint": "?", "bad_lines": [], "bad_line_count": 0}
+        h = {"ok": False, "error": error, "new_taint": "?", "bad_lines": [], "bad_line_count": 0}
+        if after is not None:
+            try:
+                h = compare_states(before, after)
+            except Exception as e:       # no state to compare: said, never a pass made up
+                h["error"] = f"{type(e).__name__}: {e}"
         kh = self.result.setdefault("kernel_health", {}).setdefault(name, {})
         kh["teardown"] = h
         if h["ok"] is False and not self.exp.raw.get("expect_kernel_warnings"):

@@ -222,9 +222,14 @@ class HostAgent:
         """The taint mask, and the kernel log's lines since the mark (as "dmesg") with how
         often the ring overwrote lines before they were read ("overruns"), and whether the
         agent cut the read short ("truncated")."""
-        st = self.request("kernel_state", since_mark=True, timeout=60)
-        return {"taint": int(st["taint"]), "dmesg": st["text"], "overruns": int(st["overruns"]),
-                "truncated": bool(st["truncated"])}
+        return self.kernel_lines(self.request("kernel_state", since_mark=True, timeout=60))
+
+    @staticmethod
+    def kernel_lines(st: dict) -> dict:
+        """op_kernel_state's lines since the mark (its own answer, or op_shutdown's
+        "since_mark") as a kernel state for health.compare_states."""
+        return {"taint": int(st["taint"]), "dmesg": st["text"], "since_mark": True,
+                "overruns": int(st["overruns"]), "truncated": bool(st["truncated"])}
 
     def read_files(self, paths: list[str], max_bytes: int = 16 << 20) -> list[tuple[int, bytes] | None]:
         """(size, its first ``max_bytes`` bytes) of each lab file, None where unreadable."""

@@ -63,7 +63,7 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
     state at ``start[name]`` to now; ``ok`` None where it cannot be judged and that is
     excused (a guest whose VMM fault is the verdict), False where a kernel that should
     answer does not. ``agents``: name -> the host agent that may answer for that VM;
-    ``ends``, when given, gets name -> the state read now (for teardown_health)."""
+    ``ends``, when given, gets name -> the state read now (the teardown's ``before``)."""
     health = {}
     for name, vm in vms.items():
         st = start.get(name)
@@ -90,29 +90,24 @@ def kernel_health(vms: dict, start: dict, *, vmm_fault: str | None, lab_console:
             continue
         if ends is not None:
             ends[name] = now
-        # after a mark, every line is the run's
-        h = oracle.kernel_health("" if st.get("mark") else st["dmesg"], now["dmesg"], st["taint"], now["taint"])
-        if not st.get("mark") and _wrapped(st["dmesg"], now["dmesg"]):
-            now = dict(now, truncated=True)
-        if now.get("overruns") or now.get("truncated"):
-            # lines the run's kernel logged were overwritten before they were read, or
-            # more came than could be read: a flood, and what it held cannot be vouched for
-            h.update(ok=False, overruns=now.get("overruns", 0), truncated=bool(now.get("truncated")))
-        health[name] = h
+        health[name] = compare_states(st, now)
     return health
 
 
-def teardown_health(before: dict, after: dict) -> dict:
-    """What a kernel said between the health check and the end of a run's teardown (the
-    unplug, the buffer's close and its quarantine's release): ``before`` the state the
-    check read, ``after`` the whole log then (the guest's), or only the lines since the
-    check ("since_mark": the lab's host agent at its shutdown)."""
-    since = after.get("since_mark", False)
+def compare_states(before: dict, after: dict) -> dict:
+    """What a kernel said from state ``before`` to state ``after``: the run's (from its
+    start to the health check) or its teardown's (from the check to the teardown's end:
+    the unplug, the buffer's close, its quarantine's release). ``after`` holds the whole
+    log (the guest's, or an exec's), or only the lines since the host agent's mark
+    (``before`` is the mark, or ``after`` says "since_mark"), when all of them are new."""
+    since = bool(before.get("mark") or after.get("since_mark"))
     h = oracle.kernel_health("" if since else before["dmesg"], after["dmesg"],
                              before["taint"], after["taint"])
     if not since and _wrapped(before["dmesg"], after["dmesg"]):
         after = dict(after, truncated=True)
     if after.get("overruns") or after.get("truncated"):
+        # lines the kernel logged were overwritten before they were read, or more came
+        # than could be read: a flood, and what it held cannot be vouched for
         h.update(ok=False, overruns=after.get("overruns", 0), truncated=bool(after.get("truncated")))
     return h
 

@@ -111,15 +111,15 @@ def test_lines_lost_to_the_ring_or_an_agent_gone_fail_the_check(tmp_path):
 def test_teardown_health_judges_only_what_came_after_the_check():
     end = {"taint": 0, "dmesg": "[ 1.0] boot\n[ 2.0] WARNING: old, judged by the check\n"}
     # the guest: its whole log after the unplug against the check's
-    assert health.teardown_health(end, {"taint": 0, "dmesg": end["dmesg"] + "[ 3.0] pci eject\n"})["ok"] is True
-    h = health.teardown_health(end, {"taint": 512, "dmesg": end["dmesg"] + "[ 3.0] WARNING: at close\n"})
+    assert health.compare_states(end, {"taint": 0, "dmesg": end["dmesg"] + "[ 3.0] pci eject\n"})["ok"] is True
+    h = health.compare_states(end, {"taint": 512, "dmesg": end["dmesg"] + "[ 3.0] WARNING: at close\n"})
     assert h["ok"] is False and h["bad_lines"] == ["[ 3.0] WARNING: at close"] and h["new_taint"] == "W"
     # the lab: only the lines since the check's read of the mark
     lab_end = {"taint": 0, "dmesg": "", "since_mark": True}
-    assert health.teardown_health(lab_end, {"taint": 0, "dmesg": "[ 4.0] freed\n", "since_mark": True})["ok"]
-    h = health.teardown_health(lab_end, {"taint": 0, "dmesg": "[ 4.0] BUG: bad page\n", "since_mark": True})
+    assert health.compare_states(lab_end, {"taint": 0, "dmesg": "[ 4.0] freed\n", "since_mark": True})["ok"]
+    h = health.compare_states(lab_end, {"taint": 0, "dmesg": "[ 4.0] BUG: bad page\n", "since_mark": True})
     assert h["ok"] is False and h["bad_line_count"] == 1
-    h = health.teardown_health(lab_end, {"taint": 0, "dmesg": "", "since_mark": True, "overruns": 2})
+    h = health.compare_states(lab_end, {"taint": 0, "dmesg": "", "since_mark": True, "overruns": 2})
     assert h["ok"] is False and h["overruns"] == 2
 
 
@@ -133,5 +133,5 @@ def test_a_log_that_wrapped_between_two_whole_reads_is_not_vouched_for(tmp_path)
         vm.session = object()
         h = health.kernel_health({"guest": vm}, start, vmm_fault=None, lab_console=tmp_path / "none")
         assert h["guest"]["ok"] is ok and h["guest"].get("truncated", False) is (not ok)
-    h = health.teardown_health(start["guest"], {"taint": 0, "dmesg": "[ 7.0] after the wrap\n"})
+    h = health.compare_states(start["guest"], {"taint": 0, "dmesg": "[ 7.0] after the wrap\n"})
     assert h["ok"] is False and h["truncated"] is True
