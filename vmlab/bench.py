@@ -107,7 +107,7 @@ def _move_run(args, progress, size: str, moves: int, watcher: bool, huge: bool =
            "move_plus_verified_read_seconds": _stats(secs),
            # the VMM check is made while the guest reads (before: a phase of its own)
            "phases_seconds": {k: _stats([m["phases_s"][k] for m in done if k in m.get("phases_s", {})])
-                              for k in ("move", "watch", "vmm_check", "read")},
+                              for k in ("move", "move_in_lab", "watch", "vmm_check", "read")},
            "guest_read_seconds": _stats([m["read_ns"] / 1e9 for m in done if m.get("read_ns")]),
            # whether 2 MiB mappings were there to be had: the exporter's PMD faults, and
            # QEMU's mapping of the BAR 2 MiB-aligned

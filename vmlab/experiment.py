@@ -871,9 +871,11 @@ class Run:
                 # before, the move (t_sent is the move's: the others cost the lab ~1 ms)
                 t_sent = time.monotonic()
                 answers = self.pre_move_batch(ev_reqs + info_req + move_req)
-                if move_req and len(self.agent.batch_elapsed) > 1:
+                move_in_lab = None
+                if move_req and self.agent.batch_elapsed:
                     # the move began when the agent was done with the requests before it
                     t_sent += sum(self.agent.batch_elapsed[:-1])
+                    move_in_lab = self.agent.batch_elapsed[-1]
                 if ev_reqs:
                     ev_pfns = self.kvm_evidence_begun(answers[:len(ev_reqs)])
                     answers = answers[len(ev_reqs):]
@@ -935,6 +937,9 @@ class Run:
                 # where those seconds went (vmlab bench --what move reports them)
                 rec["phases_s"] = {"move": round(t_moved - t_sent, 4), "watch": round(t_read - t_watch, 4),
                                    "read": round(t_end - t_read, 4)}
+                if move_in_lab is not None:
+                    # the agent's own time on the move (the ioctl): the rest of "move" is transport
+                    rec["phases_s"]["move_in_lab"] = round(move_in_lab, 4)
                 # one round trip: the exporter's state after the read, KVM's evidence
                 vmlab_kind = self.exp.kind == "vmlab"
                 ev_answers = self.agent.batch(([{"op": "info", "buf": self.buf["buf"]}] if vmlab_kind else [])

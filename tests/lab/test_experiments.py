@@ -58,6 +58,8 @@ def test_default_experiment(images_ready):
     assert chain["exporter"]["caching"] == "WB" and chain["lab_host_pte"]["memtype"] == "WB"
     assert chain["guest"]["memtype"] == "uncached-minus"
     assert res["moves"][3]["page_map"] == [["STALE", 256]]
+    # the agent's own time on each move is part of the move's round trip, never more
+    assert all(0 < m["phases_s"]["move_in_lab"] <= m["phases_s"]["move"] for m in res["moves"])
     check_report_in_browser(res["_dir"] / "report.html", moves=4)
 
 
