@@ -104,6 +104,17 @@ def write_junit(path: Path, res: dict) -> None:
         detail = json.dumps(res.get("kernel_health"), default=str)[:4000]
         cases.append(f'  <testcase classname={cls} name="kernel-health"><failure message={quoteattr(msg)}>'
                      f'{escape(detail)}</failure></testcase>')
+    if not res.get("not_applicable"):
+        # the run as a whole, as vmlab's exit status has it: a run cut short (moves never
+        # run, a lab that never booted, an error) fails here when none of the cases above could
+        body = ""
+        if res.get("passed") is not True:
+            fails += 1
+            msg = f"the run did not pass (status {res.get('status', 'unknown')})"
+            if res.get("error"):
+                msg += f": {res['error']}"
+            body = f"<failure message={quoteattr(msg[:1000])}/>"
+        cases.append(f'  <testcase classname={cls} name="run">{body}</testcase>')
     path.write_text(f'<?xml version="1.0" encoding="UTF-8"?>\n<testsuite name={cls} '
                     f'tests="{len(cases)}" failures="{fails}">\n' + "\n".join(cases) + "\n</testsuite>\n")
 

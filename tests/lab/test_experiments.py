@@ -47,7 +47,7 @@ def test_default_experiment(images_ready):
     assert all(m["guest_write"]["readback_ok"] for m in res["moves"][:3])
     assert not any("LOST_WRITE" in m["pages"] for m in res["moves"])
     suite = ET.parse(res["_dir"] / "junit.xml").getroot()
-    assert suite.get("tests") == "5" and suite.get("failures") == "0"  # baseline + 4 moves
+    assert suite.get("tests") == "6" and suite.get("failures") == "0"  # baseline + 4 moves + the run
     assert all(h["ok"] for h in res["kernel_health"].values()) and set(res["kernel_health"]) == {"lab", "guest"}
     # verified MIGRATEs released their old generations as they went; what is left (the
     # NO_ZAP control's retired set and the last pages) is released once the guest is gone

@@ -30,10 +30,11 @@ def test_write_junit(tmp_path):
     root = ET.parse(p).getroot()
     assert root.tag == "testsuite"
     assert root.get("name") == "vmlab.demo"
-    assert root.get("tests") == "2"
-    assert root.get("failures") == "1"
+    assert root.get("tests") == "3"
+    assert root.get("failures") == "2"    # the move, and so the run
     cases = root.findall("testcase")
-    assert [c.get("name") for c in cases] == ["move001-MIGRATE", "move002-MIGRATE_NO_ZAP"]
+    assert [c.get("name") for c in cases] == ["move001-MIGRATE", "move002-MIGRATE_NO_ZAP", "run"]
+    assert cases[2].find("failure").get("message") == "the run did not pass (status finished)"
     assert all(c.get("classname") == "vmlab.demo" for c in cases)
     assert cases[0].find("failure") is None
     f = cases[1].find("failure")
@@ -47,21 +48,47 @@ def test_write_junit(tmp_path):
 def test_write_junit_all_pass_and_missing_verdict(tmp_path):
     res = fake_result()
     res["moves"][1]["passed"] = True
+    res["passed"] = True
     run_dir.write_junit(tmp_path / "a.xml", res)
     root = ET.parse(tmp_path / "a.xml").getroot()
-    assert (root.get("tests"), root.get("failures")) == ("2", "0")
+    assert (root.get("tests"), root.get("failures")) == ("3", "0")
     assert root.find("testcase/failure") is None
     res = {"experiment": "x", "moves": [{"n": 1, "mode": "ZAP_ONLY", "expected": ["STALE"]}]}
     run_dir.write_junit(tmp_path / "b.xml", res)
     root = ET.parse(tmp_path / "b.xml").getroot()
-    assert (root.get("tests"), root.get("failures")) == ("1", "1")
+    assert (root.get("tests"), root.get("failures")) == ("2", "2")
     assert root.find("testcase/failure").get("message") == "verdict None expected STALE"
 
 
 def test_write_junit_no_moves(tmp_path):
-    run_dir.write_junit(tmp_path / "j.xml", {"experiment": "e", "moves": []})
+    """A lab that never booted: no move, no baseline, and junit must not read green."""
+    run_dir.write_junit(tmp_path / "j.xml", {"experiment": "e", "moves": [], "passed": False,
+                                             "status": "could_not_test",
+                                             "error": "CouldNotTest: the lab did not boot"})
     root = ET.parse(tmp_path / "j.xml").getroot()
-    assert (root.get("tests"), root.get("failures")) == ("0", "0")
+    assert (root.get("tests"), root.get("failures")) == ("1", "1")
+    msg = root.find("testcase[@name='run']/failure").get("message")
+    assert msg == "the run did not pass (status could_not_test): CouldNotTest: the lab did not boot"
+
+
+def test_write_junit_cut_short_after_passing_moves(tmp_path):
+    """Baseline and one move passed, then the lab went away: the run fails in junit too."""
+    res = {"experiment": "e", "status": "error", "passed": False, "error": "RemoteError: gone",
+           "baseline": {"passed": True, "verdict": "REFAULTED"},
+           "moves": [{"n": 1, "mode": "MIGRATE", "expected": ["REFAULTED"], "verdict": "REFAULTED",
+                      "passed": True}]}
+    run_dir.write_junit(tmp_path / "j.xml", res)
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    assert (root.get("tests"), root.get("failures")) == ("3", "1")
+    assert root.find("testcase[@name='run']/failure") is not None
+
+
+def test_write_junit_not_applicable_has_no_run_case(tmp_path):
+    run_dir.write_junit(tmp_path / "j.xml", {"experiment": "e", "moves": [], "passed": False,
+                                             "status": "not_applicable", "not_applicable": "no udmabuf"})
+    root = ET.parse(tmp_path / "j.xml").getroot()
+    assert (root.get("tests"), root.get("failures")) == ("1", "0")
+    assert root.find("testcase[@name='applicable']/skipped") is not None
 
 
 def test_table_marks_mismatch():
