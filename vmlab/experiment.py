@@ -1061,7 +1061,12 @@ class Run:
             try:
                 self.check_health()
             except Exception as e:
+                # a check that could not be made is no pass: said, and the run fails
                 log.warning("kernel health check: %s", e)
+                self.result["kernel_health_error"] = f"{type(e).__name__}: {e}"
+                self.result["passed"] = False
+                if self.aborted is None:
+                    self.progress(f"the kernels' health could not be checked: {e}")
             self.mark("health")
             if self.result.get("kernel_health_failed"):
                 self.result["passed"] = False
