@@ -44,7 +44,7 @@ except ImportError:  # running from the source tree (unit tests)
 EXPORTER_DEV = "/dev/vmlab-exporter"
 PAGE = 4096
 FORKED_FROM = None   # the zygote's pid when this agent is its fork (hello says so)
-KMSG_READ_SECONDS = 20           # op_kernel_state's read of the lines since its mark
+KMSG_READ_SECONDS = 20           # a read of /dev/kmsg (op_kmsg, op_kernel_state since its mark)
 KMSG_READ_BYTES = 16 << 20
 
 
@@ -595,11 +595,11 @@ def _reads(fd, size, counts=None, deadline=None, max_bytes=None):
         yield data
 
 
-def _drain(path, size):
+def _drain(path, size, counts=None, deadline=None, max_bytes=None):
     """_reads of ``path``, opened non-blocking for them."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        yield from _reads(fd, size)
+        yield from _reads(fd, size, counts, deadline, max_bytes)
     finally:
         os.close(fd)
 
@@ -1379,7 +1379,14 @@ class Agent:
     def op_kmsg(self, req):
         """The kernel log as text, one "[seconds] message" line per record, read from
         /dev/kmsg in this process: a log to keep; the kernel's escapes (\\xNN) are kept."""
-        return {"text": "".join(_kmsg_line(rec) + "\n" for rec in _drain("/dev/kmsg", 8192))}
+        # bounded as the read since a mark is: a kernel logging as fast as we read (a
+        # printk storm) must not keep the agent spinning past the controller's timeout
+        counts = {}
+        recs = _drain("/dev/kmsg", 8192, counts, time.monotonic() + KMSG_READ_SECONDS, KMSG_READ_BYTES)
+        text = "".join(_kmsg_line(rec) + "\n" for rec in recs)
+        if counts["truncated"]:
+            text += f"[vmlab: the log grew faster than it was read; cut after {KMSG_READ_SECONDS} s or {KMSG_READ_BYTES >> 20} MiB]\n"
+        return {"text": text, "overruns": counts["overruns"], "truncated": counts["truncated"]}
 
     def op_shutdown(self, req):
         """Close every buffer, mapping, trace and the exporter's control file as the

@@ -379,3 +379,16 @@ def test_the_read_since_the_mark_is_bounded(monkeypatch):
     finally:
         agent.close_all()
     assert agent.kmsg_mark is None
+
+
+def test_the_whole_log_read_is_bounded_too(monkeypatch):
+    """op_kmsg (the shutdown's lab-dmesg.log) stops at the same deadline and says so."""
+    if not os.access("/dev/kmsg", os.R_OK):
+        missing("/dev/kmsg is not readable: the kernel log needs root (CI runs as root)")
+    agent = hostagent.Agent()
+    monkeypatch.setattr(hostagent, "KMSG_READ_SECONDS", -1)
+    out = agent.op_kmsg({})
+    assert out["truncated"] is True and out["text"].startswith("[vmlab: the log grew faster")
+    monkeypatch.setattr(hostagent, "KMSG_READ_SECONDS", 20)
+    out = agent.op_kmsg({})
+    assert out["truncated"] is False and out["text"] and "[vmlab:" not in out["text"]
