@@ -1227,16 +1227,25 @@ class Agent:
         base = page * PAGE + stamp.GUEST_OFF + 8   # slot 0 (GUEST_OFF) is the guest agent's tag
         nslots = (PAGE - stamp.GUEST_OFF - 8) // 8
         pace = float(req.get("pace_us", 200)) / 1e6
+        if not 0 <= pace <= 0.1:
+            raise AgentError(f"pace_us {req.get('pace_us')!r}: want 0 to 100000", errno.EINVAL)
+        if req.get("mode") not in U.MOVE:
+            raise AgentError(f"mode {req.get('mode')!r}: not a move mode", errno.EINVAL)
+        if req.get("caching") not in (None, "KEEP") and req["caching"] not in U.CACHING:
+            raise AgentError(f"caching {req['caching']!r}: not a caching", errno.EINVAL)
+        cach = U.CACHING_KEEP if req.get("caching") in (None, "KEEP") else U.CACHING[req["caching"]]
         marker = 0x5752495400000000                   # "WRIT" << 32 | slot
         libc = _libc()
         addr = libc.mmap(None, b.size, mmap.PROT_READ | mmap.PROT_WRITE, mmap.MAP_SHARED, b.fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value):
             raise AgentError("mmap: " + os.strerror(ctypes.get_errno()), ctypes.get_errno())
-        done, moving, during = [0], threading.Event(), []
+        done, moving, stop, during = [0], threading.Event(), threading.Event(), []
 
         def writer():
             v = ctypes.c_uint64(0)
             for k in range(nslots):
+                if stop.is_set():
+                    return
                 v.value = marker | k
                 ctypes.memmove(addr + base + 8 * k, ctypes.byref(v), 8)   # may fault; no GIL
                 done[0] = k + 1
@@ -1250,7 +1259,6 @@ class Agent:
             t.start()
             while done[0] < nslots // 8 and t.is_alive():
                 time.sleep(0.001)
-            cach = U.CACHING_KEEP if req.get("caching") in (None, "KEEP") else U.CACHING[req["caching"]]
             mreq = U.pack(U.MOVE_S, U.MOVE_FIELDS, fd=b.fd, mode=U.MOVE[req["mode"]], caching=cach)
             cbuf = (ctypes.c_char * len(mreq)).from_buffer(mreq)
             moving.set()
@@ -1261,8 +1269,15 @@ class Agent:
             at_move = done[0]
             t.join(120)
         finally:
-            libc.munmap(addr, b.size)
-        if t.is_alive():
+            if t.is_alive():     # an error above, or a writer past its time: stop it first
+                stop.set()
+                t.join(10)
+            # never unmap under a live writer: its next store would kill this agent (SIGSEGV)
+            if not t.is_alive():
+                libc.munmap(addr, b.size)
+            else:
+                log("move_under_writes: the writer is still running; its mapping is left")
+        if t.is_alive() or done[0] < nslots:
             raise AgentError("the writer did not finish within 120 s", errno.ETIMEDOUT)
         if e:
             raise AgentError(f"MOVE: {os.strerror(e)}", e)

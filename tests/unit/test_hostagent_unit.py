@@ -360,6 +360,53 @@ def test_move_under_writes_stops_its_writer_on_error(devnull_agent, memfd):
     del devnull_agent.buffers[1]
 
 
+def test_move_under_writes_refuses_bad_requests_before_writing(devnull_agent, memfd):
+    """A mode or caching the exporter has no number for is EINVAL before anything is
+    mapped or written (it was a KeyError after the writer started, whose munmap under
+    the still-running writer killed the agent with SIGSEGV)."""
+    import threading
+    b = object.__new__(hostagent.VmlabBuffer)
+    b.size, b.fd, b.id, b.generation, b.ctl = 8192, memfd, 1, 1, devnull_agent.ctl
+    devnull_agent.buffers[1] = b
+    before = threading.active_count()
+    try:
+        for bad in ({"mode": "BOGUS"}, {"mode": "MIGRATE", "caching": "WT"},
+                    {"mode": "MIGRATE", "pace_us": -5}):
+            with pytest.raises(hostagent.AgentError) as e:
+                devnull_agent.op_move_under_writes({"buf": 1, "page": 1, **bad})
+            assert e.value.errno == errno.EINVAL
+        assert threading.active_count() == before
+        assert os.pread(memfd, 8, 4096 + stamp.GUEST_OFF + 8) == bytes(8)   # nothing written
+    finally:
+        del devnull_agent.buffers[1]
+
+
+def test_move_under_writes_stops_its_writer_before_unmapping(devnull_agent, memfd, monkeypatch):
+    """An error after the writer started (here: no control device) stops the writer,
+    then unmaps: the agent lives on and answers with the error."""
+    import threading
+    b = object.__new__(hostagent.VmlabBuffer)
+    b.size, b.fd, b.id, b.generation, b.ctl = 8192, memfd, 1, 1, devnull_agent.ctl
+    devnull_agent.buffers[1] = b
+
+    def no_control():
+        raise hostagent.AgentError("no control device", errno.ENODEV)
+    monkeypatch.setattr(devnull_agent, "control", no_control)
+    before = threading.active_count()
+    try:
+        with pytest.raises(hostagent.AgentError) as e:
+            devnull_agent.op_move_under_writes({"buf": 1, "mode": "MIGRATE", "page": 1,
+                                                "pace_us": 20000})
+        assert e.value.errno == errno.ENODEV
+        assert threading.active_count() == before
+        # stopped early: at a 20 ms pace the writer is far from its last slot
+        nslots = (4096 - stamp.GUEST_OFF - 8) // 8
+        last = struct.unpack("<Q", os.pread(memfd, 8, 4096 + stamp.GUEST_OFF + 8 * nslots))[0]
+        assert last == 0
+    finally:
+        del devnull_agent.buffers[1]
+
+
 def test_the_read_since_the_mark_is_bounded(monkeypatch):
     """A kernel that logs as fast as the agent reads must not hold its answer past the
     controller's timeout: the read stops at its deadline and says so."""
