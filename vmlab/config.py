@@ -132,8 +132,11 @@ def qemu_suite_of(qemu: str) -> str | None:
 # QEMU 7.2's qemu_plugin_hwaddr_phys_addr() gives a RAM block offset, which is the
 # guest-physical address only below the PC machine's PCI hole (below 3.5 GiB of RAM)
 MAX_HW_LAB_MEMORY_MB = 3583
-# pairs that, listed together, accept every outcome a move can have
-_EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"), ("REFAULTED", "HW_STALE"))
+# pairs that, listed together, accept every answer to the question a move asks: did the
+# guest get the new pages (and for ZAP_ONLY: did the zap take; with guest_write: did the
+# guest's write survive)
+_EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"), ("REFAULTED", "HW_STALE"),
+                  ("REFAULTED", "NOT_ZAPPED"), ("REFAULTED", "LOST_WRITE"))
 
 
 # --- argparse types ------------------------------------------------------------------------
@@ -473,6 +476,39 @@ def _check_vmm_chain(raw: dict, errs: list) -> None:
                                 else f"moves[{who}] expects VMM_FAULT")
 
 
+def _check_version_gaps(raw: dict, errs: list) -> None:
+    """A version-keyed expectation has an entry for every lab kernel the experiment applies
+    to (its needs_lab_kernel, else any): one that matches none was an error only once the
+    lab had booted (exit 2 after the fact; a MISMATCH cell in a matrix)."""
+    need = raw.get("needs_lab_kernel")
+    need_c = None
+    if isinstance(need, dict) and isinstance(need.get("version"), str):
+        try:
+            need_c = versions.parse_constraint(need["version"])
+        except versions.VersionError:
+            return     # said where needs_lab_kernel is checked
+    moves = raw.get("moves") if isinstance(raw.get("moves"), list) else []
+    base = raw.get("baseline") if isinstance(raw.get("baseline"), dict) else {}
+    specs = [(["baseline", "expect"], base.get("expect"))]
+    specs += [(["moves", i, "expect"], m.get("expect")) for i, m in enumerate(moves) if isinstance(m, dict)]
+    for path, spec in specs:
+        if not isinstance(spec, dict):
+            continue
+        sink: list = []
+        parsed = _constraints(spec, [], sink)
+        if sink or not parsed:
+            continue   # its parse errors are said where it is checked
+        cons = list(parsed.values()) + ([need_c] if need_c else [])
+        for pt in sorted(versions.sample_points(cons), key=lambda k: k[5] != 0):
+            if need_c is not None and not need_c.matches_key(pt):
+                continue
+            if not any(c.matches_key(pt) for c in parsed.values()):
+                errs.append((path, f"no entry matches {versions.describe_point(pt)} (keys: "
+                             f"{', '.join(spec)}): add one for them, or say which lab kernels the "
+                             f"experiment is for (needs_lab_kernel)"))
+                break
+
+
 def _capacity_errors(size: int, kind, lab_mb: int, lab_from: str, guest_mb: int, guest_from: str) -> list[str]:
     over = []
     if kind == "vmlab" and size > EXPORTER_MAX_BYTES:
@@ -583,6 +619,7 @@ def _semantic_errors(raw: dict) -> list:
                      "memory region: it needs transport: virtio-shm"))
     _check_hw_oracle(raw, moves, errs)
     _check_vmm_chain(raw, errs)
+    _check_version_gaps(raw, errs)
     lab = raw.get("lab") if isinstance(raw.get("lab"), dict) else {}
     if lab.get("kind") == "ssh":
         errs += [(["lab", k], "lab.kind ssh needs it") for k in ("host", "key") if k not in lab]

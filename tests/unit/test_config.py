@@ -117,18 +117,24 @@ def test_keyed_expectation_needs_a_release():
     assert config.load(ROOT / "configs" / "experiments" / "default.yaml").expanded_moves()
 
 
-def test_no_entry_for_release_is_config_error(tmp_path):
+def test_no_entry_for_release_is_config_error_at_load(tmp_path):
+    """A kernel no entry matches is refused when the config is read (it was refused only
+    for that kernel, after the lab booted); a release that is no version, at the run."""
     p = tmp_path / "gap.yaml"
     p.write_text("version: 1\nname: gap\nexporter: {kind: vmlab, size: 1M}\n"
                  "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n"
                  "  - {mode: MIGRATE, expect: {'>=6.13': REFAULTED}}\n")
-    exp = config.load(p)
-    assert [m["expect"] for m in exp.expectations_for("7.3.4+deb14-amd64")] == [["REFAULTED"]] * 2
     with pytest.raises(ConfigError) as ei:
-        exp.expectations_for("6.12.57+deb13-amd64")
+        config.load(p)
     s = str(ei.value)
     assert ei.value.exit_code == 2 and "\n" not in s
-    assert s.startswith(str(p) + ": moves[1].expect: ") and "6.12.57" in s
+    assert s.startswith(str(p) + ": moves[1].expect: no entry matches the oldest lab kernels")
+    p.write_text("version: 1\nname: gap\nexporter: {kind: vmlab, size: 1M}\n"
+                 "moves:\n  - {mode: MIGRATE, expect: REFAULTED}\n"
+                 "  - {mode: MIGRATE, expect: {'<6.13': STALE, '>=6.13': REFAULTED}}\n")
+    exp = config.load(p)
+    assert [m["expect"] for m in exp.expectations_for("7.3.4+deb14-amd64")] == [["REFAULTED"]] * 2
+    assert [m["expect"] for m in exp.expectations_for("6.12.57+deb13-amd64")] == [["REFAULTED"], ["STALE"]]
     with pytest.raises(ConfigError) as ei:
         exp.expectations_for("not-a-release")
     assert "moves[1].expect" in str(ei.value) and "not-a-release" in str(ei.value)
@@ -140,8 +146,8 @@ def test_baseline_keyed_gap(tmp_path):
     p.write_text("version: 1\nname: b\nexporter: {kind: dmaheap, size: 1M}\n"
                  "baseline: {expect: {'<6.13': VMM_FAULT}}\n")
     with pytest.raises(ConfigError) as ei:
-        config.load(p).baseline_expect_for("7.3.4+deb14-amd64")
-    assert "baseline.expect" in str(ei.value) and "7.3.4" in str(ei.value)
+        config.load(p)
+    assert str(ei.value).startswith(str(p) + ": baseline.expect: no entry matches lab kernel 6.13 ")
 
 
 def test_shipped_experiments_exist():
@@ -332,8 +338,21 @@ def test_expectation_every_outcome_rule():
         errs = []
         config._check_expect(vs, ["moves", 0, "expect"], errs, what="move", mode="MIGRATE", kind="udmabuf")
         assert errs and "accepts every outcome" in errs[0][1]
+    # the zap's own question (ZAP_ONLY) and the guest's write's (guest_write) answered both ways
+    errs = []
+    config._check_expect(["REFAULTED", "NOT_ZAPPED"], ["x"], errs, what="move", mode="ZAP_ONLY", kind="vmlab")
+    assert [m for _, m in errs] == ["REFAULTED/NOT_ZAPPED lists both REFAULTED and NOT_ZAPPED: an "
+                                    "expectation that accepts every outcome can never fail (key it "
+                                    "by lab kernel version)"]
+    errs = []
+    config._check_expect(["LOST_WRITE", "REFAULTED"], ["x"], errs, what="move", mode="MIGRATE",
+                         kind="vmlab", guest_write=True)
+    assert errs and "accepts every outcome" in errs[0][1]
     errs = []
     config._check_expect(["VMM_FAULT", "GUEST_FAULT"], ["x"], errs, what="move", mode="MIGRATE", kind="vmlab")
+    assert errs == []
+    errs = []
+    config._check_expect(["STALE", "NOT_ZAPPED"], ["x"], errs, what="move", mode="ZAP_ONLY", kind="vmlab")
     assert errs == []
 
 
@@ -500,3 +519,34 @@ def test_a_refused_map_leaves_the_vmm_alive_for_later_moves():
     assert config.problems(raw) == []
     raw["moves"][0]["inject"] = "kill-vmm"
     assert any("dead VMM" in m for _, m in config.problems(raw))
+
+
+GAPPED = """\
+version: 1
+name: gapped
+exporter: {kind: vmlab, size: 64K}
+moves:
+  - {mode: MIGRATE, expect: {"<6.13": REFAULTED, ">=6.14": STALE}}
+"""
+
+
+def test_version_keyed_expectation_with_a_gap_is_refused_at_load(tmp_path):
+    """6.13.5 matches neither entry: said when the config is read, not after the lab booted."""
+    p = tmp_path / "gapped.yaml"
+    p.write_text(GAPPED)
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    e = ei.value
+    assert e.key == "moves[0].expect" and str(p) in str(e) and "\n" not in str(e)
+    assert "no entry matches lab kernel 6.13" in e.msg and "needs_lab_kernel" in e.msg
+
+
+def test_a_gap_outside_needs_lab_kernel_is_no_gap(tmp_path):
+    p = tmp_path / "ok.yaml"
+    p.write_text(GAPPED.replace('{"<6.13": REFAULTED, ">=6.14": STALE}', '{">=6.14": STALE}')
+                 + 'needs_lab_kernel: {version: ">=6.14", why: "the fix is in 6.14"}\n')
+    assert config.load(p).expectations_for("6.14.2")[0]["expect"] == ["STALE"]
+    p.write_text(GAPPED.replace('{"<6.13": REFAULTED, ">=6.14": STALE}', '{">=6.14": STALE}'))
+    with pytest.raises(ConfigError) as ei:
+        config.load(p)
+    assert "no entry matches the oldest lab kernels" in ei.value.msg
