@@ -1139,12 +1139,24 @@ static vm_fault_t vmlab_vm_huge_fault(struct vm_fault *vmf, unsigned int order)
 	pmd = pmdp_get_lockless(vmf->pmd);
 	if (!pmd_none(pmd) && !pmd_leaf(pmd))
 		goto out;
+	if (pmd_leaf(pmd)) {
+		/*
+		 * A fault on a PMD we mapped: a write to one that soft-dirty tracking
+		 * (clear_refs) write-protected.  Refresh that mapping, as the 4 KiB path's
+		 * wp_pfn_shared() does: a NO_ZAP or SILENT move may have left it on the old
+		 * block, and insert_pfn_pmd() WARNs on a present PMD of another pfn.  Only a
+		 * zap moves it (under buf->lock, held), so the snapshot is still the PMD.
+		 */
+		pfn = pmd_pfn(pmd);
+		goto insert;
+	}
 	pfn = page_to_pfn(buf->cur->pages[pgoff]);
 	if (pfn & (HPAGE_PMD_NR - 1))
 		goto out;
 	for (i = 1; i < HPAGE_PMD_NR; i++)
 		if (page_to_pfn(buf->cur->pages[pgoff + i]) != pfn + i)
 			goto out;
+insert:
 #ifdef VMLAB_HAVE_PFN_T
 	ret = vmf_insert_pfn_pmd(vmf, __pfn_to_pfn_t(pfn, 0), vmf->flags & FAULT_FLAG_WRITE);
 #else

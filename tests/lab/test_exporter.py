@@ -395,6 +395,37 @@ def test_huge_pmd_blocks_and_one_page_moving(agent):
     assert agent.request("release_quarantine", id=b["id"])["freed_pages"] == 1024
 
 
+def test_write_to_a_write_protected_stale_pmd(lab, agent):
+    """Soft-dirty tracking (clear_refs 4, as CRIU's pre-dump writes it) takes the write
+    bit out of the VMA's page protection, so a read fault maps a HUGE_PMD buffer's block
+    with a read-only PMD; a NO_ZAP move leaves that PMD on the old block; a write then
+    comes to ->huge_fault. The exporter refreshes the PMD it mapped (the write lands in
+    the old, retired block: the negative control's lost write), never inserts the new
+    block over it: insert_pfn_pmd WARNs on a present PMD of another pfn."""
+    b = agent.request("create", kind="vmlab", size=2 * MiB, caching="WB", alloc="HUGE_PMD")
+    h = b["buf"]
+    assert int(agent.request("host_map", buf=h, align_2m=True)["addr"], 16) % (2 * MiB) == 0
+    pid = agent.request("hello")["pid"]
+    agent.request("kernel_state", mark=True)
+    lab.run(f"echo 4 > /proc/{pid}/clear_refs", timeout=30)
+    i0 = agent.request("info", buf=h)
+    agent.request("host_read", buf=h)
+    assert agent.request("info", buf=h)["pmd_faults"] == i0["pmd_faults"] + 1
+    assert agent.request("move", buf=h, mode="MIGRATE_NO_ZAP")["generation"] == 2
+    slot = 5 * 4096 + stamp.GUEST_OFF + 8
+    agent.request("host_write", buf=h, offset=slot, hex="5a" * 8)
+    log = agent.request("kernel_state", since_mark=True)
+    assert not any(w in log["text"] for w in ("WARNING", "BUG", "Oops")), log["text"]
+    # the kept mapping still shows the old block (RETIRED), a fresh one the buffer's new one
+    kept = agent.request("host_read", buf=h, first=5, count=1)["records"][0]
+    assert (kept[3], kept[5]) == (1, stamp.RETIRED), kept
+    agent.request("host_unmap", buf=h)
+    fresh = agent.request("host_read", buf=h, first=5, count=1, full=True)["records"][0]
+    assert (fresh[3], fresh[5]) == (2, stamp.LIVE), fresh
+    agent.request("close", buf=h)
+    assert agent.request("release_quarantine", id=b["id"], force=True)["freed_pages"] == 1024
+
+
 def test_another_exporters_dma_buf_is_refused(agent):
     hello = agent.request("hello")
     if hello["udmabuf"]:
