@@ -306,6 +306,9 @@ static atomic_long_t vmlab_corrupt_retired_pages = ATOMIC_LONG_INIT(0);
 static struct dentry *vmlab_debugfs;
 static const struct dma_buf_ops vmlab_dmabuf_ops;
 static const struct vm_operations_struct vmlab_vm_ops;
+#ifdef VMLAB_HUGE_PFNMAP
+static const struct vm_operations_struct vmlab_vm_ops_huge;
+#endif
 
 /* ------------------------------------------------------------------------- */
 /* Caching                                                                   */
@@ -1075,6 +1078,19 @@ static vm_fault_t vmlab_vm_fault(struct vm_fault *vmf)
 		ret = VM_FAULT_SIGBUS;
 		goto out;
 	}
+#ifdef VMLAB_HUGE_PFNMAP
+	/*
+	 * Another fault mapped this block with a PMD since the core found the PMD empty
+	 * (ours fell back, e.g. while a range move had broken the block, and waited here
+	 * for a MIGRATE that made it whole again): insert_pfn() would find no page table
+	 * and answer VM_FAULT_OOM, which KVM's fixup_user_fault() turns into -ENOMEM.
+	 * PMDs are only inserted under buf->lock; the access retries and finds this one.
+	 */
+	if (vma->vm_ops == &vmlab_vm_ops_huge && pmd_leaf(pmdp_get_lockless(vmf->pmd))) {
+		ret = VM_FAULT_NOPAGE;
+		goto out;
+	}
+#endif
 	/*
 	 * RO_FAULT: a read fault maps read-only whatever the VMA allows, so the
 	 * first write comes back through vmlab_pfn_mkwrite (as gem-shmem's does).
