@@ -409,6 +409,9 @@ class Run:
                                     "query_kvm": guest.cmd("query-kvm"),
                                     "boot_seconds": guest.boot_seconds}
             self.mark("guest")
+            # before the hot-plug: what the guest's kernel says about the buffer's device
+            # arriving (its BAR's assignment, the probe) is the run's, as its leaving is
+            self.health_start["guest"] = kernel_state(guest, _GuestKernelState(self))
             if self.shared_guest is not None:
                 t0 = time.monotonic()
                 try:
@@ -425,7 +428,6 @@ class Run:
                                                      "seconds": round(time.monotonic() - t0, 3)})
                 self.progress(f"buffer hot-plugged at {self.plug.bdf} in {time.monotonic() - t0:.1f}s")
             self.mark("hotplug")
-            self.health_start["guest"] = kernel_state(guest, _GuestKernelState(self))
             self.check_guest_can_store()
             if exp_cfg["kind"] == "vmlab":
                 self.result["vmm_mapping"] = self.vmm_mapping()
