@@ -298,6 +298,10 @@ class QemuMachine:
         user's input, exit 2 (git bisect must not skip every commit over a typo)."""
         last = self._last_words()
         cause = f"QEMU exited early with status {self.host.exit_status(self)}"
+        if "host forwarding rule" in last:
+            # the free port vmlab picked was taken before QEMU bound it (another command's
+            # VM): no one's input; booted again, on a port picked anew
+            return self.failure(cause, retryable=True)
         if re.search(r"kernel|bzImage|initrd|PVH|multiboot", last, re.I):
             return self.failure(cause, retryable=False)
         return QemuRefused(f"{self.spec.name}: {cause}: {last or 'no message'} "

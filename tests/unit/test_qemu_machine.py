@@ -101,3 +101,15 @@ def test_a_qemu_that_exits_at_once_is_the_users_input_unless_it_names_the_kernel
     m = _machine(tmp_path, FakeHost(starts=False, words="qemu: could not load kernel 'bzImage'"))
     with pytest.raises(BootFailure, match="could not load kernel"):
         m.launch(timeout=5)
+
+
+def test_a_port_taken_before_qemu_bound_it_is_booted_again(tmp_path):
+    """The words are this machine's QEMU's own for a hostfwd port another process holds
+    (checked by hand: `-netdev user,hostfwd=...` on a bound port); no one's input, so a
+    retryable boot failure (the lab's next attempt picks a new port), not exit 2."""
+    words = ("qemu-system-x86_64: -netdev user,id=n0,hostfwd=tcp:127.0.0.1:54015-:22: "
+             "Could not set up host forwarding rule 'tcp:127.0.0.1:54015-:22'")
+    m = _machine(tmp_path, FakeHost(starts=False, words=words))
+    with pytest.raises(BootFailure, match="host forwarding rule") as e:
+        m.launch(timeout=5)
+    assert e.value.retryable
