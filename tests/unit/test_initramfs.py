@@ -13,6 +13,7 @@ import pytest
 from tests.prereq import need_tools
 
 from vmlab import initramfs
+from vmlab.errors import InfraError
 from vmlab.initramfs import Cpio
 
 KVER = "6.0.0"
@@ -245,7 +246,7 @@ def test_resolve_absolute_symlink_inside_root(tmp_path):
     (tmp_path / "lib").symlink_to("/usr/lib")  # absolute: relative to the tree, not the host
     assert initramfs._resolve(tmp_path, "lib/real") == tmp_path / "usr/lib/real"
     (tmp_path / "loop").symlink_to("loop")
-    with pytest.raises(Exception):
+    with pytest.raises(InfraError, match="symlink loop at loop"):
         initramfs._resolve(tmp_path, "loop")
 
 
