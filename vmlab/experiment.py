@@ -565,6 +565,18 @@ class Run:
             why = out.strip().split("] ", 1)[-1] or "no avx flag in /proc/cpuinfo"
             raise NotApplicable(f"the guest has no AVX, so no AVX store can be tried ({why})")
 
+    def judge_health(self) -> None:
+        """check_health, where a check that could not be made is no pass: said, and the
+        run fails."""
+        try:
+            self.check_health()
+        except Exception as e:
+            log.warning("kernel health check: %s", e)
+            self.result["kernel_health_error"] = f"{type(e).__name__}: {e}"
+            self.result["passed"] = False
+            if self.aborted is None:
+                self.progress(f"the kernels' health could not be checked: {e}")
+
     def check_health(self) -> None:
         """WARN/BUG/Oops or a new taint flag in either kernel fails the run unless the
         experiment says it expects them (``expect_kernel_warnings: true``)."""
@@ -1060,15 +1072,7 @@ class Run:
                 except Exception as e:
                     self.result["final_exporter_info"] = {"error": str(e)}
             self.mark("moves")          # what was left of it, after a failure
-            try:
-                self.check_health()
-            except Exception as e:
-                # a check that could not be made is no pass: said, and the run fails
-                log.warning("kernel health check: %s", e)
-                self.result["kernel_health_error"] = f"{type(e).__name__}: {e}"
-                self.result["passed"] = False
-                if self.aborted is None:
-                    self.progress(f"the kernels' health could not be checked: {e}")
+            self.judge_health()
             self.mark("health")
             if self.result.get("kernel_health_failed"):
                 self.result["passed"] = False

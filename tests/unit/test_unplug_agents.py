@@ -144,3 +144,17 @@ def test_a_marked_lab_that_gives_no_lines_back_fails_the_run():
         assert res["passed"] is False and "error" in res["kernel_health"]["lab"]["teardown"]
     # no mark (the start was read over an exec): nothing since it to judge
     assert _torn_down(None, marked=False)["passed"] is True
+
+
+def test_a_health_check_that_raises_fails_the_run():
+    """No judgement of either kernel is no pass (it left the run passed before)."""
+    r = object.__new__(Run)
+    r.result, r.aborted, said = {"passed": True}, None, []
+    r.progress = said.append
+
+    def broken():
+        raise KeyError("lab")
+    r.check_health = broken
+    r.judge_health()
+    assert r.result["passed"] is False and r.result["kernel_health_error"] == "KeyError: 'lab'"
+    assert said == ["the kernels' health could not be checked: 'lab'"]
