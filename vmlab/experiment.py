@@ -1330,12 +1330,13 @@ def main(args, progress) -> int:
     # a lab that comes up after this point was started by this run (a Ctrl-C right after
     # its boot must not leave it behind)
     was_up = reuse.lab_running()
-    started_here = False    # this run booted the lab it keeps (not another command's)
+    # whether this run is booting the lab it keeps: lab_up claims it under the lab's lock,
+    # so a run interrupted while another command's `vmlab lab up` holds that lock (or
+    # that found it up) never stops that command's lab
+    claimed: list = []
     try:
         if keep and not was_up:
-            started_here = True     # also when its boot is interrupted: what came up is ours
-            # False: another command's lab came up meanwhile (lab_up said so), not ours to stop
-            started_here = reuse.lab_up(opts, progress)
+            reuse.lab_up(opts, progress, claimed=claimed)
         # the hardware oracle's plugin is never in a `vmlab lab up` lab
         # a test box is never a 'vmlab lab up' lab
         with (reuse.persistent_lab(opts, progress, fresh=fresh,
@@ -1368,7 +1369,7 @@ def main(args, progress) -> int:
         root.removeHandler(fh)
         fh.close()
         passed = r is not None and r.result.get("passed") is True
-        started = started_here and reuse.lab_running()
+        started = bool(claimed) and reuse.lab_running()
         if started and (passed or interrupted or r is None):
             # nothing to inspect in the lab this run started (or nothing ran in it), or
             # the user wants out

@@ -139,9 +139,12 @@ def persistent_lab(o: dict, progress, *, fresh: bool, hwtrace_plugin: str | None
         lock.__exit__(None, None, None)
 
 
-def lab_up(o: dict, progress) -> bool:
+def lab_up(o: dict, progress, claimed: list | None = None) -> bool:
     """Boot the persistent lab (``vmlab lab up``, ``vmlab run --keep``): detached, its state
-    in lab_dir(). False, after saying so, when one is up already."""
+    in lab_dir(). False, after saying so, when one is up already. ``claimed`` gets an entry
+    once the lab to come is this call's (the lock held, no lab up): a caller interrupted
+    after that stops what came up, one interrupted before (waiting for the lock behind
+    another command's boot) must not."""
     from .stack import lab_images, lab_options
     st = lab_dir()
     with locked(st / "lab.lock", "the persistent lab"):
@@ -149,6 +152,8 @@ def lab_up(o: dict, progress) -> bool:
         if state is not None:
             progress(f"a lab is already up (pid {state['pid']}); 'vmlab lab down' first")
             return False
+        if claimed is not None:
+            claimed.append(True)
         for stale in ("state.json", "guest.json"):
             (st / stale).unlink(missing_ok=True)
         lab_img, guest_img = lab_images(o["kernel"], o["guest_kernel"], build=not o["no_build"],

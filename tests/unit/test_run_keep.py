@@ -13,13 +13,17 @@ class Stop(Exception):
     """Ends the run right where it would take the lab."""
 
 
-def keep_run(monkeypatch, tmp_path, lab_up_answer, running_after: bool):
+def keep_run(monkeypatch, tmp_path, lab_up_answer, running_after: bool, claims: bool = True):
+    """``lab_up_answer``: what lab_up returns (or raises); ``claims``: whether it got as
+    far as claiming the lab (the lock held, no lab up) before that."""
     downs = []
     running = iter([False] + [running_after] * 5)     # was_up, then in finally
     monkeypatch.setattr(reuse, "lab_running", lambda: next(running))
     monkeypatch.setattr(reuse, "mismatch_of_running", lambda shape: ({}, None))
 
-    def lab_up(opts, progress):
+    def lab_up(opts, progress, claimed):
+        if claims:
+            claimed.append(True)
         if isinstance(lab_up_answer, BaseException):
             raise lab_up_answer
         return lab_up_answer
@@ -40,7 +44,12 @@ def keep_run(monkeypatch, tmp_path, lab_up_answer, running_after: bool):
 
 def test_keep_leaves_another_commands_lab_up(monkeypatch, tmp_path):
     """Another 'vmlab lab up' won the race: lab_up said so (False); the lab is not ours."""
-    assert keep_run(monkeypatch, tmp_path, False, running_after=True) == []
+    assert keep_run(monkeypatch, tmp_path, False, running_after=True, claims=False) == []
+
+
+def test_keep_interrupted_behind_another_commands_boot_leaves_it_up(monkeypatch, tmp_path):
+    """Ctrl-C while lab_up waits for the lock another command's boot holds."""
+    assert keep_run(monkeypatch, tmp_path, KeyboardInterrupt(), running_after=True, claims=False) == []
 
 
 def test_keep_stops_the_lab_it_booted_when_nothing_ran(monkeypatch, tmp_path):
