@@ -219,6 +219,8 @@ def guest_doubt(result: dict) -> str | None:
         return "a VMM fault"
     if result.get("kernel_health_failed"):
         return "a kernel health check failed"
+    if result.get("kernel_health_error"):
+        return f"the kernels' health could not be checked ({result['kernel_health_error']})"
     if g.get("unplug_error"):
         return f"the unplug did not finish ({g['unplug_error']})"
     return None

@@ -123,6 +123,8 @@ def test_doubt_is_one_rule_for_the_matrix_and_the_persistent_guest():
     assert guest_doubt({"status": "not_applicable"}) is None
     assert "VMM fault" in guest_doubt({"status": "finished", "vmm_fault": "x"})
     assert "health" in guest_doubt({"status": "finished", "kernel_health_failed": ["guest"]})
+    assert guest_doubt({"status": "finished", "kernel_health_error": "KeyError: 'x'"}) == \
+        "the kernels' health could not be checked (KeyError: 'x')"
     assert "unplug" in guest_doubt({"status": "finished", "guest": {"unplug_error": "x"}})
     assert "status error" == guest_doubt({"status": "error"})
     assert "status could_not_test" == guest_doubt({"status": "could_not_test"})
