@@ -1360,7 +1360,7 @@ class Agent:
     def op_meminfo(self, req):
         return meminfo()
 
-    def op_kernel_state(self, req):
+    def op_kernel_state(self, req, deadline=None):
         """The taint mask, and with "mark" a mark at the kernel log's end: a /dev/kmsg
         reader moved there and held by this agent; with "since_mark" the log's lines
         logged since ("text", as op_kmsg writes them), and "overruns": how often the ring
@@ -1387,20 +1387,22 @@ class Agent:
             # more than 16 MiB, is cut short, and "truncated" fails the health check
             counts: dict = {}
             text = "".join(_kmsg_line(rec) + "\n" for rec in _reads(   # one record per read
-                self.kmsg_mark, 8192, counts, time.monotonic() + KMSG_READ_SECONDS, KMSG_READ_BYTES))
+                self.kmsg_mark, 8192, counts, deadline or time.monotonic() + KMSG_READ_SECONDS,
+                KMSG_READ_BYTES))
             return {"taint": taint, "text": text, **counts}
         raise AgentError("kernel_state needs mark or since_mark", errno.EINVAL)
 
-    def op_kmsg(self, req):
+    def op_kmsg(self, req, deadline=None):
         """The kernel log as text, one "[seconds] message" line per record, read from
         /dev/kmsg in this process: a log to keep; the kernel's escapes (\\xNN) are kept."""
         # bounded as the read since a mark is: a kernel logging as fast as we read (a
         # printk storm) must not keep the agent spinning past the controller's timeout
         counts = {}
-        recs = _drain("/dev/kmsg", 8192, counts, time.monotonic() + KMSG_READ_SECONDS, KMSG_READ_BYTES)
+        recs = _drain("/dev/kmsg", 8192, counts, deadline or time.monotonic() + KMSG_READ_SECONDS,
+                      KMSG_READ_BYTES)
         text = "".join(_kmsg_line(rec) + "\n" for rec in recs)
         if counts["truncated"]:
-            text += f"[vmlab: the log grew faster than it was read; cut after {KMSG_READ_SECONDS} s or {KMSG_READ_BYTES >> 20} MiB]\n"
+            text += f"[vmlab: the log grew faster than it was read; cut at {KMSG_READ_BYTES >> 20} MiB or its deadline]\n"
         return {"text": text, "overruns": counts["overruns"], "truncated": counts["truncated"]}
 
     def op_shutdown(self, req):
@@ -1411,13 +1413,19 @@ class Agent:
         read ("since_mark", as op_kernel_state says it): what the teardown made the
         kernel say (the unplug, the buffer's close, its quarantine's release)."""
         self.close_all(keep_mark=True)
-        out = self.op_kmsg(req)
+        # one budget for both reads, well inside the controller's 60 s; the judgement's
+        # read (since the mark) first, the log to keep with what is left
+        deadline = time.monotonic() + KMSG_READ_SECONDS
+        since = None
         if self.kmsg_mark is not None:
             try:
-                out["since_mark"] = self.op_kernel_state({"since_mark": True})
+                since = self.op_kernel_state({"since_mark": True}, deadline=deadline)
             finally:
                 os.close(self.kmsg_mark)
                 self.kmsg_mark = None
+        out = self.op_kmsg(req, deadline=deadline)
+        if since is not None:
+            out["since_mark"] = since
         return out
 
     def op_dmesg_bad(self, req):
