@@ -298,7 +298,7 @@ class QemuMachine:
         user's input, exit 2 (git bisect must not skip every commit over a typo)."""
         last = self._last_words()
         cause = f"QEMU exited early with status {self.host.exit_status(self)}"
-        if "host forwarding rule" in last:
+        if "Could not set up host forwarding rule" in last:
             # the free port vmlab picked was taken before QEMU bound it (another command's
             # VM): no one's input; booted again, on a port picked anew
             return self.failure(cause, retryable=True)

@@ -113,3 +113,8 @@ def test_a_port_taken_before_qemu_bound_it_is_booted_again(tmp_path):
     with pytest.raises(BootFailure, match="host forwarding rule") as e:
         m.launch(timeout=5)
     assert e.value.retryable
+    # a rule QEMU cannot parse is how it was asked to run: the user's input
+    m = _machine(tmp_path, FakeHost(starts=False, words="qemu-system-x86_64: Invalid host "
+                                    "forwarding rule 'tcp:x-:22' (Bad host port)"))
+    with pytest.raises(QemuRefused, match="Invalid host forwarding rule"):
+        m.launch(timeout=5)
