@@ -133,10 +133,11 @@ def qemu_suite_of(qemu: str) -> str | None:
 # guest-physical address only below the PC machine's PCI hole (below 3.5 GiB of RAM)
 MAX_HW_LAB_MEMORY_MB = 3583
 # pairs that, listed together, accept every answer to the question a move asks: did the
-# guest get the new pages (and for ZAP_ONLY: did the zap take; with guest_write: did the
-# guest's write survive)
+# guest get the new pages (for ZAP_ONLY: did the zap take). REFAULTED with LOST_WRITE is
+# not one: a stale read is STALE before the guest's write is looked at ("not stale,
+# whether or not the write survived")
 _EVERY_OUTCOME = (("REFAULTED", "VMM_FAULT"), ("REFAULTED", "STALE"), ("REFAULTED", "HW_STALE"),
-                  ("REFAULTED", "NOT_ZAPPED"), ("REFAULTED", "LOST_WRITE"))
+                  ("REFAULTED", "NOT_ZAPPED"))
 
 
 # --- argparse types ------------------------------------------------------------------------
