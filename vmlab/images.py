@@ -76,7 +76,10 @@ LAB_INPUTS = ["guest-images/lab", "host-tools/vmlab-exporter", "host-tools/vmm-a
               "vmlab/initramfs.py"]
 GUEST_INPUTS = ["guest-images/guest", "guest-images/agent", "host-tools/vmlab-exporter/include",
                 "vmlab/initramfs.py"]
-_SKIP_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".symvers", ".order", ".pyc")
+_SKIP_SUFFIXES = (".o", ".ko", ".mod", ".mod.c", ".cmd", ".symvers", ".order", ".pyc",
+                  # prose decides no byte of an image: a README's edit rebuilt the lab image
+                  # (70 s) and its snapshots
+                  ".md")
 
 
 @dataclass(frozen=True)

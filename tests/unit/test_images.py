@@ -22,6 +22,8 @@ def test_key_covers_input_files_and_apt_pins(tmp_path, monkeypatch):
     assert k1 != k2
     (tmp_path / "in" / "x.o").write_text("build output is not an input")
     assert r.key() == k2
+    (tmp_path / "in" / "README.md").write_text("nor is prose")
+    assert r.key() == k2
     monkeypatch.setattr(images, "_apt_pins", lambda rec: ["--setup-hook=other pin"])
     assert r.key() != k2
 
