@@ -52,7 +52,8 @@ int agent_parse_u64(const char *s, uint64_t *v)
 {
 	char *end;
 
-	if (!s || !*s || *s == '-')
+	/* digits first: strtoull skips blanks and takes a sign, so " -1" was 2^64 - 1 */
+	if (!s || *s < '0' || *s > '9')
 		return -1;
 	errno = 0;
 	*v = strtoull(s, &end, 0);

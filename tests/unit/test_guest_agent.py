@@ -339,6 +339,8 @@ def test_watch_sigbus_reported(agent, tmp_path):
     [], ["frobnicate"], ["read", "--bogus", "1"], ["read", "--caching", "nc"],
     ["read", "--first"], ["read", "--count", "abc"], ["write", "--path", "x"],
     ["watch", "--path", "x"], ["vectors"], ["read", "stray"], ["write", "--tag", "-1"],
+    # strtoull skips blanks and takes a sign: " -1" was 2^64 - 1
+    ["write", "--tag", " -1"], ["write", "--tag", "+1"], ["read", "--first", " 1"],
 ])
 def test_usage_errors(agent, args):
     r = run(agent, *args, check_rc=2)
