@@ -1078,7 +1078,9 @@ static void store_tag_avx(volatile uint8_t *dst, uint64_t tag)
 {
 	uint64_t v[4];
 
-	memcpy(v, (const void *)dst, sizeof(v));
+	/* 8-byte volatile loads, as every read of the mapping: a memcpy may be one
+	 * 32-byte load, and then the load, not the store, is what faults */
+	copy_words(v, dst, sizeof(v));
 	v[0] = tag;
 	__asm__ volatile("vmovdqu (%1), %%ymm0\n\tvmovdqu %%ymm0, (%0)\n\tvzeroupper"
 			 : : "r"(dst), "r"(v) : "memory", "xmm0");
