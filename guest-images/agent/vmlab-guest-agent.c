@@ -1196,11 +1196,17 @@ static void watch_loop(void *arg)
 			if (x->seen && !memcmp(hdr, x->hdr, sizeof(hdr)) &&
 			    x->status == VMLAB_STAMP_OK)
 				continue;
+			/*
+			 * One snapshot of the page judged and printed whole: its own header,
+			 * not the one read before it (a mapping that flips between the two
+			 * reads would make a page that never existed).  A torn page is then
+			 * a real one, seen within this one pass.
+			 */
 			copy_words(full, pg, PAGE);
-			memcpy(full, hdr, sizeof(hdr)); /* status describes this header */
-			status = is_hole(hdr, 8) ? WATCH_HOLE : vmlab_stamp_check(full);
-			memcpy(x->hdr, hdr, sizeof(hdr));
-			memcpy(&hh, hdr, sizeof(hh));
+			t = now_ns();
+			status = is_hole(full, 8) ? WATCH_HOLE : vmlab_stamp_check(full);
+			memcpy(x->hdr, full, sizeof(hdr));
+			memcpy(&hh, full, sizeof(hh));
 			if (x->seen && h->generation == x->generation && h->state == x->state &&
 			    status == x->status)
 				continue;
