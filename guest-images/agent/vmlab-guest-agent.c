@@ -94,10 +94,22 @@ static sigjmp_buf g_fault_jb;
 static volatile sig_atomic_t g_fault_armed;
 static volatile sig_atomic_t g_fault_sig;
 static volatile long g_cur_page = -1;
+static uintptr_t g_map_lo, g_map_hi;	/* the buffer's mapping: [lo, hi) */
 
-static void fault_handler(int sig)
+/*
+ * Only a fault the kernel raised (si_code > 0) is the guest's verdict: a SIGBUS
+ * or SIGSEGV on the buffer's mapping, or the SIGILL of a #UD (its address is
+ * the instruction's).  A signal sent with kill(), or a SIGSEGV on the agent's
+ * own memory, is no fault of the mapping: it kills the agent as it would
+ * without this handler, and the controller sees an agent that died.
+ */
+static void fault_handler(int sig, siginfo_t *si, void *uc)
 {
-	if (g_fault_armed) {
+	uintptr_t a = (uintptr_t)si->si_addr;
+
+	(void)uc;
+	if (g_fault_armed && si->si_code > 0 &&
+	    (sig == SIGILL || (a >= g_map_lo && a < g_map_hi))) {
 		g_fault_sig = sig;
 		siglongjmp(g_fault_jb, 1);
 	}
@@ -110,7 +122,8 @@ static void install_fault_handler(void)
 	struct sigaction sa;
 
 	memset(&sa, 0, sizeof(sa));
-	sa.sa_handler = fault_handler;
+	sa.sa_sigaction = fault_handler;
+	sa.sa_flags = SA_SIGINFO;
 	sigemptyset(&sa.sa_mask);
 	sigaction(SIGBUS, &sa, NULL);
 	sigaction(SIGSEGV, &sa, NULL);
@@ -515,6 +528,8 @@ static void map_buffer(const struct opts *o, struct mapping *m)
 	}
 	close(fd);
 	m->base = (volatile uint8_t *)p;
+	g_map_lo = (uintptr_t)p;
+	g_map_hi = (uintptr_t)p + m->size;
 }
 
 static void unmap_buffer(struct mapping *m)

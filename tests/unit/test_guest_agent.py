@@ -333,6 +333,21 @@ def test_watch_sigbus_reported(agent, tmp_path):
     assert last["error"] == "SIGBUS" and last["page"] in (0, 1)
 
 
+def test_a_sigbus_sent_with_kill_is_no_fault_of_the_mapping(agent, tmp_path):
+    """Only a fault the kernel raised on the mapping is a guest fault: a SIGBUS from
+    kill() kills the agent (the controller sees it die), it is not blamed on a page."""
+    import signal
+    f = make_buffer(tmp_path / "buf", [(5, 1, stamp.LIVE)] * 2)
+    proc = subprocess.Popen([str(agent), "watch", "--path", str(f), "--duration", "10",
+                             "--interval-us", "100"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    [json.loads(proc.stdout.readline()) for _ in range(2)]
+    proc.send_signal(signal.SIGBUS)
+    rest, err = proc.communicate(timeout=10)
+    assert proc.returncode == -signal.SIGBUS, (rest, err)
+    assert not any("error" in ln for ln in _watch_lines(rest)), rest
+
+
 # -- usage errors -----------------------------------------------------------------
 
 @pytest.mark.parametrize("args", [
