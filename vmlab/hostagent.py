@@ -595,13 +595,23 @@ def _reads(fd, size, counts=None, deadline=None, max_bytes=None):
         yield data
 
 
-def _drain(path, size, counts=None, deadline=None, max_bytes=None):
+def _drain(path, size):
     """_reads of ``path``, opened non-blocking for them."""
     fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
     try:
-        yield from _reads(fd, size, counts, deadline, max_bytes)
+        yield from _reads(fd, size)
     finally:
         os.close(fd)
+
+
+def _kmsg_text(fd, deadline=None) -> tuple[str, dict]:
+    """What the non-blocking /dev/kmsg reader ``fd`` holds now as "[seconds] message"
+    lines (one record per read), bounded so that a kernel logging as fast as this reads
+    (a printk storm) cannot hold the agent past the controller's timeout; and the counts
+    (``overruns``, ``truncated``) of _reads."""
+    counts: dict = {}
+    recs = _reads(fd, 8192, counts, deadline or time.monotonic() + KMSG_READ_SECONDS, KMSG_READ_BYTES)
+    return "".join(_kmsg_line(rec) + "\n" for rec in recs), counts
 
 
 def _kmsg_line(rec: bytes) -> str:
@@ -1382,25 +1392,19 @@ class Agent:
         if req.get("since_mark"):
             if self.kmsg_mark is None:
                 raise AgentError("kernel_state since_mark: no mark was set", errno.EINVAL)
-            # bounded well inside the controller's 60 s (a late answer leaves the agent
-            # unusable for the teardown): a kernel that logs as fast as this reads, or
-            # more than 16 MiB, is cut short, and "truncated" fails the health check
-            counts: dict = {}
-            text = "".join(_kmsg_line(rec) + "\n" for rec in _reads(   # one record per read
-                self.kmsg_mark, 8192, counts, deadline or time.monotonic() + KMSG_READ_SECONDS,
-                KMSG_READ_BYTES))
+            # a read cut short ("truncated") fails the health check
+            text, counts = _kmsg_text(self.kmsg_mark, deadline)
             return {"taint": taint, "text": text, **counts}
         raise AgentError("kernel_state needs mark or since_mark", errno.EINVAL)
 
     def op_kmsg(self, req, deadline=None):
         """The kernel log as text, one "[seconds] message" line per record, read from
         /dev/kmsg in this process: a log to keep; the kernel's escapes (\\xNN) are kept."""
-        # bounded as the read since a mark is: a kernel logging as fast as we read (a
-        # printk storm) must not keep the agent spinning past the controller's timeout
-        counts = {}
-        recs = _drain("/dev/kmsg", 8192, counts, deadline or time.monotonic() + KMSG_READ_SECONDS,
-                      KMSG_READ_BYTES)
-        text = "".join(_kmsg_line(rec) + "\n" for rec in recs)
+        fd = os.open("/dev/kmsg", os.O_RDONLY | os.O_NONBLOCK)
+        try:
+            text, counts = _kmsg_text(fd, deadline)
+        finally:
+            os.close(fd)
         if counts["truncated"]:
             text += f"[vmlab: the log grew faster than it was read; cut at {KMSG_READ_BYTES >> 20} MiB or its deadline]\n"
         return {"text": text, "overruns": counts["overruns"], "truncated": counts["truncated"]}
