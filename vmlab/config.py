@@ -441,18 +441,29 @@ def _resolve_at(spec, parsed: dict, point) -> tuple[str | None, list | None]:
     return None, None
 
 
-def _check_vmm_chain(raw: dict, errs: list) -> None:
-    """A VMM that must be dead (baseline or a move expecting only VMM_FAULT, or inject:
-    kill-vmm) makes every later move VMM_FAULT: anything else expected there is a contradiction.
-    Checked for every region of the kernel-version line the config's keys cut out."""
+def _expectations(raw: dict) -> list[tuple]:
+    """(who: "baseline" or the move's index, expect, inject, {key: Constraint}, whether
+    every key parsed) of the baseline and each move: the version-keyed checks' common
+    walk (parse errors are said where each expectation is checked)."""
     moves = raw.get("moves") if isinstance(raw.get("moves"), list) else []
     base = raw.get("baseline") if isinstance(raw.get("baseline"), dict) else {}
     specs = [("baseline", base.get("expect", DEFAULT_BASELINE_EXPECT), None)]
     specs += [(i, m.get("expect"), m.get("inject")) for i, m in enumerate(moves) if isinstance(m, dict)]
-    parsed = []
-    for _, spec, _ in specs:
+    out = []
+    for who, spec, inject in specs:
         sink: list = []
-        parsed.append(_constraints(spec, [], sink) if not sink else {})
+        parsed = _constraints(spec, [], sink)
+        out.append((who, spec, inject, parsed, not sink))
+    return out
+
+
+def _check_vmm_chain(raw: dict, errs: list) -> None:
+    """A VMM that must be dead (baseline or a move expecting only VMM_FAULT, or inject:
+    kill-vmm) makes every later move VMM_FAULT: anything else expected there is a contradiction.
+    Checked for every region of the kernel-version line the config's keys cut out."""
+    exps = _expectations(raw)
+    specs = [(who, spec, inject) for who, spec, inject, _, _ in exps]
+    parsed = [cons for _, _, _, cons, _ in exps]
     allc = [c for d in parsed for c in d.values()]
     # real boundary versions first: they make the better example in a message
     points = sorted(versions.sample_points(allc), key=lambda k: k[5] != 0) if allc else [None]
@@ -488,17 +499,10 @@ def _check_version_gaps(raw: dict, errs: list) -> None:
             need_c = versions.parse_constraint(need["version"])
         except versions.VersionError:
             return     # said where needs_lab_kernel is checked
-    moves = raw.get("moves") if isinstance(raw.get("moves"), list) else []
-    base = raw.get("baseline") if isinstance(raw.get("baseline"), dict) else {}
-    specs = [(["baseline", "expect"], base.get("expect"))]
-    specs += [(["moves", i, "expect"], m.get("expect")) for i, m in enumerate(moves) if isinstance(m, dict)]
-    for path, spec in specs:
-        if not isinstance(spec, dict):
+    for who, spec, _, parsed, clean in _expectations(raw):
+        if not isinstance(spec, dict) or not clean or not parsed:
             continue
-        sink: list = []
-        parsed = _constraints(spec, [], sink)
-        if sink or not parsed:
-            continue   # its parse errors are said where it is checked
+        path = ["baseline", "expect"] if who == "baseline" else ["moves", who, "expect"]
         cons = list(parsed.values()) + ([need_c] if need_c else [])
         for pt in sorted(versions.sample_points(cons), key=lambda k: k[5] != 0):
             if need_c is not None and not need_c.matches_key(pt):
